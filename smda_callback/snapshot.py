@@ -1,0 +1,162 @@
+"""One no-grad forward over the probes → X (pooled SAE latents) and Y (refusal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import SMDAConfig
+from .probes import ProbeSet, TokenizedProbes
+from .refusal import build_scorer
+from .sae import HookPoint
+
+UserScorer = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Snapshot:
+    X: np.ndarray  # [P, k] float64, selected features
+    Y: np.ndarray  # [P] float64
+    Z: np.ndarray | None = None  # [P, d_sae] all latents (baseline only, for feature selection)
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.X).all() and np.isfinite(self.Y).all())
+
+
+class _Captured(Exception):
+    pass
+
+
+class Snapshotter:
+    """Owns the probe tokens, the SAE, the hook and the scorer; `take(model)` runs one pass.
+
+    Probes are sorted by length and left-padded so the last position of every row
+    is the assistant's first position. Under torch.distributed every rank runs its
+    share of the probes and the results are gathered, so all ranks see the same X, Y.
+    """
+
+    def __init__(self, probes: ProbeSet, tokenizer: Any, sae: Any, hook: HookPoint, config: SMDAConfig,
+                 scorer: UserScorer | None = None, max_length: int | None = None) -> None:
+        self.probes = probes
+        self.tok = tokenizer
+        self.sae = sae
+        self.hook = hook
+        self.cfg = config
+        self.user_scorer = scorer
+        self.scorer = None if scorer is not None else build_scorer(tokenizer, config)
+        self.tp: TokenizedProbes = probes.tokenize(tokenizer, max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.features: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ encode
+    def _encode(self, h: torch.Tensor, full: bool) -> torch.Tensor:
+        """SAE latents for rows of h [N, d]; only the selected ones unless `full`."""
+        h = h.to(self.sae.W_enc.dtype)
+        if self.cfg.encode == "dense":
+            W, b = self.sae.W_enc, self.sae.b_enc
+            if not full:
+                idx = torch.as_tensor(self.features)
+                W, b = W[:, idx], b[idx]
+            return torch.relu(h @ W + b)
+        z = self.sae.encode(h)
+        return z if full else z[:, torch.as_tensor(self.features)]
+
+    def _pool(self, h: torch.Tensor, rows: Sequence[int], pads: Sequence[int], full: bool) -> torch.Tensor:
+        """Pool per probe; content positions exclude attention-sink outliers (norm ≫ median)."""
+        cfg = self.cfg
+        out = []
+        for b, (i, pad) in enumerate(zip(rows, pads)):
+            if cfg.pooling == "last":
+                pos = torch.tensor([h.shape[1] - 1])
+            elif cfg.pooling == "eot":
+                pos = torch.tensor([self.tp.eot[i] + pad])
+            else:
+                s, e = self.tp.content[i]
+                pos = torch.arange(s + pad, e + pad)
+                norms = h[b, pos].norm(dim=-1)
+                keep = norms <= cfg.outlier_norm_ratio * norms.median()
+                pos = pos[keep] if keep.any() else pos
+            z = self._encode(h[b, pos].float(), full)
+            out.append(z.mean(0) if cfg.pooling == "mean" else z.max(0).values)
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def _run(self, model: Any, indices: Sequence[int], full: bool) -> tuple[np.ndarray, np.ndarray]:
+        order = sorted(indices, key=lambda i: len(self.tp.input_ids[i]))
+        Xs, Ys, done = [], [], []
+        captured: dict[str, torch.Tensor] = {}
+        handle = self.hook.register(model, lambda h: captured.__setitem__("h", h))
+        try:
+            bs = self.cfg.probe_batch_size
+            for start in range(0, len(order), bs):
+                rows = order[start : start + bs]
+                seqs = [self.tp.input_ids[i] for i in rows]
+                T = max(len(s) for s in seqs)
+                pads = [T - len(s) for s in seqs]
+                ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), T), dtype=torch.long)
+                for r, (s, p) in enumerate(zip(seqs, pads)):
+                    ids[r, p:] = torch.tensor(s)
+                    mask[r, p:] = 1
+                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                if self.user_scorer is not None:
+                    model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+                    y = self.user_scorer(model, ids, mask)
+                    h = captured["h"]
+                else:
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                                use_cache=self.scorer.needs_cache)
+                    h = captured["h"]
+                    y = self.scorer.score(model, out.logits[:, -1, :], out.past_key_values, mask)
+                Xs.append(self._pool(h, rows, pads, full).double())
+                Ys.append(torch.as_tensor(y).double().reshape(-1))
+                done.extend(rows)
+        finally:
+            handle.remove()
+        X = torch.cat(Xs).numpy()
+        Y = torch.cat(Ys).numpy()
+        back = np.argsort(np.asarray(done))
+        return X[back], Y[back]
+
+    def take(self, model: Any, full: bool = False) -> Snapshot:
+        """X, Y for all probes (gathered across ranks). `full` also returns all latents."""
+        if not full and self.features is None:
+            raise RuntimeError("Snapshotter.features is unset: take a full snapshot and select features first.")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                rank, world = _dist()
+                mine = list(range(rank, len(self.probes), world))
+                Xm, Ym = self._run(model, mine, full)
+                if world > 1:
+                    Xm, Ym = _gather(mine, Xm, Ym, len(self.probes))
+        finally:
+            model.train(was_training)
+        if full:
+            Z = Xm
+            X = Z[:, self.features] if self.features is not None else Z
+            return Snapshot(X=X, Y=Ym, Z=Z)
+        return Snapshot(X=Xm, Y=Ym)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(mine: list[int], X: np.ndarray, Y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (mine, X, Y))
+    Xa = np.zeros((n, X.shape[1]))
+    Ya = np.zeros(n)
+    for idx, Xp, Yp in parts:
+        Xa[idx] = Xp
+        Ya[idx] = Yp
+    return Xa, Ya
