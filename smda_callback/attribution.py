@@ -151,8 +151,11 @@ class AlertRule:
     n_alerts: int = 0
 
     def noise_floor(self) -> float:
-        if len(self.history) < max(self.min_history, 1):
-            return float("inf") if self.min_history > 0 else 0.0
+        """0 when min_history == 0 (floor off); +inf while warming up."""
+        if self.min_history == 0:
+            return 0.0
+        if len(self.history) < self.min_history:
+            return float("inf")
         h = np.asarray(self.history, np.float64)
         med = float(np.median(h))
         return med + self.n_mads * 1.4826 * float(np.median(np.abs(h - med)))

@@ -77,7 +77,7 @@ class SMDAConfig:
     interference_threshold: float = 0.6
     noise_floor_mads: float = 3.0
     min_history: int = 10
-    """Steps of |dominant Δβ| history needed before alerts can fire."""
+    """Steps of |dominant Δβ| history needed before alerts can fire; 0 turns the noise floor off."""
     on_alert: str = "warn"
     """`warn` | `halt` (a user callable is passed to SMDACallback directly)."""
     patience: int = 1

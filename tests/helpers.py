@@ -77,3 +77,32 @@ def tiny_sae(d_in: int = 64, d_sae: int = 256, layer: int = 2, kind: str = "post
                 p.copy_(torch.randn_like(p) / d_in**0.5)
         sae.b_enc.zero_()
     return sae
+
+
+def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = None, pairs: int = 8, record_rows: bool = False,
+            callback_kwargs: dict | None = None, **args: Any) -> tuple[Any, Any, list]:
+    """Train `model` with SFTTrainer + SMDACallback; optionally record the rows each training forward saw."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from smda_callback import ProbeSet, SMDACallback
+
+    cb = SMDACallback(ProbeSet.from_records(probe_records()), sae, config, **(callback_kwargs or {}))
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=4, learning_rate=1e-3,
+                    report_to=["tensorboard"], logging_steps=1, save_strategy="no", use_cpu=True, max_length=128,
+                    seed=0, disable_tqdm=True)
+    defaults.update(args)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**defaults), train_dataset=Dataset.from_list(pair_records(pairs)),
+                         processing_class=tokenizer, callbacks=[cb])
+    cb.bind(trainer)
+    seen: list = []
+    if record_rows:
+        rows = [list(r) for r in trainer.train_dataset["input_ids"]]
+
+        def pre(module, a, kw):
+            if module.training and torch.is_grad_enabled():
+                for ids, m in zip(kw["input_ids"], kw["attention_mask"]):
+                    seen.append(rows.index(ids[m.bool()].tolist()))
+        trainer.model.register_forward_pre_hook(pre, with_kwargs=True)
+    trainer.train()
+    return trainer, cb, seen

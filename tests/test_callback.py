@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+
+from helpers import run_sft, tiny_model, tiny_sae
+from smda_callback import PackingError, SMDAConfig, load_ledger, load_records
+
+
+def _tb_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "smda" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sft_run_writes_exact_per_pair_ledger(tmp_path, smol_tokenizer, arch):
+    cfg = SMDAConfig(n_features=8)
+    trainer, cb, seen = run_sft(tmp_path, tiny_model(arch), smol_tokenizer, tiny_sae(), cfg, max_steps=5, record_rows=True)
+    recs = load_records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    # each line's pair is the dataset row actually trained in that step (independent hook above)
+    assert [r["pairs"][0]["index"] for r in recs] == seen
+    assert all(r["n_pairs"] == 1 and r["pairs"][0]["credit"] == 1.0 and not r["split"] for r in recs)
+    assert all(r["pairs"][0]["label"] in ("harmful", "harmless") and r["pairs"][0]["category"] for r in recs)
+    policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
+    assert policy["final"] and len(policy["features"]) == 8 and "fit" in policy
+    # exact split per step, and steps telescope to β_T − β_0
+    total = np.zeros(8)
+    prev = np.asarray(policy["beta_0"])
+    for r in recs:
+        d, dx, dy = (np.asarray(r[k]) for k in ("delta_beta", "delta_beta_x", "delta_beta_y"))
+        np.testing.assert_allclose(dx + dy, d, atol=1e-9 * max(1.0, np.abs(d).max()))
+        np.testing.assert_allclose(np.asarray(r["beta"]) - prev, d, atol=1e-12)
+        prev = np.asarray(r["beta"])
+        total += d
+    np.testing.assert_allclose(total, np.asarray(policy["beta_final"]) - np.asarray(policy["beta_0"]), atol=1e-9)
+    assert np.abs(total).sum() > 0  # training moved the policy
+    # tidy frame: one row per step × feature
+    df = load_ledger(tmp_path)
+    assert len(df) == 5 * 8 and set(df["step"]) == {1, 2, 3, 4, 5}
+    # TensorBoard events read back, aligned with the ledger's steps
+    acc = _tb_tags(tmp_path)
+    tags = acc.Tags()["scalars"]
+    assert "smda/interference/score" in tags and any(t.startswith("smda/beta/") for t in tags)
+    assert any(t.startswith("smda/refusal/") for t in tags)
+    assert [e.step for e in acc.Scalars("smda/interference/score")] == [1, 2, 3, 4, 5]
+    vals = [e.value for e in acc.Scalars("smda/interference/score")]
+    np.testing.assert_allclose(vals, [r["interference"] for r in recs], rtol=1e-6)
+
+
+def test_probe_pass_leaves_training_untouched(tmp_path, smol_tokenizer):
+    """Same seed with and without the callback: identical weights (mode, RNG and grads untouched)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from helpers import pair_records
+
+    m_ref = tiny_model()
+    args = SFTConfig(output_dir=str(tmp_path / "ref"), per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
+                     report_to=[], save_strategy="no", use_cpu=True, max_length=128, seed=0, disable_tqdm=True)
+    SFTTrainer(model=m_ref, args=args, train_dataset=Dataset.from_list(pair_records()), processing_class=smol_tokenizer).train()
+    trainer, _, _ = run_sft(tmp_path / "cb", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3,
+                            report_to=[])
+    for (n, a), (_, b) in zip(m_ref.state_dict().items(), trainer.model.state_dict().items()):
+        assert torch_equal(a, b), n
+
+
+def torch_equal(a, b):
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_halt_stops_at_the_alerting_step(tmp_path, smol_tokenizer):
+    # no intended features → every dominant feature is off-target; no warm-up → alerts from step 1
+    cfg = SMDAConfig(n_features=8, intended_top_m=0, interference_threshold=0.0, min_history=0, noise_floor_mads=0.0,
+                     on_alert="halt", patience=2)
+    trainer, cb, _ = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), cfg, max_steps=6)
+    recs = load_records(tmp_path)
+    assert trainer.state.global_step == 2
+    assert [r["step"] for r in recs] == [1, 2] and all(r["alert"] for r in recs)
+    assert recs[-1].get("halted") and not recs[0].get("halted")
+    policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
+    assert policy["halted"]["step"] == 2 and policy["n_alerts"] == 2
+
+
+def test_warn_keeps_training_and_callable_can_halt(tmp_path, smol_tokenizer):
+    events = []
+
+    def on_alert(event):
+        events.append(event)
+        return event.step >= 3
+
+    cfg = SMDAConfig(n_features=8, intended_top_m=0, interference_threshold=0.0, min_history=0, noise_floor_mads=0.0)
+    trainer, _, _ = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), cfg, max_steps=6,
+                            callback_kwargs={"on_alert": on_alert})
+    assert trainer.state.global_step == 3 and [e.step for e in events] == [1, 2, 3]
+    assert events[0].dominant_label.startswith("f") and events[0].pairs[0]["index"] is not None
+    trainer, _, _ = run_sft(tmp_path / "warn", tiny_model(), smol_tokenizer, tiny_sae(), cfg, max_steps=3)
+    assert trainer.state.global_step == 3
+
+
+def test_packing_is_refused_with_a_fix(tmp_path, smol_tokenizer):
+    with pytest.raises(PackingError, match="packing=False"):
+        run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), packing=True)
+
+
+def test_first_token_scorer_and_paper_preset_run(tmp_path, smol_tokenizer):
+    for name, cfg in [("ft", SMDAConfig(n_features=8, scorer="first_token", pooling="max")),
+                      ("paper", SMDAConfig.paper(n_features=8))]:
+        run_sft(tmp_path / name, tiny_model(), smol_tokenizer, tiny_sae(arch="standard"), cfg, max_steps=2, report_to=[])
+        recs = load_records(tmp_path / name)
+        assert len(recs) == 2 and all(np.isfinite(r["delta_beta"]).all() for r in recs)
+    assert recs[0]["method"] == "first_order"
