@@ -84,6 +84,9 @@ class SMDAConfig:
 
     # --- cost --------------------------------------------------------------
     probe_batch_size: int = 32
+    share_prefix: bool = True
+    """Encode the chat header every probe shares (system prompt, user tag) once per pass
+    and reuse its KV cache; same X and Y as encoding each probe in full (tested)."""
     every_n_steps: int = 1
     """Snapshot every n optimizer steps; a window's effect is credited to all pairs in it."""
     tensorboard: bool | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -85,35 +86,56 @@ class Snapshotter:
         return torch.stack(out)
 
     # ------------------------------------------------------------------ forward
+    def _common_prefix(self, indices: Sequence[int]) -> int:
+        """Tokens shared by every probe (system prompt + user header), computed once per pass."""
+        if not self.cfg.share_prefix or self.user_scorer is not None or len(indices) < 2:
+            return 0
+        seqs = [self.tp.input_ids[i] for i in indices]
+        n = min(min(len(s) for s in seqs), min(self.tp.content[i][0] for i in indices))
+        c = 0
+        while c < n and all(s[c] == seqs[0][c] for s in seqs):
+            c += 1
+        return c if c >= 4 else 0
+
     @torch.no_grad()
     def _run(self, model: Any, indices: Sequence[int], full: bool) -> tuple[np.ndarray, np.ndarray]:
         order = sorted(indices, key=lambda i: len(self.tp.input_ids[i]))
         Xs, Ys, done = [], [], []
         captured: dict[str, torch.Tensor] = {}
+        C = self._common_prefix(order)
+        prefix_cache = None
+        if C:
+            first = torch.tensor([self.tp.input_ids[order[0]][:C]])
+            prefix_cache = model(input_ids=first, use_cache=True, logits_to_keep=1).past_key_values
         handle = self.hook.register(model, lambda h: captured.__setitem__("h", h))
         try:
             bs = self.cfg.probe_batch_size
             for start in range(0, len(order), bs):
                 rows = order[start : start + bs]
-                seqs = [self.tp.input_ids[i] for i in rows]
+                seqs = [self.tp.input_ids[i][C:] for i in rows]
                 T = max(len(s) for s in seqs)
                 pads = [T - len(s) for s in seqs]
                 ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), T), dtype=torch.long)
+                mask = torch.zeros((len(rows), C + T), dtype=torch.long)
+                mask[:, :C] = 1
                 for r, (s, p) in enumerate(zip(seqs, pads)):
                     ids[r, p:] = torch.tensor(s)
-                    mask[r, p:] = 1
-                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                    mask[r, C + p :] = 1
+                pos = (mask.cumsum(1) - 1).clamp(min=0)[:, C:]
+                kw: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+                if C:
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(rows))
+                    kw.update(past_key_values=cache, cache_position=torch.arange(C, C + T))
                 if self.user_scorer is not None:
-                    model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+                    model(**kw, use_cache=False)
+                    h = captured["h"]
                     y = self.user_scorer(model, ids, mask)
-                    h = captured["h"]
                 else:
-                    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                                use_cache=self.scorer.needs_cache)
-                    h = captured["h"]
+                    out = model(**kw, use_cache=self.scorer.needs_cache or bool(C))
+                    h = captured["h"]  # read before the scorer's continuation forward overwrites it
                     y = self.scorer.score(model, out.logits[:, -1, :], out.past_key_values, mask)
-                Xs.append(self._pool(h, rows, pads, full).double())
+                Xs.append(self._pool(h, rows, [p - C for p in pads], full).double())
                 Ys.append(torch.as_tensor(y).double().reshape(-1))
                 done.extend(rows)
         finally:
