@@ -53,6 +53,7 @@ class _RunState:
     beta0: np.ndarray
     b0: float
     fit: dict[str, Any]
+    Y_base: np.ndarray | None = None
     halted: dict[str, Any] | None = None
     credits: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: int = 0
@@ -179,7 +180,7 @@ class SMDACallback(TrainerCallback):
         fit = policy.fit_report(X, snap.Y, harmful, folds=self.config.cv_folds)
         M = policy.M(X)
         beta0 = M @ snap.Y
-        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit)
+        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit, Y_base=snap.Y)
         self._baseline_refusal = self._by_category(snap.Y)
         logger.info("smda: baseline in %.1fs; %d features, λ=%.3g, R²=%.3f, held-out AUROC=%.3f\n%s",
                     time.perf_counter() - t0, len(feats), policy.lam, fit["r2"], fit.get("cv_auroc_labels", float("nan")),
@@ -355,6 +356,7 @@ class SMDACallback(TrainerCallback):
             "intercept_final": run.policy.intercept_of(run.X, run.Y, beta_T), "fit": run.fit,
             "baseline_refusal_by_category": self._baseline_refusal,
             "final_refusal_by_category": self._by_category(run.Y),
+            "probe_refusal_0": run.Y_base, "probe_refusal_final": run.Y,
             "probes": [{"id": p.id, "label": p.label, "category": p.category} for p in self.probes.probes],
             "symbolic_policy_0": self._policy_text(run.beta0, run.b0),
             "symbolic_policy_final": self._policy_text(beta_T, run.policy.intercept_of(run.X, run.Y, beta_T)),
@@ -381,7 +383,7 @@ class SMDACallback(TrainerCallback):
             return
         run = self.run
         try:
-            np.savez(ckpt / STATE_NPZ, X=run.X, Y=run.Y, features=run.features, beta0=run.beta0,
+            np.savez(ckpt / STATE_NPZ, X=run.X, Y=run.Y, Y_base=run.Y_base, features=run.features, beta0=run.beta0,
                      credit_keys=np.asarray(list(run.credits), dtype="U32"),
                      credit_vals=np.asarray(list(run.credits.values()), dtype=np.float64).reshape(len(run.credits), -1))
             (ckpt / STATE_JSON).write_text(json.dumps({
@@ -401,7 +403,7 @@ class SMDACallback(TrainerCallback):
         X, Y = arr["X"], arr["Y"]
         credits = {str(k): v for k, v in zip(arr["credit_keys"], arr["credit_vals"])}
         self.run = _RunState(arr["features"], policy, X, Y, policy.M(X), arr["beta0"], float(meta["b0"]), meta["fit"],
-                             meta.get("halted"), credits, int(meta.get("skipped", 0)))
+                             arr["Y_base"], meta.get("halted"), credits, int(meta.get("skipped", 0)))
         assert self._snap is not None
         self._snap.features = self.run.features
         self.alerts.load_state(meta["alerts"])

@@ -67,8 +67,10 @@ class PrefixScorer:
     """Teacher-forced likelihood of short refusal vs compliance openings.
 
     Y = Σ_R p(r|x) / (Σ_R p(r|x) + Σ_C p(c|x)) (target `ratio`), or log Σ_R p(r|x)
-    (`log_refusal`, the paper's). Continuations reuse the prompt's KV cache: the
-    cache is repeated once per opening and only the opening tokens are run.
+    (`log_refusal`, the paper's). The openings form a token trie; its inner nodes
+    are run as one extra block after the prompt's KV cache with a tree-shaped 4D
+    attention mask (each node sees the prompt and its own ancestors), so shared
+    opening prefixes ("I", "I'm") are computed once and the cache is never copied.
     """
 
     needs_cache = True
@@ -77,37 +79,44 @@ class PrefixScorer:
         self.r = _encode_openings(tokenizer, refusals, n_tokens)
         self.c = _encode_openings(tokenizer, compliances, n_tokens) if compliances else []
         self.target = target
-        conts = self.r + self.c
-        self.n = len(conts)
-        self.L = max(len(x) for x in conts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.tokens = torch.full((self.n, self.L), pad, dtype=torch.long)
-        self.valid = torch.zeros((self.n, self.L), dtype=torch.bool)
-        for i, ids in enumerate(conts):
-            self.tokens[i, : len(ids)] = torch.tensor(ids)
-            self.valid[i, : len(ids)] = True
+        nodes: dict[tuple[int, ...], int] = {}
+        for seq in self.r + self.c:
+            for d in range(1, len(seq)):
+                nodes.setdefault(tuple(seq[:d]), len(nodes))
+        self.nodes = list(nodes)
+        self.node_index = nodes
+        n = len(self.nodes)
+        self.node_tokens = torch.tensor([p[-1] for p in self.nodes], dtype=torch.long)
+        self.node_depth = torch.tensor([len(p) - 1 for p in self.nodes], dtype=torch.long)
+        tree = torch.zeros((n, n), dtype=torch.bool)
+        for i, p in enumerate(self.nodes):
+            for d in range(1, len(p) + 1):
+                tree[i, nodes[p[:d]]] = True
+        self.tree = tree
+
+    def _opening_logps(self, logp0: torch.Tensor, node_logp: torch.Tensor | None) -> torch.Tensor:
+        """[B, n_openings] summed log-probs from the prompt's and the trie nodes' next-token distributions."""
+        cols = []
+        for seq in self.r + self.c:
+            lp = logp0[:, seq[0]]
+            for d in range(1, len(seq)):
+                lp = lp + node_logp[:, self.node_index[tuple(seq[:d])], seq[d]]
+            cols.append(lp)
+        return torch.stack(cols, dim=1)
 
     def score(self, model: Any, last_logits: torch.Tensor, cache: Any, attention_mask: torch.Tensor) -> torch.Tensor:
-        B = last_logits.shape[0]
-        n, L = self.n, self.L
-        logp0 = F.log_softmax(last_logits.float(), dim=-1)  # [B, V]
-        tok = self.tokens.unsqueeze(0).expand(B, n, L)  # [B, n, L]
-        total = logp0.gather(1, tok[:, :, 0])  # [B, n]
-        if L > 1:
-            cache.batch_repeat_interleave(n)
-            mask = attention_mask.repeat_interleave(n, dim=0)
-            T = mask.shape[1]
-            inp = tok[:, :, : L - 1].reshape(B * n, L - 1)
-            full_mask = torch.cat([mask, torch.ones(B * n, L - 1, dtype=mask.dtype)], dim=1)
-            start = mask.sum(1, keepdim=True)
-            pos = start + torch.arange(L - 1).unsqueeze(0)
-            out = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                        cache_position=torch.arange(T, T + L - 1))
-            logp = F.log_softmax(out.logits.float(), dim=-1)  # [B*n, L-1, V]
-            nxt = tok[:, :, 1:].reshape(B * n, L - 1, 1)
-            step = logp.gather(2, nxt).squeeze(-1).reshape(B, n, L - 1)
-            step = step * self.valid[:, 1:].unsqueeze(0)
-            total = total + step.sum(-1)
+        B, T = attention_mask.shape
+        logp0 = F.log_softmax(last_logits.float(), dim=-1)
+        node_logp = None
+        n = len(self.nodes)
+        if n:
+            past = attention_mask.bool()[:, None, None, :].expand(B, 1, n, T)
+            mask4 = torch.cat([past, self.tree[None, None].expand(B, 1, n, n)], dim=-1)
+            pos = attention_mask.sum(1, keepdim=True) + self.node_depth[None, :]
+            out = model(input_ids=self.node_tokens[None, :].expand(B, n), attention_mask=mask4, position_ids=pos,
+                        past_key_values=cache, use_cache=True, cache_position=torch.arange(T, T + n))
+            node_logp = F.log_softmax(out.logits.float(), dim=-1)
+        total = self._opening_logps(logp0, node_logp)
         nr = len(self.r)
         lse_r = torch.logsumexp(total[:, :nr], dim=-1)
         lse_c = torch.logsumexp(total[:, nr:], dim=-1) if self.c else None

@@ -1,0 +1,112 @@
+"""`smda` command line: demo, probe, report, train-sae."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from .demo import DemoSettings, format_summary, run_demo
+
+    if a.limit is None and not a.quiet:
+        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 200 pairs with SMDACallback (≈15 min on 2 CPU cores; "
+              "--limit 40 for a quick run)", flush=True)
+    settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, learning_rate=a.lr, seed=a.seed)
+    summary = run_demo(a.out, a.pairs, a.probes, settings)
+    print(format_summary(summary, a.out))
+    print(f"Finished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
+    return 0
+
+
+def _probe(a: argparse.Namespace) -> int:
+    from .probing import score_probes
+
+    result = score_probes(a.model, a.probes, a.policy, a.sae)
+    if a.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        for c, v in result["by_category"].items():
+            print(f"{c:28s} {v:.3f}")
+        if "policy_auroc" in result:
+            print(f"policy AUROC vs labels: {result['policy_auroc']:.3f}  (measured-refusal AUROC {result['refusal_auroc']:.3f})")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(a.run_dir, a.output)
+    print(f"report written to {path}")
+    return 0
+
+
+def _train_sae(a: argparse.Namespace) -> int:
+    from .sae_train import SAETrainSpec, train_sae
+
+    spec = SAETrainSpec(layer=a.layer, d_sae=a.d_sae, k=a.k, tokens=a.tokens, seed=a.seed)
+    rec = train_sae(Path(a.out), spec, a.model)
+    print(json.dumps(rec["quality"], indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="safety-SFT the embedded model with SMDACallback and print the findings")
+    d.add_argument("--pairs", help="SFT pairs JSONL (prompt, response, label, category)")
+    d.add_argument("--probes", help="probe JSONL (prompt, label, category)")
+    d.add_argument("--limit", type=int, help="train on the first N pairs only (quick run)")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--on-alert", choices=["warn", "halt"], default="warn")
+    d.add_argument("--epochs", type=float, default=1.0)
+    d.add_argument("--lr", type=float, default=4e-5)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=_demo)
+
+    pr = sub.add_parser("probe", help="score a probe file on a model (refusal per probe and category)")
+    pr.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    pr.add_argument("--probes", help="probe JSONL (default: the shipped probe set)")
+    pr.add_argument("--policy", help="RUN_DIR/smda/policy.json: also report the policy's predictions and AUROC")
+    pr.add_argument("--sae", help="SAE folder (default: the shipped SAE; must be the policy's)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=_probe)
+
+    r = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    r.add_argument("run_dir")
+    r.add_argument("-o", "--output", help="output HTML path (default RUN_DIR/smda/report.html)")
+    r.set_defaults(fn=_report)
+
+    t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
+    t.add_argument("--out", default=str(Path(__file__).parent / "data" / "sae"))
+    t.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    t.add_argument("--layer", type=int, default=15)
+    t.add_argument("--d-sae", type=int, default=4096)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--tokens", type=int, default=500_000)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_train_sae)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"smda: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

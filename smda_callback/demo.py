@@ -1,0 +1,143 @@
+"""The main job: safety-SFT the embedded model on 200 pairs with SMDACallback, then summarise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis import category_gaps, interference_table, pathway_by_label
+from .callback import SMDACallback
+from .config import SMDAConfig
+from .ledger import load_policy, load_records
+from .probes import ProbeSet, read_jsonl, validate_records
+
+logger = logging.getLogger(__name__)
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class DemoSettings:
+    """Training settings of the demo run (chosen for a 2-core CPU; see docs/demo.md)."""
+
+    epochs: float = 1.0
+    learning_rate: float = 4e-5
+    max_length: int = 256
+    seed: int = 0
+    limit: int | None = None
+    on_alert: str = "warn"
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """SFT pairs (`prompt`, `response`, `label`, `category`), validated like probes."""
+    recs = validate_records(read_jsonl(path), str(path), extra_required=("response",))
+    return recs[:limit] if limit else recs
+
+
+def to_dataset(pairs: list[dict[str, Any]]) -> Any:
+    """Conversational prompt/completion rows that SFTTrainer templates itself."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{
+        "prompt": [{"role": "user", "content": p["prompt"]}],
+        "completion": [{"role": "assistant", "content": p["response"]}],
+        "label": p["label"], "category": p["category"], "id": p["id"],
+    } for p in pairs])
+
+
+def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file: str | Path | None = None,
+             settings: DemoSettings | None = None, model_dir: str | None = None, sae: Any = None,
+             config: SMDAConfig | None = None) -> dict[str, Any]:
+    """Train, attribute, save the tuned model; returns the summary dict (also saved as summary.json)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import load_model
+    from .sae import embedded_sae_dir
+
+    st = settings or DemoSettings()
+    out = Path(out)
+    t0 = time.perf_counter()
+    pairs = load_pairs(pairs_file or DATA / "pairs.jsonl", st.limit)
+    probes = ProbeSet.from_jsonl(probes_file or DATA / "probes.jsonl")
+    model, tok = load_model(model_dir)
+    cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config or SMDAConfig(), on_alert=st.on_alert)
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1, num_train_epochs=st.epochs,
+        learning_rate=st.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
+        weight_decay=0.0, max_length=st.max_length, report_to=["tensorboard"], logging_steps=10, save_strategy="no",
+        use_cpu=True, seed=st.seed, data_seed=st.seed,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb])
+    cb.bind(trainer)
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    tok.save_pretrained(str(out / "model"))
+    summary = summarize(out, probes)
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["steps"] = trainer.state.global_step
+    (out / "smda" / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def summarize(run_dir: str | Path, probes: ProbeSet) -> dict[str, Any]:
+    """Numbers behind the printed findings."""
+    policy = load_policy(run_dir)
+    records = load_records(run_dir)
+    y0, y1 = np.asarray(policy["probe_refusal_0"]), np.asarray(policy["probe_refusal_final"])
+    harmful = np.asarray(probes.is_harmful)
+    edgy = np.asarray([p.edgy for p in probes.probes])
+    gaps = category_gaps(policy)
+    path = pathway_by_label(records, policy)
+    inter = interference_table(records, policy, n=5)
+    return {
+        "policy_0": policy["symbolic_policy_0"], "policy_final": policy["symbolic_policy_final"], "fit": policy["fit"],
+        "refusal_harmful": [float(y0[harmful].mean()), float(y1[harmful].mean())],
+        "refusal_harmless": [float(y0[~harmful].mean()), float(y1[~harmful].mean())],
+        "over_refusal_edgy": [float((y0[edgy] > 0.5).mean()), float((y1[edgy] > 0.5).mean())] if edgy.any() else None,
+        "refusal_rate_harmful": [float((y0[harmful] > 0.5).mean()), float((y1[harmful] > 0.5).mean())],
+        "categories": gaps.to_dict("records"),
+        "pathways": path.head(8).to_dict("records"),
+        "interference": inter.to_dict("records") if not inter.empty else [],
+        "n_alerts": policy["n_alerts"], "halted": policy["halted"],
+    }
+
+
+def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
+    """The findings as the CLI prints them."""
+    f = s["fit"]
+    lines = [
+        "", "=== SMDA findings ===", "",
+        f"Symbolic policy (ridge over SAE features; λ={f['lambda']:.3g}, R²={f['r2']:.2f}, "
+        f"held-out AUROC vs labels={f.get('cv_auroc_labels', float('nan')):.2f}):",
+        f"  before: {s['policy_0']}", f"  after:  {s['policy_final']}", "",
+        f"Refusal (mean P(refusal opening) on held-out probes): harmful {s['refusal_harmful'][0]:.3f} → "
+        f"{s['refusal_harmful'][1]:.3f}, harmless {s['refusal_harmless'][0]:.3f} → {s['refusal_harmless'][1]:.3f}",
+    ]
+    if s.get("over_refusal_edgy") is not None:
+        lines.append(f"Harmful probes refused (P>0.5): {s['refusal_rate_harmful'][0]:.0%} → {s['refusal_rate_harmful'][1]:.0%}; "
+                     f"over-refusal on harmless-but-edgy probes: {s['over_refusal_edgy'][0]:.0%} → {s['over_refusal_edgy'][1]:.0%}")
+    lines += ["", "Per category (before → after; gap = after − mean of harmful categories):"]
+    for c in s["categories"]:
+        lines.append(f"  {c['label']:8s} {c['category']:24s} {c['before']:.3f} → {c['after']:.3f}   gap {c['gap_to_harmful_mean']:+.3f}")
+    harmful = [c for c in s["categories"] if c["label"] == "harmful"]
+    if harmful:
+        worst = min(harmful, key=lambda c: c["after"])
+        lines.append(f"  ⇒ least covered harmful category: {worst['category']} ({worst['after']:.3f}, "
+                     f"{worst['gap_to_harmful_mean']:+.3f} vs the harmful mean)")
+    lines += ["", "Features where harmful and harmless pairs act most differently (mean Δβ per pair; MWU, BH-q):"]
+    for p in s["pathways"][:5]:
+        lines.append(f"  {p['label'][:40]:40s} harmful ΔX {p['harmful_dx']:+.2e} ΔY {p['harmful_dy']:+.2e} | "
+                     f"harmless ΔX {p['harmless_dx']:+.2e} ΔY {p['harmless_dy']:+.2e} | q={p['q']:.2g} r={p['effect_r']:+.2f}")
+    lines += ["", f"Cross-feature interference: {s['n_alerts']} alert(s)" + (f"; HALTED at step {s['halted']['step']}" if s["halted"] else "")]
+    for r in s["interference"][:5]:
+        lines.append(f"  step {r['step']:4d} pair #{r['index']} [{r['label']}/{r['category']}] score {r['score']:.2f} "
+                     f"dominant {r['dominant'][:32]!s}{'  ALERT' if r['alert'] else ''}  \"{str(r['prompt'])[:50]}\"")
+    lines += ["", "Where to look next:", f"  tensorboard --logdir {Path(run_dir) / 'smda' / 'tensorboard'}",
+              f"  smda report {run_dir}      (self-contained HTML)", f"  tuned model: {Path(run_dir) / 'model'}", ""]
+    return "\n".join(lines)

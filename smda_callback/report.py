@@ -1,0 +1,220 @@
+"""`smda report RUN_DIR`: one self-contained HTML file (plots embedded, no network, text escaped)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .analysis import category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, top_pairs
+from .ledger import _smda_dir, load_policy, load_records
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}
+main{max-width:1120px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:26px;margin:8px 0 2px} h2{font-size:20px;margin:34px 0 8px;border-bottom:2px solid #dde2ea;padding-bottom:4px}
+.sub{color:#5b6576;margin:0 0 16px} .card{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:14px 18px;margin:12px 0}
+table{border-collapse:collapse;width:100%;font-size:13px} th,td{padding:5px 8px;border-bottom:1px solid #e7eaf0;text-align:left;vertical-align:top}
+th{background:#eef1f6;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
+.policy{white-space:pre-wrap;word-break:break-word;background:#f3f5f9;padding:8px 10px;border-radius:6px}
+.kpis{display:flex;gap:12px;flex-wrap:wrap} .kpi{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:10px 14px;min-width:150px}
+.kpi b{display:block;font-size:20px} .kpi span{color:#5b6576;font-size:12px}
+.alert{color:#b42318;font-weight:600} .ok{color:#067647;font-weight:600} img{max-width:100%;height:auto}
+.note{color:#5b6576;font-size:12.5px} nav a{margin-right:14px;color:#2450a6;text-decoration:none;font-size:14px}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fig(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(df: pd.DataFrame, fmt: dict[str, str] | None = None) -> str:
+    fmt = fmt or {}
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    body = []
+    for _, row in df.iterrows():
+        cells = []
+        for c in df.columns:
+            v = row[c]
+            if isinstance(v, (float, np.floating)):
+                cells.append(f'<td class="num">{"–" if not np.isfinite(v) else format(v, fmt.get(c, ".3g"))}</td>')
+            else:
+                cells.append(f"<td>{_e(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _short(label: str, n: int = 28) -> str:
+    return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def _policy_plot(policy: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b0, b1 = np.asarray(policy["beta_0"]), np.asarray(policy["beta_final"])
+    order = np.argsort(-np.maximum(np.abs(b0), np.abs(b1)))[:20][::-1]
+    labels = [_short(policy["feature_labels"][j]) for j in order]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(order) + 1.2))
+    y = np.arange(len(order))
+    ax.barh(y - 0.2, b0[order], height=0.4, label="before (β₀)", color="#9aa6b8")
+    ax.barh(y + 0.2, b1[order], height=0.4, label="after (β_T)", color="#2450a6")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0, color="#333", lw=0.6)
+    ax.set_xlabel("ridge coefficient (per baseline s.d. of the feature)")
+    ax.legend(loc="lower right", fontsize=8)
+    return _fig(fig)
+
+
+def _category_plot(gaps: pd.DataFrame) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(gaps) + 1.2))
+    y = np.arange(len(gaps))
+    colors = ["#b42318" if l == "harmful" else "#067647" for l in gaps["label"]]
+    ax.barh(y, gaps["after"], color=colors, alpha=0.85, label="after")
+    ax.scatter(gaps["before"], y, color="#1d2433", zorder=3, s=14, label="before")
+    ax.set_yticks(y, [f"{c} ({l})" for c, l in zip(gaps["category"], gaps["label"])], fontsize=8)
+    ax.set_xlabel("mean refusal probability on probes")
+    ax.set_xlim(0, max(1.0, float(gaps[["before", "after"]].max().max())))
+    ax.legend(fontsize=8, loc="lower right")
+    return _fig(fig)
+
+
+def _pathway_plot(path: pd.DataFrame) -> str:
+    import matplotlib.pyplot as plt
+
+    top = path.head(10)
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(top) + 1.3))
+    y = np.arange(len(top))[::-1]
+    w = 0.2
+    for off, col, name, color in [(1.5, "harmful_dx", "harmful ΔX", "#e6846f"), (0.5, "harmful_dy", "harmful ΔY", "#b42318"),
+                                  (-0.5, "harmless_dx", "harmless ΔX", "#7cc49a"), (-1.5, "harmless_dy", "harmless ΔY", "#067647")]:
+        ax.barh(y + off * w, top[col], height=w, color=color, label=name)
+    ax.set_yticks(y, [_short(l) for l in top["label"]], fontsize=8)
+    ax.axvline(0, color="#333", lw=0.6)
+    ax.set_xlabel("mean Δβ per pair, by pathway")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    return _fig(fig)
+
+
+def _split_over_time(records: list[dict[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in records if "delta_beta_x" in r]
+    steps = [r["step"] for r in rs]
+    ax_ = np.cumsum([np.abs(r["delta_beta_x"]).sum() for r in rs])
+    ay_ = np.cumsum([np.abs(r["delta_beta_y"]).sum() for r in rs])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    a1.plot(steps, ax_, label="activation pathway Σ|Δβ_X|", color="#2450a6")
+    a1.plot(steps, ay_, label="output pathway Σ|Δβ_Y|", color="#b42318")
+    a1.set_xlabel("step")
+    a1.legend(fontsize=8)
+    a1.set_title("cumulative pathway magnitude", fontsize=10)
+    a2.plot(steps, [r.get("refusal_harmful", np.nan) for r in rs], label="harmful probes", color="#b42318")
+    a2.plot(steps, [r.get("refusal_harmless", np.nan) for r in rs], label="harmless probes", color="#067647")
+    alerts = [r["step"] for r in rs if r.get("alert")]
+    for s in alerts:
+        a2.axvline(s, color="#f79009", lw=0.8, alpha=0.6)
+    a2.set_xlabel("step")
+    a2.set_title("measured refusal (orange lines: alerts)", fontsize=10)
+    a2.legend(fontsize=8)
+    return _fig(fig)
+
+
+def build_html(run_dir: str | Path) -> str:
+    policy = load_policy(run_dir)
+    records = load_records(run_dir)
+    fit = policy["fit"]
+    gaps = category_gaps(policy)
+    path = pathway_by_label(records, policy)
+    inter = interference_table(records, policy, n=12)
+    movers = category_movers(records, policy)
+    rows = pair_rows(records)
+    protocol = "counterfactual (one SGD step per pair from the same base)" if policy.get("protocol") == "counterfactual" \
+        else "in-training (sequential optimizer steps of the real run)"
+    halted = policy.get("halted")
+    n_alerts = policy.get("n_alerts", 0)
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>SMDA report</title><style>{CSS}</style></head><body><main>",
+             "<h1>Symbolic Mechanistic Data Attribution</h1>",
+             f"<p class='sub'>Run <span class='mono'>{_e(Path(run_dir).resolve())}</span> · protocol: {_e(protocol)} · "
+             f"{len(records)} ledger records · SAE hook {_e(policy.get('hook'))}</p>",
+             "<nav><a href='#policy'>Policy</a><a href='#categories'>Category gaps</a><a href='#pathways'>Harmful vs harmless</a>"
+             "<a href='#interference'>Interference</a><a href='#toppairs'>Top pairs</a><a href='#training'>Over training</a></nav>",
+             "<div class='kpis'>",
+             f"<div class='kpi'><b>{len(policy['features'])}</b><span>SAE features in the policy</span></div>",
+             f"<div class='kpi'><b>{fit.get('cv_auroc_labels', float('nan')):.2f}</b><span>held-out AUROC of the baseline policy vs labels</span></div>",
+             f"<div class='kpi'><b>{fit['r2']:.2f}</b><span>baseline R² (λ={policy['lambda']:.3g})</span></div>",
+             f"<div class='kpi'><b>{len(rows)}</b><span>pair-steps attributed</span></div>",
+             f"<div class='kpi'><b class='{'alert' if n_alerts else 'ok'}'>{n_alerts}</b><span>interference alerts</span></div>",
+             f"<div class='kpi'><b class='{'alert' if halted else 'ok'}'>{'halted @ ' + str(halted['step']) if halted else 'no'}</b><span>training halted</span></div>",
+             "</div>"]
+    parts += ["<h2 id='policy'>1. The symbolic policy, before and after</h2>",
+              f"<div class='card'><div class='note'>before</div><div class='policy mono'>{_e(policy['symbolic_policy_0'])}</div>"
+              f"<div class='note' style='margin-top:8px'>after</div><div class='policy mono'>{_e(policy['symbolic_policy_final'])}</div>"
+              f"<p class='note'>Fit at baseline: R² {fit['r2']:.3f}; in-sample AUROC vs labels {fit['auroc_labels']:.3f}; "
+              f"{fit.get('cv_folds', '?')}-fold held-out R² {fit.get('cv_r2', float('nan')):.3f}, AUROC {fit.get('cv_auroc_labels', float('nan')):.3f}; "
+              f"measured refusal's own AUROC vs labels {fit['auroc_y_labels']:.3f}. A held-out AUROC near 0.5 means the policy is not worth reading.</p></div>",
+              f"<div class='card'>{_policy_plot(policy)}</div>"]
+    mv_rows = []
+    for c, ms in movers.items():
+        for m in ms:
+            mv_rows.append({"probe category": c, "Δ refusal": m["delta"], "pair": m.get("index"), "pair label": m.get("label"),
+                            "pair category": m.get("category"), "prompt": str(m.get("prompt") or "")[:90]})
+    parts += ["<h2 id='categories'>2. Category gaps</h2>",
+              "<p class='note'>Measured refusal probability per probe category. <i>gap</i> = after − mean over harmful categories: "
+              "a harmful category far below zero is under-covered by the training data.</p>",
+              f"<div class='card'>{_category_plot(gaps)}</div>",
+              f"<div class='card'>{_table(gaps)}</div>",
+              "<div class='card'><b>Pairs that moved each category most</b> (change of the category's measured refusal in the pair's step × credit)"
+              f"{_table(pd.DataFrame(mv_rows)) if mv_rows else '<p>none</p>'}</div>"]
+    path_show = path[["label", "harmful_dx", "harmful_dy", "harmless_dx", "harmless_dy", "effect_r", "p", "q"]].head(15)
+    parts += ["<h2 id='pathways'>3. Harmful vs harmless pairs, per feature</h2>",
+              "<p class='note'>Mean per-pair contribution to each coefficient through the activation pathway (ΔX) and the "
+              "output-probability pathway (ΔY). p: two-sided Mann–Whitney U on total Δβ across pairs, q: Benjamini–Hochberg; "
+              "effect_r: rank-biserial correlation (positive = harmful pairs push the coefficient up more).</p>",
+              f"<div class='card'>{_pathway_plot(path)}</div>", f"<div class='card'>{_table(path_show, {'p': '.2g', 'q': '.2g'})}</div>"]
+    parts += ["<h2 id='interference'>4. Cross-feature interference</h2>",
+              "<p class='note'>score = share of |Δβ| that landed outside the pair's intended features (its most active selected "
+              "features); dominant = feature with the largest |Δβ| in the step.</p>",
+              (f"<p class='alert'>Training halted at step {halted['step']}: {_e(halted['reason'])}</p>" if halted else ""),
+              f"<div class='card'>{_table(inter[['step', 'index', 'label', 'category', 'prompt', 'intended', 'dominant', 'score', 'alert']]) if not inter.empty else '<p>no steps</p>'}</div>"]
+    tp_rows = []
+    for j in np.argsort(-np.abs(np.asarray(policy["beta_final"])))[:8]:
+        up, down = top_pairs(records, policy, int(j), n=2)
+        for kind, items in (("raised", up), ("lowered", down)):
+            for it in items:
+                tp_rows.append({"feature": policy["feature_labels"][j], "direction": kind, "Δβ": it["d"], "pair": it["index"],
+                                "label": it["label"], "category": it["category"], "prompt": str(it["prompt"] or "")[:80]})
+    parts += ["<h2 id='toppairs'>5. Top pairs per feature</h2>",
+              f"<div class='card'>{_table(pd.DataFrame(tp_rows)) if tp_rows else '<p>none</p>'}</div>",
+              "<h2 id='training'>6. The pathway split over training</h2>", f"<div class='card'>{_split_over_time(records)}</div>",
+              "<p class='note'>Generated by smda-callback. Exact split: Δβ_Y = ½(M₀+M₁)(Y₁−Y₀), Δβ_X = ½(M₁−M₀)(Y₀+Y₁).</p>",
+              "</main></body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    out = Path(output) if output else _smda_dir(run_dir) / "report.html"
+    text = build_html(run_dir)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
