@@ -80,7 +80,8 @@ def tiny_sae(d_in: int = 64, d_sae: int = 256, layer: int = 2, kind: str = "post
 
 
 def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = None, pairs: int = 8, record_rows: bool = False,
-            callback_kwargs: dict | None = None, **args: Any) -> tuple[Any, Any, list]:
+            callback_kwargs: dict | None = None, trainer_kwargs: dict | None = None, resume: bool = False,
+            callbacks_extra: list | None = None, **args: Any) -> tuple[Any, Any, list]:
     """Train `model` with SFTTrainer + SMDACallback; optionally record the rows each training forward saw."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -92,8 +93,11 @@ def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = N
                     report_to=["tensorboard"], logging_steps=1, save_strategy="no", use_cpu=True, max_length=128,
                     seed=0, disable_tqdm=True)
     defaults.update(args)
-    trainer = SFTTrainer(model=model, args=SFTConfig(**defaults), train_dataset=Dataset.from_list(pair_records(pairs)),
-                         processing_class=tokenizer, callbacks=[cb])
+    data = Dataset.from_list(pair_records(pairs))
+    if defaults.get("eval_strategy", "no") != "no":
+        trainer_kwargs = {**(trainer_kwargs or {}), "eval_dataset": data}
+    trainer = SFTTrainer(model=model, args=SFTConfig(**defaults), train_dataset=data,
+                         processing_class=tokenizer, callbacks=[cb, *(callbacks_extra or [])], **(trainer_kwargs or {}))
     cb.bind(trainer)
     seen: list = []
     if record_rows:
@@ -104,5 +108,5 @@ def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = N
                 for ids, m in zip(kw["input_ids"], kw["attention_mask"]):
                     seen.append(rows.index(ids[m.bool()].tolist()))
         trainer.model.register_forward_pre_hook(pre, with_kwargs=True)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     return trainer, cb, seen

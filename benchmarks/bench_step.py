@@ -1,0 +1,166 @@
+"""Per-step cost of SMDA on the embedded model, side by side in one run (`make bench`).
+
+bare      one no-grad forward over the probes (batched, logits_to_keep=1): the physical limit
+snapshot  our X+Y pass (shared chat-prefix KV, SAE encode, refusal scorer)
+step      snapshot + ridge + exact decomposition + ledger/TensorBoard writes
+naive     the obvious way: before+after passes each step, full logits, one forward per
+          (probe, opening), SAE on every token kept in memory
+sft       one plain SFT step (AdamW, one pair) without the callback
+Prints a table of medians and ratios and writes benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smda_callback import ProbeSet, RidgePolicy, SMDAConfig, decompose_step, embedded_sae_dir, load_sae, resolve_hook
+from smda_callback.demo import DATA, load_pairs
+from smda_callback.models import load_model
+from smda_callback.probes import render_prompt
+from smda_callback.sinks import LedgerWriter, TensorBoardSink
+from smda_callback.snapshot import Snapshotter
+
+
+def med(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bare_pass(model, tok, probes: ProbeSet, bs: int = 32) -> None:
+    seqs = sorted(probes.tokenize(tok).input_ids, key=len)
+    with torch.no_grad():
+        for i in range(0, len(seqs), bs):
+            b = seqs[i : i + bs]
+            T = max(map(len, b))
+            ids = torch.full((len(b), T), tok.pad_token_id)
+            mask = torch.zeros((len(b), T), dtype=torch.long)
+            for r, s in enumerate(b):
+                ids[r, T - len(s):] = torch.tensor(s)
+                mask[r, T - len(s):] = 1
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+
+
+def naive_pass(model, tok, sae, hook, probes: ProbeSet, cfg: SMDAConfig, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correct but slow: per probe, a full-logit forward for X and one forward per opening for Y."""
+    from smda_callback.refusal import _encode_openings
+
+    r_ids = _encode_openings(tok, cfg.refusal_openings, cfg.prefix_tokens)
+    c_ids = _encode_openings(tok, cfg.compliance_openings, cfg.prefix_tokens)
+    tp = probes.tokenize(tok)
+    X, Y, keep = [], [], []
+    cap = {}
+    h = hook.register(model, lambda x: cap.__setitem__("h", x))
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(tp.input_ids):
+                model(input_ids=torch.tensor([ids]))
+                z = sae.encode(cap["h"][0].float())  # every token, all latents, kept
+                keep.append(z)
+                s, e = tp.content[i]
+                X.append(z[s:e, features].mean(0).double().numpy())
+                lps = []
+                for cont in r_ids + c_ids:
+                    lp = F.log_softmax(model(input_ids=torch.tensor([ids + cont])).logits[0].float(), -1)
+                    lps.append(sum(float(lp[len(ids) - 1 + j, cont[j]]) for j in range(len(cont))))
+                lps = torch.tensor(lps)
+                Y.append(float(torch.sigmoid(torch.logsumexp(lps[: len(r_ids)], 0) - torch.logsumexp(lps[len(r_ids):], 0))))
+    finally:
+        h.remove()
+    return np.asarray(X), np.asarray(Y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--probes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model()
+    model.eval()
+    sae = load_sae(embedded_sae_dir())
+    hook = resolve_hook(sae, model)
+    all_probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
+    results = {"threads": torch.get_num_threads(), "rows": []}
+
+    # one SFT step on a pair, no callback
+    pair = load_pairs(DATA / "pairs.jsonl")[0]
+    msgs = [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["response"]}]
+    ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+
+    def sft_step() -> None:
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+    sft = med(sft_step, a.repeats)
+
+    for P in a.probes:
+        probes = ProbeSet(all_probes.probes[:: max(1, len(all_probes) // P)][:P]) if P < len(all_probes) else all_probes
+        row: dict = {"P": len(probes), "sft_s": sft}
+        row["bare_s"] = med(lambda: bare_pass(model, tok, probes), a.repeats)
+        for name, cfg in [("snapshot", SMDAConfig()), ("snapshot_first_token", SMDAConfig(scorer="first_token")),
+                          ("snapshot_paper", SMDAConfig.paper())]:
+            snap = Snapshotter(probes, tok, sae, hook, cfg)
+            full = snap.take(model, full=True)
+            from smda_callback.policy import select_features
+
+            snap.features = select_features(full.Z, probes.is_harmful, cfg.n_features)
+            row[name + "_s"] = med(lambda: snap.take(model), a.repeats)
+        snap = Snapshotter(probes, tok, sae, hook, SMDAConfig())
+        snap.features = select_features(snap.take(model, full=True).Z, probes.is_harmful, 48)
+        s0 = snap.take(model)
+        pol = RidgePolicy(lam=1.0).freeze_scale(s0.X)
+        with tempfile.TemporaryDirectory() as tmp:
+            ledger, tb = LedgerWriter(tmp), TensorBoardSink(Path(tmp) / "tb")
+            state = {"X": s0.X, "Y": s0.Y, "M": pol.M(s0.X), "step": 0}
+
+            def math_and_logging(s1) -> None:
+                M1 = pol.M(s1.X)
+                d = decompose_step(pol, state["X"], state["Y"], s1.X, s1.Y, M0=state["M"], M1=M1)
+                state.update(X=s1.X, Y=s1.Y, M=M1, step=state["step"] + 1)
+                ledger.append({"step": state["step"], "beta": d.beta1, "delta_beta_x": d.delta_beta_x, "delta_beta_y": d.delta_beta_y})
+                tb.scalars({f"smda/beta/{j}": float(b) for j, b in enumerate(d.beta1)}, state["step"])
+                tb.histogram("smda/delta_beta", d.delta_beta, state["step"])
+
+            row["math_log_s"] = med(lambda: math_and_logging(s0), a.repeats)
+            row["step_s"] = med(lambda: math_and_logging(snap.take(model)), a.repeats)
+            tb.close()
+        row["naive_s"] = 2 * med(lambda: naive_pass(model, tok, sae, hook, probes, SMDAConfig(), snap.features), 1)
+        Xn, Yn = naive_pass(model, tok, sae, hook, probes, SMDAConfig(), snap.features)
+        row["naive_vs_ours_max_abs_dY"] = float(np.abs(Yn - s0.Y).max())
+        row["naive_vs_ours_max_rel_dX"] = float(np.abs(Xn - s0.X).max() / (np.abs(s0.X).max() + 1e-12))
+        results["rows"].append(row)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print(f"{'P':>4} {'bare':>7} {'snap':>7} {'snap/bare':>9} {'step/bare':>9} {'naive/step':>10} {'(sft+step)/sft':>14} "
+          f"{'math%':>6} {'ft/bare':>7} {'paper/bare':>10}")
+    for r in results["rows"]:
+        print(f"{r['P']:>4} {r['bare_s']:7.2f} {r['snapshot_s']:7.2f} {r['snapshot_s'] / r['bare_s']:9.2f} "
+              f"{r['step_s'] / r['bare_s']:9.2f} {r['naive_s'] / r['step_s']:10.1f} {(r['sft_s'] + r['step_s']) / r['sft_s']:14.1f} "
+              f"{100 * r['math_log_s'] / r['step_s']:6.1f} {r['snapshot_first_token_s'] / r['bare_s']:7.2f} "
+              f"{r['snapshot_paper_s'] / r['bare_s']:10.2f}")
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB; naive vs ours: max |ΔY| {results['rows'][-1]['naive_vs_ours_max_abs_dY']:.2e}, "
+          f"max rel ΔX {results['rows'][-1]['naive_vs_ours_max_rel_dX']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

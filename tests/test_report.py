@@ -1,0 +1,75 @@
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import run_sft, tiny_model, tiny_sae
+from smda_callback import SMDAConfig, load_ledger
+from smda_callback.report import build_html, write_report
+
+SECTIONS = ["id='policy'", "id='categories'", "id='pathways'", "id='interference'", "id='toppairs'", "id='training'"]
+
+
+@pytest.fixture(scope="module")
+def halted_run(tmp_path_factory, smol_tokenizer):
+    """A short run whose pair prompts contain HTML, halted by an alert."""
+    import helpers
+
+    tmp = tmp_path_factory.mktemp("run")
+    orig = helpers.pair_records
+
+    def evil(n=8):
+        recs = orig(n)
+        recs[0]["prompt"][0]["content"] = "<script>alert('x')</script> how do I build a bomb?"
+        recs[0]["category"] = "<b>weapons</b>"
+        return recs
+    helpers.pair_records = evil
+    try:
+        cfg = SMDAConfig(n_features=8, intended_top_m=0, interference_threshold=0.0, min_history=0, on_alert="halt", patience=3)
+        run_sft(tmp, tiny_model(), smol_tokenizer, tiny_sae(), cfg, max_steps=8, pairs=8)
+    finally:
+        helpers.pair_records = orig
+    return tmp
+
+
+def test_report_sections_and_escaping(halted_run):
+    page = build_html(halted_run)
+    for s in SECTIONS:
+        assert s in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<b>weapons</b>" not in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert page.count("data:image/png;base64,") >= 4
+    assert "Training halted at step" in page
+
+
+def test_load_ledger_shape(halted_run):
+    df = load_ledger(halted_run)
+    policy = json.loads((halted_run / "smda" / "policy.json").read_text())
+    n_steps = len({r for r in df["step"]})
+    assert len(df) == n_steps * len(policy["features"])
+    assert {"step", "feature", "label", "delta_beta_x", "delta_beta_y", "pair_indices"} <= set(df.columns)
+
+
+def test_report_in_headless_chromium(halted_run, tmp_path):
+    """Render in a real browser: no console errors, main sections present, a PNG screenshot saved."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (make setup installs it with apt-get where it can)")
+    out = write_report(halted_run, tmp_path / "report.html")
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom", out.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    for s in SECTIONS:
+        assert s.replace("'", '"') in dom.stdout or s in dom.stdout
+    console_errors = [l for l in dom.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "error" in l)]
+    assert console_errors == []
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars", out.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000
+    assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
