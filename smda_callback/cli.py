@@ -14,9 +14,10 @@ def _demo(a: argparse.Namespace) -> int:
     from .demo import DemoSettings, format_summary, run_demo
 
     if a.limit is None and not a.quiet:
-        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 200 pairs with SMDACallback (≈15 min on 2 CPU cores; "
-              "--limit 40 for a quick run)", flush=True)
-    settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, learning_rate=a.lr, seed=a.seed)
+        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 200 pairs with SMDACallback, one probe pass per pair "
+              "(≈25 min on 2 CPU cores; --limit 40 for a quick run, --every 2 to halve the probing)", flush=True)
+    settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, learning_rate=a.lr, seed=a.seed,
+                            scorer=a.scorer, every_n_steps=a.every)
     summary = run_demo(a.out, a.pairs, a.probes, settings)
     print(format_summary(summary, a.out))
     print(f"Finished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
@@ -45,6 +46,23 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute(a: argparse.Namespace) -> int:
+    from .config import SMDAConfig
+    from .counterfactual import attribute_pairs
+    from .demo import DATA, load_pairs
+    from .models import load_model
+    from .probes import ProbeSet
+    from .sae import embedded_sae_dir
+
+    model, tok = load_model(a.model)
+    cfg = SMDAConfig.paper() if a.preset == "paper" else SMDAConfig()
+    pairs = load_pairs(a.pairs or DATA / "pairs.jsonl", a.limit)
+    probes = ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl")
+    out = attribute_pairs(model, tok, pairs, probes, a.sae or embedded_sae_dir(), a.out, cfg, lr=a.lr)
+    print(f"counterfactual ledger written to {out}; `smda report {a.out}` renders it")
+    return 0
+
+
 def _train_sae(a: argparse.Namespace) -> int:
     from .sae_train import SAETrainSpec, train_sae
 
@@ -66,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--on-alert", choices=["warn", "halt"], default="warn")
     d.add_argument("--epochs", type=float, default=1.0)
-    d.add_argument("--lr", type=float, default=4e-5)
+    d.add_argument("--lr", type=float, default=5e-5)
+    d.add_argument("--scorer", choices=["first_token", "prefix"], default="first_token")
+    d.add_argument("--every", type=int, default=1, help="snapshot every N optimizer steps (window credit; default 1 = per pair)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_demo)
@@ -83,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("-o", "--output", help="output HTML path (default RUN_DIR/smda/report.html)")
     r.set_defaults(fn=_report)
+
+    at = sub.add_parser("attribute", help="the paper's counterfactual protocol: one SGD step per pair from the same base")
+    at.add_argument("--pairs")
+    at.add_argument("--probes")
+    at.add_argument("--out", default="runs/counterfactual")
+    at.add_argument("--model")
+    at.add_argument("--sae")
+    at.add_argument("--preset", choices=["paper", "default"], default="paper")
+    at.add_argument("--lr", type=float, default=1e-4)
+    at.add_argument("--limit", type=int)
+    at.set_defaults(fn=_attribute)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", default=str(Path(__file__).parent / "data" / "sae"))

@@ -27,11 +27,15 @@ class DemoSettings:
     """Training settings of the demo run (chosen for a 2-core CPU; see docs/demo.md)."""
 
     epochs: float = 1.0
-    learning_rate: float = 4e-5
+    learning_rate: float = 5e-5
     max_length: int = 256
     seed: int = 0
     limit: int | None = None
     on_alert: str = "warn"
+    scorer: str = "first_token"
+    """The demo scores refusal from the first assistant token: on a 2-core CPU without AVX-512 the
+    prefix scorer's extra trie tokens cost ~1.5x per snapshot (benchmarks/); the library default stays `prefix`."""
+    every_n_steps: int = 1
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -66,11 +70,12 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     pairs = load_pairs(pairs_file or DATA / "pairs.jsonl", st.limit)
     probes = ProbeSet.from_jsonl(probes_file or DATA / "probes.jsonl")
     model, tok = load_model(model_dir)
-    cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config or SMDAConfig(), on_alert=st.on_alert)
+    config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
+    cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1, num_train_epochs=st.epochs,
         learning_rate=st.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
-        weight_decay=0.0, max_length=st.max_length, report_to=["tensorboard"], logging_steps=10, save_strategy="no",
+        weight_decay=0.0, max_length=st.max_length, gradient_checkpointing=False, bf16=False, report_to=["tensorboard"], logging_steps=10, save_strategy="no",
         use_cpu=True, seed=st.seed, data_seed=st.seed,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb])

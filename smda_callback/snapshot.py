@@ -151,6 +151,13 @@ class Snapshotter:
             raise RuntimeError("Snapshotter.features is unset: take a full snapshot and select features first.")
         was_training = model.training
         model.eval()
+        # Accelerate wraps `model.forward` in an autocast context for bf16/fp16 training (TRL's
+        # SFTConfig defaults to bf16). Probe in the weights' own dtype instead: bf16 rounding of
+        # activations would swamp one step's ΔX, and CPU autocast is ~5x slower (measured).
+        wrapped = model.__dict__.get("forward")
+        original = getattr(model, "_original_forward", None)
+        if wrapped is not None and original is not None:
+            model.forward = original
         try:
             with torch.random.fork_rng(devices=[]):
                 rank, world = _dist()
@@ -160,6 +167,8 @@ class Snapshotter:
                     Xm, Ym = _gather(mine, Xm, Ym, len(self.probes))
         finally:
             model.train(was_training)
+            if wrapped is not None and original is not None:
+                model.forward = wrapped
         if full:
             Z = Xm
             X = Z[:, self.features] if self.features is not None else Z

@@ -117,3 +117,34 @@ def test_same_seed_same_ledger(tmp_path, smol_tokenizer):
     for ra, rb in zip(a, b):
         ra.pop("seconds"), rb.pop("seconds")
         assert ra == rb  # bitwise: same floats written
+
+
+def test_nonfinite_snapshot_is_skipped_not_poisoning_beta(tmp_path, smol_tokenizer):
+    import torch
+
+    calls = {"n": 0}
+
+    def scorer(model, ids, mask):
+        calls["n"] += 1
+        y = torch.rand(ids.shape[0], generator=torch.Generator().manual_seed(calls["n"]))
+        return torch.full_like(y, float("nan")) if calls["n"] == 3 else y  # the 2nd step's snapshot
+
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, probe_batch_size=64),
+            max_steps=4, report_to=[], callback_kwargs={"scorer": scorer})
+    recs = load_records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert "NaN/Inf" in recs[1]["skipped"] and "beta" not in recs[1]
+    good = [r for r in recs if "beta" in r]
+    policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
+    assert policy["skipped_steps"] == 1 and np.isfinite(policy["beta_final"]).all()
+    np.testing.assert_allclose(np.sum([r["delta_beta"] for r in good], axis=0),
+                               np.subtract(policy["beta_final"], policy["beta_0"]), atol=1e-9)
+
+
+def test_unwritable_output_dir_reports_once_and_training_goes_on(tmp_path, smol_tokenizer, caplog):
+    (tmp_path / "smda").write_text("a file where the smda/ folder should go")
+    trainer, _, _ = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3,
+                            report_to=[])
+    assert trainer.state.global_step == 3
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "smda: cannot write" in r.getMessage()]
+    assert len(errors) == 1
