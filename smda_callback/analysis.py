@@ -117,8 +117,10 @@ def top_pairs(records: list[dict[str, Any]], policy: dict[str, Any], feature_pos
     return items[::-1][:n], items[:n]
 
 
-def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 3) -> dict[str, list[dict[str, Any]]]:
-    """Per probe category, the pairs whose steps moved its measured refusal most (both signs)."""
+def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 2) -> dict[str, list[dict[str, Any]]]:
+    """Per probe category, the pairs whose steps moved that category's measured refusal most
+    *beyond the step's mean move over all categories* (so a step that raises refusal everywhere
+    does not top every category), both signs."""
     prev: dict[str, float] | None = policy.get("baseline_refusal_by_category")
     moves: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for r in records:
@@ -126,9 +128,11 @@ def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: in
         if cur is None:
             continue
         if prev is not None:
-            for c, v in cur.items():
+            deltas = {c: v - prev[c] for c, v in cur.items()}
+            mean = float(np.mean(list(deltas.values())))
+            for c, d in deltas.items():
                 for p in r.get("pairs", []):
-                    moves.setdefault(c, []).append(((v - prev[c]) * p.get("credit", 1.0), p))
+                    moves.setdefault(c, []).append(((d - mean) * p.get("credit", 1.0), p))
         prev = cur
     return {c: [{"delta": d, **{k: p.get(k) for k in ("index", "label", "category", "prompt")}}
                 for d, p in sorted(m, key=lambda t: -abs(t[0]))[:n]] for c, m in moves.items()}

@@ -174,16 +174,19 @@ def build_html(run_dir: str | Path) -> str:
               f"measured refusal's own AUROC vs labels {fit['auroc_y_labels']:.3f}. A held-out AUROC near 0.5 means the policy is not worth reading.</p></div>",
               f"<div class='card'>{_policy_plot(policy)}</div>"]
     mv_rows = []
-    for c, ms in movers.items():
+    for c in gaps["category"]:
+        ms = movers.get(c, [])
         for m in ms:
-            mv_rows.append({"probe category": c, "Δ refusal": m["delta"], "pair": m.get("index"), "pair label": m.get("label"),
-                            "pair category": m.get("category"), "prompt": str(m.get("prompt") or "")[:90]})
+            mv_rows.append({"probe category": c, "Δ refusal beyond the step's mean": m["delta"], "pair": m.get("index"),
+                            "pair label": m.get("label"), "pair category": m.get("category"),
+                            "prompt": str(m.get("prompt") or "")[:90]})
     parts += ["<h2 id='categories'>2. Category gaps</h2>",
               "<p class='note'>Measured refusal probability per probe category. <i>gap</i> = after − mean over harmful categories: "
               "a harmful category far below zero is under-covered by the training data.</p>",
               f"<div class='card'>{_category_plot(gaps)}</div>",
               f"<div class='card'>{_table(gaps)}</div>",
-              "<div class='card'><b>Pairs that moved each category most</b> (change of the category's measured refusal in the pair's step × credit)"
+              "<div class='card'><b>Pairs that moved each category most</b> (the category's change of measured refusal in the "
+              "pair's step minus that step's mean change over all categories, × credit)"
               f"{_table(pd.DataFrame(mv_rows)) if mv_rows else '<p>none</p>'}</div>"]
     path_show = path[["label", "harmful_dx", "harmful_dy", "harmless_dx", "harmless_dy", "effect_r", "p", "q"]].head(15)
     parts += ["<h2 id='pathways'>3. Harmful vs harmless pairs, per feature</h2>",

@@ -162,7 +162,12 @@ class Snapshotter:
             with torch.random.fork_rng(devices=[]):
                 rank, world = _dist()
                 mine = list(range(rank, len(self.probes), world))
-                Xm, Ym = self._run(model, mine, full)
+                # equal shard sizes → the same number of forwards on every rank (ZeRO-3/FSDP
+                # all-gather parameters inside each forward; unequal counts would hang)
+                per_rank = -(-len(self.probes) // world)
+                padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+                Xm, Ym = self._run(model, padded, full)
+                Xm, Ym = Xm[: len(mine)], Ym[: len(mine)]
                 if world > 1:
                     Xm, Ym = _gather(mine, Xm, Ym, len(self.probes))
         finally:

@@ -73,3 +73,39 @@ def test_report_in_headless_chromium(halted_run, tmp_path):
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 20_000
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_serves_our_tags_and_layout(halted_run):
+    """A real `tensorboard --logdir` on loopback serves the run's smda/ scalars and the custom layout."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(halted_run / "smda" / "tensorboard"),
+                           "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, tags, layout = time.time() + 90, None, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    assert r.status == 200
+                    tags = json.loads(r.read())
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout", timeout=5) as r:
+                    layout = json.loads(r.read())
+                if tags and any(tags.values()) and layout:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        run_tags = set().union(*[set(v) for v in tags.values()])
+        assert {"smda/interference/score", "smda/interference/alerts", "smda/pathway/x_share"} <= run_tags
+        assert any(t.startswith("smda/refusal/") for t in run_tags) and any(t.startswith("smda/predicted/") for t in run_tags)
+        assert {c["title"] for c in layout["category"]} == {"Policy", "Categories", "Pathways", "Interference"}
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
