@@ -25,8 +25,18 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _probe(a: argparse.Namespace) -> int:
-    from .probing import score_probes
+    from .probing import generate_answers, score_probes
 
+    if a.generate:
+        result = generate_answers(a.model, a.probes)
+        if a.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"refused (greedy answer opens with a refusal): harmful {result['refusal_rate_harmful']:.0%}, "
+                  f"harmless {result['refusal_rate_harmless']:.0%}, harmless-but-edgy {result['over_refusal_edgy']:.0%}")
+            for c, v in result["by_category"].items():
+                print(f"  {c:28s} {v:.0%}")
+        return 0
     result = score_probes(a.model, a.probes, a.policy, a.sae)
     if a.json:
         print(json.dumps(result, indent=1, default=float))
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--policy", help="RUN_DIR/smda/policy.json: also report the policy's predictions and AUROC")
     pr.add_argument("--sae", help="SAE folder (default: the shipped SAE; must be the policy's)")
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--generate", action="store_true", help="greedy answers instead of scores: refusal rate by regex")
     pr.set_defaults(fn=_probe)
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a run")
