@@ -115,3 +115,15 @@ def test_first_token_scorer_and_paper_preset_run(tmp_path, smol_tokenizer):
         recs = load_records(tmp_path / name)
         assert len(recs) == 2 and all(np.isfinite(r["delta_beta"]).all() for r in recs)
     assert recs[0]["method"] == "first_order"
+
+
+def test_every_n_steps_windows_are_exact_and_credit_all_pairs(tmp_path, smol_tokenizer):
+    _, _, seen = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, every_n_steps=2),
+                         max_steps=5, record_rows=True, report_to=[])
+    recs = load_records(tmp_path)
+    assert [r["step"] for r in recs] == [2, 4, 5] and [r["window"] for r in recs] == [[1, 2], [3, 4], [5, 5]]
+    assert [[p["index"] for p in r["pairs"]] for r in recs] == [seen[0:2], seen[2:4], seen[4:5]]
+    assert [p["credit"] for p in recs[0]["pairs"]] == [0.5, 0.5] and recs[0]["split"]
+    policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
+    np.testing.assert_allclose(np.sum([r["delta_beta"] for r in recs], axis=0),
+                               np.subtract(policy["beta_final"], policy["beta_0"]), atol=1e-9)

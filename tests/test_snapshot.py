@@ -51,3 +51,10 @@ def test_snapshot_restores_mode_and_rng(smol_tokenizer):
     _snap(model, smol_tokenizer, sae)
     assert model.training
     assert torch.equal(torch.rand(3), expect)
+
+
+def test_bf16_model_with_fp32_sae(smol_tokenizer):
+    """Dtype mismatch between model and SAE: activations are cast to the SAE's dtype, results finite."""
+    model, sae = tiny_model().to(torch.bfloat16).eval(), tiny_sae()
+    _, snap = _snap(model, smol_tokenizer, sae)
+    assert snap.finite and snap.Z.dtype == np.float64 and np.abs(snap.Z).sum() > 0
