@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Pooling = Literal["mean", "max", "last", "eot"]
 Scorer = Literal["prefix", "first_token"]
-Target = Literal["ratio", "log_refusal", "logit"]
+Target = Literal["mass", "ratio", "log_refusal", "logit"]
 Method = Literal["exact", "first_order"]
 Encode = Literal["sae", "dense"]
 
@@ -59,9 +59,12 @@ class SMDAConfig:
     compliance_openings: tuple[str, ...] = DEFAULT_COMPLIANCES
     prefix_tokens: int = 3
     """Teacher-forced tokens per opening for the prefix scorer."""
-    target: Target = "ratio"
-    """`ratio` = P(refusal openings)/(P(refusal)+P(compliance)); `log_refusal` =
-    log sum P(refusal openings) (paper); `logit` = logit of the ratio."""
+    target: Target = "mass"
+    """`mass` = Σ P(refusal opening): the probability that the answer opens with a refusal;
+    `ratio` = P(refusal)/(P(refusal)+P(compliance openings)); `log_refusal` = log Σ P(refusal
+    opening) (paper); `logit` = logit of the ratio. `mass` is the default because after safety SFT
+    helpful answers open with words no fixed compliance list anticipates, which drives `ratio`
+    towards 1 on harmless prompts (measured on the demo: see docs/demo.md)."""
 
     # --- the ridge policy --------------------------------------------------
     ridge_lambda: float | None = None
@@ -100,7 +103,7 @@ class SMDAConfig:
         checks = {
             "pooling": ("mean", "max", "last", "eot"),
             "scorer": ("prefix", "first_token"),
-            "target": ("ratio", "log_refusal", "logit"),
+            "target": ("mass", "ratio", "log_refusal", "logit"),
             "method": ("exact", "first_order"),
             "encode": ("sae", "dense"),
             "on_alert": ("warn", "halt"),
@@ -117,7 +120,7 @@ class SMDAConfig:
             raise ValueError("ridge_lambda must be > 0 (or None for GCV).")
         if not self.refusal_openings:
             raise ValueError("refusal_openings must not be empty.")
-        if self.target != "log_refusal" and not self.compliance_openings:
+        if self.target in ("ratio", "logit") and not self.compliance_openings:
             raise ValueError("compliance_openings must not be empty for target='ratio'/'logit'.")
 
     @classmethod

@@ -23,6 +23,8 @@ class Scorer(Protocol):
 def _combine(lse_r: torch.Tensor, lse_c: torch.Tensor | None, target: str) -> torch.Tensor:
     if target == "log_refusal":
         return lse_r
+    if target == "mass":
+        return lse_r.exp()
     assert lse_c is not None
     logit = lse_r - lse_c
     return logit if target == "logit" else torch.sigmoid(logit)
