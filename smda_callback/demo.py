@@ -55,11 +55,23 @@ def to_dataset(pairs: list[dict[str, Any]]) -> Any:
     } for p in pairs])
 
 
+def sft_config(out: str | Path, st: DemoSettings) -> Any:
+    """The demo's training settings (one pair per optimizer step, fp32, no checkpoints)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1, num_train_epochs=st.epochs,
+        learning_rate=st.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
+        weight_decay=0.0, max_length=st.max_length, gradient_checkpointing=False, bf16=False, report_to=["tensorboard"],
+        logging_steps=10, save_strategy="no", use_cpu=True, seed=st.seed, data_seed=st.seed,
+    )
+
+
 def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file: str | Path | None = None,
              settings: DemoSettings | None = None, model_dir: str | None = None, sae: Any = None,
              config: SMDAConfig | None = None) -> dict[str, Any]:
     """Train, attribute, save the tuned model; returns the summary dict (also saved as summary.json)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from .models import load_model
     from .sae import embedded_sae_dir
@@ -72,12 +84,7 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     model, tok = load_model(model_dir)
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
-    args = SFTConfig(
-        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1, num_train_epochs=st.epochs,
-        learning_rate=st.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
-        weight_decay=0.0, max_length=st.max_length, gradient_checkpointing=False, bf16=False, report_to=["tensorboard"], logging_steps=10, save_strategy="no",
-        use_cpu=True, seed=st.seed, data_seed=st.seed,
-    )
+    args = sft_config(out, st)
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb])
     cb.bind(trainer)
     trainer.train()
