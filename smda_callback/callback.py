@@ -300,7 +300,7 @@ class SMDACallback(TrainerCallback):
         local = []
         for row, h in zip(self.capture.rows, self.capture.hidden):
             with torch.no_grad():
-                z = self._snap._encode(h, full=False).mean(0).double().numpy()
+                z = self._snap.encode(h, full=False).mean(0).double().numpy()
             local.append((row.hash, self.run.policy.transform(z[None])[0]))
         losses = list(self.capture.losses)
         rank, world = _dist()

@@ -93,7 +93,7 @@ def attribute_pairs(model: Any, tok: Any, pairs: list[dict[str, Any]], probes: P
             continue
         d = decompose_step(policy, X0, Y0, s1.X, s1.Y, cfg.method, M0=M0)
         with torch.no_grad():
-            z = snap._encode(captured["h"][0, 1:].float(), full=False).mean(0).double().numpy()
+            z = snap.encode(captured["h"][0, 1:].float(), full=False).mean(0).double().numpy()
         intended = intended_features(policy.transform(z[None])[0], cfg.intended_top_m)
         score, dom, off = interference(d.delta_beta, intended)
         ledger.append({

@@ -9,6 +9,7 @@ and by the model itself), so the SAE sees the format the probes use.
 from __future__ import annotations
 
 import bz2
+import html
 import json
 import logging
 import re
@@ -115,8 +116,6 @@ def wiki_articles(path: Path) -> list[tuple[str, list[str]]]:
     pages = re.findall(r"<title>(.*?)</title>.*?<text[^>]*>(.*?)</text>", raw, re.S)
     articles = []
     for title, body in pages:
-        import html
-
         body = _strip_templates(html.unescape(body))
         for pat, rep in _MARKUP:
             body = pat.sub(rep, body)

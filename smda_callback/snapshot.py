@@ -54,7 +54,7 @@ class Snapshotter:
         self.features: np.ndarray | None = None
 
     # ------------------------------------------------------------------ encode
-    def _encode(self, h: torch.Tensor, full: bool) -> torch.Tensor:
+    def encode(self, h: torch.Tensor, full: bool = False) -> torch.Tensor:
         """SAE latents for rows of h [N, d]; only the selected ones unless `full`."""
         h = h.to(self.sae.W_enc.dtype)
         if self.cfg.encode == "dense":
@@ -81,7 +81,7 @@ class Snapshotter:
                 norms = h[b, pos].norm(dim=-1)
                 keep = norms <= cfg.outlier_norm_ratio * norms.median()
                 pos = pos[keep] if keep.any() else pos
-            z = self._encode(h[b, pos].float(), full)
+            z = self.encode(h[b, pos].float(), full)
             out.append(z.mean(0) if cfg.pooling == "mean" else z.max(0).values)
         return torch.stack(out)
 
