@@ -181,46 +181,51 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int, ctx: int, batch: int = 16) -> torch.Tensor:
-    """Residual stream after decoder layer `layer` for up to n_tokens tokens.
+def _hook_batches(model: Any, tok: Any, texts: list[str], layer: int, ctx: int, batch: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(hidden [B,T,d] after decoder layer `layer`, input_ids, usable-token mask) per batch of texts.
 
-    Stops the forward at the hook (no wasted layers), drops position 0 and
-    tokens whose norm is >10x the batch median (attention sinks).
+    Stops each forward at the hook (no wasted layers); the mask drops padding and position 0
+    (an attention sink with an outlier norm).
     """
     from .sae import decoder_layers
 
-    layers = decoder_layers(model)
-    buf: list[torch.Tensor] = []
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_m: Any, _i: Any, out: Any) -> None:
         captured["h"] = out[0] if isinstance(out, tuple) else out
         raise _Stop
 
-    handle = layers[layer].register_forward_hook(hook)
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
     tok.padding_side = "right"
-    total = 0
     try:
-        with tqdm(total=n_tokens, desc=f"activations L{layer}", unit="tok") as bar:
-            for i in range(0, len(texts), batch):
-                enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=ctx, add_special_tokens=False)
-                try:
-                    model(**enc)
-                except _Stop:
-                    pass
-                h = captured["h"].float()
-                mask = enc["attention_mask"].bool().clone()
-                mask[:, 0] = False
-                norms = h.norm(dim=-1)
-                mask &= norms < 10 * norms[mask].median()
-                acts = h[mask]
-                buf.append(acts.to(torch.bfloat16))
-                total += len(acts)
-                bar.update(len(acts))
-                if total >= n_tokens:
-                    break
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=ctx, add_special_tokens=False)
+            try:
+                model(**enc)
+            except _Stop:
+                pass
+            mask = enc["attention_mask"].bool().clone()
+            mask[:, 0] = False
+            yield captured["h"].float(), enc["input_ids"], mask
     finally:
         handle.remove()
+
+
+def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int, ctx: int, batch: int = 16) -> torch.Tensor:
+    """Residual stream after decoder layer `layer` for up to n_tokens tokens, without
+    tokens whose norm is >10x the batch median (attention sinks)."""
+    buf: list[torch.Tensor] = []
+    total = 0
+    with tqdm(total=n_tokens, desc=f"activations L{layer}", unit="tok") as bar:
+        for h, _, mask in _hook_batches(model, tok, texts, layer, ctx, batch):
+            norms = h.norm(dim=-1)
+            mask &= norms < 10 * norms[mask].median()
+            acts = h[mask]
+            buf.append(acts.to(torch.bfloat16))
+            total += len(acts)
+            bar.update(len(acts))
+            if total >= n_tokens:
+                break
     return torch.cat(buf)[:n_tokens]
 
 
@@ -254,35 +259,14 @@ def label_features(sae: Any, tok: Any, model: Any, texts: list[str], layer: int,
     """A readable name per latent: its most frequent top-activating tokens."""
     acts_ids: list[torch.Tensor] = []
     ids_all: list[torch.Tensor] = []
-    from .sae import decoder_layers
-
-    layers = decoder_layers(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_m: Any, _i: Any, out: Any) -> None:
-        captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
-
-    handle = layers[layer].register_forward_hook(hook)
     total = 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), 16):
-                enc = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128, add_special_tokens=False)
-                try:
-                    model(**enc)
-                except _Stop:
-                    pass
-                mask = enc["attention_mask"].bool().clone()
-                mask[:, 0] = False
-                h = captured["h"].float()[mask]
-                acts_ids.append(sae.encode(h).to(torch.bfloat16))
-                ids_all.append(enc["input_ids"][mask])
-                total += len(h)
-                if total >= n_tokens:
-                    break
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for h, input_ids, mask in _hook_batches(model, tok, texts, layer, ctx=128):
+            acts_ids.append(sae.encode(h[mask]).to(torch.bfloat16))
+            ids_all.append(input_ids[mask])
+            total += int(mask.sum())
+            if total >= n_tokens:
+                break
     Z = torch.cat(acts_ids).float()
     ids = torch.cat(ids_all)
     vals, idx = Z.topk(min(40, len(Z)), dim=0)
