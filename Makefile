@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench report clean
+.PHONY: setup demo test test-all bench validate clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,12 @@ test-all: setup
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 1; exit $$rc
 
 bench: setup
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_step.py --sweep
+
+# the checks of docs/validation.md; runs the demo first when runs/demo holds no finished run
+validate: setup
+	@test -f runs/demo/smda/summary.json || $(BIN)/smda demo --quiet
+	$(BIN)/smda validate --run runs/demo --out runs/validate
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

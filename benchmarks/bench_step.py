@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -84,11 +86,101 @@ def naive_pass(model, tok, sae, hook, probes: ProbeSet, cfg: SMDAConfig, feature
     return np.asarray(X), np.asarray(Y)
 
 
+class PeakRSS:
+    """Peak resident memory during a block, sampled from /proc every 5 ms (CPU torch has no allocator stats)."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.base = self.peak = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_mb())
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak - self.base
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scaled_probes(all_probes: ProbeSet, P: int) -> ProbeSet:
+    """P probes: the shipped ones cycled (distinct ids), so P can exceed the file."""
+    from smda_callback.probes import Probe
+
+    src = all_probes.probes
+    return ProbeSet([Probe(id=f"{src[i % len(src)].id}#{i}", prompt=src[i % len(src)].prompt, label=src[i % len(src)].label,
+                           category=src[i % len(src)].category) for i in range(P)])
+
+
+def random_topk_sae(d_in: int, width: int, k: int = 32, hook: str = "blocks.15.hook_resid_post") -> Any:
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=width, k=k, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    return sae
+
+
+def step_cost(model, tok, sae, probes: ProbeSet, k: int, repeats: int) -> dict[str, float]:
+    """Snapshot + ridge + exact decomposition at one (P, k, SAE) point, with peak RSS growth."""
+    from smda_callback.policy import select_features
+
+    cfg = SMDAConfig(n_features=k)
+    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), cfg)
+    with PeakRSS() as full_mem:
+        snap.features = select_features(snap.take(model, full=True).Z, probes.is_harmful, k)
+    s0 = snap.take(model)
+    pol = RidgePolicy(lam=1.0).freeze_scale(s0.X)
+    M0 = pol.M(s0.X)
+    with PeakRSS() as mem:
+        t_snap = med(lambda: snap.take(model), repeats)
+    t_math = med(lambda: decompose_step(pol, s0.X, s0.Y, s0.X + 1e-3, s0.Y, M0=M0), repeats)
+    return {"snapshot_s": t_snap, "math_s": t_math, "peak_rss_growth_mb": mem.delta_mb,
+            "baseline_full_snapshot_rss_growth_mb": full_mem.delta_mb}
+
+
+def sweep(model, tok, all_probes: ProbeSet, repeats: int) -> list[dict[str, Any]]:
+    """How the per-step cost grows with P, k and SAE width (random TopK SAE for widths we do not ship)."""
+    shipped = load_sae(embedded_sae_dir())
+    d_in = int(shipped.cfg.d_in)
+    rows = []
+    for P in (64, 128, 256, 512):
+        rows.append({"vary": "P", "P": P, "k": 48, "width": int(shipped.cfg.d_sae),
+                     **step_cost(model, tok, shipped, scaled_probes(all_probes, P), 48, repeats)})
+    for k in (16, 64, 256):
+        rows.append({"vary": "k", "P": 128, "k": k, "width": int(shipped.cfg.d_sae),
+                     **step_cost(model, tok, shipped, scaled_probes(all_probes, 128), k, repeats)})
+    for width in (4096, 16384, 65536):
+        rows.append({"vary": "width", "P": 128, "k": 48, "width": width,
+                     **step_cost(model, tok, random_topk_sae(d_in, width), scaled_probes(all_probes, 128), 48, repeats)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    ap.add_argument("--sweep", action="store_true", help="also P 64→512, k 16→256, SAE width 4k→64k")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_model()
@@ -150,6 +242,8 @@ def main() -> None:
         row["naive_vs_ours_max_abs_dY"] = float(np.abs(Yn - s0.Y).max())
         row["naive_vs_ours_max_rel_dX"] = float(np.abs(Xn - s0.X).max() / (np.abs(s0.X).max() + 1e-12))
         results["rows"].append(row)
+    if a.sweep:
+        results["sweep"] = sweep(model, tok, all_probes, a.repeats)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(f"{'P':>4} {'bare':>7} {'snap':>7} {'snap/bare':>9} {'step/bare':>9} {'naive/step':>10} {'(sft+step)/sft':>14} "
@@ -161,6 +255,11 @@ def main() -> None:
               f"{r['snapshot_paper_s'] / r['bare_s']:10.2f}")
     print(f"peak RSS {results['peak_rss_mb']:.0f} MB; naive vs ours: max |ΔY| {results['rows'][-1]['naive_vs_ours_max_abs_dY']:.2e}, "
           f"max rel ΔX {results['rows'][-1]['naive_vs_ours_max_rel_dX']:.2e}")
+    if a.sweep:
+        print(f"\n{'vary':>5} {'P':>4} {'k':>4} {'width':>6} {'snapshot s':>10} {'ms/probe':>8} {'math ms':>8} {'RSS+ MB':>8}")
+        for r in results["sweep"]:
+            print(f"{r['vary']:>5} {r['P']:>4} {r['k']:>4} {r['width']:>6} {r['snapshot_s']:10.2f} "
+                  f"{1000 * r['snapshot_s'] / r['P']:8.1f} {1000 * r['math_s']:8.2f} {r['peak_rss_growth_mb']:8.0f}")
 
 
 if __name__ == "__main__":

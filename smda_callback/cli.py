@@ -1,4 +1,4 @@
-"""`smda` command line: demo, probe, report, train-sae."""
+"""`smda` command line: demo, probe, report, attribute, validate, train-sae."""
 
 from __future__ import annotations
 
@@ -73,6 +73,18 @@ def _attribute(a: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(a: argparse.Namespace) -> int:
+    from .validation import CausalSettings, ValidationSettings, format_validation, run_validation
+
+    st = ValidationSettings(seeds=tuple(range(1, a.seeds + 1)), causal=CausalSettings(n_each=a.causal_pairs))
+    res = run_validation(a.run, a.out, st)
+    md = format_validation(res)
+    (Path(a.out) / "validation.md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    print(f"\nwritten: {Path(a.out) / 'validation.json'}, {Path(a.out) / 'validation.md'}")
+    return 0
+
+
 def _train_sae(a: argparse.Namespace) -> int:
     from .sae_train import SAETrainSpec, train_sae
 
@@ -125,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--lr", type=float, default=1e-4)
     at.add_argument("--limit", type=int)
     at.set_defaults(fn=_attribute)
+
+    v = sub.add_parser("validate", help="agreement, curation experiment and causal check on a full demo run")
+    v.add_argument("--run", default="runs/demo", help="the in-training run to validate (a full `smda demo`)")
+    v.add_argument("--out", default="runs/validate")
+    v.add_argument("--seeds", type=int, default=3, help="random-removal seeds in the curation experiment")
+    v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
+    v.set_defaults(fn=_validate)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", default=str(Path(__file__).parent / "data" / "sae"))

@@ -1,0 +1,343 @@
+"""Does the attribution predict what happens when the data changes? (`smda validate`)
+
+Three checks on ledgers this package wrote, reported whatever they show (docs/validation.md):
+agreement of in-training and counterfactual scores (and of the exact and first-order splits),
+the paper's curation experiment, and a causal check of single-pair scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .config import SMDAConfig
+from .ledger import load_policy, load_records
+from .probes import ProbeSet
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- per-pair scores
+def pair_scores(run_dir: str | Path) -> pd.DataFrame:
+    """One row per pair id: the paper's score Σⱼ Δβⱼ·βⱼ, Δβ, and the predicted move of each probe
+    category's refusal (x̄_cat·Δβ), summed over the pair's steps (epochs)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in load_records(run_dir):
+        if "delta_beta" not in r:
+            continue
+        for p in r.get("pairs", []):
+            key = p.get("id") or p.get("hash")
+            c = float(p.get("credit", 1.0))
+            row = rows.setdefault(key, {"id": key, "label": p.get("label"), "category": p.get("category"),
+                                        "prompt": p.get("prompt", ""), "step": r["step"], "score": 0.0,
+                                        "delta_beta": 0.0, "moves": {}})
+            row["score"] += c * float(np.sum(r["alignment"]))
+            row["delta_beta"] = row["delta_beta"] + c * np.asarray(r["delta_beta"], np.float64)
+            for cat, v in (r.get("category_pathways") or {}).items():
+                row["moves"][cat] = row["moves"].get(cat, 0.0) + c * (v["x"] + v["y"])
+    if not rows:
+        raise ValueError(f"{run_dir}: the ledger has no attributed pair steps (was the callback bound with .bind(trainer)?)")
+    return pd.DataFrame(list(rows.values())).set_index("id")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def agreement(train_dir: str | Path, cf_dir: str | Path) -> dict[str, Any]:
+    """Spearman of per-pair scores between the two protocols (overall and per shared feature),
+    and the distribution of the paper's first-order split error in each."""
+    a, b = pair_scores(train_dir), pair_scores(cf_dir)
+    ids = a.index.intersection(b.index)
+    if len(ids) < 3:
+        raise ValueError(f"only {len(ids)} pair ids in both ledgers; run both protocols on the same pairs file")
+    fa, fb = load_policy(train_dir)["features"], load_policy(cf_dir)["features"]
+    labels = dict(zip(fa, load_policy(train_dir)["feature_labels"]))
+    shared = [f for f in fa if f in fb]
+    per_feature = []
+    for f in shared:
+        ja, jb = fa.index(f), fb.index(f)
+        x = np.array([a.at[i, "delta_beta"][ja] for i in ids])
+        y = np.array([b.at[i, "delta_beta"][jb] for i in ids])
+        per_feature.append({"feature": f, "label": labels[f], "spearman": _spearman(x, y)})
+    pf = pd.DataFrame(per_feature)
+    gaps = {}
+    for name, d in (("in_training", train_dir), ("counterfactual", cf_dir)):
+        g = np.array([r["first_order_gap"] for r in load_records(d) if "first_order_gap" in r])
+        gaps[name] = {q: float(np.quantile(g, v)) for q, v in (("p10", .1), ("median", .5), ("p90", .9))} if len(g) else {}
+    by_label = {lab: _spearman(a.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy(),
+                               b.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy()) for lab in ("harmful", "harmless")}
+    return {"n_pairs": int(len(ids)), "n_shared_features": len(shared), "n_features": len(fa),
+            "score_spearman": _spearman(a.loc[ids, "score"].to_numpy(), b.loc[ids, "score"].to_numpy()),
+            "score_spearman_by_label": by_label,
+            "feature_spearman_median": float(pf["spearman"].median()) if len(pf) else float("nan"),
+            "feature_spearman_p10_p90": [float(pf["spearman"].quantile(.1)), float(pf["spearman"].quantile(.9))] if len(pf) else [],
+            "features_positive": float((pf["spearman"] > 0).mean()) if len(pf) else float("nan"),
+            "per_feature": pf.sort_values("spearman").to_dict("records"), "first_order_gap": gaps}
+
+
+# ----------------------------------------------------------------------------- behaviour
+def refusal_f1(refused: np.ndarray, harmful: np.ndarray) -> float:
+    """F1 of 'refused' as a detector of harmful prompts."""
+    refused, harmful = np.asarray(refused, bool), np.asarray(harmful, bool)
+    tp = float((refused & harmful).sum())
+    denom = 2 * tp + float((refused & ~harmful).sum()) + float((~refused & harmful).sum())
+    return 2 * tp / denom if denom else float("nan")
+
+
+def behaviour(model: Any, tok: Any, probe_sets: dict[str, ProbeSet]) -> dict[str, Any]:
+    """Greedy answers on each held-out set: refusal F1, harmful/harmless refusal, edgy over-refusal, per category."""
+    from .probing import answer_probes
+
+    out = {}
+    for name, ps in probe_sets.items():
+        r = answer_probes(model, tok, ps)
+        refused = np.array([a["refused"] for a in r["answers"]])
+        out[name] = {"f1": refusal_f1(refused, np.asarray(ps.is_harmful)),
+                     **{k: r[k] for k in ("refusal_rate_harmful", "refusal_rate_harmless", "over_refusal_edgy", "by_category")}}
+    return out
+
+
+# ----------------------------------------------------------------------------- curation
+def flag_pairs(scores: pd.DataFrame) -> list[str]:
+    """The paper's rule: harmful pairs scoring below the harmless median, harmless pairs above the harmful median."""
+    h, s = scores[scores.label == "harmful"], scores[scores.label == "harmless"]
+    return sorted(h.index[h.score < s.score.median()].tolist() + s.index[s.score > h.score.median()].tolist())
+
+
+def random_like(pairs: list[dict[str, Any]], flagged: list[str], seed: int) -> list[str]:
+    """A random removal set with the flagged set's size per label (so only *which* pairs differs)."""
+    rng = np.random.default_rng(seed)
+    lab = {p["id"]: p["label"] for p in pairs}
+    out: list[str] = []
+    for label in ("harmful", "harmless"):
+        n = sum(lab[i] == label for i in flagged)
+        pool = sorted(i for i, v in lab.items() if v == label)
+        out += rng.choice(pool, size=n, replace=False).tolist()
+    return sorted(out)
+
+
+def train_sft(pairs: list[dict[str, Any]], out: str | Path, settings: Any = None, callbacks: list | None = None) -> tuple[Any, Any]:
+    """The demo's SFT (same settings, no checkpoints, no logging) on `pairs`; returns (model, tokenizer)."""
+    from trl import SFTTrainer
+
+    from .demo import DemoSettings, sft_config, to_dataset
+    from .models import load_model
+
+    model, tok = load_model()
+    args = sft_config(out, settings or DemoSettings())
+    args.report_to = []
+    if pairs:
+        SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=callbacks).train()
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- causal check
+@dataclass
+class CausalSettings:
+    """Insert one pair into a fixed background run and compare with the run without it (same seed)."""
+
+    n_each: int = 10
+    """pairs with the highest and the lowest predicted move"""
+    background: int = 40
+    """background pairs trained before the inserted pair"""
+    tail: int = 5
+    """background pairs trained after it (the effect must survive further training)"""
+    lr: float = 5e-5
+    seed: int = 0
+
+
+def causal_check(model: Any, tok: Any, pairs: list[dict[str, Any]], scores: pd.DataFrame, probes: ProbeSet,
+                 categories: list[str], sae: Any, config: SMDAConfig, st: CausalSettings | None = None) -> list[dict[str, Any]]:
+    """Per category: for the pairs with the most extreme predicted move of its refusal, the measured
+    move (category mean refusal with the pair − without), and how well the prediction ranks it."""
+    from .counterfactual import _pair_batch
+    from .sae import resolve_hook
+    from .snapshot import Snapshotter
+
+    st = st or CausalSettings()
+    cats = probes.category_index()
+    for c in categories:
+        if not cats.get(c):
+            raise ValueError(f"category {c!r} has no probes; choose one of {sorted(cats)}")
+    preds = {c: scores["moves"].map(lambda m, c=c: m.get(c, np.nan)).dropna().sort_values() for c in categories}
+    chosen = {c: p.index[: st.n_each].tolist() + p.index[-st.n_each:].tolist() for c, p in preds.items()}
+    tested = sorted({i for ids in chosen.values() for i in ids})
+    by_id = {p["id"]: p for p in pairs}
+    rng = np.random.default_rng(st.seed)
+    rest = [p for p in pairs if p["id"] not in set(tested)]
+    order = [rest[i] for i in rng.permutation(len(rest))[: st.background + st.tail]]
+    bg, tail = order[: st.background], order[st.background:]
+    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), config)
+    snap.features = np.array([0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=st.lr, weight_decay=0.0)
+
+    def train_on(items: list[dict[str, Any]]) -> None:
+        model.train()
+        for p in items:
+            ids, lab = _pair_batch(tok, p, 256)
+            model(input_ids=ids, labels=lab).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    train_on(bg)
+    saved_m = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_o = _clone_state(opt.state_dict())
+
+    def run(extra: list[dict[str, Any]]) -> dict[str, float]:
+        with torch.no_grad():
+            model.load_state_dict(saved_m)
+        opt.load_state_dict(_clone_state(saved_o))
+        train_on(extra + tail)
+        Y = snap.take(model).Y
+        return {c: float(Y[cats[c]].mean()) for c in categories}
+
+    without = run([])
+    measured = {i: run([by_id[i]]) for i in tqdm(tested, desc="causal check", leave=False)}
+    out = []
+    for c in categories:
+        df = pd.DataFrame([{"id": i, "label": by_id[i]["label"], "category": by_id[i]["category"],
+                            "predicted": float(preds[c][i]), "measured": measured[i][c] - without[c]} for i in chosen[c]])
+        out.append({"category": c, "settings": asdict(st), "without": without[c], "pairs": df.to_dict("records"),
+                    "spearman": _spearman(df.predicted.to_numpy(), df.measured.to_numpy()),
+                    "sign_agreement": float((np.sign(df.predicted) == np.sign(df.measured)).mean()),
+                    "top_minus_bottom": float(df.measured[st.n_each:].mean() - df.measured[: st.n_each].mean())})
+    return out
+
+
+def _clone_state(sd: dict[str, Any]) -> dict[str, Any]:
+    return {"state": {k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in v.items()} for k, v in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+# ----------------------------------------------------------------------------- orchestration
+@dataclass
+class ValidationSettings:
+    seeds: tuple[int, ...] = (1, 2, 3)
+    categories: tuple[str, ...] = ("religious_stereotyping", "edgy")
+    counterfactual_lr: float = 1e-4
+    causal: CausalSettings = field(default_factory=CausalSettings)
+
+
+def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings | None = None,
+                   heldout_file: str | Path | None = None,
+                   progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """All checks on an in-training run (the demo's); writes out/validation.json and returns it."""
+    from .counterfactual import attribute_pairs
+    from .demo import DATA, load_pairs
+    from .models import load_model
+    from .sae import embedded_sae_dir, load_sae
+
+    st = st or ValidationSettings()
+    run_dir, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = load_policy(run_dir)
+    cfg = SMDAConfig.from_dict(policy["config"])
+    pairs = load_pairs(DATA / "pairs.jsonl")
+    probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
+    sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(heldout_file or DATA / "heldout.jsonl")}
+    scores = pair_scores(run_dir)
+    missing = {p["id"] for p in pairs} - set(scores.index)
+    if missing:
+        raise ValueError(f"{run_dir}: {len(missing)} demo pairs are not in the ledger (e.g. {sorted(missing)[:3]}); "
+                         "validate a full `smda demo` run, not a --limit run")
+    res: dict[str, Any] = {"run_dir": str(run_dir), "settings": asdict(st), "timings_s": {}}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        progress(f"validate: {name}")
+        v = fn()
+        res["timings_s"][name] = round(time.perf_counter() - t0, 1)
+        _write(out, res)
+        return v
+
+    def counterfactual() -> dict[str, Any]:
+        model, tok = load_model()
+        attribute_pairs(model, tok, pairs, probes, embedded_sae_dir(), out / "counterfactual", cfg, lr=st.counterfactual_lr)
+        return agreement(run_dir, out / "counterfactual")
+    res["agreement"] = timed("counterfactual + agreement", counterfactual)
+
+    flagged = flag_pairs(scores)
+    conditions = {"a_all": [], "b_minus_flagged": flagged,
+                  **{f"c_minus_random_s{s}": random_like(pairs, flagged, s) for s in st.seeds}}
+    res["curation"] = {"n_flagged": len(flagged), "flagged": flagged,
+                       "flagged_by_label": {lab: sum(scores.at[i, "label"] == lab for i in flagged) for lab in ("harmful", "harmless")},
+                       "conditions": {}}
+
+    def curation() -> None:
+        for name, drop in conditions.items():
+            kept = [p for p in pairs if p["id"] not in set(drop)]
+            model, tok = train_sft(kept, out / "sft_tmp")
+            res["curation"]["conditions"][name] = {"n_train": len(kept), **behaviour(model, tok, sets)}
+            _write(out, res)
+        model, tok = load_model()
+        res["curation"]["conditions"]["d_no_training"] = {"n_train": 0, **behaviour(model, tok, sets)}
+    timed("curation", curation)
+
+    def causal() -> list[dict[str, Any]]:
+        model, tok = load_model()
+        return causal_check(model, tok, pairs, scores, probes, list(st.categories), load_sae(embedded_sae_dir()), cfg, st.causal)
+    res["causal"] = timed("causal check", causal)
+    return res
+
+
+def _write(out: Path, res: dict[str, Any]) -> None:
+    """After every stage, atomically, so a long run interrupted late keeps what it measured."""
+    from .sinks import LedgerWriter
+
+    LedgerWriter(out).write_json("validation.json", res)
+
+
+def format_validation(res: dict[str, Any]) -> str:
+    """Markdown tables of the results (the body of docs/validation.md)."""
+    ag = res["agreement"]
+    L = ["## 1. Agreement of the two protocols", "",
+         f"{ag['n_pairs']} pairs, {ag['n_shared_features']} of {ag['n_features']} features shared by both policies.", "",
+         "| measure | value |", "|---|---|",
+         f"| Spearman of the paper's pair score Σ Δβ·β, in-training vs counterfactual | {ag['score_spearman']:+.3f} |",
+         f"| … within harmful pairs / within harmless pairs | {ag['score_spearman_by_label']['harmful']:+.3f} / "
+         f"{ag['score_spearman_by_label']['harmless']:+.3f} |",
+         f"| per-feature Spearman of Δβ_j across pairs: median (p10, p90) | {ag['feature_spearman_median']:+.3f} "
+         f"({ag['feature_spearman_p10_p90'][0]:+.3f}, {ag['feature_spearman_p10_p90'][1]:+.3f}) |",
+         f"| features with positive Spearman | {ag['features_positive']:.0%} |"]
+    for name, g in ag["first_order_gap"].items():
+        if g:
+            L.append(f"| first-order split vs exact, relative error per step ({name}): median (p10, p90) | "
+                     f"{g['median']:.3f} ({g['p10']:.3f}, {g['p90']:.3f}) |")
+    cu = res["curation"]
+    L += ["", "## 2. Curation experiment", "",
+          f"Flagged {cu['n_flagged']} pairs ({cu['flagged_by_label']['harmful']} harmful scoring below the harmless median, "
+          f"{cu['flagged_by_label']['harmless']} harmless scoring above the harmful median).", "",
+          "| condition | pairs | F1 (probes) | harmful refused | harmless refused | edgy over-refusal | F1 (heldout) | heldout harmful / harmless refused |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, c in cu["conditions"].items():
+        p, h = c["probes"], c["heldout"]
+        L.append(f"| {name} | {c['n_train']} | {p['f1']:.3f} | {p['refusal_rate_harmful']:.0%} | {p['refusal_rate_harmless']:.0%} | "
+                 f"{p['over_refusal_edgy']:.0%} | {h['f1']:.3f} | {h['refusal_rate_harmful']:.0%} / {h['refusal_rate_harmless']:.0%} |")
+    rnd = [c for n, c in cu["conditions"].items() if n.startswith("c_")]
+    if rnd and "b_minus_flagged" in cu["conditions"]:
+        b = cu["conditions"]["b_minus_flagged"]
+        for s in ("probes", "heldout"):
+            f1s = [c[s]["f1"] for c in rnd]
+            L.append(f"\n{s}: (b) F1 {b[s]['f1']:.3f} vs (c) mean {np.mean(f1s):.3f} (min {min(f1s):.3f}, max {max(f1s):.3f}) → "
+                     f"claim (b) > (c) {'HOLDS' if b[s]['f1'] > max(f1s) else 'does NOT hold'} (b above every random seed)")
+    L += ["", "## 3. Causal check of single-pair scores", ""]
+    for c in res["causal"]:
+        L += [f"Category `{c['category']}`: {len(c['pairs'])} pairs; Spearman(predicted, measured) = {c['spearman']:+.3f}; "
+              f"sign agreement {c['sign_agreement']:.0%}; mean measured move of the top-{c['settings']['n_each']} minus "
+              f"bottom-{c['settings']['n_each']} predicted pairs = {c['top_minus_bottom']:+.2e} "
+              f"(category refusal without the pair {c['without']:.3f}).", ""]
+    return "\n".join(L)
