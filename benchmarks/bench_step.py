@@ -59,7 +59,7 @@ def bare_pass(model, tok, probes: ProbeSet, bs: int = 32) -> None:
 
 def naive_pass(model, tok, sae, hook, probes: ProbeSet, cfg: SMDAConfig, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Correct but slow: per probe, a full-logit forward for X and one forward per opening for Y."""
-    from smda_callback.refusal import _encode_openings
+    from smda_callback.refusal import _combine, _encode_openings
 
     r_ids = _encode_openings(tok, cfg.refusal_openings, cfg.prefix_tokens)
     c_ids = _encode_openings(tok, cfg.compliance_openings, cfg.prefix_tokens)
@@ -74,13 +74,15 @@ def naive_pass(model, tok, sae, hook, probes: ProbeSet, cfg: SMDAConfig, feature
                 z = sae.encode(cap["h"][0].float())  # every token, all latents, kept
                 keep.append(z)
                 s, e = tp.content[i]
-                X.append(z[s:e, features].mean(0).double().numpy())
+                norms = cap["h"][0, s:e].norm(dim=-1)
+                ok = norms <= cfg.outlier_norm_ratio * norms.median()  # same attention-sink rule as ours
+                X.append(z[s:e][ok][:, features].mean(0).double().numpy())
                 lps = []
                 for cont in r_ids + c_ids:
                     lp = F.log_softmax(model(input_ids=torch.tensor([ids + cont])).logits[0].float(), -1)
                     lps.append(sum(float(lp[len(ids) - 1 + j, cont[j]]) for j in range(len(cont))))
                 lps = torch.tensor(lps)
-                Y.append(float(torch.sigmoid(torch.logsumexp(lps[: len(r_ids)], 0) - torch.logsumexp(lps[len(r_ids):], 0))))
+                Y.append(float(_combine(torch.logsumexp(lps[: len(r_ids)], 0), torch.logsumexp(lps[len(r_ids):], 0), cfg.target)))
     finally:
         h.remove()
     return np.asarray(X), np.asarray(Y)

@@ -16,8 +16,8 @@ def _demo(a: argparse.Namespace) -> int:
     if a.limit is None and not a.quiet:
         print("smda demo: safety SFT of SmolLM2-135M-Instruct on 200 pairs with SMDACallback, one probe pass per pair "
               "(≈25 min on 2 CPU cores; --limit 40 for a quick run, --every 2 to halve the probing)", flush=True)
-    settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, learning_rate=a.lr, seed=a.seed,
-                            scorer=a.scorer, every_n_steps=a.every)
+    settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
+                            every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))
     summary = run_demo(a.out, a.pairs, a.probes, settings)
     print(format_summary(summary, a.out))
     print(f"Finished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
@@ -76,7 +76,8 @@ def _attribute(a: argparse.Namespace) -> int:
 def _validate(a: argparse.Namespace) -> int:
     from .validation import CausalSettings, ValidationSettings, format_validation, run_validation
 
-    st = ValidationSettings(seeds=tuple(range(1, a.seeds + 1)), causal=CausalSettings(n_each=a.causal_pairs))
+    st = ValidationSettings(seeds=tuple(range(1, a.seeds + 1)), causal=CausalSettings(n_each=a.causal_pairs),
+                            counterfactual_pairs=a.counterfactual_pairs or None)
     res = run_validation(a.run, a.out, st)
     md = format_validation(res)
     (Path(a.out) / "validation.md").write_text(md + "\n", encoding="utf-8")
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--on-alert", choices=["warn", "halt"], default="warn")
     d.add_argument("--epochs", type=float, default=1.0)
-    d.add_argument("--lr", type=float, default=5e-5)
+    d.add_argument("--lr", type=float, help="learning rate (default: DemoSettings, see docs/demo.md)")
     d.add_argument("--scorer", choices=["first_token", "prefix"], default="first_token")
     d.add_argument("--every", type=int, default=1, help="snapshot every N optimizer steps (window credit; default 1 = per pair)")
     d.add_argument("--seed", type=int, default=0)
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="runs/validate")
     v.add_argument("--seeds", type=int, default=3, help="random-removal seeds in the curation experiment")
     v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
+    v.add_argument("--counterfactual-pairs", type=int, default=160, help="pairs given the counterfactual protocol (0 = all)")
     v.set_defaults(fn=_validate)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")

@@ -16,6 +16,7 @@ from .callback import SMDACallback
 from .config import SMDAConfig
 from .ledger import load_policy, load_records
 from .probes import ProbeSet, read_jsonl, validate_records
+from .probing import behaviour
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class DemoSettings:
     """The demo scores refusal from the first assistant token: on a 2-core CPU without AVX-512 the
     prefix scorer's extra trie tokens cost ~1.5x per snapshot (benchmarks/); the library default stays `prefix`."""
     every_n_steps: int = 1
+    check_answers: bool = True
+    """Greedy answers to the probes and the held-out set before and after training (≈1 min each here)."""
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -82,6 +85,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     pairs = load_pairs(pairs_file or DATA / "pairs.jsonl", st.limit)
     probes = ProbeSet.from_jsonl(probes_file or DATA / "probes.jsonl")
     model, tok = load_model(model_dir)
+    sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")}
+    behaviour_0 = behaviour(model, tok, sets) if st.check_answers else None
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
     args = sft_config(out, st)
@@ -91,6 +96,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     trainer.save_model(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     summary = summarize(out, probes)
+    if st.check_answers:
+        summary["answers"] = {"before": behaviour_0, "after": behaviour(model, tok, sets)}
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     summary["steps"] = trainer.state.global_step
     (out / "smda" / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -134,6 +141,14 @@ def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
     if s.get("over_refusal_edgy") is not None:
         lines.append(f"Harmful probes refused (P>0.5): {s['refusal_rate_harmful'][0]:.0%} → {s['refusal_rate_harmful'][1]:.0%}; "
                      f"over-refusal on harmless-but-edgy probes: {s['over_refusal_edgy'][0]:.0%} → {s['over_refusal_edgy'][1]:.0%}")
+    if s.get("answers"):
+        lines += ["", "Greedy answers that open with a refusal (before → after; held-out sets, never trained on):"]
+        b, a = s["answers"]["before"], s["answers"]["after"]
+        for name in a:
+            lines.append(f"  {name:8s} harmful {b[name]['refusal_rate_harmful']:.0%} → {a[name]['refusal_rate_harmful']:.0%}, "
+                         f"harmless {b[name]['refusal_rate_harmless']:.0%} → {a[name]['refusal_rate_harmless']:.0%}, "
+                         f"harmless-but-edgy {b[name]['over_refusal_edgy']:.0%} → {a[name]['over_refusal_edgy']:.0%}, "
+                         f"refusal F1 {b[name]['f1']:.2f} → {a[name]['f1']:.2f}")
     lines += ["", "Per category (before → after; gap = after − mean of harmful categories):"]
     for c in s["categories"]:
         lines.append(f"  {c['label']:8s} {c['category']:24s} {c['before']:.3f} → {c['after']:.3f}   gap {c['gap_to_harmful_mean']:+.3f}")

@@ -30,23 +30,31 @@ def test_probe_set_schema_and_coverage():
 
 def test_pairs_schema_balance_and_religious_gap():
     pairs = load_pairs(DATA / "pairs.jsonl")
-    assert len(pairs) == 200
     assert sum(p["label"] == "harmful" for p in pairs) == 100
+    # harmless requests outnumber refusals ~2:1 (a 1:1 mix taught the 135M model to refuse most requests)
+    assert 2 * 100 <= sum(p["label"] == "harmless" for p in pairs) <= 2.5 * 100
     assert HARMFUL_CATS <= {p["category"] for p in pairs if p["label"] == "harmful"}
     counts = {c: sum(p["category"] == c and p["label"] == "harmful" for p in pairs) for c in HARMFUL_CATS}
     assert counts["religious_stereotyping"] < min(v for c, v in counts.items() if c != "religious_stereotyping")
-    assert len({p["prompt"] for p in pairs}) == 200 and len({p["response"] for p in pairs if p["label"] == "harmless"}) == 100
+    harmless = [p for p in pairs if p["label"] == "harmless"]
+    assert len({p["prompt"] for p in pairs}) == len(pairs) and len({p["response"] for p in harmless}) == len(harmless)
+    distilled = [p for p in harmless if p.get("source") == "base_model_greedy"]
+    assert distilled and not any(re.match(r"\s*(i can't|i cannot|i won't|i'm sorry|sorry)", p["response"], re.I) for p in distilled)
 
 
-def test_no_probe_pair_overlap_even_near_duplicates():
-    probes = [p.prompt for p in ProbeSet.from_jsonl(DATA / "probes.jsonl").probes]
+@pytest.mark.parametrize("held_out", ["probes.jsonl", "heldout.jsonl"])
+def test_no_overlap_with_training_pairs_even_near_duplicates(held_out):
+    held = [p.prompt for p in ProbeSet.from_jsonl(DATA / held_out).probes]
     pairs = [p["prompt"] for p in load_pairs(DATA / "pairs.jsonl")]
-    worst = 0.0
-    for a in probes:
-        wa = _words(a)
-        for b in pairs:
-            wb = _words(b)
-            worst = max(worst, len(wa & wb) / len(wa | wb))
+    worst = max(len(_words(a) & _words(b)) / len(_words(a) | _words(b)) for a in held for b in pairs)
+    assert worst < 0.6, worst
+
+
+def test_heldout_set_is_disjoint_from_the_probes():
+    probes = [p.prompt for p in ProbeSet.from_jsonl(DATA / "probes.jsonl").probes]
+    held = ProbeSet.from_jsonl(DATA / "heldout.jsonl")
+    assert HARMFUL_CATS <= {p.category for p in held.probes if p.harmful} and sum(p.edgy for p in held.probes) >= 10
+    worst = max(len(_words(a.prompt) & _words(b)) / len(_words(a.prompt) | _words(b)) for a in held.probes for b in probes)
     assert worst < 0.6, worst
 
 
@@ -57,6 +65,11 @@ def test_demo_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SMDA findings" in proc.stdout and "least covered harmful category" in proc.stdout
+    summary = json.loads((out / "smda" / "summary.json").read_text())
+    for when in ("before", "after"):
+        for name in ("probes", "heldout"):
+            assert 0.0 <= summary["answers"][when][name]["refusal_rate_harmful"] <= 1.0
+    assert "Greedy answers that open with a refusal" in proc.stdout
     recs = [json.loads(l) for l in (out / "smda" / "attribution.jsonl").read_text().splitlines()]
     policy = json.loads((out / "smda" / "policy.json").read_text())
     assert [r["step"] for r in recs] == list(range(1, 9))

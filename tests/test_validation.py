@@ -9,8 +9,7 @@ from helpers import probe_records, tiny_model, tiny_sae
 
 from smda_callback import ProbeSet, SMDAConfig
 from smda_callback.sinks import POLICY, LedgerWriter
-from smda_callback.validation import (CausalSettings, agreement, causal_check, flag_pairs, pair_scores, random_like,
-                                      refusal_f1)
+from smda_callback.validation import CausalSettings, agreement, causal_check, flag_pairs, pair_scores, random_like
 
 
 def _ledger(tmp, ids, deltas, beta0, gaps, feats=(3, 7, 11)):
@@ -50,13 +49,6 @@ def test_pair_scores_refuses_an_unbound_ledger(tmp_path):
     LedgerWriter(tmp_path / "smda").append({"step": 1, "skipped": "NaN"})
     with pytest.raises(ValueError, match="bind"):
         pair_scores(tmp_path)
-
-
-def test_refusal_f1_by_hand():
-    refused = np.array([1, 1, 0, 0, 1], bool)
-    harmful = np.array([1, 0, 1, 0, 1], bool)
-    assert refusal_f1(refused, harmful) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-    assert np.isnan(refusal_f1(np.zeros(3, bool), np.zeros(3, bool)))
 
 
 def test_flag_rule_and_random_control():
