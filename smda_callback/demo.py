@@ -28,7 +28,7 @@ class DemoSettings:
     """Training settings of the demo run (chosen for a 2-core CPU; see docs/demo.md)."""
 
     epochs: float = 1.0
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     max_length: int = 256
     seed: int = 0
     limit: int | None = None
