@@ -14,8 +14,9 @@ def _demo(a: argparse.Namespace) -> int:
     from .demo import DemoSettings, format_summary, run_demo
 
     if a.limit is None and not a.quiet:
-        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 200 pairs with SMDACallback, one probe pass per pair "
-              "(≈25 min on 2 CPU cores; --limit 40 for a quick run, --every 2 to halve the probing)", flush=True)
+        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 318 pairs (100 refusals, 218 helpful answers) with "
+              "SMDACallback, one probe pass per pair (≈45 min on 2 CPU cores; --limit 40 for a quick run, --every 2 "
+              "to halve the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
                             every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))
     summary = run_demo(a.out, a.pairs, a.probes, settings)
@@ -74,12 +75,13 @@ def _attribute(a: argparse.Namespace) -> int:
 
 
 def _validate(a: argparse.Namespace) -> int:
-    from .validation import CausalSettings, ValidationSettings, format_validation, run_validation
+    from .validation import CausalSettings, ValidationSettings, format_validation, plot_validation, run_validation
 
     st = ValidationSettings(seeds=tuple(range(1, a.seeds + 1)), causal=CausalSettings(n_each=a.causal_pairs),
                             counterfactual_pairs=a.counterfactual_pairs or None)
     res = run_validation(a.run, a.out, st)
     md = format_validation(res)
+    md += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plot_validation(res, a.out))
     (Path(a.out) / "validation.md").write_text(md + "\n", encoding="utf-8")
     print(md)
     print(f"\nwritten: {Path(a.out) / 'validation.json'}, {Path(a.out) / 'validation.md'}")

@@ -81,6 +81,8 @@ def agreement(train_dir: str | Path, cf_dir: str | Path) -> dict[str, Any]:
     by_label = {lab: _spearman(a.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy(),
                                b.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy()) for lab in ("harmful", "harmless")}
     return {"n_pairs": int(len(ids)), "n_shared_features": len(shared), "n_features": len(fa),
+            "scores": [{"id": i, "label": a.at[i, "label"], "in_training": float(a.at[i, "score"]),
+                        "counterfactual": float(b.at[i, "score"])} for i in ids],
             "score_spearman": _spearman(a.loc[ids, "score"].to_numpy(), b.loc[ids, "score"].to_numpy()),
             "score_spearman_by_label": by_label,
             "feature_spearman_median": float(pf["spearman"].median()) if len(pf) else float("nan"),
@@ -134,7 +136,8 @@ class CausalSettings:
     """background pairs trained before the inserted pair"""
     tail: int = 5
     """background pairs trained after it (the effect must survive further training)"""
-    lr: float = 5e-5
+    lr: float = 1e-4
+    """the demo's learning rate (AdamW, no weight decay)"""
     seed: int = 0
 
 
@@ -207,7 +210,9 @@ def _clone_state(sd: dict[str, Any]) -> dict[str, Any]:
 class ValidationSettings:
     seeds: tuple[int, ...] = (1, 2, 3)
     categories: tuple[str, ...] = ("religious_stereotyping", "edgy")
-    counterfactual_lr: float = 1e-4
+    counterfactual_lr: float = 1e-2
+    """plain SGD; its update norm (lr × grad norm ≈ 0.15 here) is within an order of magnitude of one
+    in-training AdamW step at lr 1e-4 (≈ lr·√N ≈ 1.2), where the CLI's 1e-4 would be ~800x smaller"""
     counterfactual_pairs: int | None = 160
     """the first N pairs of the (shuffled) pairs file get the counterfactual protocol; None = all"""
     causal: CausalSettings = field(default_factory=CausalSettings)
@@ -281,6 +286,59 @@ def _write(out: Path, res: dict[str, Any]) -> None:
     from .sinks import LedgerWriter
 
     LedgerWriter(out).write_json("validation.json", res)
+
+
+def plot_validation(res: dict[str, Any], out: str | Path) -> list[Path]:
+    """Three PNGs next to validation.md: score agreement, curation F1, causal check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = []
+    colors = {"harmful": "#c0392b", "harmless": "#2471a3"}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sc = pd.DataFrame(res["agreement"]["scores"])
+    for lab, g in sc.groupby("label"):
+        ax.scatter(g.in_training, g.counterfactual, s=12, alpha=.7, color=colors.get(lab), label=lab)
+    ax.set(xlabel="in-training score Σ Δβ·β", ylabel="counterfactual score Σ Δβ·β",
+           title=f"pair scores, Spearman {res['agreement']['score_spearman']:+.2f}")
+    ax.legend()
+    paths.append(out / "agreement.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    conds = res["curation"]["conditions"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    names = list(conds)
+    x = np.arange(len(names))
+    for k, (s, off) in enumerate((("probes", -0.2), ("heldout", 0.2))):
+        ax.bar(x + off, [conds[n][s]["f1"] for n in names], width=0.4, label=f"refusal F1, {s}")
+    ax.set_xticks(x, [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    ax.set(ylim=(0, 1), title="curation experiment")
+    ax.legend(fontsize=8)
+    paths.append(out / "curation.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(res["causal"]), figsize=(4.5 * len(res["causal"]), 3.8), squeeze=False)
+    for ax, c in zip(axes[0], res["causal"]):
+        d = pd.DataFrame(c["pairs"])
+        for lab, g in d.groupby("label"):
+            ax.scatter(g.predicted, g.measured, s=18, color=colors.get(lab), label=lab)
+        ax.axhline(0, color="#888", lw=.6)
+        ax.axvline(0, color="#888", lw=.6)
+        ax.set(xlabel="predicted move (x̄·Δβ, in-training ledger)", ylabel="measured move (with − without)",
+               title=f"{c['category']}: Spearman {c['spearman']:+.2f}")
+        ax.legend(fontsize=8)
+    paths.append(out / "causal.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def format_validation(res: dict[str, Any]) -> str:

@@ -81,3 +81,30 @@ def test_causal_check_on_a_tiny_model(smol_tokenizer):
     assert -1 <= res["spearman"] <= 1 and 0 <= res["sign_agreement"] <= 1
     with pytest.raises(ValueError, match="no probes"):
         causal_check(model, smol_tokenizer, pairs, scores, probes, ["nope"], sae, SMDAConfig(), st)
+
+
+def _fake_result():
+    cond = {"f1": 0.8, "refusal_rate_harmful": 0.9, "refusal_rate_harmless": 0.2, "over_refusal_edgy": 0.3, "by_category": {}}
+    causal = {"category": "edgy", "settings": {"n_each": 2}, "without": 0.1, "spearman": 0.5, "sign_agreement": 0.75,
+              "top_minus_bottom": 1e-3, "pairs": [{"id": f"p{i}", "label": "harmful" if i % 2 else "harmless", "category": "c",
+                                                   "predicted": i - 1.5, "measured": (i - 1.5) * 1e-3} for i in range(4)]}
+    return {"agreement": {"n_pairs": 4, "n_shared_features": 3, "n_features": 3, "score_spearman": 0.4,
+                          "score_spearman_by_label": {"harmful": 0.1, "harmless": float("nan")},
+                          "feature_spearman_median": 0.2, "feature_spearman_p10_p90": [-0.1, 0.5], "features_positive": 0.6,
+                          "first_order_gap": {"in_training": {"p10": 0.1, "median": 0.2, "p90": 0.3}, "counterfactual": {}},
+                          "scores": [{"id": f"p{i}", "label": "harmful", "in_training": i, "counterfactual": -i} for i in range(4)]},
+            "curation": {"n_flagged": 2, "flagged_by_label": {"harmful": 1, "harmless": 1},
+                         "conditions": {n: {"n_train": 10, "probes": cond, "heldout": cond}
+                                        for n in ("a_all", "b_minus_flagged", "c_minus_random_s1", "d_no_training")}},
+            "causal": [causal]}
+
+
+def test_markdown_and_plots_of_a_result(tmp_path):
+    from smda_callback.validation import format_validation, plot_validation
+
+    md = format_validation(_fake_result())
+    assert "| b_minus_flagged | 10 | 0.800 |" in md and "does NOT hold" in md  # a tie is not a win
+    assert "Spearman(predicted, measured) = +0.500" in md
+    paths = plot_validation(_fake_result(), tmp_path)
+    assert [p.name for p in paths] == ["agreement.png", "curation.png", "causal.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)
