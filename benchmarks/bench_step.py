@@ -122,10 +122,14 @@ def _rss_mb() -> float:
 
 
 def scaled_probes(all_probes: ProbeSet, P: int) -> ProbeSet:
-    """P probes: the shipped ones cycled (distinct ids), so P can exceed the file."""
+    """P probes: the shipped ones, harmful and harmless interleaved, cycled (distinct ids) past the file's size."""
+    from itertools import chain, zip_longest
+
     from smda_callback.probes import Probe
 
-    src = all_probes.probes
+    h = [p for p in all_probes.probes if p.harmful]
+    s = [p for p in all_probes.probes if not p.harmful]
+    src = [p for p in chain.from_iterable(zip_longest(h, s)) if p is not None]
     return ProbeSet([Probe(id=f"{src[i % len(src)].id}#{i}", prompt=src[i % len(src)].prompt, label=src[i % len(src)].label,
                            category=src[i % len(src)].category) for i in range(P)])
 
@@ -208,7 +212,7 @@ def main() -> None:
     sft = med(sft_step, a.repeats)
 
     for P in a.probes:
-        probes = ProbeSet(all_probes.probes[:: max(1, len(all_probes) // P)][:P]) if P < len(all_probes) else all_probes
+        probes = scaled_probes(all_probes, P)
         row: dict = {"P": len(probes), "sft_s": sft}
         row["bare_s"] = med(lambda: bare_pass(model, tok, probes), a.repeats)
         for name, cfg in [("snapshot", SMDAConfig()), ("snapshot_first_token", SMDAConfig(scorer="first_token")),

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="runs/validate")
     v.add_argument("--seeds", type=int, default=3, help="random-removal seeds in the curation experiment")
     v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
-    v.add_argument("--counterfactual-pairs", type=int, default=160, help="pairs given the counterfactual protocol (0 = all)")
+    v.add_argument("--counterfactual-pairs", type=int, default=0, help="only the first N pairs get the counterfactual protocol (0 = all)")
     v.set_defaults(fn=_validate)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")

@@ -213,8 +213,8 @@ class ValidationSettings:
     counterfactual_lr: float = 1e-2
     """plain SGD; its update norm (lr × grad norm ≈ 0.15 here) is within an order of magnitude of one
     in-training AdamW step at lr 1e-4 (≈ lr·√N ≈ 1.2), where the CLI's 1e-4 would be ~800x smaller"""
-    counterfactual_pairs: int | None = 160
-    """the first N pairs of the (shuffled) pairs file get the counterfactual protocol; None = all"""
+    counterfactual_pairs: int | None = None
+    """only the first N pairs of the (shuffled) pairs file get the counterfactual protocol; None = all"""
     causal: CausalSettings = field(default_factory=CausalSettings)
 
 
