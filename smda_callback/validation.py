@@ -242,20 +242,22 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
                          "validate a full `smda demo` run, not a --limit run")
     res: dict[str, Any] = {"run_dir": str(run_dir), "settings": asdict(st), "timings_s": {}}
 
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
+    def stage(key: str, fn: Callable[[], Any]) -> None:
+        """Run one check, store its result under `key`, and write validation.json at once."""
         t0 = time.perf_counter()
-        progress(f"validate: {name}")
+        progress(f"validate: {key}")
         v = fn()
-        res["timings_s"][name] = round(time.perf_counter() - t0, 1)
+        if v is not None:
+            res[key] = v
+        res["timings_s"][key] = round(time.perf_counter() - t0, 1)
         _write(out, res)
-        return v
 
     def counterfactual() -> dict[str, Any]:
         model, tok = load_model()
         attribute_pairs(model, tok, pairs[: st.counterfactual_pairs], probes, embedded_sae_dir(), out / "counterfactual", cfg,
                         lr=st.counterfactual_lr)
         return agreement(run_dir, out / "counterfactual")
-    res["agreement"] = timed("counterfactual + agreement", counterfactual)
+    stage("agreement", counterfactual)
 
     flagged = flag_pairs(scores)
     conditions = {"a_all": [], "b_minus_flagged": flagged,
@@ -272,12 +274,12 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
             _write(out, res)
         model, tok = load_model()
         res["curation"]["conditions"]["d_no_training"] = {"n_train": 0, **behaviour(model, tok, sets)}
-    timed("curation", curation)
+    stage("curation", curation)
 
     def causal() -> list[dict[str, Any]]:
         model, tok = load_model()
         return causal_check(model, tok, pairs, scores, probes, list(st.categories), load_sae(embedded_sae_dir()), cfg, st.causal)
-    res["causal"] = timed("causal check", causal)
+    stage("causal", causal)
     return res
 
 
