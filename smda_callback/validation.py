@@ -7,7 +7,6 @@ the paper's curation experiment, and a causal check of single-pair scores.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
