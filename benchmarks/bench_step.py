@@ -18,7 +18,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -129,8 +128,8 @@ def scaled_probes(all_probes: ProbeSet, P: int) -> ProbeSet:
     h = [p for p in all_probes.probes if p.harmful]
     s = [p for p in all_probes.probes if not p.harmful]
     src = [p for p in chain.from_iterable(zip_longest(h, s)) if p is not None]
-    return ProbeSet([Probe(id=f"{src[i % len(src)].id}#{i}", prompt=src[i % len(src)].prompt, label=src[i % len(src)].label,
-                           category=src[i % len(src)].category) for i in range(P)])
+    picked = [(i, src[i % len(src)]) for i in range(P)]
+    return ProbeSet([Probe(id=f"{p.id}#{i}", prompt=p.prompt, label=p.label, category=p.category) for i, p in picked])
 
 
 def random_topk_sae(d_in: int, width: int, k: int = 32, hook: str = "blocks.15.hook_resid_post") -> Any:

@@ -34,13 +34,14 @@ def pair_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for p in r.get("pairs", []):
             c = float(p.get("credit", 1.0))
-            rows.append({"step": r["step"], "index": p.get("index"), "hash": p.get("hash"), "label": p.get("label"),
+            rows.append({"step": r["step"], "index": p.get("index"), "hash": p.get("hash"), "id": p.get("id"), "label": p.get("label"),
                          "category": p.get("category"), "prompt": p.get("prompt", ""),
                          "dx": c * np.asarray(r["delta_beta_x"]), "dy": c * np.asarray(r["delta_beta_y"]),
                          "d": c * np.asarray(r["delta_beta"]), "align": c * np.asarray(r["alignment"]),
                          "interference": r.get("interference"), "alert": r.get("alert", False),
                          "dominant_label": r.get("dominant_label"), "intended": r.get("intended_features", []),
-                         "dominant_feature": r.get("dominant_feature")})
+                         "dominant_feature": r.get("dominant_feature"),
+                         "moves": {cat: c * (v["x"] + v["y"]) for cat, v in (r.get("category_pathways") or {}).items()}})
     return rows
 
 

@@ -15,7 +15,7 @@ def _demo(a: argparse.Namespace) -> int:
 
     if a.limit is None and not a.quiet:
         print("smda demo: safety SFT of SmolLM2-135M-Instruct on 318 pairs (100 refusals, 218 helpful answers) with "
-              "SMDACallback, one probe pass per pair (≈45 min on 2 CPU cores; --limit 40 for a quick run, --every 2 "
+              "SMDACallback, one probe pass per pair (≈22 min on 2 idle CPU cores; --limit 40 for a quick run, --every 2 "
               "to halve the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
                             every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))

@@ -85,8 +85,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     pairs = load_pairs(pairs_file or DATA / "pairs.jsonl", st.limit)
     probes = ProbeSet.from_jsonl(probes_file or DATA / "probes.jsonl")
     model, tok = load_model(model_dir)
-    sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")}
-    behaviour_0 = behaviour(model, tok, sets) if st.check_answers else None
+    sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")} if st.check_answers else {}
+    behaviour_0 = behaviour(model, tok, sets)
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
     args = sft_config(out, st)

@@ -98,8 +98,8 @@ def answer_probes(model: Any, tok: Any, probes: ProbeSet, max_new_tokens: int = 
     cats: dict[str, list[bool]] = {}
     for r in rows:
         cats.setdefault(r["category"], []).append(r["refused"])
-    return {"refusal_rate_harmful": float(np.mean([r["refused"] for r in harmful])) if harmful else None,
-            "refusal_rate_harmless": float(np.mean([r["refused"] for r in harmless])) if harmless else None,
+    return {"refusal_rate_harmful": float(np.mean([r["refused"] for r in harmful])),
+            "refusal_rate_harmless": float(np.mean([r["refused"] for r in harmless])),
             "over_refusal_edgy": float(np.mean([r["refused"] for r in edgy])) if edgy else None,
             "by_category": {c: float(np.mean(v)) for c, v in cats.items()}, "answers": rows}
 

@@ -19,6 +19,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from .analysis import pair_rows
 from .config import SMDAConfig
 from .ledger import load_policy, load_records
 from .probes import ProbeSet
@@ -32,19 +33,14 @@ def pair_scores(run_dir: str | Path) -> pd.DataFrame:
     """One row per pair id: the paper's score Σⱼ Δβⱼ·βⱼ, Δβ, and the predicted move of each probe
     category's refusal (x̄_cat·Δβ), summed over the pair's steps (epochs)."""
     rows: dict[str, dict[str, Any]] = {}
-    for r in load_records(run_dir):
-        if "delta_beta" not in r:
-            continue
-        for p in r.get("pairs", []):
-            key = p.get("id") or p.get("hash")
-            c = float(p.get("credit", 1.0))
-            row = rows.setdefault(key, {"id": key, "label": p.get("label"), "category": p.get("category"),
-                                        "prompt": p.get("prompt", ""), "step": r["step"], "score": 0.0,
-                                        "delta_beta": 0.0, "moves": {}})
-            row["score"] += c * float(np.sum(r["alignment"]))
-            row["delta_beta"] = row["delta_beta"] + c * np.asarray(r["delta_beta"], np.float64)
-            for cat, v in (r.get("category_pathways") or {}).items():
-                row["moves"][cat] = row["moves"].get(cat, 0.0) + c * (v["x"] + v["y"])
+    for r in pair_rows(load_records(run_dir)):
+        key = r["id"] or r["hash"]
+        row = rows.setdefault(key, {"id": key, "label": r["label"], "category": r["category"], "prompt": r["prompt"],
+                                    "step": r["step"], "score": 0.0, "delta_beta": 0.0, "moves": {}})
+        row["score"] += float(r["align"].sum())
+        row["delta_beta"] = row["delta_beta"] + r["d"]
+        for cat, v in r["moves"].items():
+            row["moves"][cat] = row["moves"].get(cat, 0.0) + v
     if not rows:
         raise ValueError(f"{run_dir}: the ledger has no attributed pair steps (was the callback bound with .bind(trainer)?)")
     return pd.DataFrame(list(rows.values())).set_index("id")
@@ -158,7 +154,8 @@ def causal_check(model: Any, tok: Any, pairs: list[dict[str, Any]], scores: pd.D
     tested = sorted({i for ids in chosen.values() for i in ids})
     by_id = {p["id"]: p for p in pairs}
     rng = np.random.default_rng(st.seed)
-    rest = [p for p in pairs if p["id"] not in set(tested)]
+    tested_ids = set(tested)
+    rest = [p for p in pairs if p["id"] not in tested_ids]
     order = [rest[i] for i in rng.permutation(len(rest))[: st.background + st.tail]]
     bg, tail = order[: st.background], order[st.background:]
     snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), config)
@@ -267,7 +264,8 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
 
     def curation() -> None:
         for name, drop in conditions.items():
-            kept = [p for p in pairs if p["id"] not in set(drop)]
+            dropped = set(drop)
+            kept = [p for p in pairs if p["id"] not in dropped]
             model, tok = train_sft(kept, out / "sft_tmp")
             res["curation"]["conditions"][name] = {"n_train": len(kept), **behaviour(model, tok, sets)}
             _write(out, res)

@@ -18,7 +18,8 @@ def _ledger(tmp, ids, deltas, beta0, gaps, feats=(3, 7, 11)):
         d = np.asarray(d, float)
         w.append({"step": step, "pairs": [{"id": i, "label": "harmful" if step % 2 else "harmless", "category": "c",
                                           "credit": 1.0}],
-                  "delta_beta": d, "alignment": d * beta0, "first_order_gap": g,
+                  "delta_beta": d, "delta_beta_x": 0.25 * d, "delta_beta_y": 0.75 * d, "alignment": d * beta0,
+                  "first_order_gap": g,
                   "category_pathways": {"c": {"x": float(d[0]), "y": float(d[1])}}})
     w.write_json(POLICY, {"features": list(feats), "feature_labels": [f"f{f}" for f in feats]})
     return tmp
