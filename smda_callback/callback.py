@@ -17,10 +17,12 @@ from transformers import TrainerCallback
 from .attribution import AlertDecision, AlertRule, category_split, decompose_step, intended_features
 from .capture import PackingError, PairCapture, index_dataset
 from .config import SMDAConfig
+from .credit import (CreditEngine, CreditLayout, OptimizerKernel, causal_lm_row_losses, newest_update,
+                     optimizer_step_count, row_slopes, shares_from_slopes, trainable_params)
 from .policy import RidgePolicy, select_features
 from .probes import ProbeSet
 from .sae import base_model, load_feature_labels, load_sae, resolve_hook
-from .sinks import POLICY, LedgerWriter, TensorBoardSink
+from .sinks import CREDITS, POLICY, LedgerWriter, TensorBoardSink
 from .snapshot import Snapshotter, _dist
 
 logger = logging.getLogger(__name__)
@@ -53,10 +55,11 @@ class _RunState:
     beta0: np.ndarray
     b0: float
     fit: dict[str, Any]
+    engine: CreditEngine
     Y_base: np.ndarray | None = None
     halted: dict[str, Any] | None = None
-    credits: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: int = 0
+    pair_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _slug(text: str, n: int = 28) -> str:
@@ -104,6 +107,11 @@ class SMDACallback(TrainerCallback):
         self._index: dict[str, list[int]] = {}
         self._window_start: int | None = None
         self._baseline_refusal: dict[str, float] = {}
+        self._kernel = OptimizerKernel()
+        self._layout: CreditLayout | None = None
+        self._tagged = 0
+        self._base: list[torch.Tensor] | None = None
+        self._ghost: Any = None
 
     # ---------------------------------------------------------------- wiring
     def bind(self, trainer: Any) -> "SMDACallback":
@@ -123,6 +131,17 @@ class SMDACallback(TrainerCallback):
 
     def _is_main(self, state: Any) -> bool:
         return bool(getattr(state, "is_world_process_zero", True))
+
+    def _read_kernel(self, optimizer: Any) -> OptimizerKernel:
+        if self.config.credit == "step":
+            return OptimizerKernel(optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__)
+        if optimizer is None:
+            logger.warning("smda: the Trainer passed no optimizer to the callback; credit='optimizer' falls back to 'step'.")
+            return OptimizerKernel()
+        kernel, warning = OptimizerKernel.from_optimizer(optimizer)
+        if warning:
+            logger.warning("smda: %s.", warning)
+        return kernel
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -149,6 +168,10 @@ class SMDACallback(TrainerCallback):
         self._index = index_dataset(dataset)
         if self.train_dataset is None and dataset is not None:
             self.train_dataset = dataset
+        self._layout = CreditLayout(self.config.n_features if self.config.features is None else len(set(self.config.features)),
+                                    tuple(self.probes.category_index()))
+        self._kernel = self._read_kernel(kwargs.get("optimizer"))
+        self.capture.keep_inputs = self._kernel.kind != "step"
         self.capture.install(model, hook)
         if state.global_step > 0 and self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}"):
             if self._is_main(state):
@@ -180,7 +203,9 @@ class SMDACallback(TrainerCallback):
         fit = policy.fit_report(X, snap.Y, harmful, folds=self.config.cv_folds)
         M = policy.M(X)
         beta0 = M @ snap.Y
-        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit, Y_base=snap.Y)
+        self._layout = CreditLayout(len(feats), self._layout.categories)
+        engine = CreditEngine(self._kernel, self._layout.width, self._measure())
+        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit, engine, snap.Y)
         self._baseline_refusal = self._by_category(snap.Y)
         logger.info("smda: baseline in %.1fs; %d features, λ=%.3g, R²=%.3f, held-out AUROC=%.3f\n%s",
                     time.perf_counter() - t0, len(feats), policy.lam, fit["r2"], fit.get("cv_auroc_labels", float("nan")),
@@ -193,11 +218,74 @@ class SMDACallback(TrainerCallback):
                 self._tb.text("smda/policy", self._policy_text(beta0, self.run.b0), state.global_step)
                 self._tb.flush()
 
+    def _measure(self) -> str:
+        return self.config.credit_measure if self._kernel.kind != "step" else "deconvolve"
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._window_start is None:
             self.capture.reset()
+            self._tagged = 0
             self._window_start = state.global_step + 1
         self.capture.armed = True
+
+    def _needs_base(self) -> bool:
+        """θ_{t−1} is kept for one step when the ghost pass or the split inside a step needs it."""
+        if self.run is None or self._kernel.kind == "step":
+            return False
+        return self._measure() == "ghost" or len(self.capture.rows) - self._tagged > 1 or _dist()[1] > 1
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self._base = ([p.detach().clone() for p in trainable_params(optimizer)]
+                      if optimizer is not None and self._needs_base() else None)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                          **kwargs: Any) -> None:
+        """The update is applied and the gradients are still there: tag this step's rows, split
+        the step among them, and (ghost) measure the newest gradient's part of the update alone."""
+        if self.run is None or optimizer is None:
+            return
+        t = optimizer_step_count(optimizer) or state.global_step + 1
+        self.run.engine.lr(t, float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]))
+        rows = self.capture.rows[self._tagged:]
+        for r in rows:
+            r.step = t
+        self._tagged = len(self.capture.rows)
+        if self._base is None:
+            return
+        params = trainable_params(optimizer)
+        u = newest_update(optimizer, self._kernel, t)
+        if len(rows) > 1 or _dist()[1] > 1:
+            batches = [r.inputs for r in rows if r.inputs is not None]
+            if len(batches) == len(rows) and rows:
+                slopes = row_slopes(params, self._base, u, causal_lm_row_losses(model, batches))
+                for r, sl in zip(rows, slopes):
+                    r.slope = float(sl)
+        if self._measure() == "ghost":
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, b, d in zip(params, self._base, u):
+                    p.copy_(b + d)
+            try:
+                self._ghost = self._snap.take(model)
+            finally:
+                with torch.no_grad():
+                    for p, sv in zip(params, saved):
+                        p.copy_(sv)
+        self._base = None
+
+    def _vector(self, X1: np.ndarray, Y1: np.ndarray, M1: np.ndarray) -> tuple[Any, dict[str, Any], np.ndarray]:
+        """A snapshot's change against the current before-snapshot: decomposition, category reading, credit vector."""
+        run = self.run
+        assert run is not None and self._layout is not None
+        dec = decompose_step(run.policy, run.X, run.Y, X1, Y1, self.config.method, run.M, M1)
+        cats = category_split(run.policy, run.X, X1, dec, self.probes.category_index())
+        harmful = np.asarray(self.probes.is_harmful)
+        before, after = self._by_category(run.Y), self._by_category(Y1)
+        vec = self._layout.pack(dec.delta_beta_x, dec.delta_beta_y, {c: after[c] - before[c] for c in after},
+                                {c: v["x"] + v["y"] for c, v in cats.items()},
+                                float(Y1[harmful].mean() - run.Y[harmful].mean()),
+                                float(Y1[~harmful].mean() - run.Y[~harmful].mean()))
+        return dec, cats, vec
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.capture.armed = False
@@ -212,6 +300,7 @@ class SMDACallback(TrainerCallback):
         t0 = time.perf_counter()
         pairs, zs, loss = self._gather_pairs()
         snap = self._snap.take(model)
+        ghost, self._ghost = self._ghost, None
         record: dict[str, Any] = {"step": step, "epoch": state.epoch, "window": window, "pairs": pairs,
                                   "n_pairs": len(pairs), "split": len(pairs) > 1, "train_loss": loss}
         if not snap.finite:
@@ -222,15 +311,26 @@ class SMDACallback(TrainerCallback):
             self._emit(record, state)
             return
         run = self.run
+        assert self._layout is not None
         M1 = run.policy.M(snap.X)
-        dec = decompose_step(run.policy, run.X, run.Y, snap.X, snap.Y, self.config.method, run.M, M1)
+        dec, cats, vec = self._vector(snap.X, snap.Y, M1)
+        measured = None
+        if ghost is not None and ghost.finite:
+            measured = self._vector(ghost.X, ghost.Y, run.policy.M(ghost.X))[2]
+        steps = list(range(window[0], window[1] + 1))
+        rows = [(p["hash"], int(p.get("step") or step), float(p["credit"])) for p in pairs]
+        credit = run.engine.window(steps, rows, vec, measured)
+        for p in pairs:
+            run.pair_meta.setdefault(p["hash"], {k: p[k] for k in ("index", "id", "label", "category", "prompt") if k in p})
+            own = self._layout.unpack(credit.own.get(p["hash"], np.zeros(self._layout.width)))
+            p["own_d"] = own["d"]
+        projected = self._layout.unpack(credit.projected)["d"] if pairs else dec.delta_beta
         intended = sorted({j for z in zs for j in intended_features(z, self.config.intended_top_m)})
-        decision = self.alerts.decide(dec.delta_beta, intended)
-        cats = category_split(run.policy, run.X, snap.X, dec, self.probes.category_index())
+        decision = self.alerts.decide(projected, intended)
         b1 = run.policy.intercept_of(snap.X, snap.Y, dec.beta1)
         pred = run.policy.predict(snap.X, dec.beta1, b1)
-        for p in pairs:
-            run.credits[p["hash"]] = run.credits.get(p["hash"], 0.0) + p["credit"] * dec.delta_beta
+        res = self._layout.unpack(credit.residual)
+        carried = sum(float(np.abs(self._layout.unpack(v)["d"]).sum()) for v in credit.carried.values())
         record.update(
             beta=dec.beta1, intercept=b1, delta_beta=dec.delta_beta, delta_beta_x=dec.delta_beta_x,
             delta_beta_y=dec.delta_beta_y, alignment=dec.alignment, method=dec.method,
@@ -238,6 +338,9 @@ class SMDACallback(TrainerCallback):
             predicted_by_category=self._by_category(pred), category_pathways=cats,
             refusal_harmful=float(snap.Y[self.probes.is_harmful].mean()),
             refusal_harmless=float(snap.Y[~np.asarray(self.probes.is_harmful)].mean()),
+            credit={"kind": self._kernel.kind, "measure": run.engine.measure, "residual_d": res["d"],
+                    "residual_refusal": [res["refusal_harmful"], res["refusal_harmless"]],
+                    "carried_abs_d": carried, "n_carried": len(credit.carried), "projected_d": projected},
             interference=decision.score, dominant_feature=int(run.features[decision.dominant]),
             dominant_label=self.labels[decision.dominant], dominant_off_target=decision.off_target,
             intended_features=[int(run.features[j]) for j in intended], noise_floor=decision.noise_floor,
@@ -247,6 +350,8 @@ class SMDACallback(TrainerCallback):
         if decision.alert:
             self._handle_alert(decision, record, pairs, intended, state, control)
         self._emit(record, state)
+        if self._is_main(state) and step % self.config.text_every_n_steps == 0:
+            self._write_credits()
 
     def _handle_alert(self, d: AlertDecision, record: dict[str, Any], pairs: list[dict[str, Any]], intended: list[int],
                       state: Any, control: Any) -> None:
@@ -295,13 +400,14 @@ class SMDACallback(TrainerCallback):
 
     # ---------------------------------------------------------------- pairs
     def _gather_pairs(self) -> tuple[list[dict[str, Any]], list[np.ndarray], float | None]:
-        """Rows trained in this window (all ranks), each with its pooled prompt features in z-units."""
+        """Rows trained in this window (all ranks), each with its optimizer step, its share of that
+        step's new gradient, and its pooled prompt features in z-units."""
         assert self.run is not None and self._snap is not None
         local = []
         for row, h in zip(self.capture.rows, self.capture.hidden):
             with torch.no_grad():
                 z = self._snap.encode(h, full=False).mean(0).double().numpy()
-            local.append((row.hash, self.run.policy.transform(z[None])[0]))
+            local.append((row.hash, row.step, row.slope, self.run.policy.transform(z[None])[0]))
         losses = list(self.capture.losses)
         rank, world = _dist()
         if world > 1:
@@ -309,11 +415,19 @@ class SMDACallback(TrainerCallback):
             torch.distributed.all_gather_object(parts, (local, losses))
             local = [x for part in parts for x in part[0]]
             losses = [x for part in parts for x in part[1]]
-        n = len(local)
+        by_step: dict[Any, list[int]] = {}
+        for i, (_, st, _, _) in enumerate(local):
+            by_step.setdefault(st, []).append(i)
+        shares = np.zeros(len(local))
+        for idxs in by_step.values():
+            slopes = [local[i][2] for i in idxs] if self._kernel.kind != "step" else [None] * len(idxs)
+            shares[idxs] = shares_from_slopes(slopes)
+        if self._kernel.kind == "step":  # the old rule: a window's pairs share its change equally
+            shares[:] = 1.0 / max(len(local), 1)
         pairs = []
-        for h, _ in local:
+        for (h, st, _, _), share in zip(local, shares):
             idx = self._index.get(h, [])
-            rec: dict[str, Any] = {"hash": h, "index": idx[0] if idx else None, "credit": 1.0 / n}
+            rec: dict[str, Any] = {"hash": h, "index": idx[0] if idx else None, "step": st, "credit": float(share)}
             if not idx:
                 rec["unmatched"] = True
             elif self.train_dataset is not None:
@@ -321,7 +435,8 @@ class SMDACallback(TrainerCallback):
             pairs.append(rec)
         loss = float(np.mean(losses)) if losses else None
         self.capture.reset()
-        return pairs, [z for _, z in local], loss
+        self._tagged = 0
+        return pairs, [z for *_, z in local], loss
 
     def _meta(self, i: int) -> dict[str, Any]:
         try:
@@ -348,7 +463,10 @@ class SMDACallback(TrainerCallback):
         assert self.run is not None and self._ledger is not None
         run = self.run
         beta_T = run.M @ run.Y
-        top_pairs = sorted(run.credits.items(), key=lambda kv: -float(np.abs(kv[1]).sum()))[:50]
+        assert self._layout is not None
+        d_of = {h: self._layout.unpack(v)["d"] for h, v in run.engine.totals.items()}
+        top_pairs = sorted(d_of.items(), key=lambda kv: -float(np.abs(kv[1]).sum()))[:50]
+        res = self._layout.unpack(run.engine.residual_total)
         self._ledger.write_json(POLICY, {
             "features": run.features, "feature_labels": self.labels, "lambda": run.policy.lam,
             "policy": run.policy.to_dict(), "config": self.config.to_dict(),
@@ -363,7 +481,23 @@ class SMDACallback(TrainerCallback):
             "n_alerts": self.alerts.n_alerts, "halted": run.halted, "skipped_steps": run.skipped,
             "final": final, "step": step, "hook": self._snap.hook.name if self._snap else None,
             "top_pairs_by_total_abs_delta_beta": [{"hash": h, "delta_beta": v} for h, v in top_pairs],
+            "credit": {"rule": self.config.credit, "kernel": self._kernel.to_dict(), "measure": run.engine.measure,
+                       "residual_total_d": res["d"], "residual_total_refusal": [res["refusal_harmful"], res["refusal_harmless"]]},
         })
+        self._write_credits()
+
+    def _write_credits(self) -> None:
+        """credits.json: every pair's total credit (own window + what its momentum carried later), atomically."""
+        assert self.run is not None and self._ledger is not None and self._layout is not None
+        eng, lay = self.run.engine, self._layout
+        out = []
+        for h, v in eng.totals.items():
+            tot, own = lay.unpack(v), lay.unpack(eng.own_totals.get(h, np.zeros(lay.width)))
+            out.append({"hash": h, **self.run.pair_meta.get(h, {}), **tot,
+                        "own": {"d": own["d"], "refusal_harmful": own["refusal_harmful"],
+                                "refusal_harmless": own["refusal_harmless"]}})
+        self._ledger.write_json(CREDITS, {"rule": self.config.credit, "kernel": self._kernel.to_dict(),
+                                          "measure": eng.measure, "categories": list(lay.categories), "pairs": out})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is not None and self._is_main(state):
@@ -383,10 +517,11 @@ class SMDACallback(TrainerCallback):
             return
         run = self.run
         try:
+            credit_meta, credit_arrays = run.engine.state()
             np.savez(ckpt / STATE_NPZ, X=run.X, Y=run.Y, Y_base=run.Y_base, features=run.features, beta0=run.beta0,
-                     credit_keys=np.asarray(list(run.credits), dtype="U32"),
-                     credit_vals=np.asarray(list(run.credits.values()), dtype=np.float64).reshape(len(run.credits), -1))
+                     **credit_arrays)
             (ckpt / STATE_JSON).write_text(json.dumps({
+                "credit": credit_meta, "pair_meta": run.pair_meta,
                 "policy": run.policy.to_dict(), "b0": run.b0, "fit": run.fit, "halted": run.halted,
                 "skipped": run.skipped, "alerts": self.alerts.state(), "baseline_refusal": self._baseline_refusal,
                 "config": self.config.to_dict(), "step": state.global_step,
@@ -401,9 +536,16 @@ class SMDACallback(TrainerCallback):
         arr = np.load(ckpt / STATE_NPZ, allow_pickle=False)
         policy = RidgePolicy.from_dict(meta["policy"])
         X, Y = arr["X"], arr["Y"]
-        credits = {str(k): v for k, v in zip(arr["credit_keys"], arr["credit_vals"])}
-        self.run = _RunState(arr["features"], policy, X, Y, policy.M(X), arr["beta0"], float(meta["b0"]), meta["fit"],
-                             arr["Y_base"], meta.get("halted"), credits, int(meta.get("skipped", 0)))
+        feats = arr["features"]
+        assert self._layout is not None
+        self._layout = CreditLayout(len(feats), self._layout.categories)
+        engine = CreditEngine.from_state(meta["credit"], arr, self._layout.width)
+        if engine.kernel != self._kernel:
+            logger.warning("smda: the optimizer differs from the checkpoint's (%s vs %s); credit continues with the "
+                           "checkpoint's kernel", self._kernel, engine.kernel)
+            self._kernel = engine.kernel
+        self.run = _RunState(feats, policy, X, Y, policy.M(X), arr["beta0"], float(meta["b0"]), meta["fit"], engine,
+                             arr["Y_base"], meta.get("halted"), int(meta.get("skipped", 0)), meta.get("pair_meta", {}))
         assert self._snap is not None
         self._snap.features = self.run.features
         self.alerts.load_state(meta["alerts"])

@@ -46,7 +46,10 @@ def index_dataset(dataset: Any) -> dict[str, list[int]]:
 class CapturedRow:
     hash: str
     prompt_mask: np.ndarray  # which of the row's tokens are prompt (label -100)
-    loss: float | None = None
+    inputs: dict[str, torch.Tensor] | None = None
+    """The row's own input_ids/attention_mask/labels (kept only when `keep_inputs`: the split inside a step needs them)."""
+    step: int | None = None
+    slope: float | None = None
 
 
 @dataclass
@@ -61,6 +64,7 @@ class PairCapture:
     _pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _want_hidden: bool = False
     losses: list[float] = field(default_factory=list)
+    keep_inputs: bool = False
 
     def install(self, model: nn.Module, hook_point: Any) -> None:
         self._handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -104,7 +108,11 @@ class PairCapture:
             row_ids = ids[r][keep]
             lab = labels[r][keep] if labels is not None else None
             pm = (lab == -100).cpu().numpy() if lab is not None else np.ones(len(row_ids), dtype=bool)
-            self.rows.append(CapturedRow(content_hash(row_ids.tolist()), pm))
+            inputs = None
+            if self.keep_inputs and labels is not None:
+                inputs = {"input_ids": row_ids[None].detach().clone(), "attention_mask": torch.ones_like(row_ids)[None],
+                          "labels": lab[None].detach().clone()}
+            self.rows.append(CapturedRow(content_hash(row_ids.tolist()), pm, inputs))
             self._pending.append((keep, torch.as_tensor(pm)))
         self._want_hidden = True
 

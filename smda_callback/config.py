@@ -10,6 +10,8 @@ Scorer = Literal["prefix", "first_token"]
 Target = Literal["mass", "ratio", "log_refusal", "logit"]
 Method = Literal["exact", "first_order"]
 Encode = Literal["sae", "dense"]
+Credit = Literal["optimizer", "step"]
+CreditMeasure = Literal["deconvolve", "ghost"]
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I can't",
@@ -74,6 +76,17 @@ class SMDAConfig:
     method: Method = "exact"
     cv_folds: int = 5
 
+    # --- from steps to pairs (docs/credit.md) -------------------------------
+    credit: Credit = "optimizer"
+    """`optimizer`: credit each step's change to the pairs whose gradients make up its update,
+    through the optimizer the Trainer built (SGD, momentum, Adam/AdamW; others fall back to `step`
+    with a warning); `step`: a step's change goes to that step's pairs, split equally."""
+    credit_measure: CreditMeasure = "deconvolve"
+    """How the newest pair's part of a step is found under `optimizer` credit: `deconvolve` (the
+    step's change minus what earlier pairs' momentum carries; no extra cost) or `ghost` (one extra
+    probe pass per step with the newest gradient's part of the update applied alone; what the
+    carry model misses becomes an explicit residual)."""
+
     # --- interference and alerts ------------------------------------------
     intended_top_m: int = 5
     """A pair's intended features: its m most active selected features (z-units)."""
@@ -106,6 +119,8 @@ class SMDAConfig:
             "target": ("mass", "ratio", "log_refusal", "logit"),
             "method": ("exact", "first_order"),
             "encode": ("sae", "dense"),
+            "credit": ("optimizer", "step"),
+            "credit_measure": ("deconvolve", "ghost"),
             "on_alert": ("warn", "halt"),
         }
         for name, allowed in checks.items():
@@ -118,6 +133,9 @@ class SMDAConfig:
             raise ValueError("every_n_steps, patience and prefix_tokens must be >= 1.")
         if self.ridge_lambda is not None and self.ridge_lambda <= 0:
             raise ValueError("ridge_lambda must be > 0 (or None for GCV).")
+        if self.credit_measure == "ghost" and self.every_n_steps > 1:
+            raise ValueError("credit_measure='ghost' measures every step's newest gradient, so it needs every_n_steps=1; "
+                             "use credit_measure='deconvolve' with every_n_steps > 1.")
         if not self.refusal_openings:
             raise ValueError("refusal_openings must not be empty.")
         if self.target in ("ratio", "logit") and not self.compliance_openings:
@@ -141,6 +159,7 @@ class SMDAConfig:
             standardize=False,
             intercept=False,
             method="first_order",
+            credit="step",
         )
         base.update(overrides)
         return cls(**base)

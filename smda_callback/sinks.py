@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 LEDGER = "attribution.jsonl"
 POLICY = "policy.json"
+CREDITS = "credits.json"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,0 +1,396 @@
+"""From optimizer steps to pairs: who caused each step's change of the policy.
+
+A step's change Δβ_t is exact (attribution.py); *who caused it* depends on the optimizer.
+The update of optimizer step t is a weighted sum of the gradients of the pairs trained so far,
+
+    Δθ_t = −D_t Σ_{s≤t} c(t, s) g_s  (+ weight decay),
+
+with c(t, s) known in closed form (the kernel below) and D_t the optimizer's per-coordinate
+preconditioner (1/(√v̂_t+ε) for Adam, 1 for SGD). Assuming D and the probe Jacobian J change
+little over the ~20 steps a pair's gradient stays in the momentum (the documented
+approximation, see docs/credit.md), pair s contributes c(t, s)·γ_s to Δβ_t with γ_s = J D g_s
+a per-pair vector. The engine keeps the γ_s of the pairs whose gradients are still in the
+momentum ("live"), predicts what they carry into each new window, and learns the γ of the
+window's new pairs from what the window measured:
+
+* `deconvolve` (default, no extra cost): the new pairs get the window's change minus the carry;
+  nothing is left over (residual 0), but everything the linear model misses lands on them;
+* `ghost` (one extra probe pass per step): the new pair's own part of the update is applied
+  alone and measured; what the carry prediction misses is an explicit residual.
+
+Per-pair credits + residuals telescope to β_T − β_0 exactly under either. Inside a step with
+several rows the new part is split by each row's first-order share (`row_slopes`; 1/n for `step`).
+No Trainer types here: the callback feeds windows in, the engine hands credits out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the optimizer's kernel
+@dataclass(frozen=True)
+class OptimizerKernel:
+    """c(t, s): the weight of pair s's gradient in the update of optimizer step t (steps 1-based).
+
+    kind: `step` (a step's change belongs to its own pairs), `sgd` (no momentum), `momentum`
+    (torch SGD with momentum μ, dampening, Nesterov), `adam` (Adam/AdamW: EMA with β₁ and bias
+    correction). Learning rates enter through `lr_t`; preconditioning is the documented approximation.
+    """
+
+    kind: str = "step"
+    beta: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    optimizer: str = ""
+
+    def coef(self, t: int, s: int, lr_t: float) -> float:
+        if s > t:
+            return 0.0
+        if self.kind in ("step", "sgd"):
+            return (1.0 if self.kind == "step" else lr_t) if t == s else 0.0
+        if self.kind == "adam":
+            b = self.beta
+            return lr_t * (1.0 - b) * b ** (t - s) / (1.0 - b**t)
+        # torch SGD momentum: buf_1 = g_1, buf_t = μ·buf_{t-1} + (1 − dampening)·g_t
+        first = 1.0 if s == 1 else 1.0 - self.dampening
+        in_buf = first * self.beta ** (t - s)
+        if not self.nesterov:
+            return lr_t * in_buf
+        return lr_t * (1.0 + self.beta * first) if t == s else lr_t * self.beta * in_buf
+
+    @property
+    def has_memory(self) -> bool:
+        """Does a gradient act beyond its own step?"""
+        return self.kind in ("adam", "momentum") and self.beta > 0
+
+    @classmethod
+    def from_optimizer(cls, optimizer: Any) -> tuple["OptimizerKernel", str | None]:
+        """Read type, betas/momentum and weight decay from the optimizer the Trainer built.
+        Returns (kernel, warning); an unsupported optimizer gives the `step` kernel and a warning."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+        name = type(opt).__name__
+        groups = getattr(opt, "param_groups", None) or [{}]
+        g = groups[0]
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            betas = {tuple(x.get("betas", (0.9, 0.999))) for x in groups}
+            if len(betas) > 1:
+                return cls(optimizer=name), f"{name} with different betas per parameter group is not modelled"
+            return cls("adam", float(g["betas"][0]), weight_decay=float(g.get("weight_decay", 0.0)), optimizer=name), None
+        if isinstance(opt, torch.optim.SGD):
+            mu = float(g.get("momentum", 0.0))
+            if len({float(x.get("momentum", 0.0)) for x in groups}) > 1:
+                return cls(optimizer=name), "SGD with different momentum per parameter group is not modelled"
+            kind = "momentum" if mu > 0 else "sgd"
+            return cls(kind, mu, float(g.get("dampening", 0.0)), bool(g.get("nesterov", False)),
+                       float(g.get("weight_decay", 0.0)), name), None
+        return cls(optimizer=name), (f"credit='optimizer' models SGD (with or without momentum), Adam and AdamW; "
+                                     f"{name} is not modelled, so each step's change goes to its own pairs (credit='step')")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "beta": self.beta, "dampening": self.dampening, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay, "optimizer": self.optimizer}
+
+
+# ---------------------------------------------------------------- what a window credits
+@dataclass
+class WindowCredit:
+    """Credits handed out for one snapshot window (vectors in the engine's layout)."""
+
+    own: dict[str, np.ndarray]
+    """New pairs (this window's rows): their share of the window's change."""
+    carried: dict[str, np.ndarray]
+    """Earlier pairs: what their gradients, still in the momentum, did in this window."""
+    residual: np.ndarray
+    """What no pair is credited with (0 for `deconvolve`); credits + residual = the window's change."""
+    projected: np.ndarray
+    """The new pairs' whole effect, own window plus what the momentum will still carry (the alert reads this)."""
+
+
+@dataclass
+class _Live:
+    hash: str
+    step: int
+    gamma: np.ndarray
+
+
+@dataclass
+class CreditEngine:
+    """Running per-pair credit under an optimizer kernel (sum of credits + residuals telescopes exactly)."""
+
+    kernel: OptimizerKernel
+    width: int
+    measure: str = "deconvolve"
+    tol: float = 1e-7
+    """A pair leaves the live set once c(t, s)/c(s, s) < tol (its tail is then below float noise of γ)."""
+    lrs: dict[int, float] = field(default_factory=dict)
+    live: list[_Live] = field(default_factory=list)
+    totals: dict[str, np.ndarray] = field(default_factory=dict)
+    own_totals: dict[str, np.ndarray] = field(default_factory=dict)
+    residual_total: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.measure not in ("deconvolve", "ghost"):
+            raise ValueError(f"credit measure must be 'deconvolve' or 'ghost', got {self.measure!r}")
+        if self.residual_total is None:
+            self.residual_total = np.zeros(self.width)
+
+    def lr(self, step: int, lr: float) -> None:
+        """Record the learning rate optimizer step `step` used."""
+        self.lrs[int(step)] = float(lr)
+
+    def _c(self, t: int, s: int) -> float:
+        return self.kernel.coef(t, s, self.lrs.get(t, 1.0))
+
+    def window(self, steps: Sequence[int], rows: Sequence[tuple[str, int, float]], delta: np.ndarray,
+               measured_new: np.ndarray | None = None) -> WindowCredit:
+        """Credit one snapshot window.
+
+        steps: the optimizer steps inside the window; rows: (pair hash, its step, its share of that
+        step's new gradient: shares of one step sum to 1); delta: the window's measured change;
+        measured_new: (ghost) the measured effect of the new rows' part of the update alone.
+        """
+        delta = np.asarray(delta, np.float64)
+        carried: dict[str, np.ndarray] = {}
+        carry = np.zeros(self.width)
+        for lv in self.live:
+            c = sum(self._c(t, lv.step) for t in steps)
+            if c:
+                v = c * lv.gamma
+                carried[lv.hash] = carried.get(lv.hash, 0.0) + v
+                carry += v
+        mass = [share * sum(self._c(t, s) for t in steps if t >= s) for _, s, share in rows]
+        total_mass = float(sum(mass))
+        if measured_new is None:
+            new, residual = delta - carry, np.zeros(self.width)
+        else:
+            new = np.asarray(measured_new, np.float64)
+            residual = delta - carry - new
+        own: dict[str, np.ndarray] = {}
+        projected = np.zeros(self.width)
+        if rows and total_mass != 0.0:
+            unit = new / total_mass
+            for (h, s, share), m in zip(rows, mass):
+                own[h] = own.get(h, 0.0) + m * unit
+                projected += share * self._future_mass(s, steps) * unit
+                if self.kernel.has_memory:
+                    self.live.append(_Live(h, s, share * unit))
+        else:  # nothing new to credit (e.g. a window without captured rows): the change is unexplained
+            residual = residual + new
+        for h, v in carried.items():
+            self.totals[h] = self.totals.get(h, 0.0) + v
+        for h, v in own.items():
+            self.totals[h] = self.totals.get(h, 0.0) + v
+            self.own_totals[h] = self.own_totals.get(h, 0.0) + v
+        self.residual_total = self.residual_total + residual
+        self._prune(max(steps) if steps else 0)
+        return WindowCredit(own, carried, residual, projected)
+
+    def _future_mass(self, s: int, steps: Sequence[int]) -> float:
+        """Σ_{t≥s} c(t, s): the window's own steps at their learning rates, later ones at the last one."""
+        last = max(steps)
+        mass = sum(self._c(t, s) for t in steps if t >= s)
+        c0, lr, t = self._c(s, s), self.lrs.get(last, 1.0), last + 1
+        while self.kernel.has_memory and c0:
+            c = self.kernel.coef(t, s, lr)
+            if abs(c / c0) < self.tol:
+                break
+            mass, t = mass + c, t + 1
+        return mass
+
+    def _prune(self, t: int) -> None:
+        keep = []
+        for lv in self.live:
+            c0 = self._c(lv.step, lv.step)
+            nxt = self.kernel.coef(t + 1, lv.step, self.lrs.get(t, 1.0))
+            if c0 and abs(nxt / c0) >= self.tol:
+                keep.append(lv)
+        self.live = keep
+        horizon = min([lv.step for lv in self.live], default=t)
+        self.lrs = {k: v for k, v in self.lrs.items() if k >= horizon}
+
+    # -------------------------------------------------------- checkpoint state (JSON + arrays, no pickle)
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {"kernel": self.kernel.to_dict(), "measure": self.measure, "tol": self.tol,
+                "lrs": {str(k): v for k, v in self.lrs.items()},
+                "live": [[lv.hash, lv.step] for lv in self.live]}
+        keys = list(self.totals)
+        arrays = {
+            "credit_live_gamma": np.asarray([lv.gamma for lv in self.live], np.float64).reshape(len(self.live), self.width),
+            "credit_keys": np.asarray(keys, dtype="U32"),
+            "credit_totals": np.asarray([self.totals[k] for k in keys], np.float64).reshape(len(keys), self.width),
+            "credit_own": np.asarray([self.own_totals.get(k, np.zeros(self.width)) for k in keys],
+                                     np.float64).reshape(len(keys), self.width),
+            "credit_residual": np.asarray(self.residual_total, np.float64),
+        }
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: Any, width: int) -> "CreditEngine":
+        eng = cls(OptimizerKernel(**meta["kernel"]), width, meta["measure"], float(meta["tol"]))
+        eng.lrs = {int(k): float(v) for k, v in meta["lrs"].items()}
+        eng.live = [_Live(str(h), int(s), np.asarray(g)) for (h, s), g in zip(meta["live"], arrays["credit_live_gamma"])]
+        keys = [str(k) for k in arrays["credit_keys"]]
+        eng.totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_totals"])}
+        eng.own_totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_own"])}
+        eng.residual_total = np.asarray(arrays["credit_residual"], np.float64)
+        return eng
+
+
+# ---------------------------------------------------------------- the vector a credit carries
+@dataclass(frozen=True)
+class CreditLayout:
+    """One flat vector per credit: Δβ_X (k), Δβ_Y (k), measured refusal change per probe category (C),
+    policy-predicted category move (C), measured harmful/harmless mean refusal change (2).
+    All are linear in a step's change, so one kernel credits them all."""
+
+    k: int
+    categories: tuple[str, ...]
+
+    @property
+    def width(self) -> int:
+        return 2 * self.k + 2 * len(self.categories) + 2
+
+    def pack(self, dx: np.ndarray, dy: np.ndarray, cat_measured: dict[str, float], cat_predicted: dict[str, float],
+             harmful: float, harmless: float) -> np.ndarray:
+        return np.concatenate([np.asarray(dx, np.float64), np.asarray(dy, np.float64),
+                               [cat_measured[c] for c in self.categories], [cat_predicted[c] for c in self.categories],
+                               [harmful, harmless]])
+
+    def unpack(self, v: np.ndarray) -> dict[str, Any]:
+        k, C = self.k, len(self.categories)
+        v = np.asarray(v, np.float64)
+        dx, dy = v[:k], v[k:2 * k]
+        return {"dx": dx, "dy": dy, "d": dx + dy,
+                "refusal_by_category": dict(zip(self.categories, v[2 * k:2 * k + C].tolist())),
+                "predicted_by_category": dict(zip(self.categories, v[2 * k + C:2 * k + 2 * C].tolist())),
+                "refusal_harmful": float(v[-2]), "refusal_harmless": float(v[-1])}
+
+
+# ---------------------------------------------------------------- torch side: the newest gradient's part
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def trainable_params(optimizer: Any) -> list[torch.nn.Parameter]:
+    return [p for g in _inner(optimizer).param_groups for p in g["params"] if p.requires_grad]
+
+
+def optimizer_step_count(optimizer: Any) -> int | None:
+    """The optimizer's own step counter after its step (Adam keeps one; SGD does not)."""
+    opt = _inner(optimizer)
+    for p in trainable_params(optimizer):
+        st = opt.state.get(p, {})
+        if "step" in st:
+            return int(float(st["step"]))
+    return None
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors are widened to fp32 for the arithmetic; fp32/fp64 keep their dtype."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@torch.no_grad()
+def newest_update(optimizer: Any, kernel: OptimizerKernel, t: int) -> list[torch.Tensor]:
+    """The part of optimizer step t's update that is the newest gradient's: −D_t·c(t, t)·g_t per
+    trainable parameter, read after `optimizer.step()` and before `zero_grad()` (p.grad is the
+    clipped gradient the optimizer used). Weight decay and the momentum carry are left out."""
+    opt = _inner(optimizer)
+    out = []
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        c = kernel.coef(t, t, lr)
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                out.append(torch.zeros_like(p))
+                continue
+            g = _wide(p.grad.detach())
+            if kernel.kind == "adam":
+                st = opt.state[p]
+                v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                b2 = group["betas"][1]
+                denom = (_wide(v) / (1.0 - b2 ** int(float(st["step"])))).sqrt() + group["eps"]
+                out.append((-c * g / denom).to(p.dtype))
+            else:
+                out.append((-c * g).to(p.dtype))
+    return out
+
+
+RowLoss = Callable[[], torch.Tensor]
+
+
+@torch.no_grad()
+def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
+               row_losses: RowLoss, rel: float = 1e-3) -> np.ndarray:
+    """Each row's first-order contribution to a step's new-gradient update u: ∂L_i(θ_{t−1} + εu)/∂ε,
+    by a central difference (the step of ε moves θ by `rel`·‖θ‖). `row_losses()` returns the rows'
+    summed token losses at the current parameters. Parameters are restored bitwise afterwards.
+    Shares are the slopes normalised over all rows of the step (`shares_from_slopes`), which may
+    span ranks."""
+    saved = [p.detach().clone() for p in params]
+    norm_u = math.sqrt(sum(float((d.float() ** 2).sum()) for d in direction))
+    norm_b = math.sqrt(sum(float((b.float() ** 2).sum()) for b in base))
+    eps = rel * norm_b / norm_u if norm_u > 0 else 0.0
+    try:
+        losses = []
+        for sign in (1.0, -1.0):
+            for p, b, d in zip(params, base, direction):
+                p.copy_(b + sign * eps * d)
+            losses.append(row_losses().double().cpu().numpy())
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return (losses[0] - losses[1]) / (2 * eps) if eps > 0 else np.zeros(len(losses[0]))
+
+
+def shares_from_slopes(slopes: Sequence[float | None]) -> np.ndarray:
+    """Normalise a step's row slopes to shares summing to 1; equal shares where slopes are missing or cancel."""
+    n = len(slopes)
+    if n == 0:
+        return np.zeros(0)
+    if any(s is None for s in slopes):
+        return np.full(n, 1.0 / n)
+    arr = np.asarray(slopes, np.float64)
+    total = float(arr.sum())
+    if not np.isfinite(total) or abs(total) <= 1e-9 * float(np.abs(arr).sum()) or total == 0.0:
+        logger.warning("smda: the rows' first-order contributions cancel (sum %.3g); splitting the step equally", total)
+        return np.full(n, 1.0 / n)
+    return arr / total
+
+
+def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> RowLoss:
+    """Per-row summed cross-entropy over label tokens (the training loss up to its common normaliser)."""
+
+    def fn() -> torch.Tensor:
+        was = model.training
+        model.eval()
+        out = []
+        try:
+            dev = next(model.parameters()).device
+            for b in batches:
+                b = {k: v.to(dev) for k, v in b.items()}
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+                lab = b["labels"][:, 1:]
+                lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab.clamp_min(0), reduction="none")
+                out.append((lp * (lab != -100)).sum(1))
+        finally:
+            model.train(was)
+        return torch.cat(out)
+
+    return fn
+
+
+__all__ = ["CreditEngine", "CreditLayout", "OptimizerKernel", "WindowCredit", "causal_lm_row_losses", "newest_update",
+           "optimizer_step_count", "row_slopes", "shares_from_slopes", "trainable_params"]
