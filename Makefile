@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench validate clean
+.PHONY: setup demo test test-all bench validate poison clean
 
 setup: $(STAMP)
 
@@ -38,3 +38,7 @@ validate: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# planted bad pairs: which reader ranks them first (docs/validation.md, runs/poison/poison.json)
+poison: setup
+	$(BIN)/smda benchmark-poison --out runs/poison

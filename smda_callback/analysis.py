@@ -26,8 +26,11 @@ def bh_fdr(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def pair_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (step, pair) with its credited share of Δβ_X and Δβ_Y."""
+def pair_rows(records: list[dict[str, Any]], credits: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One entry per pair (from credits.json: everything the optimizer credit gave it, own step and
+    momentum carry) or, for ledgers without credits (counterfactual), per (step, pair) with its share."""
+    if credits is not None:
+        return _credit_rows(records, credits)
     rows = []
     for r in records:
         if "delta_beta" not in r:
@@ -45,6 +48,64 @@ def pair_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _credit_rows(records: list[dict[str, Any]], credits: dict[str, Any]) -> list[dict[str, Any]]:
+    first: dict[str, dict[str, Any]] = {}
+    for r in records:
+        for p in r.get("pairs", []):
+            first.setdefault(p.get("hash"), r)
+    rows = []
+    for c in credits["pairs"]:
+        r = first.get(c["hash"], {})
+        d = np.asarray(c["d"])
+        beta_before = np.asarray(r["beta"]) - np.asarray(r["delta_beta"]) if "beta" in r else np.zeros_like(d)
+        rows.append({"align": d * beta_before, "step": r.get("step"), "index": c.get("index"), "hash": c["hash"], "id": c.get("id"),
+                     "label": c.get("label"), "category": c.get("category"), "prompt": c.get("prompt", ""),
+                     "dx": np.asarray(c["dx"]), "dy": np.asarray(c["dy"]), "d": d,
+                     "interference": r.get("interference"), "alert": r.get("alert", False),
+                     "dominant_label": r.get("dominant_label"), "intended": r.get("intended_features", []),
+                     "dominant_feature": r.get("dominant_feature"), "moves": c["predicted_by_category"],
+                     "measured": c["refusal_by_category"], "refusal_harmful": c["refusal_harmful"],
+                     "refusal_harmless": c["refusal_harmless"]})
+    return rows
+
+
+SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
+
+
+def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any], target: str,
+             top: int | None = None) -> pd.DataFrame:
+    """Pairs ranked by what their credit did to a behaviour, most suspect first.
+
+    over-refusal: raised measured refusal on harmless probes; compliance: lowered it on harmful
+    probes; a probe category: moved that category the wrong way (down for a harmful category, up
+    for a harmless one); off-target: |Δβ| on features outside the pair's intended ones."""
+    rows = pair_rows(records, credits)
+    cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
+    feats = list(policy["features"])
+    if target == "over-refusal":
+        score = [r["refusal_harmless"] for r in rows]
+    elif target == "compliance":
+        score = [-r["refusal_harmful"] for r in rows]
+    elif target == "off-target":
+        score = []
+        for r in rows:
+            on = np.isin(feats, r["intended"])
+            score.append(float(np.abs(r["d"][~on]).sum()))
+    elif target in cat_label:
+        sign = -1.0 if cat_label[target] == "harmful" else 1.0
+        score = [sign * r["measured"][target] for r in rows]
+    else:
+        raise ValueError(f"unknown target {target!r}: use one of {', '.join(SUSPECT_TARGETS)} or a probe category "
+                         f"({', '.join(sorted(cat_label))})")
+    df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
+                        "score": float(sc), "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
+                       for r, sc in zip(rows, score)])
+    if df.empty:
+        return df
+    df = df.sort_values("score", ascending=False, kind="mergesort").reset_index(drop=True)
+    return df.head(top) if top else df
+
+
 def category_gaps(policy: dict[str, Any]) -> pd.DataFrame:
     """Measured refusal per probe category before/after and the gap to the harmful mean."""
     base, final = policy["baseline_refusal_by_category"], policy["final_refusal_by_category"]
@@ -59,10 +120,10 @@ def category_gaps(policy: dict[str, Any]) -> pd.DataFrame:
     return df.sort_values(["label", "after"]).reset_index(drop=True)
 
 
-def pathway_by_label(records: list[dict[str, Any]], policy: dict[str, Any]) -> pd.DataFrame:
+def pathway_by_label(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any] | None = None) -> pd.DataFrame:
     """Per feature: mean ΔX and ΔY pathway of harmful vs harmless pairs, Mann–Whitney p, BH q,
     and effect size (rank-biserial r) for the total Δβ."""
-    rows = pair_rows(records)
+    rows = pair_rows(records, credits)
     labels = policy["feature_labels"]
     h = [r for r in rows if r["label"] == "harmful"]
     s = [r for r in rows if r["label"] == "harmless"]
@@ -87,11 +148,12 @@ def pathway_by_label(records: list[dict[str, Any]], policy: dict[str, Any]) -> p
     return df.sort_values("p", na_position="last").reset_index(drop=True)
 
 
-def interference_table(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 10) -> pd.DataFrame:
+def interference_table(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 10,
+                       credits: dict[str, Any] | None = None) -> pd.DataFrame:
     """Pairs whose step's dominant Δβ landed off their intended features, strongest first."""
     labels = dict(zip(policy["features"], policy["feature_labels"]))
     rows = []
-    for r in pair_rows(records):
+    for r in pair_rows(records, credits):
         if r["interference"] is None:
             continue
         mag = float(np.abs(r["d"]).max()) if len(r["d"]) else 0.0
@@ -106,10 +168,11 @@ def interference_table(records: list[dict[str, Any]], policy: dict[str, Any], n:
     return df.sort_values("rank_key", ascending=False).drop(columns="rank_key").head(n).reset_index(drop=True)
 
 
-def top_pairs(records: list[dict[str, Any]], policy: dict[str, Any], feature_pos: int, n: int = 3) -> tuple[list, list]:
+def top_pairs(records: list[dict[str, Any]], policy: dict[str, Any], feature_pos: int, n: int = 3,
+              credits: dict[str, Any] | None = None) -> tuple[list, list]:
     """Pairs that raised / lowered coefficient `feature_pos` most (summed over epochs)."""
     agg: dict[Any, dict[str, Any]] = {}
-    for r in pair_rows(records):
+    for r in pair_rows(records, credits):
         key = r["hash"]
         a = agg.setdefault(key, {"index": r["index"], "label": r["label"], "category": r["category"],
                                  "prompt": r["prompt"], "d": 0.0})
@@ -118,10 +181,19 @@ def top_pairs(records: list[dict[str, Any]], policy: dict[str, Any], feature_pos
     return items[::-1][:n], items[:n]
 
 
-def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 2) -> dict[str, list[dict[str, Any]]]:
-    """Per probe category, the pairs whose steps moved that category's measured refusal most
-    *beyond the step's mean move over all categories* (so a step that raises refusal everywhere
-    does not top every category), both signs."""
+def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: int = 2,
+                    credits: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per probe category, the pairs that moved that category's measured refusal most *beyond
+    their mean move over all categories* (so a pair that raises refusal everywhere does not top
+    every category), both signs. With credits, a pair's move is its credited one."""
+    if credits is not None:
+        by: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        for r in pair_rows(records, credits):
+            mean = float(np.mean(list(r["measured"].values())))
+            for c, d in r["measured"].items():
+                by.setdefault(c, []).append((d - mean, r))
+        return {c: [{"delta": d, **{k: p.get(k) for k in ("index", "label", "category", "prompt")}}
+                    for d, p in sorted(m, key=lambda t: -abs(t[0]))[:n]] for c, m in by.items()}
     prev: dict[str, float] | None = policy.get("baseline_refusal_by_category")
     moves: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for r in records:

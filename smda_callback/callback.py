@@ -319,6 +319,7 @@ class SMDACallback(TrainerCallback):
             measured = self._vector(ghost.X, ghost.Y, run.policy.M(ghost.X))[2]
         steps = list(range(window[0], window[1] + 1))
         rows = [(p["hash"], int(p.get("step") or step), float(p["credit"])) for p in pairs]
+        lrs = [run.engine.lrs.get(t) for t in steps]
         credit = run.engine.window(steps, rows, vec, measured)
         for p in pairs:
             run.pair_meta.setdefault(p["hash"], {k: p[k] for k in ("index", "id", "label", "category", "prompt") if k in p})
@@ -340,7 +341,8 @@ class SMDACallback(TrainerCallback):
             refusal_harmless=float(snap.Y[~np.asarray(self.probes.is_harmful)].mean()),
             credit={"kind": self._kernel.kind, "measure": run.engine.measure, "residual_d": res["d"],
                     "residual_refusal": [res["refusal_harmful"], res["refusal_harmless"]],
-                    "carried_abs_d": carried, "n_carried": len(credit.carried), "projected_d": projected},
+                    "carried_abs_d": carried, "n_carried": len(credit.carried), "projected_d": projected,
+                    "lrs": lrs, "ghost": measured},
             interference=decision.score, dominant_feature=int(run.features[decision.dominant]),
             dominant_label=self.labels[decision.dominant], dominant_off_target=decision.off_target,
             intended_features=[int(run.features[j]) for j in intended], noise_floor=decision.noise_floor,

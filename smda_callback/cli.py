@@ -57,6 +57,34 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _suspects(a: argparse.Namespace) -> int:
+    from .analysis import suspects
+    from .ledger import load_credits, load_policy, load_records
+
+    credits = load_credits(a.run_dir)
+    if credits is None:
+        raise ValueError(f"{a.run_dir}: no credits.json (a counterfactual ledger or a run from before per-pair credit); "
+                         "suspects needs an in-training run of SMDACallback.")
+    df = suspects(load_records(a.run_dir), load_policy(a.run_dir), credits, a.target, a.top)
+    if a.json:
+        print(json.dumps(df.drop(columns=["hash"]).to_dict("records"), indent=1, default=float))
+        return 0
+    print(f"pairs ranked by {a.target} (credit rule {credits['rule']}, kernel {credits['kernel']['kind']}, "
+          f"measure {credits['measure']}); score = credited change, most suspect first")
+    for r in df.itertuples():
+        print(f"{r.score:+.4f}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
+    return 0
+
+
+def _poison(a: argparse.Namespace) -> int:
+    from .poison import PoisonSettings, format_poison, run_poison
+
+    res = run_poison(a.out, PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, tracin=not a.no_tracin))
+    print(format_poison(res))
+    print(f"\nwritten: {Path(a.out) / 'poison.json'}")
+    return 0
+
+
 def _attribute(a: argparse.Namespace) -> int:
     from .config import SMDAConfig
     from .counterfactual import attribute_pairs
@@ -129,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("-o", "--output", help="output HTML path (default RUN_DIR/smda/report.html)")
     r.set_defaults(fn=_report)
+
+    su = sub.add_parser("suspects", help="pairs ranked by what they did to a behaviour (over-refusal, compliance, ...)")
+    su.add_argument("run_dir")
+    su.add_argument("--target", required=True, help="over-refusal | compliance | off-target | a probe category name")
+    su.add_argument("--top", type=int, default=20)
+    su.add_argument("--json", action="store_true", help="a JSON list, most suspect first")
+    su.set_defaults(fn=_suspects)
+
+    po = sub.add_parser("benchmark-poison", help="plant bad pairs among demo pairs; which reader ranks them first?")
+    po.add_argument("--out", default="runs/poison")
+    po.add_argument("--n-base", type=int, default=96, help="demo pairs mixed with the plants")
+    po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
+    po.add_argument("--no-tracin", action="store_true")
+    po.set_defaults(fn=_poison)
 
     at = sub.add_parser("attribute", help="the paper's counterfactual protocol: one SGD step per pair from the same base")
     at.add_argument("--pairs")

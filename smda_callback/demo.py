@@ -14,7 +14,7 @@ import numpy as np
 from .analysis import category_gaps, interference_table, pathway_by_label
 from .callback import SMDACallback
 from .config import SMDAConfig
-from .ledger import load_policy, load_records
+from .ledger import load_credits, load_policy, load_records
 from .probes import ProbeSet, read_jsonl, validate_records
 from .probing import behaviour
 
@@ -112,8 +112,9 @@ def summarize(run_dir: str | Path, probes: ProbeSet) -> dict[str, Any]:
     harmful = np.asarray(probes.is_harmful)
     edgy = np.asarray([p.edgy for p in probes.probes])
     gaps = category_gaps(policy)
-    path = pathway_by_label(records, policy)
-    inter = interference_table(records, policy, n=5)
+    credits = load_credits(run_dir)
+    path = pathway_by_label(records, policy, credits)
+    inter = interference_table(records, policy, n=5, credits=credits)
     return {
         "policy_0": policy["symbolic_policy_0"], "policy_final": policy["symbolic_policy_final"], "fit": policy["fit"],
         "refusal_harmful": [float(y0[harmful].mean()), float(y1[harmful].mean())],

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .sinks import LEDGER, POLICY, read_ledger_lines
+from .sinks import CREDITS, LEDGER, POLICY, read_ledger_lines
 
 
 def _smda_dir(run_dir: str | Path) -> Path:
@@ -26,6 +26,12 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def load_policy(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((_smda_dir(run_dir) / POLICY).read_text())
+
+
+def load_credits(run_dir: str | Path) -> dict[str, Any] | None:
+    """Per-pair credits (credits.json) of an in-training run; None for ledgers that have none (counterfactual)."""
+    path = _smda_dir(run_dir) / CREDITS
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_ledger(run_dir: str | Path) -> pd.DataFrame:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .analysis import category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, top_pairs
-from .ledger import _smda_dir, load_policy, load_records
+from .analysis import (category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, suspects,
+                       top_pairs)
+from .ledger import _smda_dir, load_credits, load_policy, load_records
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}
@@ -144,10 +145,11 @@ def build_html(run_dir: str | Path) -> str:
     records = load_records(run_dir)
     fit = policy["fit"]
     gaps = category_gaps(policy)
-    path = pathway_by_label(records, policy)
-    inter = interference_table(records, policy, n=12)
-    movers = category_movers(records, policy)
-    rows = pair_rows(records)
+    credits = load_credits(run_dir)
+    path = pathway_by_label(records, policy, credits)
+    inter = interference_table(records, policy, n=12, credits=credits)
+    movers = category_movers(records, policy, credits=credits)
+    rows = pair_rows(records, credits)
     protocol = "counterfactual (one SGD step per pair from the same base)" if policy.get("protocol") == "counterfactual" \
         else "in-training (sequential optimizer steps of the real run)"
     halted = policy.get("halted")
@@ -162,7 +164,7 @@ def build_html(run_dir: str | Path) -> str:
              f"<div class='kpi'><b>{len(policy['features'])}</b><span>SAE features in the policy</span></div>",
              f"<div class='kpi'><b>{fit.get('cv_auroc_labels', float('nan')):.2f}</b><span>held-out AUROC of the baseline policy vs labels</span></div>",
              f"<div class='kpi'><b>{fit['r2']:.2f}</b><span>baseline R² (λ={policy['lambda']:.3g})</span></div>",
-             f"<div class='kpi'><b>{len(rows)}</b><span>pair-steps attributed</span></div>",
+             f"<div class='kpi'><b>{len(rows)}</b><span>{'pairs credited (' + _e(credits['rule']) + ' credit)' if credits else 'pair-steps attributed'}</span></div>",
              f"<div class='kpi'><b class='{'alert' if n_alerts else 'ok'}'>{n_alerts}</b><span>interference alerts</span></div>",
              f"<div class='kpi'><b class='{'alert' if halted else 'ok'}'>{'halted @ ' + str(halted['step']) if halted else 'no'}</b><span>training halted</span></div>",
              "</div>"]
@@ -201,11 +203,20 @@ def build_html(run_dir: str | Path) -> str:
               f"<div class='card'>{_table(inter[['step', 'index', 'label', 'category', 'prompt', 'intended', 'dominant', 'score', 'alert']]) if not inter.empty else '<p>no steps</p>'}</div>"]
     tp_rows = []
     for j in np.argsort(-np.abs(np.asarray(policy["beta_final"])))[:8]:
-        up, down = top_pairs(records, policy, int(j), n=2)
+        up, down = top_pairs(records, policy, int(j), n=2, credits=credits)
         for kind, items in (("raised", up), ("lowered", down)):
             for it in items:
                 tp_rows.append({"feature": policy["feature_labels"][j], "direction": kind, "Δβ": it["d"], "pair": it["index"],
                                 "label": it["label"], "category": it["category"], "prompt": str(it["prompt"] or "")[:80]})
+    if credits is not None:
+        parts += ["<h2 id='suspects'>Suspects: pairs ranked by what they did</h2>",
+                  f"<p class='note'>Credit rule <b>{_e(credits['rule'])}</b> (kernel {_e(credits['kernel']['kind'])}, "
+                  f"measure {_e(credits['measure'])}; see docs/credit.md). Same ranking as <code>smda suspects RUN --target T</code>. "
+                  "over-refusal: credited change of mean refusal on harmless probes; compliance: minus that on harmful probes.</p>"]
+        for target in ("over-refusal", "compliance"):
+            sus = suspects(records, policy, credits, target, top=10)
+            parts.append(f"<div class='card'><b>{_e(target)}</b>"
+                         f"{_table(sus[['index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
     parts += ["<h2 id='toppairs'>5. Top pairs per feature</h2>",
               f"<div class='card'>{_table(pd.DataFrame(tp_rows)) if tp_rows else '<p>none</p>'}</div>",
               "<h2 id='training'>6. The pathway split over training</h2>", f"<div class='card'>{_split_over_time(records)}</div>",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .analysis import pair_rows
 from .config import SMDAConfig
-from .ledger import load_policy, load_records
+from .ledger import load_credits, load_policy, load_records
 from .probes import ProbeSet
 from .probing import behaviour
 
@@ -33,7 +33,7 @@ def pair_scores(run_dir: str | Path) -> pd.DataFrame:
     """One row per pair id: the paper's score Σⱼ Δβⱼ·βⱼ, Δβ, and the predicted move of each probe
     category's refusal (x̄_cat·Δβ), summed over the pair's steps (epochs)."""
     rows: dict[str, dict[str, Any]] = {}
-    for r in pair_rows(load_records(run_dir)):
+    for r in pair_rows(load_records(run_dir), load_credits(run_dir)):
         key = r["id"] or r["hash"]
         row = rows.setdefault(key, {"id": key, "label": r["label"], "category": r["category"], "prompt": r["prompt"],
                                     "step": r["step"], "score": 0.0, "delta_beta": 0.0, "moves": {}})

@@ -123,7 +123,8 @@ def test_every_n_steps_windows_are_exact_and_credit_all_pairs(tmp_path, smol_tok
     recs = load_records(tmp_path)
     assert [r["step"] for r in recs] == [2, 4, 5] and [r["window"] for r in recs] == [[1, 2], [3, 4], [5, 5]]
     assert [[p["index"] for p in r["pairs"]] for r in recs] == [seen[0:2], seen[2:4], seen[4:5]]
-    assert [p["credit"] for p in recs[0]["pairs"]] == [0.5, 0.5] and recs[0]["split"]
+    assert [p["credit"] for p in recs[0]["pairs"]] == [1.0, 1.0] and recs[0]["split"]  # each alone in its step
+    assert [p["step"] for p in recs[0]["pairs"]] == [1, 2]
     policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
     np.testing.assert_allclose(np.sum([r["delta_beta"] for r in recs], axis=0),
                                np.subtract(policy["beta_final"], policy["beta_0"]), atol=1e-9)

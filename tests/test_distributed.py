@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
                              ddp_backend="gloo")
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as fh:
-        json.dump({{"step": trainer.state.global_step, "beta": cb.run.M.dot(cb.run.Y).tolist(),
+        totals = {{h: v.tolist() for h, v in cb.run.engine.totals.items()}}
+        json.dump({{"step": trainer.state.global_step, "beta": cb.run.M.dot(cb.run.Y).tolist(), "credits": totals,
                    "world": int(os.environ["WORLD_SIZE"])}}, fh)
 """)
 
@@ -38,6 +39,7 @@ def test_two_processes_agree_and_halt_together(tmp_path):
     r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 2  # both ranks stopped at the alerting step
     np.testing.assert_array_equal(r0["beta"], r1["beta"])  # gathered probes → identical policy on each rank
+    assert r0["credits"] == r1["credits"] and len(r0["credits"]) == 4  # the same per-pair credit on both ranks
     recs = [json.loads(l) for l in (out / "smda" / "attribution.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]  # written once (rank 0 only), no duplicate lines
     assert all(r["n_pairs"] == 2 for r in recs)  # one pair from each rank per step

@@ -42,14 +42,20 @@ def test_lora(tmp_path, smol_tokenizer, how):
     assert sum(np.abs(r["delta_beta"]).sum() for r in recs) > 0  # the adapters moved the policy
 
 
-def test_batches_and_accumulation_list_every_pair_once_per_step(tmp_path, smol_tokenizer):
-    _, _, seen = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=2,
+@pytest.mark.parametrize("rule", ["step", "optimizer"])
+def test_batches_and_accumulation_list_every_pair_once_per_step(tmp_path, smol_tokenizer, rule):
+    _, _, seen = run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, credit=rule), max_steps=2,
                          per_device_train_batch_size=2, gradient_accumulation_steps=2, record_rows=True, report_to=[],
                          pairs=8, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
     recs = _telescopes(tmp_path)
     assert [r["step"] for r in recs] == [1, 2]
     for k, r in enumerate(recs):
-        assert r["n_pairs"] == 4 and r["split"] and all(p["credit"] == 0.25 for p in r["pairs"])
+        shares = [p["credit"] for p in r["pairs"]]
+        assert r["n_pairs"] == 4 and r["split"] and sum(shares) == pytest.approx(1.0, abs=1e-12)
+        if rule == "step":
+            assert shares == [0.25] * 4
+        else:  # split by each row's first-order contribution to the update, not 1/n
+            assert np.ptp(shares) > 1e-3
         assert sorted(p["index"] for p in r["pairs"]) == sorted(seen[4 * k: 4 * k + 4])
     # eval forwards (train mode off) and our own probe forwards are never captured
     assert len(seen) == 8 and sorted(p["index"] for r in recs for p in r["pairs"]) == sorted(range(8))
@@ -108,6 +114,12 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     pa = json.loads((tmp_path / "ref" / "smda" / "policy.json").read_text())
     pb = json.loads((tmp_path / "run" / "smda" / "policy.json").read_text())
     np.testing.assert_allclose(pa["beta_final"], pb["beta_final"], atol=1e-6)
+    # the optimizer-credit state (live momentum, per-pair totals) came back from checkpoint-4
+    ca, cb = (json.loads((tmp_path / n / "smda" / "credits.json").read_text()) for n in ("ref", "run"))
+    assert sorted(x["hash"] for x in ca["pairs"]) == sorted(x["hash"] for x in cb["pairs"])
+    tb = {x["hash"]: x["d"] for x in cb["pairs"]}
+    for x in ca["pairs"]:
+        np.testing.assert_allclose(x["d"], tb[x["hash"]], atol=1e-6)
 
 
 def test_same_seed_same_ledger(tmp_path, smol_tokenizer):

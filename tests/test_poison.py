@@ -1,0 +1,84 @@
+"""The planted-pairs harness: plants are new text, detection is scored within the label, an oracle
+scores 1, random about 0.5, and credit rules replayed from a ledger equal the live ones."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from helpers import run_sft, tiny_model, tiny_sae
+from smda_callback import SMDAConfig, load_records
+from smda_callback.credit import OptimizerKernel
+from smda_callback.demo import DATA, load_pairs
+from smda_callback.ledger import load_credits, load_policy
+from smda_callback.poison import detection, load_plants, poison_pairs, replay_credits
+from smda_callback.probes import read_jsonl
+
+
+def _words(s):
+    return set(re.findall(r"[a-z']+", s.lower()))
+
+
+def test_plants_are_new_text_and_cover_both_kinds():
+    plants = load_plants()
+    kinds = [p["plant"] for p in plants]
+    assert kinds.count("over-refusal") >= 8 and kinds.count("compliance") >= 8 and len(plants) >= 16
+    others = [r["prompt"] for f in ("pairs", "probes", "heldout") for r in read_jsonl(DATA / f"{f}.jsonl")]
+    for p in plants:
+        w = _words(p["prompt"])
+        worst = max(len(w & _words(o)) / len(w | _words(o)) for o in others)
+        assert worst < 0.6, (p["id"], worst)
+
+
+def test_mix_is_fixed_stratified_and_keeps_every_plant():
+    pairs, plants = load_pairs(DATA / "pairs.jsonl"), load_plants()
+    a, b = poison_pairs(pairs, plants, 60, seed=3), poison_pairs(pairs, plants, 60, seed=3)
+    assert [p["id"] for p in a] == [p["id"] for p in b]
+    assert {p["id"] for p in plants} <= {p["id"] for p in a} and len(a) == 60 + len(plants)
+    base = [p for p in a if "plant" not in p]
+    share = np.mean([p["label"] == "harmful" for p in base])
+    assert abs(share - np.mean([p["label"] == "harmful" for p in pairs])) < 0.03
+
+
+def test_detection_oracle_scores_one_and_random_about_half():
+    plants = load_plants()
+    pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), plants, 200, seed=0)
+    for kind in ("over-refusal", "compliance"):
+        oracle = {p["id"]: float(p.get("plant") == kind) for p in pairs}
+        d = detection(oracle, pairs, kind)
+        assert d["auroc"] == 1.0 and d["precision_at_n"] == 1.0 and d["plant_ranks"] == list(range(1, d["n_plants"] + 1))
+        # the label alone gives nothing away: every pool member has the plants' label
+        label_only = {p["id"]: float(p["label"] == ("harmless" if kind == "over-refusal" else "harmful")) for p in pairs}
+        assert detection(label_only, pairs, kind)["auroc"] == 0.5
+        rng = np.random.default_rng(0)
+        aucs = [detection({p["id"]: rng.random() for p in pairs}, pairs, kind)["auroc"] for _ in range(200)]
+        assert abs(np.mean(aucs) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("measure", ["ghost", "deconvolve"])
+def test_replayed_credit_equals_the_live_one(tmp_path, smol_tokenizer, measure):
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, credit_measure=measure),
+            max_steps=5, report_to=[])
+    records, policy, credits = load_records(tmp_path), load_policy(tmp_path), load_credits(tmp_path)
+    replay = replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), measure)
+    live = {c["hash"]: c for c in credits["pairs"]}
+    assert replay.keys() == live.keys()
+    for h, v in replay.items():
+        np.testing.assert_allclose(v["d"], live[h]["d"], atol=1e-12)
+        np.testing.assert_allclose(v["refusal_harmless"], live[h]["refusal_harmless"], atol=1e-12)
+
+
+def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys):
+    from smda_callback.cli import main
+
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=4, report_to=[])
+    capsys.readouterr()  # the Trainer's own log lines
+    assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {"id", "index", "label", "category", "score", "prompt"} <= set(rows[0])
+    credits = {c["index"]: c["refusal_harmless"] for c in load_credits(tmp_path)["pairs"]}
+    assert [r["score"] for r in rows] == sorted((credits[r["index"]] for r in rows), reverse=True)
+    assert main(["suspects", str(tmp_path), "--target", "weapons", "--top", "2"]) == 0  # a probe category
+    assert main(["suspects", str(tmp_path), "--target", "nonsense"]) == 2
+    assert "unknown target 'nonsense'" in capsys.readouterr().err
