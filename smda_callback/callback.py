@@ -19,6 +19,7 @@ from .capture import PackingError, PairCapture, index_dataset
 from .config import SMDAConfig
 from .credit import (CreditEngine, CreditLayout, OptimizerKernel, causal_lm_row_losses, newest_update,
                      optimizer_step_count, row_slopes, shares_from_slopes, trainable_params)
+from .features import load_cards
 from .policy import RidgePolicy, select_features
 from .probes import ProbeSet
 from .sae import base_model, load_feature_labels, load_sae, resolve_hook
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 STATE_JSON = "smda_state.json"
 STATE_NPZ = "smda_state.npz"
+TB_TOP_BETA = 8
+"""TensorBoard's one-colour-per-series chart of β shows the 8 largest |β₀| (all β stay under smda/beta/)."""
 
 
 @dataclass
@@ -91,6 +94,8 @@ class SMDACallback(TrainerCallback):
             raise ValueError(f"on_alert={on_alert!r}: use 'warn', 'halt' or a callable(AlertEvent) -> bool.")
         self.on_alert = on_alert if on_alert is not None else self.config.on_alert
         labels = load_feature_labels(sae, int(self.sae.cfg.d_sae))
+        self._category_label = {p.category: p.label for p in self.probes.probes}
+        self.cards = load_cards(sae if isinstance(sae, (str, Path)) else None)
         for j, text in (feature_labels or {}).items():
             labels[int(j)] = f"f{int(j)} {text}"
         self.all_labels = labels
@@ -112,6 +117,7 @@ class SMDACallback(TrainerCallback):
         self._tagged = 0
         self._base: list[torch.Tensor] | None = None
         self._ghost: Any = None
+        self._opt_seconds = 0.0
 
     # ---------------------------------------------------------------- wiring
     def bind(self, trainer: Any) -> "SMDACallback":
@@ -182,6 +188,20 @@ class SMDACallback(TrainerCallback):
             logger.warning("smda: resuming at step %d without saved smda state; a new baseline is taken here.", state.global_step)
         self._baseline(model, state)
 
+    def _allowed(self, d_sae: int) -> np.ndarray | None:
+        """Latents whose card kind the config admits (None: no cards, every latent is eligible)."""
+        if not self.cards:
+            if set(self.config.feature_kinds) != {"content", "format", "function-word"}:
+                logger.warning("smda: this SAE has no feature cards (feature_cards.json), so feature kinds are unknown and "
+                               "selection cannot skip format/function-word latents; every latent is eligible.")
+            return None
+        return np.asarray([self.cards.get(j, {}).get("kind") in self.config.feature_kinds for j in range(d_sae)])
+
+    def _ignored(self) -> np.ndarray:
+        """Policy positions the alert treats as noise (their card kind is in alert_ignore_kinds)."""
+        assert self.run is not None
+        return np.asarray([self.cards.get(int(j), {}).get("kind") in self.config.alert_ignore_kinds for j in self.run.features])
+
     def _baseline(self, model: Any, state: Any) -> None:
         t0 = time.perf_counter()
         snap = self._snap.take(model, full=True)
@@ -193,7 +213,7 @@ class SMDACallback(TrainerCallback):
             if feats.min() < 0 or feats.max() >= snap.Z.shape[1]:
                 raise ValueError(f"features must be SAE latent indices in [0, {snap.Z.shape[1]}); got {feats.min()}..{feats.max()}.")
         else:
-            feats = select_features(snap.Z, harmful, self.config.n_features)
+            feats = select_features(snap.Z, harmful, self.config.n_features, self._allowed(snap.Z.shape[1]))
         self._snap.features = feats
         X = snap.Z[:, feats]
         policy = RidgePolicy(lam=self.config.ridge_lambda or 1.0, intercept=self.config.intercept,
@@ -235,8 +255,10 @@ class SMDACallback(TrainerCallback):
         return self._measure() == "ghost" or len(self.capture.rows) - self._tagged > 1 or _dist()[1] > 1
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
         self._base = ([p.detach().clone() for p in trainable_params(optimizer)]
                       if optimizer is not None and self._needs_base() else None)
+        self._opt_seconds += time.perf_counter() - t0
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                           **kwargs: Any) -> None:
@@ -244,6 +266,13 @@ class SMDACallback(TrainerCallback):
         the step among them, and (ghost) measure the newest gradient's part of the update alone."""
         if self.run is None or optimizer is None:
             return
+        t0 = time.perf_counter()
+        try:
+            self._credit_step(state, model, optimizer)
+        finally:
+            self._opt_seconds += time.perf_counter() - t0
+
+    def _credit_step(self, state: Any, model: Any, optimizer: Any) -> None:
         t = optimizer_step_count(optimizer) or state.global_step + 1
         self.run.engine.lr(t, float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]))
         rows = self.capture.rows[self._tagged:]
@@ -327,7 +356,7 @@ class SMDACallback(TrainerCallback):
             p["own_d"] = own["d"]
         projected = self._layout.unpack(credit.projected)["d"] if pairs else dec.delta_beta
         intended = sorted({j for z in zs for j in intended_features(z, self.config.intended_top_m)})
-        decision = self.alerts.decide(projected, intended)
+        decision = self.alerts.decide(np.where(self._ignored(), 0.0, projected), intended)
         b1 = run.policy.intercept_of(snap.X, snap.Y, dec.beta1)
         pred = run.policy.predict(snap.X, dec.beta1, b1)
         res = self._layout.unpack(credit.residual)
@@ -346,8 +375,10 @@ class SMDACallback(TrainerCallback):
             interference=decision.score, dominant_feature=int(run.features[decision.dominant]),
             dominant_label=self.labels[decision.dominant], dominant_off_target=decision.off_target,
             intended_features=[int(run.features[j]) for j in intended], noise_floor=decision.noise_floor,
-            alert=decision.alert, alert_reason=decision.reason, seconds=round(time.perf_counter() - t0, 4),
+            alert=decision.alert, alert_reason=decision.reason,
+            seconds=round(time.perf_counter() - t0 + self._opt_seconds, 4),
         )
+        self._opt_seconds = 0.0
         run.X, run.Y, run.M = snap.X, snap.Y, M1
         if decision.alert:
             self._handle_alert(decision, record, pairs, intended, state, control)
@@ -393,6 +424,11 @@ class SMDACallback(TrainerCallback):
                      "smda/policy/intercept": record["intercept"],
                      "smda/health/first_order_gap": record["first_order_gap"]})
         self._tb.scalars(vals, step)
+        beta = np.asarray(record["beta"])
+        for j in np.argsort(-np.abs(self.run.beta0), kind="mergesort")[:TB_TOP_BETA]:
+            self._tb.series(f"beta/{_slug(self.labels[j])}", "smda/beta_top", float(beta[j]), step)
+        for c, v in record["refusal_by_category"].items():
+            self._tb.series(f"category/{_slug(c)}", f"smda/category/{self._category_label[c]}", v, step)
         self._tb.histogram("smda/delta_beta", np.asarray(record["delta_beta"]), step)
         self._tb.histogram("smda/delta_beta_x", np.asarray(record["delta_beta_x"]), step)
         self._tb.histogram("smda/delta_beta_y", np.asarray(record["delta_beta_y"]), step)
@@ -471,6 +507,7 @@ class SMDACallback(TrainerCallback):
         res = self._layout.unpack(run.engine.residual_total)
         self._ledger.write_json(POLICY, {
             "features": run.features, "feature_labels": self.labels, "lambda": run.policy.lam,
+            "feature_cards": {str(int(j)): self.cards[int(j)] for j in run.features if int(j) in self.cards},
             "policy": run.policy.to_dict(), "config": self.config.to_dict(),
             "beta_0": run.beta0, "intercept_0": run.b0, "beta_final": beta_T,
             "intercept_final": run.policy.intercept_of(run.X, run.Y, beta_T), "fit": run.fit,

@@ -85,6 +85,41 @@ def _poison(a: argparse.Namespace) -> int:
     return 0
 
 
+def _causal(a: argparse.Namespace) -> int:
+    from .causal import insert_vs_omit
+
+    res = insert_vs_omit(a.run_dir, a.pairs, a.n, a.horizon, a.out)
+    print(json.dumps(res["summary"], indent=1, default=float))
+    print(f"replayed run vs ledger, max |Δ harmless refusal|: {res['replay_vs_ledger_harmless_abs_diff_max']:.2e}")
+    return 0
+
+
+def _features(a: argparse.Namespace) -> int:
+    from .features import KINDS, format_card, load_cards
+    from .sae import embedded_sae_dir
+
+    cards = load_cards(a.sae or embedded_sae_dir())
+    if not cards:
+        raise ValueError(f"{a.sae or embedded_sae_dir()}: no feature_cards.json next to this SAE (`smda train-sae` writes one).")
+    ids = [int(str(i).lstrip("f")) for i in a.ids]
+    if a.run:
+        from .ledger import load_policy
+
+        ids += [int(j) for j in load_policy(a.run)["features"]]
+    if not ids:
+        live = [c for c in cards.values() if c["label"] != "dead"]
+        print(f"{len(cards)} latents, {len(cards) - len(live)} dead; kinds: " +
+              ", ".join(f"{k} {sum(c['kind'] == k for c in live)}" for k in KINDS))
+        print("smda features ID [ID ...] prints cards; --run RUN_DIR prints the cards of that run's policy features")
+        return 0
+    for j in ids:
+        if j not in cards:
+            raise ValueError(f"latent {j} is out of range (the SAE has {len(cards)} latents)")
+        print(format_card(j, cards[j], a.top))
+        print()
+    return 0
+
+
 def _attribute(a: argparse.Namespace) -> int:
     from .config import SMDAConfig
     from .counterfactual import attribute_pairs
@@ -172,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
     po.add_argument("--no-tracin", action="store_true")
     po.set_defaults(fn=_poison)
+
+    ca = sub.add_parser("causal", help="insert vs omit pairs at their place in the same optimizer; compare with credits")
+    ca.add_argument("run_dir", help="a finished one-pair-per-step run (e.g. runs/poison/run)")
+    ca.add_argument("--pairs", required=True, help="the pairs JSONL that run trained on")
+    ca.add_argument("--n", type=int, default=30, help="pairs tested, evenly spaced over the run")
+    ca.add_argument("--horizon", type=int, default=20, help="steps after the pair before both branches are probed")
+    ca.add_argument("--out", default="runs/causal")
+    ca.set_defaults(fn=_causal)
+
+    fe = sub.add_parser("features", help="feature cards: top activating contexts, label and kind of SAE latents")
+    fe.add_argument("ids", nargs="*", help="latent ids (123 or f123)")
+    fe.add_argument("--top", type=int, default=10, help="contexts per card")
+    fe.add_argument("--run", help="also print the cards of this run's policy features")
+    fe.add_argument("--sae", help="SAE folder (default: the shipped SAE)")
+    fe.set_defaults(fn=_features)
 
     at = sub.add_parser("attribute", help="the paper's counterfactual protocol: one SGD step per pair from the same base")
     at.add_argument("--pairs")

@@ -44,6 +44,14 @@ class SMDAConfig:
     """How many SAE latents enter the policy (selected at baseline from labels)."""
     features: list[int] | None = None
     """Explicit latent indices; overrides selection."""
+    feature_kinds: tuple[str, ...] = ("content",)
+    """Which feature kinds (features.py: content, format, function-word) selection may pick, read from
+    the SAE's feature cards. Form features (punctuation, question words) separate harmful from
+    harmless probes whenever the two differ in form, and make a policy that says "not a question →
+    refuse". SAEs without cards: every latent is eligible (one warning)."""
+    alert_ignore_kinds: tuple[str, ...] = ("format",)
+    """Feature kinds the interference alert treats as noise: they never count as a step's dominant
+    feature or as off-target mass."""
     pooling: Pooling = "mean"
     """How a probe's per-token activations become one row of X. `mean`/`max` run
     over the user's content tokens, `last` is the final prompt token (where the
@@ -112,6 +120,11 @@ class SMDAConfig:
 
     def __post_init__(self) -> None:
         self.refusal_openings = tuple(self.refusal_openings)
+        self.feature_kinds = tuple(self.feature_kinds)
+        self.alert_ignore_kinds = tuple(self.alert_ignore_kinds)
+        bad = [k for k in (*self.feature_kinds, *self.alert_ignore_kinds) if k not in ("content", "format", "function-word")]
+        if bad or not self.feature_kinds:
+            raise ValueError(f"feature kinds must be among 'content', 'format', 'function-word' (feature_kinds non-empty); got {bad}")
         self.compliance_openings = tuple(self.compliance_openings)
         checks = {
             "pooling": ("mean", "max", "last", "eot"),
@@ -160,6 +173,8 @@ class SMDAConfig:
             intercept=False,
             method="first_order",
             credit="step",
+            feature_kinds=("content", "format", "function-word"),
+            alert_ignore_kinds=(),
         )
         base.update(overrides)
         return cls(**base)
@@ -168,6 +183,8 @@ class SMDAConfig:
         d = asdict(self)
         d["refusal_openings"] = list(self.refusal_openings)
         d["compliance_openings"] = list(self.compliance_openings)
+        d["feature_kinds"] = list(self.feature_kinds)
+        d["alert_ignore_kinds"] = list(self.alert_ignore_kinds)
         return d
 
     @classmethod

@@ -180,18 +180,21 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return float("nan") if ss == 0 else 1.0 - float(np.sum((y - pred) ** 2)) / ss
 
 
-def select_features(Z: np.ndarray, harmful: Sequence[bool], k: int) -> np.ndarray:
+def select_features(Z: np.ndarray, harmful: Sequence[bool], k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """The k latents whose pooled activations best separate harmful from harmless.
 
     Score = |mean_h − mean_s| / pooled sd (a standardised difference). Baseline
     refusal may have no variance on a model that never refuses, so the labels,
-    not Y, choose. Dead latents (never active on the probes) are never chosen.
+    not Y, choose. Dead latents (never active on the probes) are never chosen, nor
+    latents outside `allowed` (e.g. format features, see features.py).
     """
     Z = np.asarray(Z, dtype=np.float64)
     h = np.asarray(harmful, dtype=bool)
     mh, ms = Z[h].mean(0), Z[~h].mean(0)
     sd = np.sqrt(0.5 * (Z[h].var(0) + Z[~h].var(0)))
     alive = (Z != 0).any(0)
+    if allowed is not None:
+        alive &= np.asarray(allowed, dtype=bool)
     score = np.where(alive, np.abs(mh - ms) / (sd + 1e-6 * (1.0 + np.abs(Z).max())), -np.inf)
     k = min(k, int(alive.sum()))
     if k == 0:

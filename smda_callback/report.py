@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
 
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
+
+
+def _marked(text: str) -> str:
+    """Escape a card context and highlight its «activating token»."""
+    return re.sub(r"«(.*?)»", r"<mark>\1</mark>", _e(text))
 
 
 def _fig(fig: Any) -> str:
@@ -217,6 +223,23 @@ def build_html(run_dir: str | Path) -> str:
             sus = suspects(records, policy, credits, target, top=10)
             parts.append(f"<div class='card'><b>{_e(target)}</b>"
                          f"{_table(sus[['index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
+    cards = policy.get("feature_cards") or {}
+    if cards:
+        beta = np.asarray(policy["beta_final"])
+        items = []
+        for j in np.argsort(-np.abs(beta)):
+            f = str(int(policy["features"][j]))
+            c = cards.get(f)
+            if c is None:
+                continue
+            ctx = "".join(f"<tr><td class='num'>{x['activation']:.3g}</td><td class='mono'>{_marked(x['text'])}</td></tr>"
+                          for x in c["contexts"][:10])
+            items.append(f"<details><summary><b>f{_e(f)}</b> {_e(c['label'])} · <i>{_e(c['kind'])}</i> · β = {beta[j]:+.3g}"
+                         f"</summary><table>{ctx}</table></details>")
+        parts += ["<h2 id='cards'>Feature cards of the policy</h2>",
+                  "<p class='note'>Each policy feature's top activating contexts on held-out text (activating token "
+                  "highlighted), its label and kind (content / format / function-word; docs/sae.md), largest |β| first.</p>",
+                  f"<div class='card'>{''.join(items)}</div>"]
     parts += ["<h2 id='toppairs'>5. Top pairs per feature</h2>",
               f"<div class='card'>{_table(pd.DataFrame(tp_rows)) if tp_rows else '<p>none</p>'}</div>",
               "<h2 id='training'>6. The pathway split over training</h2>", f"<div class='card'>{_split_over_time(records)}</div>",

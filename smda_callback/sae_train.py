@@ -257,35 +257,6 @@ def sae_quality(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, fl
     return {"fve": 1 - sse / sst, "l0": l0 / len(acts), "dead_fraction": float(1 - fired.float().mean()), "n_eval_tokens": len(acts)}
 
 
-def label_features(sae: Any, tok: Any, model: Any, texts: list[str], layer: int, n_tokens: int = 60_000, top: int = 6) -> dict[str, str]:
-    """A readable name per latent: its most frequent top-activating tokens."""
-    acts_ids: list[torch.Tensor] = []
-    ids_all: list[torch.Tensor] = []
-    total = 0
-    with torch.no_grad():
-        for h, input_ids, mask in _hook_batches(model, tok, texts, layer, ctx=128):
-            acts_ids.append(sae.encode(h[mask]).to(torch.bfloat16))
-            ids_all.append(input_ids[mask])
-            total += int(mask.sum())
-            if total >= n_tokens:
-                break
-    Z = torch.cat(acts_ids).float()
-    ids = torch.cat(ids_all)
-    vals, idx = Z.topk(min(40, len(Z)), dim=0)
-    labels = {}
-    for j in range(Z.shape[1]):
-        if float(vals[0, j]) <= 0:
-            labels[str(j)] = "dead"
-            continue
-        toks = [tok.decode([int(ids[int(i)])]).strip() or "␣" for i, v in zip(idx[:, j], vals[:, j]) if v > 0]
-        counts: dict[str, int] = {}
-        for t in toks:
-            counts[t] = counts.get(t, 0) + 1
-        best = sorted(counts, key=lambda t: -counts[t])[:top]
-        labels[str(j)] = "/".join(best)
-    return labels
-
-
 def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
     """Build the corpus, collect activations (cached, so a restart skips it), train, evaluate, save."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
@@ -293,6 +264,7 @@ def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | 
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainerConfig
 
+    from .features import CARDS, KINDS, build_cards
     from .models import load_model
 
     spec = spec or SAETrainSpec()
@@ -315,7 +287,7 @@ def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | 
         # fp32 on purpose: bf16 matmuls are ~7x slower on CPUs without avx512_bf16
         acts = collect_activations(model, tok, texts, spec.layer, spec.tokens, spec.ctx)
         torch.save(acts, acts_file)
-    n_eval = max(len(acts) // 20, 1000)
+    n_eval = max(len(acts) // 10, 1000)
     train_acts, eval_acts = acts[n_eval:], acts[:n_eval]
     meta["tokens_total"] = int(len(acts))
 
@@ -346,8 +318,11 @@ def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | 
     chat_texts = [t for t in texts if "<|im_start|>user" in t][:300]
     chat_acts = collect_activations(model, tok, chat_texts, spec.layer, 20_000, spec.ctx)
     quality["fve_chat"] = sae_quality(sae_inf, chat_acts)["fve"]
-    labels = label_features(sae_inf, tok, model, texts, spec.layer)
-    (out_dir / "feature_labels.json").write_text(json.dumps(labels))
+    # cards from the held-out texts (the first ones: their tokens are the evaluation slice)
+    cards = build_cards(sae_inf, model, tok, texts, spec.layer, n_tokens=n_eval)
+    (out_dir / CARDS).write_text(json.dumps(cards))
+    (out_dir / "feature_labels.json").write_text(json.dumps({j: c["label"] for j, c in cards.items()}))
+    quality["kinds"] = {k: sum(c["kind"] == k for c in cards.values() if c["label"] != "dead") for k in KINDS}
     record = {"spec": asdict(spec), "corpus": meta, "quality": quality, "train_seconds": round(train_s, 1),
               "sae_lens_version": __import__("sae_lens").__version__}
     (out_dir / "smda_training.json").write_text(json.dumps(record, indent=2))

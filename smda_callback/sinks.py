@@ -117,8 +117,11 @@ class LedgerWriter:
 def layout_dict(feature_tags: Iterable[str], category_tags: Iterable[str]) -> dict[str, dict[str, list[str]]]:
     """Custom-scalars layout: panel → chart → tag regexes."""
     return {
-        "Policy": {"coefficients β": [r"smda/beta/.*"], "intercept": ["smda/policy/intercept"]},
-        "Categories": {"measured refusal": [r"smda/refusal/.*"], "predicted refusal": [r"smda/predicted/.*"]},
+        "Policy": {"largest coefficients β (each its own colour)": [r"smda/beta_top"],
+                   "all coefficients β": [r"smda/beta/.*"], "intercept": ["smda/policy/intercept"]},
+        "Categories": {"harmful categories: measured refusal": [r"smda/category/harmful"],
+                       "harmless categories: measured refusal": [r"smda/category/harmless"],
+                       "predicted refusal": [r"smda/predicted/.*"]},
         "Pathways": {"share of |Δβ| by pathway": ["smda/pathway/x_share", "smda/pathway/y_share"],
                      "|Δβ| per step": ["smda/pathway/abs_x", "smda/pathway/abs_y"]},
         "Interference": {"off-target share": ["smda/interference/score"], "alerts": ["smda/interference/alerts"]},
@@ -126,24 +129,42 @@ def layout_dict(feature_tags: Iterable[str], category_tags: Iterable[str]) -> di
 
 
 class TensorBoardSink:
-    """Lazy SummaryWriter (created on first write, like transformers' TensorBoardCallback)."""
+    """Lazy SummaryWriter (created on first write, like transformers' TensorBoardCallback).
+
+    TensorBoard colours lines by run, not by tag, so series that belong in one chart with distinct
+    colours (the largest coefficients, the categories) go to sub-run folders via `series`."""
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = str(log_dir)
         self._writer: Any = None
+        self._subs: dict[str, Any] = {}
         self._failed = False
+
+    def _open(self, log_dir: str) -> Any:
+        if self._failed:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=log_dir)
+        except (OSError, ImportError) as exc:
+            self._failed = True
+            logger.error("smda: TensorBoard disabled (%s). Install tensorboard or fix %s.", exc, self.log_dir)
+            return None
 
     @property
     def writer(self) -> Any:
-        if self._writer is None and not self._failed:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=self.log_dir)
-            except (OSError, ImportError) as exc:
-                self._failed = True
-                logger.error("smda: TensorBoard disabled (%s). Install tensorboard or fix %s.", exc, self.log_dir)
+        if self._writer is None:
+            self._writer = self._open(self.log_dir)
         return self._writer
+
+    def series(self, run: str, tag: str, value: float, step: int) -> None:
+        """One value of a series kept in its own sub-run `log_dir/run` (its own colour in a shared chart)."""
+        if run not in self._subs:
+            self._subs[run] = self._open(str(Path(self.log_dir) / run))
+        w = self._subs[run]
+        if w is not None and value is not None and np.isfinite(value):
+            w.add_scalar(tag, float(value), step)
 
     def layout(self, feature_tags: list[str], category_tags: list[str]) -> None:
         if self.writer is None:
@@ -169,11 +190,14 @@ class TensorBoardSink:
             self.writer.add_text(tag, text, step)
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        for w in (self._writer, *self._subs.values()):
+            if w is not None:
+                w.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for w in (self._writer, *self._subs.values()):
+            if w is not None:
+                w.close()
+        self._writer = None
+        self._subs.clear()
 

@@ -27,6 +27,30 @@ def test_probe_set_schema_and_coverage():
     assert all(not p.harmful for p in probes.probes if p.edgy)
 
 
+OPENERS = ("what", "how", "why", "who", "where", "when", "which", "is", "are", "can", "could", "do", "does", "should",
+           "would", "will")
+
+
+def _form(records, label):
+    rs = [r for r in records if r["label"] == label]
+    return (np.mean([r["prompt"].strip().endswith("?") for r in rs]),
+            np.mean([r["prompt"].split()[0].lower().strip(",") in OPENERS for r in rs]),
+            np.mean([len(r["prompt"].split()) for r in rs]))
+
+
+@pytest.mark.parametrize("name", ["probes", "heldout", "pairs"])
+def test_harmful_and_harmless_prompts_match_in_form(name):
+    """Otherwise "is it a question?" separates the labels and the policy learns form, not content."""
+    from smda_callback.probes import read_jsonl
+
+    recs = read_jsonl(DATA / f"{name}.jsonl")
+    (qh, wh, lh), (qs, ws, ls) = _form(recs, "harmful"), _form(recs, "harmless")
+    assert abs(qh - qs) <= 0.10, (name, qh, qs)  # share of questions
+    assert 0.75 <= lh / ls <= 1.33, (name, lh, ls)  # mean length in words
+    if name != "pairs":  # the probes choose features: wh-/aux-openings matched too
+        assert abs(wh - ws) <= 0.10, (name, wh, ws)
+
+
 def test_pairs_schema_balance_and_religious_gap():
     pairs = load_pairs(DATA / "pairs.jsonl")
     assert sum(p["label"] == "harmful" for p in pairs) == 100

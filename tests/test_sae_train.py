@@ -1,7 +1,8 @@
 import torch
 
 from helpers import tiny_model, tiny_sae
-from smda_callback.sae_train import collect_activations, label_features
+from smda_callback.features import build_cards, card_kind, token_kind
+from smda_callback.sae_train import collect_activations
 
 TEXTS = ["The quick brown fox jumps over the lazy dog."] * 5 + ["Hello world, this is a test of activations."] * 5
 
@@ -16,6 +17,20 @@ def test_activation_iterator_stops_at_the_hook_and_skips_position_zero(smol_toke
     torch.testing.assert_close(acts[: len(h) - 1].float(), h[1:].to(torch.bfloat16).float())
 
 
-def test_labels_name_every_latent(smol_tokenizer):
-    labels = label_features(tiny_sae(), smol_tokenizer, tiny_model().eval(), TEXTS, layer=2, n_tokens=50)
-    assert len(labels) == 256 and any(v != "dead" for v in labels.values())
+def test_cards_name_every_latent_with_marked_contexts(smol_tokenizer):
+    cards = build_cards(tiny_sae(), tiny_model().eval(), smol_tokenizer, TEXTS, layer=2, n_tokens=200, top=4)
+    assert len(cards) == 256
+    live = [c for c in cards.values() if c["label"] != "dead"]
+    assert live and all(c["kind"] in ("content", "format", "function-word") for c in live)
+    for c in live:
+        acts = [x["activation"] for x in c["contexts"]]
+        assert acts == sorted(acts, reverse=True) and all("«" in x["text"] and "»" in x["text"] for x in c["contexts"])
+        # the marked token is one of the texts' tokens in its real neighbourhood
+        assert any(x["text"].replace("«", "").replace("»", "").split()[0] in " ".join(TEXTS) for x in c["contexts"])
+
+
+def test_kind_rule():
+    assert [token_kind(t) for t in (" ,", "\n", "<|im_end|>", " the", " What", "n't", " bomb", " Muslims")] == [
+        "format", "format", "format", "function-word", "function-word", "function-word", "content", "content"]
+    assert card_kind([" .", " ,", " bomb"]) == "format" and card_kind([" the", " of", " bomb"]) == "function-word"
+    assert card_kind([" bomb", " gun", " ."]) == "content"
