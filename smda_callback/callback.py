@@ -489,6 +489,24 @@ class SMDACallback(TrainerCallback):
             out["prompt"] = prompt[:200]
         return out
 
+    def findings(self, top: int = 3) -> dict[str, Any]:
+        """What the run has shown so far (for progress printing while it trains)."""
+        run = self.run
+        if run is None or self._layout is None:
+            return {}
+        beta = run.M @ run.Y
+        lay = self._layout
+        per_pair = [(h, lay.unpack(v)) for h, v in run.engine.totals.items()]
+
+        def ranked(key: str, sign: float) -> list[dict[str, Any]]:
+            best = sorted(per_pair, key=lambda hv: -sign * hv[1][key])[:top]
+            return [{**run.pair_meta.get(h, {}), "score": sign * v[key]} for h, v in best]
+
+        return {"policy": self._policy_text(beta, run.policy.intercept_of(run.X, run.Y, beta)),
+                "fit": run.fit, "baseline": dict(self._baseline_refusal), "now": self._by_category(run.Y),
+                "over_refusal": ranked("refusal_harmless", 1.0), "compliance": ranked("refusal_harmful", -1.0),
+                "n_alerts": self.alerts.n_alerts, "n_pairs": len(per_pair)}
+
     # ---------------------------------------------------------------- outputs
     def _by_category(self, values: np.ndarray) -> dict[str, float]:
         return {c: float(np.mean(values[idx])) for c, idx in self.probes.category_index().items()}

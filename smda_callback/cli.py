@@ -13,13 +13,13 @@ from typing import Sequence
 def _demo(a: argparse.Namespace) -> int:
     from .demo import DemoSettings, format_summary, run_demo
 
-    if a.limit is None and not a.quiet:
-        print("smda demo: safety SFT of SmolLM2-135M-Instruct on 318 pairs (100 refusals, 218 helpful answers) with "
-              "SMDACallback, one probe pass per pair (≈22 min on 2 idle CPU cores; --limit 40 for a quick run, --every 2 "
-              "to halve the probing)", flush=True)
+    if not a.quiet:
+        print("smda demo: safety SFT of SmolLM2-135M-Instruct on the shipped pairs with SMDACallback, one probe pass per "
+              "pair; the time estimate is measured after the first steps (--limit 40 for a quick run, --every 2 to halve "
+              "the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
                             every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))
-    summary = run_demo(a.out, a.pairs, a.probes, settings)
+    summary = run_demo(a.out, a.pairs, a.probes, settings, say=None if a.quiet else (lambda m: print(m, flush=True)))
     print(format_summary(summary, a.out))
     print(f"Finished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
     return 0

@@ -7,9 +7,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+from transformers import TrainerCallback
 
 from .analysis import category_gaps, interference_table, pathway_by_label
 from .callback import SMDACallback
@@ -39,6 +40,43 @@ class DemoSettings:
     every_n_steps: int = 1
     check_answers: bool = True
     """Greedy answers to the probes and the held-out set before and after training (≈1 min each here)."""
+
+
+class InterimFindings(TrainerCallback):
+    """Prints what the run shows while it trains: the baseline policy at once, a time estimate
+    measured on this machine after the first steps, and refreshed findings every `every` steps."""
+
+    def __init__(self, smda: SMDACallback, say: Callable[[str], None], every: int = 50, first: int = 5) -> None:
+        self.smda, self.say, self.every, self.first = smda, say, every, first
+        self._t0: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        f = self.smda.findings()
+        if f:
+            self.say(f"[baseline] symbolic policy (held-out AUROC vs labels {f['fit'].get('cv_auroc_labels', float('nan')):.2f}):"
+                     f"\n  {f['policy']}")
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step, total = state.global_step, state.max_steps
+        if self._t0 is None or not state.is_world_process_zero:
+            return
+        per = (time.perf_counter() - self._t0) / max(step, 1)
+        if step == self.first:
+            self.say(f"[step {step}/{total}] measured {per:.1f} s per step on this machine → about "
+                     f"{per * (total - step) / 60:.0f} more minutes")
+        if step % self.every and step != total:
+            return
+        f = self.smda.findings()
+        moves = sorted(f["now"], key=lambda c: -abs(f["now"][c] - f["baseline"][c]))[:4]
+        lines = [f"[step {step}/{total}, {per:.1f} s/step, ~{per * (total - step) / 60:.0f} min left] refusal moved most: " +
+                 ", ".join(f"{c} {f['baseline'][c]:.2f}→{f['now'][c]:.2f}" for c in moves)]
+        for key, what in (("over_refusal", "raised harmless-probe refusal"), ("compliance", "lowered harmful-probe refusal")):
+            lines.append(f"  pairs that {what} most so far: " +
+                         "; ".join(f"#{p.get('index')} [{p.get('label')}] {str(p.get('prompt', ''))[:40]!r} {p['score']:+.3f}"
+                                   for p in f[key]))
+        lines.append(f"  interference alerts so far: {f['n_alerts']}")
+        self.say("\n".join(lines))
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -72,7 +110,7 @@ def sft_config(out: str | Path, st: DemoSettings) -> Any:
 
 def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file: str | Path | None = None,
              settings: DemoSettings | None = None, model_dir: str | None = None, sae: Any = None,
-             config: SMDAConfig | None = None) -> dict[str, Any]:
+             config: SMDAConfig | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train, attribute, save the tuned model; returns the summary dict (also saved as summary.json)."""
     from trl import SFTTrainer
 
@@ -90,7 +128,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
     args = sft_config(out, st)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb])
+    extra = [InterimFindings(cb, say)] if say is not None else []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb, *extra])
     cb.bind(trainer)
     trainer.train()
     trainer.save_model(str(out / "model"))
