@@ -36,10 +36,12 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 30, horizon: int = 20,
-                   out: str | Path | None = None, learning_rate: float = 1e-4) -> dict[str, Any]:
-    """Replay a one-pair-per-step demo-settings run, fork at `n_pairs` evenly spaced places, and
-    compare measured insert-vs-omit effects with the replayed credits (step, optimizer-deconvolve,
-    and the live measure of the run)."""
+                   out: str | Path | None = None, learning_rate: float = 1e-4, first: int = 11,
+                   probes_file: str | Path | None = None) -> dict[str, Any]:
+    """Replay a one-pair-per-step demo-settings run, fork at `n_pairs` evenly spaced places from
+    step `first` (after the demo's 10 warm-up steps) to T − horizon, and compare measured
+    insert-vs-omit effects with the replayed credits (step, optimizer-deconvolve, and ghost when
+    the run measured it). `probes_file`: the probe set the run used (default: the shipped one)."""
     from trl import SFTTrainer
 
     from .demo import DemoSettings, load_pairs, sft_config, to_dataset
@@ -60,8 +62,9 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
     by_id = {p["id"]: p for p in pairs}
     order = [r["pairs"][0]["id"] for r in steps]
     T = len(order)
-    warm = 11
-    places = sorted({int(x) for x in np.linspace(warm, T - horizon, n_pairs)})
+    if T - horizon < first:
+        raise ValueError(f"the run has {T} steps: too few to test from step {first} with a horizon of {horizon}")
+    places = sorted({int(x) for x in np.linspace(first, T - horizon, n_pairs)})
     model, tok = load_model()
     cfg = SMDAConfig.from_dict(policy["config"])
     args = sft_config(Path(out or run_dir) / "_causal_tmp", DemoSettings(learning_rate=learning_rate))
@@ -87,7 +90,7 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
         opt.zero_grad(set_to_none=True)
 
     sae = load_sae(embedded_sae_dir())
-    snap = Snapshotter(ProbeSet.from_jsonl(Path(__file__).parent / "data" / "probes.jsonl"), tok, sae,
+    snap = Snapshotter(ProbeSet.from_jsonl(probes_file or Path(__file__).parent / "data" / "probes.jsonl"), tok, sae,
                        resolve_hook(sae, model), cfg)
     snap.features = np.asarray(policy["features"])
     pol = RidgePolicy.from_dict(policy["policy"])

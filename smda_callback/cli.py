@@ -18,6 +18,7 @@ def _demo(a: argparse.Namespace) -> int:
               "pair; the time estimate is measured after the first steps (--limit 40 for a quick run, --every 2 to halve "
               "the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
+                            check_answers=not a.skip_answers,
                             every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))
     summary = run_demo(a.out, a.pairs, a.probes, settings, say=None if a.quiet else (lambda m: print(m, flush=True)))
     print(format_summary(summary, a.out))
@@ -77,9 +78,10 @@ def _suspects(a: argparse.Namespace) -> int:
 
 
 def _poison(a: argparse.Namespace) -> int:
-    from .poison import PoisonSettings, format_poison, run_poison
+    from .poison import PoisonSettings, format_poison, run_poison, score_poison
 
-    res = run_poison(a.out, PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, tracin=not a.no_tracin))
+    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, tracin=not a.no_tracin)
+    res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st)
     print(format_poison(res))
     print(f"\nwritten: {Path(a.out) / 'poison.json'}")
     return 0
@@ -88,7 +90,7 @@ def _poison(a: argparse.Namespace) -> int:
 def _causal(a: argparse.Namespace) -> int:
     from .causal import insert_vs_omit
 
-    res = insert_vs_omit(a.run_dir, a.pairs, a.n, a.horizon, a.out)
+    res = insert_vs_omit(a.run_dir, a.pairs, a.n, a.horizon, a.out, probes_file=a.probes)
     print(json.dumps(res["summary"], indent=1, default=float))
     print(f"replayed run vs ledger, max |Δ harmless refusal|: {res['replay_vs_ledger_harmless_abs_diff_max']:.2e}")
     return 0
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--every", type=int, default=1, help="snapshot every N optimizer steps (window credit; default 1 = per pair)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--skip-answers", action="store_true", help="skip the greedy-answer refusal check before and after")
     d.set_defaults(fn=_demo)
 
     pr = sub.add_parser("probe", help="score a probe file on a model (refusal per probe and category)")
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
     po.add_argument("--no-tracin", action="store_true")
+    po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.set_defaults(fn=_poison)
 
     ca = sub.add_parser("causal", help="insert vs omit pairs at their place in the same optimizer; compare with credits")
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--pairs", required=True, help="the pairs JSONL that run trained on")
     ca.add_argument("--n", type=int, default=30, help="pairs tested, evenly spaced over the run")
     ca.add_argument("--horizon", type=int, default=20, help="steps after the pair before both branches are probed")
+    ca.add_argument("--probes", help="the probe set the run used (default: the shipped one)")
     ca.add_argument("--out", default="runs/causal")
     ca.set_defaults(fn=_causal)
 

@@ -137,6 +137,9 @@ class CreditEngine:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     own_totals: dict[str, np.ndarray] = field(default_factory=dict)
     residual_total: np.ndarray | None = None
+    pending: list[tuple[str, int, float]] = field(default_factory=list)
+    """Rows whose gradient had no weight yet in their own window (lr 0 on the first warm-up step):
+    they join the next window's new rows instead of being dropped."""
 
     def __post_init__(self) -> None:
         if self.measure not in ("deconvolve", "ghost"):
@@ -168,8 +171,10 @@ class CreditEngine:
                 v = c * lv.gamma
                 carried[lv.hash] = carried.get(lv.hash, 0.0) + v
                 carry += v
+        rows = [*self.pending, *rows]
         mass = [share * sum(self._c(t, s) for t in steps if t >= s) for _, s, share in rows]
         total_mass = float(sum(mass))
+        self.pending = [r for r, m in zip(rows, mass) if m == 0.0 and self.kernel.has_memory]
         if measured_new is None:
             new, residual = delta - carry, np.zeros(self.width)
         else:
@@ -180,6 +185,8 @@ class CreditEngine:
         if rows and total_mass != 0.0:
             unit = new / total_mass
             for (h, s, share), m in zip(rows, mass):
+                if m == 0.0:
+                    continue
                 own[h] = own.get(h, 0.0) + m * unit
                 projected += share * self._future_mass(s, steps) * unit
                 if self.kernel.has_memory:
@@ -222,7 +229,7 @@ class CreditEngine:
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"kernel": self.kernel.to_dict(), "measure": self.measure, "tol": self.tol,
                 "lrs": {str(k): v for k, v in self.lrs.items()},
-                "live": [[lv.hash, lv.step] for lv in self.live]}
+                "live": [[lv.hash, lv.step] for lv in self.live], "pending": [list(r) for r in self.pending]}
         keys = list(self.totals)
         arrays = {
             "credit_live_gamma": np.asarray([lv.gamma for lv in self.live], np.float64).reshape(len(self.live), self.width),
@@ -243,6 +250,7 @@ class CreditEngine:
         eng.totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_totals"])}
         eng.own_totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_own"])}
         eng.residual_total = np.asarray(arrays["credit_residual"], np.float64)
+        eng.pending = [(str(h), int(s), float(sh)) for h, s, sh in meta.get("pending", [])]
         return eng
 
 

@@ -173,10 +173,9 @@ def _timed(name: str, timing: dict[str, Any], fn: Callable[[], Any]) -> Any:
 
 
 def run_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
-    """Train on demo pairs + plants with the callback, rank pairs with every reader, score detection."""
+    """Train on demo pairs + plants with the callback, compute the TracIn reader, then score every reader."""
     from .config import SMDAConfig
     from .demo import DemoSettings, load_pairs, run_demo
-    from .ledger import load_credits, load_policy, load_records
     from .models import load_model
     from .probes import ProbeSet
 
@@ -184,43 +183,56 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
-    pairs_file = out / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    run_dir = out / "run"
+    (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     demo = DemoSettings(check_answers=False, seed=st.seed)
     cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
     timing: dict[str, Any] = {}
-    summary = _timed("train_with_smda", timing, lambda: run_demo(run_dir, pairs_file, settings=demo, config=cfg))
+    _timed("train_with_smda", timing, lambda: run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg))
+    if st.tracin:
+        from .refusal import FirstTokenScorer
+
+        model, tok = load_model(str(out / "run" / "model"))
+        probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
+        r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
+        scores = _timed("tracin_end", timing, lambda: tracin_scores(model, tok, pairs, probes, r_ids))
+        (out / "tracin.json").write_text(json.dumps(scores), encoding="utf-8")
+    (out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
+    return score_poison(out, st)
+
+
+def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
+    """Rank the pairs of a finished poison run with every reader and score detection (poison.json).
+    SMDA rules are all replayed from the one ledger (equal to the live credit, tested), so all see one run."""
+    from .demo import load_pairs
+    from .ledger import load_credits, load_policy, load_records
+
+    st = settings or PoisonSettings()
+    out = Path(out)
+    pairs = load_pairs(out / "pairs.jsonl")
+    run_dir = out / "run"
     records, policy, credits = load_records(run_dir), load_policy(run_dir), load_credits(run_dir)
+    timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").exists() else {}
     timing["smda_callback_only"] = {"seconds": round(sum(r.get("seconds", 0.0) for r in records), 1)}
-    by_hash = {c["hash"]: c for c in credits["pairs"]}
-    id_of = {h: c.get("id") for h, c in by_hash.items()}
+    id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
     adam = OptimizerKernel(**credits["kernel"])
-    rules = {f"smda_optimizer_{st.measure}": {id_of[h]: c for h, c in by_hash.items()}}
-    for name, kernel, measure in (("smda_optimizer_deconvolve", adam, "deconvolve"), ("smda_step", OptimizerKernel(), "deconvolve")):
-        if name not in rules:
-            rules[name] = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure).items()}
     readers: dict[str, dict[str, dict[str, float]]] = {}
-    for name, cr in rules.items():
+    for name, kernel, measure in (("smda_optimizer_ghost", adam, "ghost"), ("smda_optimizer_deconvolve", adam, "deconvolve"),
+                                  ("smda_step", OptimizerKernel(), "deconvolve")):
+        if measure == "ghost" and credits["measure"] != "ghost":
+            continue
+        cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure).items()}
         readers[name] = {"over-refusal": {i: v["refusal_harmless"] for i, v in cr.items()},
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
-    loss = {}
-    for r in records:
-        if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None:
-            loss[r["pairs"][0].get("id")] = float(r["train_loss"])
+    loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
+            if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None}
     readers["training_loss_at_step"] = {"over-refusal": loss, "compliance": loss}
     rng = np.random.default_rng(st.seed + 1)
     rand = {p["id"]: float(rng.random()) for p in pairs}
     readers["random"] = {"over-refusal": rand, "compliance": rand}
-    if st.tracin:
-        from .refusal import FirstTokenScorer
-
-        model, tok = load_model(str(run_dir / "model"))
-        probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
-        r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
-        readers["tracin_end"] = _timed("tracin_end", timing, lambda: tracin_scores(model, tok, pairs, probes, r_ids))
+    if (out / "tracin.json").exists():
+        readers["tracin_end"] = json.loads((out / "tracin.json").read_text())
     alerts = {r["pairs"][0].get("id") for r in records if r.get("alert") and len(r.get("pairs", [])) == 1}
-    result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": summary["steps"],
+    result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records),
               "plants_alerted": sorted(i for i in alerts if i and i.startswith("plant")), "n_alerts": len(alerts),
               "detection": {name: {kind: detection(sc[kind], pairs, kind) for kind in KINDS} for name, sc in readers.items()}}
     (out / "poison.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")

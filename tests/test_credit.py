@@ -189,3 +189,19 @@ def test_two_identical_rows_in_one_step_get_half_each(tmp_path, smol_tokenizer, 
             assert sum(p["credit"] for p in r["pairs"]) == pytest.approx(1.0, abs=1e-12)
     assert shares and any(len(hs) == 1 for hs in hashes_per_step) or pytest.fail(f"no step with identical rows: {hashes_per_step}")
     _assert_telescopes(tmp_path)
+
+
+def test_a_pair_whose_first_step_has_lr_zero_is_credited_when_its_gradient_acts():
+    """Warm-up schedules give step 1 lr 0: pair 1's gradient still enters Adam's moment and acts later."""
+    kernel = OptimizerKernel("adam", 0.9)
+    eng = CreditEngine(kernel, 3)
+    lrs = {1: 0.0, 2: 1e-4, 3: 1e-4}
+    rng = np.random.default_rng(0)
+    total = np.zeros(3)
+    for t in (1, 2, 3):
+        eng.lr(t, lrs[t])
+        d = rng.normal(size=3) if t > 1 else np.zeros(3)
+        total += d
+        eng.window([t], [(f"p{t}", t, 1.0)], d)
+    assert set(eng.totals) == {"p1", "p2", "p3"} and np.abs(eng.totals["p1"]).sum() > 0
+    np.testing.assert_allclose(sum(eng.totals.values()) + eng.residual_total, total, atol=1e-15)

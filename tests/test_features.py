@@ -1,0 +1,63 @@
+"""Feature cards drive selection (content only by default), alerts ignore format features, the report
+shows the cards with the activating token highlighted, and TensorBoard gets one sub-run per series."""
+
+import json
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import run_sft, tiny_model, tiny_sae
+from smda_callback import SMDAConfig
+from smda_callback.cli import main
+from smda_callback.report import build_html
+
+
+def _sae_with_cards(tmp_path):
+    d = tmp_path / "sae"
+    tiny_sae().save_model(str(d))
+    kinds = ["format", "function-word", "content", "content"]
+    cards = {str(j): {"label": f"tok{j}", "kind": kinds[j % 4], "max_activation": 1.0,
+                      "contexts": [{"text": f"left <b> «tok{j}» right", "activation": 1.0}]} for j in range(256)}
+    (d / "feature_cards.json").write_text(json.dumps(cards))
+    return d, cards
+
+
+def test_selection_alerts_report_and_cli_use_the_cards(tmp_path, smol_tokenizer, capsys):
+    sae_dir, cards = _sae_with_cards(tmp_path)
+    cfg = SMDAConfig(n_features=8, intended_top_m=0, interference_threshold=0.0, min_history=0)
+    run_sft(tmp_path / "run", tiny_model(), smol_tokenizer, str(sae_dir), cfg, max_steps=3)
+    policy = json.loads((tmp_path / "run" / "smda" / "policy.json").read_text())
+    assert policy["features"] and all(cards[str(j)]["kind"] == "content" for j in policy["features"])
+    assert set(policy["feature_cards"]) == {str(j) for j in policy["features"]}
+    page = build_html(tmp_path / "run")
+    assert "id='cards'" in page and "<mark>tok" in page and "&lt;b&gt;" in page
+    assert "Suspects: pairs ranked by what they did" in page
+    # alerts never name a format feature as dominant
+    recs = [json.loads(line) for line in (tmp_path / "run" / "smda" / "attribution.jsonl").read_text().splitlines()]
+    assert all(cards[str(r["dominant_feature"])]["kind"] != "format" for r in recs)
+    capsys.readouterr()
+    assert main(["features", "--sae", str(sae_dir), "--run", str(tmp_path / "run"), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"f{policy['features'][0]}  tok{policy['features'][0]}  [content]" in out and "«tok" in out
+
+
+def test_every_latent_is_eligible_when_the_sae_has_no_cards(tmp_path, smol_tokenizer, caplog):
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=1, report_to=[])
+    assert any("no feature cards" in r.getMessage() for r in caplog.records)
+
+
+def test_tensorboard_series_get_their_own_runs(tmp_path, smol_tokenizer):
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3)
+    tb = tmp_path / "smda" / "tensorboard"
+    beta_runs = sorted(p for p in (tb / "beta").iterdir())
+    assert len(beta_runs) == 8
+    ea = EventAccumulator(str(beta_runs[0]))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("smda/beta_top")] == [1, 2, 3]
+    cats = {p.name: p for p in (tb / "category").iterdir()}
+    harmful = EventAccumulator(str(cats["weapons"]))
+    harmful.Reload()
+    harmless = EventAccumulator(str(cats["cooking"]))
+    harmless.Reload()
+    assert "smda/category/harmful" in harmful.Tags()["scalars"] and "smda/category/harmless" in harmless.Tags()["scalars"]
+    assert np.isfinite([e.value for e in harmful.Scalars("smda/category/harmful")]).all()
