@@ -122,6 +122,25 @@ def _features(a: argparse.Namespace) -> int:
     return 0
 
 
+def _curate(a: argparse.Namespace) -> int:
+    from .curate import curate, greedy_answers, write_pairs
+    from .demo import DATA, load_pairs
+
+    pairs = load_pairs(a.pairs or DATA / "pairs.jsonl")
+    answer = None
+    if a.fix:
+        from .models import load_model
+
+        model, tok = load_model(a.model)
+        answer = lambda prompts: greedy_answers(model, tok, prompts)  # noqa: E731
+    out, changes = curate(a.run_dir, pairs, a.target, a.fix or a.drop, "fix" if a.fix else "drop", answer=answer)
+    for c in changes:
+        print(f"{c['action']:7s} {c['id']} (score {c['score']:+.4f}) {c['prompt'][:70]!r}\n         {c['why']}")
+    write_pairs(a.output, out)
+    print(f"{len(pairs)} → {len(out)} pairs ({sum(c['action'] == 'fixed' for c in changes)} fixed) written to {a.output}")
+    return 0
+
+
 def _attribute(a: argparse.Namespace) -> int:
     from .config import SMDAConfig
     from .counterfactual import attribute_pairs
@@ -227,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--run", help="also print the cards of this run's policy features")
     fe.add_argument("--sae", help="SAE folder (default: the shipped SAE)")
     fe.set_defaults(fn=_features)
+
+    cu = sub.add_parser("curate", help="drop or fix the pairs most suspect for a behaviour (writes a new pairs file)")
+    cu.add_argument("run_dir")
+    cu.add_argument("--target", required=True, help="over-refusal | compliance | off-target | a probe category")
+    how = cu.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop", type=int, help="drop the N most suspect pairs")
+    how.add_argument("--fix", type=int, help="replace the responses of the N most suspect harmless pairs by the base model's answers")
+    cu.add_argument("--pairs", help="the pairs file the run trained on (default: the shipped pairs)")
+    cu.add_argument("--model", help="base model for --fix (default: the embedded model)")
+    cu.add_argument("-o", "--output", required=True)
+    cu.set_defaults(fn=_curate)
 
     at = sub.add_parser("attribute", help="the paper's counterfactual protocol: one SGD step per pair from the same base")
     at.add_argument("--pairs")
