@@ -121,6 +121,8 @@ class _Live:
     hash: str
     step: int
     gamma: np.ndarray
+    ref: float
+    """c(t, s) at the first step where the gradient had weight: the scale its tail is pruned against."""
 
 
 @dataclass
@@ -188,9 +190,10 @@ class CreditEngine:
                 if m == 0.0:
                     continue
                 own[h] = own.get(h, 0.0) + m * unit
-                projected += share * self._future_mass(s, steps) * unit
+                ref = max(abs(self._c(t, s)) for t in steps if t >= s)
+                projected += share * self._future_mass(s, steps, ref) * unit
                 if self.kernel.has_memory:
-                    self.live.append(_Live(h, s, share * unit))
+                    self.live.append(_Live(h, s, share * unit, ref))
         else:  # nothing new to credit (e.g. a window without captured rows): the change is unexplained
             residual = residual + new
         for h, v in carried.items():
@@ -202,26 +205,21 @@ class CreditEngine:
         self._prune(max(steps) if steps else 0)
         return WindowCredit(own, carried, residual, projected)
 
-    def _future_mass(self, s: int, steps: Sequence[int]) -> float:
+    def _future_mass(self, s: int, steps: Sequence[int], ref: float) -> float:
         """Σ_{t≥s} c(t, s): the window's own steps at their learning rates, later ones at the last one."""
         last = max(steps)
         mass = sum(self._c(t, s) for t in steps if t >= s)
-        c0, lr, t = self._c(s, s), self.lrs.get(last, 1.0), last + 1
-        while self.kernel.has_memory and c0:
+        lr, t = self.lrs.get(last, 1.0), last + 1
+        while self.kernel.has_memory:
             c = self.kernel.coef(t, s, lr)
-            if abs(c / c0) < self.tol:
+            if abs(c) < self.tol * ref:
                 break
             mass, t = mass + c, t + 1
         return mass
 
     def _prune(self, t: int) -> None:
-        keep = []
-        for lv in self.live:
-            c0 = self._c(lv.step, lv.step)
-            nxt = self.kernel.coef(t + 1, lv.step, self.lrs.get(t, 1.0))
-            if c0 and abs(nxt / c0) >= self.tol:
-                keep.append(lv)
-        self.live = keep
+        lr = self.lrs.get(t, 1.0)
+        self.live = [lv for lv in self.live if abs(self.kernel.coef(t + 1, lv.step, lr)) >= self.tol * lv.ref]
         horizon = min([lv.step for lv in self.live], default=t)
         self.lrs = {k: v for k, v in self.lrs.items() if k >= horizon}
 
@@ -229,7 +227,7 @@ class CreditEngine:
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"kernel": self.kernel.to_dict(), "measure": self.measure, "tol": self.tol,
                 "lrs": {str(k): v for k, v in self.lrs.items()},
-                "live": [[lv.hash, lv.step] for lv in self.live], "pending": [list(r) for r in self.pending]}
+                "live": [[lv.hash, lv.step, lv.ref] for lv in self.live], "pending": [list(r) for r in self.pending]}
         keys = list(self.totals)
         arrays = {
             "credit_live_gamma": np.asarray([lv.gamma for lv in self.live], np.float64).reshape(len(self.live), self.width),
@@ -245,7 +243,7 @@ class CreditEngine:
     def from_state(cls, meta: dict[str, Any], arrays: Any, width: int) -> "CreditEngine":
         eng = cls(OptimizerKernel(**meta["kernel"]), width, meta["measure"], float(meta["tol"]))
         eng.lrs = {int(k): float(v) for k, v in meta["lrs"].items()}
-        eng.live = [_Live(str(h), int(s), np.asarray(g)) for (h, s), g in zip(meta["live"], arrays["credit_live_gamma"])]
+        eng.live = [_Live(str(h), int(s), np.asarray(g), float(r)) for (h, s, r), g in zip(meta["live"], arrays["credit_live_gamma"])]
         keys = [str(k) for k in arrays["credit_keys"]]
         eng.totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_totals"])}
         eng.own_totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_own"])}

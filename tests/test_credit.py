@@ -204,4 +204,5 @@ def test_a_pair_whose_first_step_has_lr_zero_is_credited_when_its_gradient_acts(
         total += d
         eng.window([t], [(f"p{t}", t, 1.0)], d)
     assert set(eng.totals) == {"p1", "p2", "p3"} and np.abs(eng.totals["p1"]).sum() > 0
+    assert [lv.hash for lv in eng.live] == ["p1", "p2", "p3"]  # pair 1 stays in the momentum after its lr-0 step
     np.testing.assert_allclose(sum(eng.totals.values()) + eng.residual_total, total, atol=1e-15)
