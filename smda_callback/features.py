@@ -8,7 +8,8 @@ activating token marked «like this»), a short label made of the activating tok
 * `format`: at least half of its top hits fire on whitespace, punctuation or chat-template markup;
 * `function-word`: otherwise, at least half fire on a closed-class word (articles, pronouns,
   auxiliaries, prepositions, conjunctions, question words: FUNCTION_WORDS below);
-* `content`: everything else.
+* `content`: everything else;
+* `dead`: never active on the held-out text (never selected).
 
 The policy selects `content` features by default (SMDAConfig.feature_kinds) so that it says what
 a prompt is about rather than how it is punctuated, and alerts ignore `format` features.
@@ -104,7 +105,7 @@ def build_cards(sae: Any, model: Any, tok: Any, texts: Iterable[str], layer: int
     for j in range(d_sae):
         hits = [(float(v), int(i)) for v, i in zip(best_v[:, j], best_i[:, j]) if v > 0]
         if not hits:
-            cards[str(j)] = {"label": "dead", "kind": "format", "contexts": [], "max_activation": 0.0}
+            cards[str(j)] = {"label": "dead", "kind": "dead", "contexts": [], "max_activation": 0.0}
             continue
         contexts, act_tokens, act_ids = [], [], []
         for v, i in hits:

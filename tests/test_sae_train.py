@@ -22,6 +22,7 @@ def test_cards_name_every_latent_with_marked_contexts(smol_tokenizer):
     assert len(cards) == 256
     live = [c for c in cards.values() if c["label"] != "dead"]
     assert live and all(c["kind"] in ("content", "format", "function-word") for c in live)
+    assert all(c["kind"] == "dead" for c in cards.values() if c["label"] == "dead")
     for c in live:
         acts = [x["activation"] for x in c["contexts"]]
         assert acts == sorted(acts, reverse=True) and all("«" in x["text"] and "»" in x["text"] for x in c["contexts"])
