@@ -72,7 +72,7 @@ def main() -> None:
             cb, wall = statistics.median(d["callback"]), statistics.median(d["step_wall"])
             table[f"{batch}/{rule}"] = {"callback_s": cb, "callback_ratio": cb / base_cb, "step_s": wall, "step_ratio": wall / base_wall}
             print(f"{batch:>5} {rule:22s} {cb:16.2f} {cb / base_cb:6.2f} {wall:13.2f} {wall / base_wall:6.2f}")
-    Path(__file__).with_name("credit_results.json").write_text(json.dumps({"raw": res, "table": table}, indent=1))
+    (Path(__file__).resolve().parent / "credit_results.json").write_text(json.dumps({"raw": res, "table": table}, indent=1))
 
 
 if __name__ == "__main__":
