@@ -76,7 +76,7 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
     rows = {trainer.train_dataset[i]["id"] if "id" in trainer.train_dataset.column_names else order[i]: trainer.train_dataset[i]
             for i in range(len(trainer.train_dataset))}
     collate = trainer.data_collator
-    feature_cols = {"input_ids", "completion_mask", "attention_mask"}
+    feature_cols = {"input_ids", "labels", "completion_mask", "attention_mask", "seq_lengths"}  # what the dataloader hands the collator
 
     def train_step(pid: str) -> None:
         model.train()
