@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from smda_callback.causal import insert_vs_omit
 
 
+@pytest.mark.slow  # a real-model demo run + replay: minutes (make test-all)
 def test_insert_vs_omit_replays_the_run_and_measures_each_pair(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "smda_callback.cli", "demo", "--limit", "6", "--skip-answers", "--quiet",
