@@ -8,7 +8,8 @@ from .attribution import AlertRule, StepDecomposition, decompose_step, interfere
 from .callback import AlertEvent, SMDACallback
 from .capture import PackingError
 from .config import SMDAConfig
-from .ledger import load_ledger, load_policy, load_records
+from .credit import CreditEngine, OptimizerKernel
+from .ledger import load_credits, load_ledger, load_policy, load_records
 from .policy import RidgePolicy, auroc, select_features
 from .probes import Probe, ProbeFileError, ProbeSet
 from .sae import embedded_sae_dir, load_sae, resolve_hook
@@ -17,7 +18,7 @@ from .snapshot import Snapshot, Snapshotter
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlertEvent", "AlertRule", "PackingError", "Probe", "ProbeFileError", "ProbeSet", "RidgePolicy", "SMDACallback",
+    "AlertEvent", "AlertRule", "CreditEngine", "OptimizerKernel", "PackingError", "Probe", "ProbeFileError", "ProbeSet", "RidgePolicy", "SMDACallback",
     "SMDAConfig", "Snapshot", "Snapshotter", "StepDecomposition", "auroc", "decompose_step", "embedded_sae_dir",
-    "interference", "load_ledger", "load_policy", "load_records", "load_sae", "resolve_hook", "select_features",
+    "interference", "load_credits", "load_ledger", "load_policy", "load_records", "load_sae", "resolve_hook", "select_features",
 ]
