@@ -47,7 +47,7 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
     from .demo import DemoSettings, load_pairs, sft_config, to_dataset
     from .ledger import load_credits, load_policy, load_records
     from .models import load_model
-    from .poison import replay_credits
+    from .credit import replay_credits
     from .policy import RidgePolicy
     from .probes import ProbeSet
     from .sae import embedded_sae_dir, load_sae, resolve_hook

@@ -282,6 +282,38 @@ class CreditLayout:
                 "refusal_harmful": float(v[-2]), "refusal_harmless": float(v[-1])}
 
 
+# ---------------------------------------------------------------- any rule, replayed from a ledger
+def replay_credits(records: list[dict[str, Any]], policy: dict[str, Any], kernel: OptimizerKernel,
+                   measure: str = "deconvolve") -> dict[str, np.ndarray]:
+    """Per-pair credit vectors under another rule, recomputed from a ledger's recorded step changes
+    (the run is not repeated: every rule sees the same training). `ghost` needs a ghost ledger."""
+    cats = list(policy["baseline_refusal_by_category"])
+    layout = CreditLayout(len(policy["features"]), tuple(cats))
+    eng = CreditEngine(kernel, layout.width, measure)
+    prev = {"cat": policy["baseline_refusal_by_category"], "harmful": None, "harmless": None}
+    y0 = np.asarray(policy["probe_refusal_0"])
+    harm = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+    prev["harmful"], prev["harmless"] = float(y0[harm].mean()), float(y0[~harm].mean())
+    for r in records:
+        if "beta" not in r:
+            continue
+        steps = list(range(r["window"][0], r["window"][1] + 1))
+        for t, lr in zip(steps, r["credit"]["lrs"]):
+            if lr is not None:
+                eng.lr(t, lr)
+        vec = layout.pack(r["delta_beta_x"], r["delta_beta_y"],
+                          {c: r["refusal_by_category"][c] - prev["cat"][c] for c in cats},
+                          {c: v["x"] + v["y"] for c, v in r["category_pathways"].items()},
+                          r["refusal_harmful"] - prev["harmful"], r["refusal_harmless"] - prev["harmless"])
+        prev = {"cat": r["refusal_by_category"], "harmful": r["refusal_harmful"], "harmless": r["refusal_harmless"]}
+        n = len(r["pairs"])
+        rows = [(p["hash"], int(p.get("step") or r["step"]), 1.0 / n if kernel.kind == "step" else float(p["credit"]))
+                for p in r["pairs"]]
+        ghost = r["credit"].get("ghost") if measure == "ghost" else None
+        eng.window(steps, rows, vec, None if ghost is None else np.asarray(ghost))
+    return {h: layout.unpack(v) for h, v in eng.totals.items()}
+
+
 # ---------------------------------------------------------------- torch side: the newest gradient's part
 def _inner(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
@@ -399,4 +431,4 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]])
 
 
 __all__ = ["CreditEngine", "CreditLayout", "OptimizerKernel", "WindowCredit", "causal_lm_row_losses", "newest_update",
-           "optimizer_step_count", "row_slopes", "shares_from_slopes", "trainable_params"]
+           "optimizer_step_count", "replay_credits", "row_slopes", "shares_from_slopes", "trainable_params"]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .credit import CreditEngine, CreditLayout, OptimizerKernel
+from .credit import OptimizerKernel, replay_credits
 from .policy import auroc
 
 logger = logging.getLogger(__name__)
@@ -57,38 +57,6 @@ def poison_pairs(pairs: Sequence[dict[str, Any]], plants: Sequence[dict[str, Any
         base += [items[i] for i in sorted(rng.choice(len(items), size=min(n, len(items)), replace=False))]
     mixed = base + list(plants)
     return [mixed[i] for i in rng.permutation(len(mixed))]
-
-
-# ---------------------------------------------------------------- other credit rules, replayed from a ledger
-def replay_credits(records: list[dict[str, Any]], policy: dict[str, Any], kernel: OptimizerKernel,
-                   measure: str = "deconvolve") -> dict[str, np.ndarray]:
-    """Per-pair credit vectors under another rule, recomputed from a ledger's recorded step changes
-    (the run is not repeated: every rule sees the same training). `ghost` needs a ghost ledger."""
-    cats = list(policy["baseline_refusal_by_category"])
-    layout = CreditLayout(len(policy["features"]), tuple(cats))
-    eng = CreditEngine(kernel, layout.width, measure)
-    prev = {"cat": policy["baseline_refusal_by_category"], "harmful": None, "harmless": None}
-    y0 = np.asarray(policy["probe_refusal_0"])
-    harm = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
-    prev["harmful"], prev["harmless"] = float(y0[harm].mean()), float(y0[~harm].mean())
-    for r in records:
-        if "beta" not in r:
-            continue
-        steps = list(range(r["window"][0], r["window"][1] + 1))
-        for t, lr in zip(steps, r["credit"]["lrs"]):
-            if lr is not None:
-                eng.lr(t, lr)
-        vec = layout.pack(r["delta_beta_x"], r["delta_beta_y"],
-                          {c: r["refusal_by_category"][c] - prev["cat"][c] for c in cats},
-                          {c: v["x"] + v["y"] for c, v in r["category_pathways"].items()},
-                          r["refusal_harmful"] - prev["harmful"], r["refusal_harmless"] - prev["harmless"])
-        prev = {"cat": r["refusal_by_category"], "harmful": r["refusal_harmful"], "harmless": r["refusal_harmless"]}
-        n = len(r["pairs"])
-        rows = [(p["hash"], int(p.get("step") or r["step"]), 1.0 / n if kernel.kind == "step" else float(p["credit"]))
-                for p in r["pairs"]]
-        ghost = r["credit"].get("ghost") if measure == "ghost" else None
-        eng.window(steps, rows, vec, None if ghost is None else np.asarray(ghost))
-    return {h: layout.unpack(v) for h, v in eng.totals.items()}
 
 
 # ---------------------------------------------------------------- scoring a ranking
