@@ -174,8 +174,6 @@ class SMDACallback(TrainerCallback):
         self._index = index_dataset(dataset)
         if self.train_dataset is None and dataset is not None:
             self.train_dataset = dataset
-        self._layout = CreditLayout(self.config.n_features if self.config.features is None else len(set(self.config.features)),
-                                    tuple(self.probes.category_index()))
         self._kernel = self._read_kernel(kwargs.get("optimizer"))
         self.capture.keep_inputs = self._kernel.kind != "step"
         self.capture.install(model, hook)
@@ -223,7 +221,7 @@ class SMDACallback(TrainerCallback):
         fit = policy.fit_report(X, snap.Y, harmful, folds=self.config.cv_folds)
         M = policy.M(X)
         beta0 = M @ snap.Y
-        self._layout = CreditLayout(len(feats), self._layout.categories)
+        self._layout = CreditLayout(len(feats), tuple(self.probes.category_index()))
         engine = CreditEngine(self._kernel, self._layout.width, self._measure())
         self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit, engine, snap.Y)
         self._baseline_refusal = self._by_category(snap.Y)
@@ -252,7 +250,12 @@ class SMDACallback(TrainerCallback):
         """θ_{t−1} is kept for one step when the ghost pass or the split inside a step needs it."""
         if self.run is None or self._kernel.kind == "step":
             return False
-        return self._measure() == "ghost" or len(self.capture.rows) - self._tagged > 1 or _dist()[1] > 1
+        return self._measure() == "ghost" or self._split(len(self.capture.rows) - self._tagged)
+
+    @staticmethod
+    def _split(n_rows: int) -> bool:
+        """Does a step with n local rows need the first-order split (several rows here or on other ranks)?"""
+        return n_rows > 1 or _dist()[1] > 1
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         t0 = time.perf_counter()
@@ -283,7 +286,7 @@ class SMDACallback(TrainerCallback):
             return
         params = trainable_params(optimizer)
         u = newest_update(optimizer, self._kernel, t)
-        if len(rows) > 1 or _dist()[1] > 1:
+        if self._split(len(rows)):
             batches = [r.inputs for r in rows if r.inputs is not None]
             if len(batches) == len(rows) and rows:
                 slopes = row_slopes(params, self._base, u, causal_lm_row_losses(model, batches))
@@ -594,8 +597,7 @@ class SMDACallback(TrainerCallback):
         policy = RidgePolicy.from_dict(meta["policy"])
         X, Y = arr["X"], arr["Y"]
         feats = arr["features"]
-        assert self._layout is not None
-        self._layout = CreditLayout(len(feats), self._layout.categories)
+        self._layout = CreditLayout(len(feats), tuple(self.probes.category_index()))
         engine = CreditEngine.from_state(meta["credit"], arr, self._layout.width)
         if engine.kernel != self._kernel:
             logger.warning("smda: the optimizer differs from the checkpoint's (%s vs %s); credit continues with the "
