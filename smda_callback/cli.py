@@ -80,8 +80,8 @@ def _suspects(a: argparse.Namespace) -> int:
 def _poison(a: argparse.Namespace) -> int:
     from .poison import PoisonSettings, format_poison, run_poison, score_poison
 
-    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, tracin=not a.no_tracin)
-    res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st)
+    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers))
+    res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     print(format_poison(res))
     print(f"\nwritten: {Path(a.out) / 'poison.json'}")
     return 0
@@ -161,7 +161,7 @@ def _attribute(a: argparse.Namespace) -> int:
 def _validate(a: argparse.Namespace) -> int:
     from .validation import CausalSettings, ValidationSettings, format_validation, plot_validation, run_validation
 
-    st = ValidationSettings(seeds=tuple(range(1, a.seeds + 1)), causal=CausalSettings(n_each=a.causal_pairs),
+    st = ValidationSettings(seeds=tuple(range(a.seeds)), causal=CausalSettings(n_each=a.causal_pairs),
                             counterfactual_pairs=a.counterfactual_pairs or None)
     res = run_validation(a.run, a.out, st)
     md = format_validation(res)
@@ -172,16 +172,36 @@ def _validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(a: argparse.Namespace) -> int:
+    from .demo import DATA, load_pairs
+    from .probes import ProbeSet
+    from .retrain import RetrainSettings, format_summary, parse_shard, run_jobs, summarize
+
+    if not a.summary_only:
+        st = RetrainSettings(target=a.target, ns=tuple(a.n), orders=tuple(a.orders), random_sets=a.random_sets,
+                             paper_rule=not a.no_paper_rule)
+        sets = {"probes": ProbeSet.from_jsonl(DATA / "probes.jsonl"), "heldout": ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl")}
+        run_jobs(a.run_dir, load_pairs(a.pairs or DATA / "pairs.jsonl"), sets, a.out, st, parse_shard(a.shard))
+    s = summarize(a.out)
+    Path(a.out, "summary.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
+    print(format_summary(s))
+    print(f"\nwritten: {Path(a.out) / 'summary.json'}")
+    return 0
+
+
 def _train_sae(a: argparse.Namespace) -> int:
     from .sae_train import SAETrainSpec, train_sae
 
-    spec = SAETrainSpec(layer=a.layer, d_sae=a.d_sae, k=a.k, tokens=a.tokens, seed=a.seed)
+    spec = SAETrainSpec(layer=a.layer, d_sae=a.d_sae, k=a.k, tokens=a.tokens, epochs=a.epochs, seed=a.seed)
     rec = train_sae(Path(a.out), spec, a.model)
     print(json.dumps(rec["quality"], indent=1))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .poison import PEERS
+    from .sae_train import SAETrainSpec
+
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -227,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--n-base", type=int, default=96, help="demo pairs mixed with the plants")
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
-    po.add_argument("--no-tracin", action="store_true")
+    po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
+                    help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
+    po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers and score")
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.set_defaults(fn=_poison)
 
@@ -272,10 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="agreement, curation experiment and causal check on a full demo run")
     v.add_argument("--run", default="runs/demo", help="the in-training run to validate (a full `smda demo`)")
     v.add_argument("--out", default="runs/validate")
-    v.add_argument("--seeds", type=int, default=3, help="random-removal seeds in the curation experiment")
+    v.add_argument("--seeds", type=int, default=3, help="data orders (and random removal sets) in the curation experiment")
     v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
     v.add_argument("--counterfactual-pairs", type=int, default=0, help="only the first N pairs get the counterfactual protocol (0 = all)")
     v.set_defaults(fn=_validate)
+
+    r = sub.add_parser("retrain-experiment", help="retrain from the base minus top suspects vs minus random pairs, over several data orders")
+    r.add_argument("run_dir", help="the ranking run: a full in-training run of the pairs (e.g. runs/demo)")
+    r.add_argument("--pairs", help="the pairs that run trained on (default: the demo's)")
+    r.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
+    r.add_argument("--out", default="runs/retrain")
+    r.add_argument("--target", default="over-refusal", help="over-refusal | compliance | off-target | a probe category")
+    r.add_argument("--n", type=int, nargs="+", default=[32], help="removal sizes (a sweep)")
+    r.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2], help="data-order seeds for every condition")
+    r.add_argument("--random-sets", type=int, default=3)
+    r.add_argument("--no-paper-rule", action="store_true", help="skip the paper's median-rule condition")
+    r.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th, to share the jobs between processes")
+    r.add_argument("--summary-only", action="store_true", help="only summarise the finished jobs in --out")
+    r.set_defaults(fn=_retrain)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", default=str(Path(__file__).parent / "data" / "sae"))
@@ -284,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--d-sae", type=int, default=4096)
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--tokens", type=int, default=500_000)
+    t.add_argument("--epochs", type=int, default=SAETrainSpec.epochs)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train_sae)
     return p

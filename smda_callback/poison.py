@@ -9,7 +9,8 @@ harmful ones), so a pair's label cannot give the answer away.
 
 Readers compared on the same run: SMDA credit (`ghost` live; `deconvolve` and `step` replayed
 from the same ledger, so all three see identical training), the pair's training loss at its step,
-a TracIn-style gradient dot product at the end of training, and random.
+random, and the peers of `peers.py` (TracIn-style gradient dot product and kronfluence EK-FAC at the
+final weights), each run in its own process for its own time and memory.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .credit import OptimizerKernel, replay_credits
 from .policy import auroc
@@ -76,49 +76,11 @@ def detection(scores: dict[str, float], pairs: Sequence[dict[str, Any]], kind: s
             "n_plants": n, "n_pool": len(ids), "plant_ranks": sorted(int(r) for r in ranks[is_plant])}
 
 
-# ---------------------------------------------------------------- TracIn-style reader
-def _flat_grad(model: Any, loss: torch.Tensor) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-
-
-def tracin_scores(model: Any, tok: Any, pairs: Sequence[dict[str, Any]], probes: Any, refusal_token_ids: Sequence[int],
-                  max_length: int = 256) -> dict[str, dict[str, float]]:
-    """Gradient dot products at the final weights: −⟨∇L_pair, ∇Ȳ⟩ ≈ what one more SGD step on the
-    pair does to mean first-token refusal Ȳ of harmless probes (over-refusal) and of harmful probes
-    (compliance: sign flipped, so higher = more suspect)."""
-    model.eval()
-    r_ids = torch.as_tensor(list(refusal_token_ids))
-
-    def probe_grad(mask: np.ndarray) -> torch.Tensor:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True)
-                   for p, m in zip(probes.probes, mask) if m]
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        logits = model(**enc).logits[:, -1].float()
-        y = torch.softmax(logits, -1)[:, r_ids].sum(-1).mean()
-        return _flat_grad(model, y)
-
-    harmful = np.asarray(probes.is_harmful)
-    g_harmless, g_harmful = probe_grad(~harmful), probe_grad(harmful)
-    out: dict[str, dict[str, float]] = {"over-refusal": {}, "compliance": {}}
-    for p in pairs:
-        msgs = [{"role": "user", "content": p["prompt"]}]
-        prompt_ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-        full_ids = tok.apply_chat_template(msgs + [{"role": "assistant", "content": p["response"]}], tokenize=True,
-                                           return_dict=False)[:max_length]
-        ids = torch.as_tensor([full_ids])
-        labels = ids.clone()
-        labels[:, :len(prompt_ids)] = -100
-        loss = model(input_ids=ids, labels=labels).loss
-        g = _flat_grad(model, loss)
-        out["over-refusal"][p["id"]] = float(-(g @ g_harmless))
-        out["compliance"][p["id"]] = float(g @ g_harmful)
-    return out
-
-
 # ---------------------------------------------------------------- the benchmark
+PEERS = ("tracin", "kronfluence", "kronfluence-middle")
+"""Other readers, each run after training in its own fresh process so its time and peak memory are its own."""
+
+
 @dataclass
 class PoisonSettings:
     n_base: int = 96
@@ -126,45 +88,80 @@ class PoisonSettings:
     seed: int = 0
     measure: str = "ghost"
     """The live run's credit measure; `deconvolve` and `step` are replayed from its ledger."""
-    tracin: bool = True
+    peers: tuple[str, ...] = PEERS
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(name: str, timing: dict[str, Any], fn: Callable[[], Any]) -> Any:
+def middle_layers(n_layers: int) -> list[int]:
+    """The middle third of the decoder (layers 10–19 of 30 for SmolLM2-135M)."""
+    return list(range(n_layers // 3, 2 * n_layers // 3))
+
+
+def _peer_job(name: str, out: str) -> dict[str, Any]:
+    """Runs in a child process: load the trained model, score every pair, report own time and peak RSS."""
+    from .config import SMDAConfig
+    from .demo import load_pairs
+    from .models import load_model
+    from .peers import kronfluence_scores, tracin_scores
+    from .probes import ProbeSet
+    from .refusal import FirstTokenScorer
+
     t0 = time.perf_counter()
-    out = fn()
-    timing[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb_after": round(_peak_rss_mb())}
-    return out
+    model, tok = load_model(str(Path(out) / "run" / "model"))
+    cfg = SMDAConfig()
+    r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
+    pairs = load_pairs(Path(out) / "pairs.jsonl")
+    probes = ProbeSet.from_jsonl(Path(out) / "probes_at_run.jsonl")
+    if name == "tracin":
+        scores = tracin_scores(model, tok, pairs, probes, r_ids)
+    else:
+        layers = middle_layers(model.config.num_hidden_layers) if name == "kronfluence-middle" else None
+        scores = kronfluence_scores(model, tok, pairs, probes, r_ids, layers=layers)
+    return {"scores": scores, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}
 
 
-def run_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
-    """Train on demo pairs + plants with the callback, compute the TracIn reader, then score every reader."""
+def run_peer(out: str | Path, name: str) -> dict[str, Any]:
+    """One peer reader in a fresh spawned process; its scores, wall time and peak RSS go to peers/<name>.json."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
+    logger.info("peer reader %s on %s", name, out)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        res = pool.submit(_peer_job, name, str(out)).result()
+    path = Path(out) / "peers" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res), encoding="utf-8")
+    return res
+
+
+def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: bool = True) -> dict[str, Any]:
+    """Train on demo pairs + plants with the callback (unless `train` is False and the run exists),
+    run every peer reader, then score every reader."""
     from .config import SMDAConfig
     from .demo import DemoSettings, load_pairs, run_demo
-    from .models import load_model
-    from .probes import ProbeSet
 
     st = settings or PoisonSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
-    (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    demo = DemoSettings(check_answers=False, seed=st.seed)
-    cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
-    timing: dict[str, Any] = {}
-    _timed("train_with_smda", timing, lambda: run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg))
-    if st.tracin:
-        from .refusal import FirstTokenScorer
-
-        model, tok = load_model(str(out / "run" / "model"))
-        probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
-        r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
-        scores = _timed("tracin_end", timing, lambda: tracin_scores(model, tok, pairs, probes, r_ids))
-        (out / "tracin.json").write_text(json.dumps(scores), encoding="utf-8")
-    (out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
+    if train:
+        pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
+        (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
+        demo = DemoSettings(check_answers=False, seed=st.seed)
+        cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
+        t0 = time.perf_counter()
+        run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
+        timing = {"train_with_smda": {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}}
+        (out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
+    elif not (out / "run" / "model").exists():
+        raise FileNotFoundError(f"{out / 'run' / 'model'} does not exist: run without --peers-only first to train")
+    for name in st.peers:
+        run_peer(out, name)
     return score_poison(out, st)
 
 
@@ -197,8 +194,10 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     rng = np.random.default_rng(st.seed + 1)
     rand = {p["id"]: float(rng.random()) for p in pairs}
     readers["random"] = {"over-refusal": rand, "compliance": rand}
-    if (out / "tracin.json").exists():
-        readers["tracin_end"] = json.loads((out / "tracin.json").read_text())
+    for path in sorted((out / "peers").glob("*.json")):
+        peer = json.loads(path.read_text())
+        readers[path.stem] = peer["scores"]
+        timing[path.stem] = {"seconds": peer["seconds"], "peak_rss_mb": peer["peak_rss_mb"]}
     alerts = {r["pairs"][0].get("id") for r in records if r.get("alert") and len(r.get("pairs", [])) == 1}
     result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records),
               "plants_alerted": sorted(i for i in alerts if i and i.startswith("plant")), "n_alerts": len(alerts),

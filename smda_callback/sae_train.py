@@ -257,18 +257,51 @@ def sae_quality(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, fl
     return {"fve": 1 - sse / sst, "l0": l0 / len(acts), "dead_fraction": float(1 - fired.float().mean()), "n_eval_tokens": len(acts)}
 
 
-def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
-    """Build the corpus, collect activations (cached, so a restart skips it), train, evaluate, save."""
-    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+def fit_sae(train_acts: torch.Tensor, spec: SAETrainSpec, d_in: int, out_dir: Path) -> Any:
+    """Train a TopK SAE with sae-lens on cached activations, save it, and return the inference SAE
+    loaded back from disk (so what is measured is what ships)."""
+    from sae_lens import SAE, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.training.sae_trainer import SAETrainerConfig
 
+    torch.manual_seed(spec.seed)
+    metadata = SAEMetadata(hook_name=spec.hook_name, model_name="SmolLM2-135M-Instruct", model_class_name="LlamaForCausalLM",
+                           context_size=spec.ctx, prepend_bos=False, dataset_path="see smda_training.json")
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=spec.d_sae, k=spec.k, metadata=metadata))
+    with torch.no_grad():
+        sae.b_dec.data = train_acts[:200_000].float().mean(0)
+    steps = len(train_acts) * spec.epochs // spec.batch
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * spec.batch, train_batch_size_samples=spec.batch, lr=spec.lr,
+        lr_end=spec.lr_end, lr_scheduler_name="cosineannealing", lr_decay_steps=steps,
+        dead_feature_window=spec.dead_feature_window, feature_sampling_window=200, device="cpu",
+        logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10,
+    )
+    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train_acts, spec.batch, spec.seed)).fit()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trained.save_inference_model(str(out_dir))
+    return SAE.load_from_disk(str(out_dir))
+
+
+def chat_eval_texts(tok: Any) -> list[str]:
+    """Chat-formatted turns the SAE never saw: the demo's pairs (prompt and response) and the
+    prompts of the probe and held-out sets, in the model's template, as the callback reads them."""
+    from .probes import read_jsonl
+
+    data = Path(__file__).parent / "data"
+    turns = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+             for r in read_jsonl(data / "pairs.jsonl")]
+    turns += [[{"role": "user", "content": r["prompt"]}] for f in ("probes", "heldout") for r in read_jsonl(data / f"{f}.jsonl")]
+    return [tok.apply_chat_template(t, tokenize=False, add_generation_prompt=len(t) == 1) for t in turns]
+
+
+def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
+    """Build the corpus, collect activations (cached, so a restart skips it), train, evaluate, save."""
     from .features import CARDS, KINDS, build_cards
     from .models import load_model
 
     spec = spec or SAETrainSpec()
-    torch.manual_seed(spec.seed)
     work = cache_dir() / "sae-work"
     work.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(model_dir)
@@ -291,33 +324,14 @@ def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | 
     train_acts, eval_acts = acts[n_eval:], acts[:n_eval]
     meta["tokens_total"] = int(len(acts))
 
-    metadata = SAEMetadata(hook_name=spec.hook_name, model_name="SmolLM2-135M-Instruct", model_class_name="LlamaForCausalLM",
-                           context_size=spec.ctx, prepend_bos=False, dataset_path="see smda_training.json")
-    sae_cfg = TopKTrainingSAEConfig(d_in=model.config.hidden_size, d_sae=spec.d_sae, k=spec.k, metadata=metadata)
-    sae = TopKTrainingSAE(sae_cfg)
-    with torch.no_grad():
-        sae.b_dec.data = train_acts[:200_000].float().mean(0)
-    cfg = SAETrainerConfig(
-        total_training_samples=len(train_acts) * spec.epochs, train_batch_size_samples=spec.batch, lr=spec.lr,
-        lr_end=spec.lr_end, lr_scheduler_name="cosineannealing", lr_decay_steps=len(train_acts) * spec.epochs // spec.batch,
-        dead_feature_window=spec.dead_feature_window, feature_sampling_window=200, device="cpu",
-        logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10,
-    )
     t0 = time.perf_counter()
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train_acts, spec.batch, spec.seed))
-    trained = trainer.fit()
-    train_s = time.perf_counter() - t0
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trained.save_inference_model(str(out_dir))
-    from sae_lens import SAE
-
-    sae_inf = SAE.load_from_disk(str(out_dir))
+    sae_inf = fit_sae(train_acts, spec, model.config.hidden_size, out_dir)
+    train_s = time.perf_counter() - t0
     quality = sae_quality(sae_inf, eval_acts)
-    # quality on chat-formatted prompts specifically (the format the probes use)
-    chat_texts = [t for t in texts if "<|im_start|>user" in t][:300]
-    chat_acts = collect_activations(model, tok, chat_texts, spec.layer, 20_000, spec.ctx)
+    chat_acts = collect_activations(model, tok, chat_eval_texts(tok), spec.layer, 10**7, spec.ctx)
     quality["fve_chat"] = sae_quality(sae_inf, chat_acts)["fve"]
+    quality["n_chat_tokens"] = len(chat_acts)
     # cards from the held-out texts (the first ones: their tokens are the evaluation slice)
     cards = build_cards(sae_inf, model, tok, texts, spec.layer, n_tokens=n_eval)
     (out_dir / CARDS).write_text(json.dumps(cards))

@@ -2,7 +2,8 @@
 
 Three checks on ledgers this package wrote, reported whatever they show (docs/validation.md):
 agreement of in-training and counterfactual scores (and of the exact and first-order splits),
-the paper's curation experiment, and a causal check of single-pair scores.
+the curation experiment (retrain.py: top suspects vs random removals over several data orders),
+and a causal check of single-pair scores.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .analysis import pair_rows
 from .config import SMDAConfig
 from .ledger import load_credits, load_policy, load_records
 from .probes import ProbeSet
-from .probing import behaviour
+from .retrain import RetrainSettings, run_jobs, summarize
+from .retrain import format_summary as format_retrain
 
 logger = logging.getLogger(__name__)
 
@@ -84,40 +86,6 @@ def agreement(train_dir: str | Path, cf_dir: str | Path) -> dict[str, Any]:
             "feature_spearman_p10_p90": [float(pf["spearman"].quantile(.1)), float(pf["spearman"].quantile(.9))] if len(pf) else [],
             "features_positive": float((pf["spearman"] > 0).mean()) if len(pf) else float("nan"),
             "per_feature": pf.sort_values("spearman").to_dict("records"), "first_order_gap": gaps}
-
-
-# ----------------------------------------------------------------------------- curation
-def flag_pairs(scores: pd.DataFrame) -> list[str]:
-    """The paper's rule: harmful pairs scoring below the harmless median, harmless pairs above the harmful median."""
-    h, s = scores[scores.label == "harmful"], scores[scores.label == "harmless"]
-    return sorted(h.index[h.score < s.score.median()].tolist() + s.index[s.score > h.score.median()].tolist())
-
-
-def random_like(pairs: list[dict[str, Any]], flagged: list[str], seed: int) -> list[str]:
-    """A random removal set with the flagged set's size per label (so only *which* pairs differs)."""
-    rng = np.random.default_rng(seed)
-    lab = {p["id"]: p["label"] for p in pairs}
-    out: list[str] = []
-    for label in ("harmful", "harmless"):
-        n = sum(lab[i] == label for i in flagged)
-        pool = sorted(i for i, v in lab.items() if v == label)
-        out += rng.choice(pool, size=n, replace=False).tolist()
-    return sorted(out)
-
-
-def train_sft(pairs: list[dict[str, Any]], out: str | Path, settings: Any = None, callbacks: list | None = None) -> tuple[Any, Any]:
-    """The demo's SFT (same settings, no checkpoints, no logging) on `pairs`; returns (model, tokenizer)."""
-    from trl import SFTTrainer
-
-    from .demo import DemoSettings, sft_config, to_dataset
-    from .models import load_model
-
-    model, tok = load_model()
-    args = sft_config(out, settings or DemoSettings())
-    args.report_to = []
-    if pairs:
-        SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=callbacks).train()
-    return model, tok
 
 
 # ----------------------------------------------------------------------------- causal check
@@ -204,7 +172,10 @@ def _clone_state(sd: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- orchestration
 @dataclass
 class ValidationSettings:
-    seeds: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """data orders of every retraining condition (and the random removal sets, one per order)"""
+    curation_target: str = "over-refusal"
+    curation_ns: tuple[int, ...] = (32,)
     categories: tuple[str, ...] = ("religious_stereotyping", "edgy")
     counterfactual_lr: float = 1e-2
     """plain SGD; its update norm (lr × grad norm ≈ 0.15 here) is within an order of magnitude of one
@@ -255,22 +226,10 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
         return agreement(run_dir, out / "counterfactual")
     stage("agreement", counterfactual)
 
-    flagged = flag_pairs(scores)
-    conditions = {"a_all": [], "b_minus_flagged": flagged,
-                  **{f"c_minus_random_s{s}": random_like(pairs, flagged, s) for s in st.seeds}}
-    res["curation"] = {"n_flagged": len(flagged), "flagged": flagged,
-                       "flagged_by_label": {lab: sum(scores.at[i, "label"] == lab for i in flagged) for lab in ("harmful", "harmless")},
-                       "conditions": {}}
-
-    def curation() -> None:
-        for name, drop in conditions.items():
-            dropped = set(drop)
-            kept = [p for p in pairs if p["id"] not in dropped]
-            model, tok = train_sft(kept, out / "sft_tmp")
-            res["curation"]["conditions"][name] = {"n_train": len(kept), **behaviour(model, tok, sets)}
-            _write(out, res)
-        model, tok = load_model()
-        res["curation"]["conditions"]["d_no_training"] = {"n_train": 0, **behaviour(model, tok, sets)}
+    def curation() -> dict[str, Any]:
+        rs = RetrainSettings(target=st.curation_target, ns=st.curation_ns, orders=st.seeds, random_sets=len(st.seeds))
+        run_jobs(run_dir, pairs, sets, out / "retrain", rs)
+        return summarize(out / "retrain")
     stage("curation", curation)
 
     def causal() -> list[dict[str, Any]]:
@@ -313,10 +272,11 @@ def plot_validation(res: dict[str, Any], out: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     names = list(conds)
     x = np.arange(len(names))
-    for k, (s, off) in enumerate((("probes", -0.2), ("heldout", 0.2))):
-        ax.bar(x + off, [conds[n][s]["f1"] for n in names], width=0.4, label=f"refusal F1, {s}")
+    for k, (key, off) in enumerate((("heldout.refusal_rate_harmless", -0.2), ("heldout.refusal_rate_harmful", 0.2))):
+        ax.bar(x + off, [conds[n][key]["mean"] for n in names], yerr=[conds[n][key]["sd"] for n in names], width=0.4,
+               capsize=3, label=key.replace("heldout.refusal_rate_", "held-out refusal, "))
     ax.set_xticks(x, [n.replace("_", "\n", 1) for n in names], fontsize=7)
-    ax.set(ylim=(0, 1), title="curation experiment")
+    ax.set(ylim=(0, 1), title="curation: retrained from the base, mean ± sd over data orders")
     ax.legend(fontsize=8)
     paths.append(out / "curation.png")
     fig.tight_layout()
@@ -356,23 +316,7 @@ def format_validation(res: dict[str, Any]) -> str:
         if g:
             L.append(f"| first-order split vs exact, relative error per step ({name}): median (p10, p90) | "
                      f"{g['median']:.3f} ({g['p10']:.3f}, {g['p90']:.3f}) |")
-    cu = res["curation"]
-    L += ["", "## 2. Curation experiment", "",
-          f"Flagged {cu['n_flagged']} pairs ({cu['flagged_by_label']['harmful']} harmful scoring below the harmless median, "
-          f"{cu['flagged_by_label']['harmless']} harmless scoring above the harmful median).", "",
-          "| condition | pairs | F1 (probes) | harmful refused | harmless refused | edgy over-refusal | F1 (heldout) | heldout harmful / harmless refused |",
-          "|---|---|---|---|---|---|---|---|"]
-    for name, c in cu["conditions"].items():
-        p, h = c["probes"], c["heldout"]
-        L.append(f"| {name} | {c['n_train']} | {p['f1']:.3f} | {p['refusal_rate_harmful']:.0%} | {p['refusal_rate_harmless']:.0%} | "
-                 f"{p['over_refusal_edgy']:.0%} | {h['f1']:.3f} | {h['refusal_rate_harmful']:.0%} / {h['refusal_rate_harmless']:.0%} |")
-    rnd = [c for n, c in cu["conditions"].items() if n.startswith("c_")]
-    if rnd and "b_minus_flagged" in cu["conditions"]:
-        b = cu["conditions"]["b_minus_flagged"]
-        for s in ("probes", "heldout"):
-            f1s = [c[s]["f1"] for c in rnd]
-            L.append(f"\n{s}: (b) F1 {b[s]['f1']:.3f} vs (c) mean {np.mean(f1s):.3f} (min {min(f1s):.3f}, max {max(f1s):.3f}) → "
-                     f"claim (b) > (c) {'HOLDS' if b[s]['f1'] > max(f1s) else 'does NOT hold'} (b above every random seed)")
+    L += ["", "## 2. Curation experiment", "", format_retrain(res["curation"])]
     L += ["", "## 3. Causal check of single-pair scores", ""]
     for c in res["causal"]:
         L += [f"Category `{c['category']}`: {len(c['pairs'])} pairs; Spearman(predicted, measured) = {c['spearman']:+.3f}; "

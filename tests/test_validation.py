@@ -9,7 +9,8 @@ from helpers import probe_records, tiny_model, tiny_sae
 
 from smda_callback import ProbeSet, SMDAConfig
 from smda_callback.sinks import POLICY, LedgerWriter
-from smda_callback.validation import CausalSettings, agreement, causal_check, flag_pairs, pair_scores, random_like
+from smda_callback.retrain import METRICS, flag_pairs, random_like
+from smda_callback.validation import CausalSettings, agreement, causal_check, pair_scores
 
 
 def _ledger(tmp, ids, deltas, beta0, gaps, feats=(3, 7, 11)):
@@ -85,7 +86,8 @@ def test_causal_check_on_a_tiny_model(smol_tokenizer):
 
 
 def _fake_result():
-    cond = {"f1": 0.8, "refusal_rate_harmful": 0.9, "refusal_rate_harmless": 0.2, "over_refusal_edgy": 0.3, "by_category": {}}
+    stat = {"mean": 0.2, "sd": 0.05, "min": 0.15, "max": 0.25}
+    cond = {"jobs": 3, "n_train": [10], "orders": [0, 1, 2], **{f"{s}.{m}": stat for s, m in METRICS}}
     causal = {"category": "edgy", "settings": {"n_each": 2}, "without": 0.1, "spearman": 0.5, "sign_agreement": 0.75,
               "top_minus_bottom": 1e-3, "pairs": [{"id": f"p{i}", "label": "harmful" if i % 2 else "harmless", "category": "c",
                                                    "predicted": i - 1.5, "measured": (i - 1.5) * 1e-3} for i in range(4)]}
@@ -94,9 +96,8 @@ def _fake_result():
                           "feature_spearman_median": 0.2, "feature_spearman_p10_p90": [-0.1, 0.5], "features_positive": 0.6,
                           "first_order_gap": {"in_training": {"p10": 0.1, "median": 0.2, "p90": 0.3}, "counterfactual": {}},
                           "scores": [{"id": f"p{i}", "label": "harmful", "in_training": i, "counterfactual": -i} for i in range(4)]},
-            "curation": {"n_flagged": 2, "flagged_by_label": {"harmful": 1, "harmless": 1},
-                         "conditions": {n: {"n_train": 10, "probes": cond, "heldout": cond}
-                                        for n in ("a_all", "b_minus_flagged", "c_minus_random_s1", "d_no_training")}},
+            "curation": {"conditions": {n: cond for n in ("a_all", "b_top32", "c_random32")},
+                         "claims": {"b_top32": {"over_refusal_gain_points": 0.0, "harmful_refusal_diff_points": 0.0}}},
             "causal": [causal]}
 
 
@@ -104,7 +105,7 @@ def test_markdown_and_plots_of_a_result(tmp_path):
     from smda_callback.validation import format_validation, plot_validation
 
     md = format_validation(_fake_result())
-    assert "| b_minus_flagged | 10 | 0.800 |" in md and "does NOT hold" in md  # a tie is not a win
+    assert "| b_top32 | 3 | 10 | 20 ± 5 |" in md and "+0.0 points lower (target ≥ 15)" in md
     assert "Spearman(predicted, measured) = +0.500" in md
     paths = plot_validation(_fake_result(), tmp_path)
     assert [p.name for p in paths] == ["agreement.png", "curation.png", "causal.png"]

@@ -1,0 +1,196 @@
+"""Retraining experiments: does removing the pairs SMDA ranks most suspect change the trained model
+more than removing as many random pairs? (`smda retrain-experiment`, a stage of `smda validate`)
+
+Every job is a fresh SFT from the base model with the demo's settings on the pairs minus one removal
+set, in one data order (the Trainer seed), followed by greedy answers on the probe and held-out sets.
+One pair per step makes the outcome depend on the order, so every condition is run over several
+orders and reported as mean ± spread. Each job writes its own JSON file as soon as it ends, so an
+interrupted experiment resumes where it stopped and several processes can share the job list
+(`--shard i/k`).
+
+Conditions, for each N:
+- `a_all`: every pair;
+- `b_top{N}`: minus the N pairs `smda suspects` ranks highest for the target (label-capped, as `smda curate --drop`);
+- `c_random{N}_s{k}`: minus N random pairs with the same label mix as b; random set k is trained in
+  order k, so the spread of c covers both which pairs and which order;
+- `p_median`: minus the pairs the paper's median rule flags (harmful below the harmless median,
+  harmless above the harmful median of the per-pair score).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrainSettings:
+    target: str = "over-refusal"
+    ns: tuple[int, ...] = (32,)
+    orders: tuple[int, ...] = (0, 1, 2)
+    random_sets: int = 3
+    paper_rule: bool = True
+    max_label_share: float = 0.25
+
+
+def flag_pairs(scores: pd.DataFrame) -> list[str]:
+    """The paper's rule: harmful pairs scoring below the harmless median, harmless pairs above the harmful median."""
+    h, s = scores[scores.label == "harmful"], scores[scores.label == "harmless"]
+    return sorted(h.index[h.score < s.score.median()].tolist() + s.index[s.score > h.score.median()].tolist())
+
+
+def random_like(pairs: list[dict[str, Any]], flagged: list[str], seed: int) -> list[str]:
+    """A random removal set with the flagged set's size per label (so only *which* pairs differs)."""
+    rng = np.random.default_rng(seed)
+    lab = {p["id"]: p["label"] for p in pairs}
+    out: list[str] = []
+    for label in ("harmful", "harmless"):
+        n = sum(lab[i] == label for i in flagged)
+        pool = sorted(i for i, v in lab.items() if v == label)
+        out += rng.choice(pool, size=n, replace=False).tolist()
+    return sorted(out)
+
+
+def train_sft(pairs: list[dict[str, Any]], out: str | Path, settings: Any = None, callbacks: list | None = None) -> tuple[Any, Any]:
+    """The demo's SFT (same settings, no checkpoints, no logging) on `pairs`; returns (model, tokenizer)."""
+    from trl import SFTTrainer
+
+    from .demo import DemoSettings, sft_config, to_dataset
+    from .models import load_model
+
+    model, tok = load_model()
+    args = sft_config(out, settings or DemoSettings())
+    args.report_to = []
+    if pairs:
+        SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=callbacks).train()
+    return model, tok
+
+
+def conditions(run_dir: str | Path, pairs: list[dict[str, Any]], st: RetrainSettings) -> dict[str, list[str]]:
+    """Removal set (pair ids) of every condition, from the ranking run's ledger."""
+    from .curate import curate
+    from .validation import pair_scores
+
+    out: dict[str, list[str]] = {"a_all": []}
+    for n in st.ns:
+        _, changes = curate(run_dir, pairs, st.target, n, "drop", st.max_label_share)
+        top = [c["id"] for c in changes]
+        out[f"b_top{n}"] = top
+        for k in range(st.random_sets):
+            out[f"c_random{n}_s{k}"] = random_like(pairs, top, seed=k)
+    if st.paper_rule:
+        out["p_median"] = flag_pairs(pair_scores(run_dir))
+    return out
+
+
+def jobs(conds: dict[str, list[str]], st: RetrainSettings) -> list[tuple[str, int]]:
+    """(condition, order) of every retrain; a random set k is trained in order st.orders[k] only."""
+    out = []
+    for name in conds:
+        if name.startswith("c_random"):
+            k = int(name.rsplit("_s", 1)[1])
+            out.append((name, st.orders[k % len(st.orders)]))
+        else:
+            out += [(name, o) for o in st.orders]
+    return out
+
+
+def run_jobs(run_dir: str | Path, pairs: list[dict[str, Any]], sets: dict[str, Any], out: str | Path,
+             st: RetrainSettings | None = None, shard: tuple[int, int] = (0, 1), settings: Any = None) -> list[Path]:
+    """Run this shard's jobs that have no result file yet; returns the result files written."""
+    from .demo import DemoSettings
+    from .probing import behaviour
+
+    st = st or RetrainSettings()
+    out = Path(out)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    conds = conditions(run_dir, pairs, st)
+    (out / "conditions.json").write_text(json.dumps({"settings": asdict(st), "run_dir": str(run_dir), "conditions": conds},
+                                                    indent=1), encoding="utf-8")
+    todo = jobs(conds, st)[shard[0]::shard[1]]
+    base = settings or DemoSettings()
+    written = []
+    for name, order in todo:
+        path = out / "jobs" / f"{name}__o{order}.json"
+        if path.exists():
+            continue
+        drop = set(conds[name])
+        kept = [p for p in pairs if p["id"] not in drop]
+        logger.info("retrain %s order %d: %d pairs", name, order, len(kept))
+        t0 = time.perf_counter()
+        model, tok = train_sft(kept, out / f"tmp_{shard[0]}", DemoSettings(**{**asdict(base), "seed": order}))
+        res = {"condition": name, "order": order, "n_train": len(kept), "dropped": sorted(drop),
+               "train_seconds": round(time.perf_counter() - t0, 1), **behaviour(model, tok, sets)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, default=float), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+METRICS = (("heldout", "refusal_rate_harmful"), ("heldout", "refusal_rate_harmless"), ("heldout", "over_refusal_edgy"),
+           ("probes", "refusal_rate_harmful"), ("probes", "refusal_rate_harmless"), ("probes", "over_refusal_edgy"))
+
+
+def group(name: str) -> str:
+    """c_random32_s1 → c_random32: random sets pool into one condition."""
+    return name.rsplit("_s", 1)[0] if name.startswith("c_random") else name
+
+
+def summarize(out: str | Path) -> dict[str, Any]:
+    """Mean, sd, min and max of every metric per condition over its jobs, and the issue's claim per N."""
+    rows = [json.loads(p.read_text()) for p in sorted((Path(out) / "jobs").glob("*.json"))]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(group(r["condition"]), []).append(r)
+    table: dict[str, Any] = {}
+    for name, rs in sorted(by.items()):
+        entry: dict[str, Any] = {"jobs": len(rs), "n_train": sorted({r["n_train"] for r in rs}),
+                                 "orders": sorted(r["order"] for r in rs)}
+        for s, m in METRICS:
+            v = np.asarray([r[s][m] for r in rs], float)
+            entry[f"{s}.{m}"] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                                 "min": float(v.min()), "max": float(v.max())}
+        table[name] = entry
+    claims = {}
+    for name in table:
+        if not name.startswith("b_top"):
+            continue
+        c = table.get("c_random" + name[len("b_top"):])
+        if c is None:
+            continue
+        b = table[name]
+        over = "heldout.refusal_rate_harmless"
+        claims[name] = {"over_refusal_gain_points": 100 * (c[over]["mean"] - b[over]["mean"]),
+                        "harmful_refusal_diff_points": 100 * (b["heldout.refusal_rate_harmful"]["mean"]
+                                                              - c["heldout.refusal_rate_harmful"]["mean"])}
+    return {"conditions": table, "claims": claims}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    cols = [f"{a} {b.replace('refusal_rate_', '').replace('over_refusal_', '')}" for a, b in METRICS]
+    L = ["| condition | jobs | pairs | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for name, e in s["conditions"].items():
+        cells = [f"{100 * e[f'{a}.{b}']['mean']:.0f} ± {100 * e[f'{a}.{b}']['sd']:.0f}" for a, b in METRICS]
+        L.append(f"| {name} | {e['jobs']} | {'/'.join(map(str, e['n_train']))} | " + " | ".join(cells) + " |")
+    for name, c in s["claims"].items():
+        L.append(f"\n{name} vs random: held-out harmless refusal {c['over_refusal_gain_points']:+.1f} points lower "
+                 f"(target ≥ 15) at harmful refusal {c['harmful_refusal_diff_points']:+.1f} points")
+    return "\n".join(L)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    i, k = (int(v) for v in text.split("/"))
+    if not 0 <= i < k:
+        raise ValueError(f"--shard {text!r}: want i/k with 0 ≤ i < k, e.g. 0/2")
+    return i, k
+
