@@ -175,13 +175,16 @@ def _validate(a: argparse.Namespace) -> int:
 def _retrain(a: argparse.Namespace) -> int:
     from .demo import DATA, load_pairs
     from .probes import ProbeSet
-    from .retrain import RetrainSettings, format_summary, parse_shard, run_jobs, summarize
+    from .retrain import RetrainSettings, format_summary, parse_shard, reuse_ranking_run, run_jobs, summarize
 
     if not a.summary_only:
         st = RetrainSettings(target=a.target, ns=tuple(a.n), orders=tuple(a.orders), random_sets=a.random_sets,
                              paper_rule=not a.no_paper_rule)
         sets = {"probes": ProbeSet.from_jsonl(DATA / "probes.jsonl"), "heldout": ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl")}
-        run_jobs(a.run_dir, load_pairs(a.pairs or DATA / "pairs.jsonl"), sets, a.out, st, parse_shard(a.shard))
+        pairs = load_pairs(a.pairs or DATA / "pairs.jsonl")
+        if a.reuse_run_answers and reuse_ranking_run(a.run_dir, pairs, a.out, a.orders[0]) is None:
+            raise SystemExit(f"--reuse-run-answers: {a.run_dir} has no after-training answers for {len(pairs)} steps")
+        run_jobs(a.run_dir, pairs, sets, a.out, st, parse_shard(a.shard))
     s = summarize(a.out)
     Path(a.out, "summary.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
     print(format_summary(s))
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-paper-rule", action="store_true", help="skip the paper's median-rule condition")
     r.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th, to share the jobs between processes")
     r.add_argument("--summary-only", action="store_true", help="only summarise the finished jobs in --out")
+    r.add_argument("--reuse-run-answers", action="store_true",
+                   help="the ranking run is the demo on these pairs in the first order: use its answers as a_all")
     r.set_defaults(fn=_retrain)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="local HF model folder (default: the embedded model)")
     t.add_argument("--layer", type=int, default=15)
     t.add_argument("--d-sae", type=int, default=4096)
-    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--k", type=int, default=SAETrainSpec.k)
     t.add_argument("--tokens", type=int, default=500_000)
     t.add_argument("--epochs", type=int, default=SAETrainSpec.epochs)
     t.add_argument("--seed", type=int, default=0)

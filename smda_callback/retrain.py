@@ -104,6 +104,26 @@ def jobs(conds: dict[str, list[str]], st: RetrainSettings) -> list[tuple[str, in
     return out
 
 
+def reuse_ranking_run(run_dir: str | Path, pairs: list[dict[str, Any]], out: str | Path, order: int = 0) -> Path | None:
+    """Record the ranking run's own after-training answers as job `a_all` in `order`.
+
+    Valid only when the ranking run is the demo's SFT on exactly `pairs` with data-order seed `order`:
+    training is bitwise identical with and without the callback, so retraining it would repeat it.
+    """
+    summary_file = next((f for f in (Path(run_dir) / "smda" / "summary.json", Path(run_dir) / "summary.json") if f.exists()), None)
+    if summary_file is None:
+        return None
+    summary = json.loads(summary_file.read_text())
+    after = summary.get("answers", {}).get("after")
+    if not after or summary.get("steps") != len(pairs):
+        return None
+    path = Path(out) / "jobs" / f"a_all__o{order}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"condition": "a_all", "order": order, "n_train": len(pairs), "dropped": [],
+                                "source": f"ranking run {run_dir}", **after}, default=float), encoding="utf-8")
+    return path
+
+
 def run_jobs(run_dir: str | Path, pairs: list[dict[str, Any]], sets: dict[str, Any], out: str | Path,
              st: RetrainSettings | None = None, shard: tuple[int, int] = (0, 1), settings: Any = None) -> list[Path]:
     """Run this shard's jobs that have no result file yet; returns the result files written."""

@@ -48,15 +48,18 @@ class SAETrainSpec:
 
     layer: int = 15
     d_sae: int = 4096
-    k: int = 32
+    k: int = 64
+    """k 32 → 64: held-out FVE 0.709 → 0.767 after one pass over 100k tokens (pilot, same lr)."""
     tokens: int = 500_000
     ctx: int = 128
-    lr: float = 2e-3
-    lr_end: float = 2e-4
+    lr: float = 3e-2
+    """On activations scaled to mean norm √d_in. Pilots (100k tokens, one pass, k 32): lr 2e-3 → FVE 0.28,
+    1e-2 → 0.58, 3e-2 → 0.71 (3.9 % dead), 1e-1 → 0.70 (25 % dead)."""
+    lr_end: float = 3e-3
     batch: int = 1024
     dead_feature_window: int = 50
-    epochs: int = 1
-    """Passes over the activations; one pass (~440 steps) left 36 % of latents dead."""
+    epochs: int = 3
+    """Passes over the activations; 3 passes over 100k tokens took the k-32 pilot from FVE 0.71 to 0.78."""
     generated_answers: int = 256
     seed: int = 0
 
@@ -213,8 +216,9 @@ def _hook_batches(model: Any, tok: Any, texts: list[str], layer: int, ctx: int, 
         handle.remove()
 
 
-def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int, ctx: int, batch: int = 16) -> torch.Tensor:
-    """Residual stream after decoder layer `layer` for up to n_tokens tokens, without
+def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int | None, ctx: int,
+                        batch: int = 16) -> torch.Tensor:
+    """Residual stream after decoder layer `layer` for up to n_tokens tokens (None: every text), without
     tokens whose norm is >10x the batch median (attention sinks)."""
     buf: list[torch.Tensor] = []
     total = 0
@@ -226,18 +230,18 @@ def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_to
             buf.append(acts.to(torch.bfloat16))
             total += len(acts)
             bar.update(len(acts))
-            if total >= n_tokens:
+            if n_tokens is not None and total >= n_tokens:
                 break
     return torch.cat(buf)[:n_tokens]
 
 
 # ---------------------------------------------------------------- training
-def _batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+def _batches(acts: torch.Tensor, batch: int, seed: int, scale: float = 1.0) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(acts), generator=g)
         for i in range(0, len(perm) - batch + 1, batch):
-            yield acts[perm[i : i + batch]].float()
+            yield acts[perm[i : i + batch]].float() * scale
 
 
 def sae_quality(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
@@ -269,8 +273,12 @@ def fit_sae(train_acts: torch.Tensor, spec: SAETrainSpec, d_in: int, out_dir: Pa
     metadata = SAEMetadata(hook_name=spec.hook_name, model_name="SmolLM2-135M-Instruct", model_class_name="LlamaForCausalLM",
                            context_size=spec.ctx, prepend_bos=False, dataset_path="see smda_training.json")
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=spec.d_sae, k=spec.k, metadata=metadata))
+    # Train at unit scale (mean norm √d_in) and fold the factor into the weights before saving: on the
+    # raw residual (median norm ~170) Adam at this lr leaves FVE near 0.3 (measured), scaled it learns.
+    sample = train_acts[:200_000].float()
+    scale = float(d_in**0.5 / sample.norm(dim=-1).mean())
     with torch.no_grad():
-        sae.b_dec.data = train_acts[:200_000].float().mean(0)
+        sae.b_dec.data = sample.mean(0) * scale
     steps = len(train_acts) * spec.epochs // spec.batch
     cfg = SAETrainerConfig(
         total_training_samples=steps * spec.batch, train_batch_size_samples=spec.batch, lr=spec.lr,
@@ -278,7 +286,8 @@ def fit_sae(train_acts: torch.Tensor, spec: SAETrainSpec, d_in: int, out_dir: Pa
         dead_feature_window=spec.dead_feature_window, feature_sampling_window=200, device="cpu",
         logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=10,
     )
-    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train_acts, spec.batch, spec.seed)).fit()
+    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train_acts, spec.batch, spec.seed, scale)).fit()
+    trained.fold_activation_norm_scaling_factor(scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained.save_inference_model(str(out_dir))
     return SAE.load_from_disk(str(out_dir))
@@ -329,7 +338,7 @@ def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | 
     sae_inf = fit_sae(train_acts, spec, model.config.hidden_size, out_dir)
     train_s = time.perf_counter() - t0
     quality = sae_quality(sae_inf, eval_acts)
-    chat_acts = collect_activations(model, tok, chat_eval_texts(tok), spec.layer, 10**7, spec.ctx)
+    chat_acts = collect_activations(model, tok, chat_eval_texts(tok), spec.layer, None, spec.ctx)
     quality["fve_chat"] = sae_quality(sae_inf, chat_acts)["fve"]
     quality["n_chat_tokens"] = len(chat_acts)
     # cards from the held-out texts (the first ones: their tokens are the evaluation slice)

@@ -65,3 +65,15 @@ def test_shard_must_name_one_of_k():
     assert retrain.parse_shard("1/2") == (1, 2)
     with pytest.raises(ValueError, match="i/k"):
         retrain.parse_shard("2/2")
+
+
+def test_the_ranking_runs_own_answers_stand_for_a_all_only_when_it_trained_every_pair(tmp_path):
+    pairs = [{"id": f"p{i}", "label": "harmless"} for i in range(4)]
+    run = tmp_path / "run"
+    (run / "smda").mkdir(parents=True)
+    summary = {"steps": 4, "answers": {"before": _fake_answers(0.1), "after": _fake_answers(0.3)}}
+    (run / "smda" / "summary.json").write_text(json.dumps(summary))
+    path = retrain.reuse_ranking_run(run, pairs, tmp_path / "exp")
+    job = json.loads(path.read_text())
+    assert path.name == "a_all__o0.json" and job["heldout"]["refusal_rate_harmless"] == 0.3 and job["source"].startswith("ranking run")
+    assert retrain.reuse_ranking_run(run, pairs[:3], tmp_path / "exp2") is None  # a --limit run is not the full data

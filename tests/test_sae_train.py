@@ -35,3 +35,38 @@ def test_kind_rule():
         "format", "format", "format", "function-word", "function-word", "function-word", "content", "content"]
     assert card_kind([" .", " ,", " bomb"]) == "format" and card_kind([" the", " of", " bomb"]) == "function-word"
     assert card_kind([" bomb", " gun", " ."]) == "content"
+
+
+def test_fit_sae_trains_at_unit_scale_and_ships_raw_scale_weights(tmp_path):
+    """Residual streams have norms in the hundreds; the fit runs on rescaled activations and folds the
+    factor into the saved weights, so the SAE loaded from disk reconstructs raw activations."""
+    from smda_callback.sae_train import SAETrainSpec, fit_sae, sae_quality
+
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(48, 16, generator=g)
+    codes = torch.relu(torch.randn(12_288, 48, generator=g) - 1.0)
+    x = (codes @ dirs) * 60 + 25  # norms ~ 10²: the raw scale of a real residual stream
+    spec = SAETrainSpec(layer=2, d_sae=64, k=6, batch=256, epochs=2, dead_feature_window=20)
+    sae = fit_sae(x[1024:], spec, 16, tmp_path)
+    assert (tmp_path / "sae_weights.safetensors").exists() and sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    q = sae_quality(sae, x[:1024])
+    assert q["fve"] > 0.6 and q["l0"] == 6.0, q
+
+
+def test_the_shipped_sae_reconstructs_prompts_it_never_saw():
+    """The shipped SAE against the real model on the held-out prompts (chat template), with the
+    quality recorded next to it: a stale or mismatched SAE fails here."""
+    import json
+
+    from smda_callback.models import load_model
+    from smda_callback.probes import read_jsonl
+    from smda_callback.sae import embedded_sae_dir, load_sae
+    from smda_callback.sae_train import sae_quality
+
+    model, tok = load_model()
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+             for r in read_jsonl(embedded_sae_dir().parent / "heldout.jsonl")]
+    record = json.loads((embedded_sae_dir() / "smda_training.json").read_text())
+    acts = collect_activations(model.eval(), tok, texts, record["spec"]["layer"], None, ctx=128)
+    q = sae_quality(load_sae(embedded_sae_dir()), acts)
+    assert q["fve"] >= 0.75 and abs(q["fve"] - record["quality"]["fve_chat"]) < 0.1, (q, record["quality"])
