@@ -172,6 +172,22 @@ def _validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_check(a: argparse.Namespace) -> int:
+    from .config import SMDAConfig
+    from .demo import DATA
+    from .models import load_model
+    from .policy_check import format_policy_check, policy_check
+    from .probes import ProbeSet
+    from .sae import embedded_sae_dir
+
+    cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features)
+    model, tok = load_model(a.model)
+    res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
+                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg)
+    print(json.dumps(res, indent=1) if a.json else format_policy_check(res))
+    return 0
+
+
 def _retrain(a: argparse.Namespace) -> int:
     from .demo import DATA, load_pairs
     from .probes import ProbeSet
@@ -301,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
     v.add_argument("--counterfactual-pairs", type=int, default=0, help="only the first N pairs get the counterfactual protocol (0 = all)")
     v.set_defaults(fn=_validate)
+
+    pc = sub.add_parser("policy-check", help="does the baseline policy generalise? nested CV and held-out prompts")
+    pc.add_argument("--sae", help="SAE folder (default: the shipped one)")
+    pc.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    pc.add_argument("--probes", help="probe JSONL (default: the shipped probes)")
+    pc.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
+    pc.add_argument("--kinds", nargs="+", default=["content"], choices=["content", "format", "function-word"])
+    pc.add_argument("--n-features", type=int, default=48)
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(fn=_policy_check)
 
     r = sub.add_parser("retrain-experiment", help="retrain from the base minus top suspects vs minus random pairs, over several data orders")
     r.add_argument("run_dir", help="the ranking run: a full in-training run of the pairs (e.g. runs/demo)")
