@@ -93,7 +93,10 @@ def conditions(run_dir: str | Path, pairs: list[dict[str, Any]], st: RetrainSett
 
 
 def jobs(conds: dict[str, list[str]], st: RetrainSettings) -> list[tuple[str, int]]:
-    """(condition, order) of every retrain; a random set k is trained in order st.orders[k] only."""
+    """(condition, order) of every retrain; a random set k is trained in order st.orders[k] only.
+
+    Listed order by order (every condition's first order, then every second order, ...), so an
+    experiment stopped early has the same number of orders for every condition."""
     out = []
     for name in conds:
         if name.startswith("c_random"):
@@ -101,7 +104,7 @@ def jobs(conds: dict[str, list[str]], st: RetrainSettings) -> list[tuple[str, in
             out.append((name, st.orders[k % len(st.orders)]))
         else:
             out += [(name, o) for o in st.orders]
-    return out
+    return sorted(out, key=lambda job: st.orders.index(job[1]))
 
 
 def reuse_ranking_run(run_dir: str | Path, pairs: list[dict[str, Any]], out: str | Path, order: int = 0) -> Path | None:

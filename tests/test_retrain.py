@@ -27,6 +27,7 @@ def test_every_condition_runs_in_every_order_and_random_sets_in_their_own():
     got = jobs(conds, RetrainSettings(orders=(0, 1, 2)))
     assert [j for j in got if j[0] == "a_all"] == [("a_all", 0), ("a_all", 1), ("a_all", 2)]
     assert [j for j in got if j[0].startswith("c_")] == [("c_random4_s0", 0), ("c_random4_s1", 1), ("c_random4_s2", 2)]
+    assert got[:3] == [("a_all", 0), ("b_top4", 0), ("c_random4_s0", 0)]  # order by order: a stopped run stays balanced
 
 
 def _fake_answers(rate):
