@@ -17,7 +17,7 @@ R_IDS = [40, 314, 1000]  # any fixed token ids stand in for the refusal openings
 def _pairs():
     """Demo-format pairs (prompt and response strings) from the helpers' conversational records."""
     return [{"id": f"p{i}", "prompt": r["prompt"][0]["content"], "response": r["completion"][0]["content"],
-             "label": r["label"]} for i, r in enumerate(pair_records())]
+             "label": r["label"], "category": r["category"]} for i, r in enumerate(pair_records())]
 
 
 def _refusal(model, tok, probes, mask):
@@ -80,3 +80,25 @@ def test_kronfluence_with_huge_damping_is_the_dot_product_over_tracked_modules(s
         got = [scores[target][p["id"]] for p in pairs]
         assert spearmanr(got, ref).statistic > 0.95, (target, got, ref)
         assert np.sign(got).tolist() == np.sign(ref).tolist()
+
+
+def test_a_peer_runs_in_its_own_process_and_reports_time_and_memory(tmp_path, smol_tokenizer):
+    """The benchmark's harness: a finished poison folder in, peers/<name>.json with one score per pair
+    and target, the child's own wall time and peak RSS out; score_poison then ranks with it."""
+    import json
+
+    from smda_callback.poison import run_peer
+
+    tiny_model().save_pretrained(tmp_path / "run" / "model")
+    smol_tokenizer.save_pretrained(tmp_path / "run" / "model")
+    pairs = _pairs()
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "probes_at_run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probe_records()))
+    res = run_peer(tmp_path, "kronfluence-middle")
+    saved = json.loads((tmp_path / "peers" / "kronfluence-middle.json").read_text())
+    assert saved == res and res["seconds"] > 0 and res["peak_rss_mb"] > 100
+    for target in ("over-refusal", "compliance"):
+        assert sorted(res["scores"][target]) == sorted(p["id"] for p in pairs)
+        assert all(np.isfinite(v) for v in res["scores"][target].values())
+    with pytest.raises(ValueError, match="unknown peer"):
+        run_peer(tmp_path, "datamodels")
