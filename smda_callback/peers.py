@@ -7,7 +7,7 @@ that of harmful probes).
 
 - `tracin_scores`: gradient dot product −⟨∇L_pair, ∇Ȳ⟩ (one more SGD step on the pair).
 - `kronfluence_scores`: EK-FAC influence functions (Grosse et al. 2023) through the `kronfluence`
-  package, a benchmark-only extra (`pip install smda-callback[bench]`), never a runtime dependency.
+  package, benchmark-only (the `[bench]` extra plus `pip install --no-deps kronfluence`), never a runtime dependency.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def kronfluence_scores(model: nn.Module, tok: Any, pairs: Sequence[dict[str, Any
         from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.task import Task
     except ImportError as e:
-        raise ImportError("kronfluence is a benchmark-only extra: pip install 'smda-callback[bench]'") from e
+        raise ImportError("kronfluence is benchmark-only: pip install 'smda-callback[bench]' && pip install --no-deps "
+                          "kronfluence==1.0.1 (its declared torchvision is never imported; `make setup` does both)") from e
 
     r_ids = torch.as_tensor(list(refusal_token_ids))
     names = tracked_linear_names(model, layers)
