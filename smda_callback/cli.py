@@ -218,6 +218,8 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import KINDS, SMDAConfig
+
     from .poison import PEERS
     from .sae_train import SAETrainSpec
 
@@ -323,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--model", help="local HF model folder (default: the embedded model)")
     pc.add_argument("--probes", help="probe JSONL (default: the shipped probes)")
     pc.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
-    pc.add_argument("--kinds", nargs="+", default=["content"], choices=["content", "format", "function-word"])
-    pc.add_argument("--n-features", type=int, default=48)
+    pc.add_argument("--kinds", nargs="+", default=list(SMDAConfig.feature_kinds), choices=list(KINDS),
+                    help="latent kinds the policy may use (default: the callback's)")
+    pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(fn=_policy_check)
 

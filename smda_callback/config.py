@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+KINDS = ("content", "format", "function-word")  # what a latent reads (features.card_kind)
+
 Pooling = Literal["mean", "max", "last", "eot"]
 Scorer = Literal["prefix", "first_token"]
 Target = Literal["mass", "ratio", "log_refusal", "logit"]
@@ -122,9 +124,9 @@ class SMDAConfig:
         self.refusal_openings = tuple(self.refusal_openings)
         self.feature_kinds = tuple(self.feature_kinds)
         self.alert_ignore_kinds = tuple(self.alert_ignore_kinds)
-        bad = [k for k in (*self.feature_kinds, *self.alert_ignore_kinds) if k not in ("content", "format", "function-word")]
+        bad = [k for k in (*self.feature_kinds, *self.alert_ignore_kinds) if k not in KINDS]
         if bad or not self.feature_kinds:
-            raise ValueError(f"feature kinds must be among 'content', 'format', 'function-word' (feature_kinds non-empty); got {bad}")
+            raise ValueError(f"feature kinds must be among {', '.join(map(repr, KINDS))} (feature_kinds non-empty); got {bad}")
         self.compliance_openings = tuple(self.compliance_openings)
         checks = {
             "pooling": ("mean", "max", "last", "eot"),
@@ -173,7 +175,7 @@ class SMDAConfig:
             intercept=False,
             method="first_order",
             credit="step",
-            feature_kinds=("content", "format", "function-word"),
+            feature_kinds=KINDS,
             alert_ignore_kinds=(),
         )
         base.update(overrides)

@@ -27,8 +27,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .config import KINDS
+
 CARDS = "feature_cards.json"
-KINDS = ("content", "format", "function-word")
 
 FUNCTION_WORDS = frozenset("""
 a an the this that these those some any each every no all both either neither

@@ -92,6 +92,20 @@ def conditions(run_dir: str | Path, pairs: list[dict[str, Any]], st: RetrainSett
     return out
 
 
+def predicted_shift(run_dir: str | Path, conds: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """What the ranking run's ledger predicts each removal does to the probes' refusal (minus the
+    summed credit of the removed pairs), so the retrains test the credit's prediction, not only its ranking."""
+    from .analysis import pair_rows
+    from .ledger import load_credits, load_records
+
+    credits = load_credits(run_dir)
+    if credits is None:
+        return {}
+    rows = {r["id"]: r for r in pair_rows(load_records(run_dir), credits)}
+    return {name: {side: -float(sum(rows[i][f"refusal_{side}"] for i in drop if i in rows)) for side in ("harmless", "harmful")}
+            for name, drop in conds.items()}
+
+
 def jobs(conds: dict[str, list[str]], st: RetrainSettings) -> list[tuple[str, int]]:
     """(condition, order) of every retrain; a random set k is trained in order st.orders[k] only.
 
@@ -137,8 +151,8 @@ def run_jobs(run_dir: str | Path, pairs: list[dict[str, Any]], sets: dict[str, A
     out = Path(out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     conds = conditions(run_dir, pairs, st)
-    (out / "conditions.json").write_text(json.dumps({"settings": asdict(st), "run_dir": str(run_dir), "conditions": conds},
-                                                    indent=1), encoding="utf-8")
+    (out / "conditions.json").write_text(json.dumps({"settings": asdict(st), "run_dir": str(run_dir), "conditions": conds,
+                                                     "predicted": predicted_shift(run_dir, conds)}, indent=1), encoding="utf-8")
     todo = jobs(conds, st)[shard[0]::shard[1]]
     base = settings or DemoSettings()
     written = []
@@ -184,6 +198,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
             entry[f"{s}.{m}"] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                                  "min": float(v.min()), "max": float(v.max())}
         table[name] = entry
+    _add_predictions(table, Path(out) / "conditions.json")
     claims = {}
     for name in table:
         if not name.startswith("b_top"):
@@ -199,12 +214,34 @@ def summarize(out: str | Path) -> dict[str, Any]:
     return {"conditions": table, "claims": claims}
 
 
+def _add_predictions(table: dict[str, Any], conditions_file: Path) -> None:
+    """Ledger-predicted vs measured shift of probe refusal relative to a_all, per condition."""
+    if "a_all" not in table or not conditions_file.exists():
+        return
+    predicted = json.loads(conditions_file.read_text()).get("predicted") or {}
+    for name, entry in table.items():
+        preds = [v for k, v in predicted.items() if group(k) == name]
+        if not preds or name == "a_all":
+            continue
+        entry["shift"] = {side: {"predicted": float(np.mean([p[side] for p in preds])),
+                                 "measured": entry[f"probes.refusal_rate_{side}"]["mean"] - table["a_all"][f"probes.refusal_rate_{side}"]["mean"]}
+                          for side in ("harmless", "harmful")}
+
+
 def format_summary(s: dict[str, Any]) -> str:
     cols = [f"{a} {b.replace('refusal_rate_', '').replace('over_refusal_', '')}" for a, b in METRICS]
     L = ["| condition | jobs | pairs | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for name, e in s["conditions"].items():
         cells = [f"{100 * e[f'{a}.{b}']['mean']:.0f} ± {100 * e[f'{a}.{b}']['sd']:.0f}" for a, b in METRICS]
         L.append(f"| {name} | {e['jobs']} | {'/'.join(map(str, e['n_train']))} | " + " | ".join(cells) + " |")
+    shifts = {n: e["shift"] for n, e in s["conditions"].items() if "shift" in e}
+    if shifts:
+        L += ["", "| condition | harmless: ledger-predicted | harmless: measured | harmful: ledger-predicted | harmful: measured |",
+              "|---|---|---|---|---|"]
+        L += [f"| {n} | {100 * v['harmless']['predicted']:+.1f} | {100 * v['harmless']['measured']:+.1f} | "
+              f"{100 * v['harmful']['predicted']:+.1f} | {100 * v['harmful']['measured']:+.1f} |" for n, v in shifts.items()]
+        L.append("(points of probe refusal vs a_all; predicted = minus the removed pairs' summed credit, a refusal-probability "
+                 "change; measured = greedy-answer refusal rate)")
     for name, c in s["claims"].items():
         L.append(f"\n{name} vs random: held-out harmless refusal {c['over_refusal_gain_points']:+.1f} points lower "
                  f"(target ≥ 15) at harmful refusal {c['harmful_refusal_diff_points']:+.1f} points")

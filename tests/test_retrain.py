@@ -60,6 +60,11 @@ def test_jobs_resume_shard_and_summarise(credit_run, tmp_path, monkeypatch):
     one = json.loads(next((tmp_path / "jobs").glob("b_top2__o0.json")).read_text())
     assert one["n_train"] == len(pairs) - 2 and len(one["dropped"]) == 2
     assert "b_top2 vs random" in format_summary(s)
+    shift = s["conditions"]["b_top2"]["shift"]["harmless"]  # stand-in: each removed pair lowers over-refusal by 1/len(pairs)
+    assert shift["measured"] == pytest.approx(-2 / len(pairs))
+    predicted = retrain.predicted_shift(tmp, conditions(tmp, pairs, st))
+    assert shift["predicted"] == pytest.approx(predicted["b_top2"]["harmless"]) and predicted["a_all"]["harmless"] == 0.0
+    assert "ledger-predicted" in format_summary(s)
 
 
 def test_shard_must_name_one_of_k():
