@@ -198,7 +198,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
             entry[f"{s}.{m}"] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                                  "min": float(v.min()), "max": float(v.max())}
         table[name] = entry
-    _add_predictions(table, Path(out) / "conditions.json")
+    _add_predictions(table, Path(out) / "conditions.json", {r["condition"] for r in rows})
     claims = {}
     for name in table:
         if not name.startswith("b_top"):
@@ -214,13 +214,14 @@ def summarize(out: str | Path) -> dict[str, Any]:
     return {"conditions": table, "claims": claims}
 
 
-def _add_predictions(table: dict[str, Any], conditions_file: Path) -> None:
-    """Ledger-predicted vs measured shift of probe refusal relative to a_all, per condition."""
+def _add_predictions(table: dict[str, Any], conditions_file: Path, ran: set[str]) -> None:
+    """Ledger-predicted vs measured shift of probe refusal relative to a_all, per condition, over the
+    removal sets that have finished jobs (so both sides average the same sets)."""
     if "a_all" not in table or not conditions_file.exists():
         return
     predicted = json.loads(conditions_file.read_text()).get("predicted") or {}
     for name, entry in table.items():
-        preds = [v for k, v in predicted.items() if group(k) == name]
+        preds = [v for k, v in predicted.items() if group(k) == name and k in ran]
         if not preds or name == "a_all":
             continue
         entry["shift"] = {side: {"predicted": float(np.mean([p[side] for p in preds])),

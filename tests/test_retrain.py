@@ -3,6 +3,7 @@ order (random sets each in their own), jobs resume and shard, and the summary po
 
 import json
 
+import numpy as np
 import pytest
 
 from smda_callback import retrain
@@ -48,6 +49,10 @@ def test_jobs_resume_shard_and_summarise(credit_run, tmp_path, monkeypatch):
     monkeypatch.setattr("smda_callback.probing.behaviour", lambda model, tok, sets: _fake_answers(model / len(pairs)))
     st = RetrainSettings(ns=(2,), orders=(0, 1), random_sets=2, paper_rule=False, max_label_share=1.0)
     first = run_jobs(tmp, pairs, {}, tmp_path, st, shard=(0, 2))
+    ran = [json.loads(f.read_text())["condition"] for f in first]
+    half = summarize(tmp_path)["conditions"]["c_random2"]["shift"]["harmless"]["predicted"]
+    predicted = retrain.predicted_shift(tmp, conditions(tmp, pairs, st))
+    assert half == pytest.approx(np.mean([predicted[c]["harmless"] for c in ran if c.startswith("c_random")]))
     second = run_jobs(tmp, pairs, {}, tmp_path, st, shard=(1, 2))
     assert len(first) + len(second) == len(jobs(conditions(tmp, pairs, st), st)) == 6
     assert run_jobs(tmp, pairs, {}, tmp_path, st) == [] and len(calls) == 6  # nothing left: resumed, not rerun
@@ -62,7 +67,6 @@ def test_jobs_resume_shard_and_summarise(credit_run, tmp_path, monkeypatch):
     assert "b_top2 vs random" in format_summary(s)
     shift = s["conditions"]["b_top2"]["shift"]["harmless"]  # stand-in: each removed pair lowers over-refusal by 1/len(pairs)
     assert shift["measured"] == pytest.approx(-2 / len(pairs))
-    predicted = retrain.predicted_shift(tmp, conditions(tmp, pairs, st))
     assert shift["predicted"] == pytest.approx(predicted["b_top2"]["harmless"]) and predicted["a_all"]["harmless"] == 0.0
     assert "ledger-predicted" in format_summary(s)
 
