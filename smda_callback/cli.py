@@ -219,7 +219,6 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import KINDS, SMDAConfig
-
     from .poison import PEERS
     from .sae_train import SAETrainSpec
 
