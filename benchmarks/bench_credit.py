@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from smda_callback import SMDACallback, SMDAConfig, embedded_sae_dir
-from smda_callback.demo import DATA, DemoSettings, load_pairs, sft_config, to_dataset
+from smda_callback.lab.demo import DATA, DemoSettings, load_pairs, sft_config, to_dataset
 from smda_callback.ledger import load_records
-from smda_callback.models import load_model
+from smda_callback.lab.models import load_model
 from smda_callback.probes import ProbeSet
 
 RULES = {"step": dict(credit="step"), "optimizer-deconvolve": dict(credit="optimizer"),

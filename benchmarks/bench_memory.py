@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from helpers import run_sft, tiny_model, tiny_sae  # noqa: E402
 from smda_callback import SMDAConfig  # noqa: E402
-from smda_callback.models import embedded_model_dir  # noqa: E402
+from smda_callback.lab.models import embedded_model_dir  # noqa: E402
 
 
 def rss_mb() -> float:

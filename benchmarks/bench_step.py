@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from smda_callback import ProbeSet, RidgePolicy, SMDAConfig, decompose_step, embedded_sae_dir, load_sae, resolve_hook
-from smda_callback.demo import DATA, load_pairs
-from smda_callback.models import load_model
+from smda_callback.lab.demo import DATA, load_pairs
+from smda_callback.lab.models import load_model
 from smda_callback.sinks import LedgerWriter, TensorBoardSink
 from smda_callback.snapshot import Snapshotter
 

@@ -12,8 +12,8 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from smda_callback import SMDACallback, SMDAConfig
-from smda_callback.demo import DATA, load_pairs, to_dataset
-from smda_callback.testing import model_tokenizer_sae
+from smda_callback.lab.demo import DATA, load_pairs, to_dataset
+from smda_callback.lab.testing import model_tokenizer_sae
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--smoke", action="store_true")

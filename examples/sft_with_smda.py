@@ -11,8 +11,8 @@ import os
 from trl import SFTConfig, SFTTrainer
 
 from smda_callback import SMDACallback, SMDAConfig
-from smda_callback.demo import DATA, load_pairs, to_dataset
-from smda_callback.testing import model_tokenizer_sae
+from smda_callback.lab.demo import DATA, load_pairs, to_dataset
+from smda_callback.lab.testing import model_tokenizer_sae
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--limit", type=int, default=40, help="train on the first N shipped pairs")

@@ -2,23 +2,44 @@
 
 Which training pair moved the model's refusal policy, through which SAE
 features, by which pathway (activations ΔX or refusal probabilities ΔY)?
+
+The names below load on first use (PEP 562), so `import smda_callback` and `smda --help` stay
+light; `from smda_callback import SMDACallback` loads the runtime (torch, transformers, sae-lens),
+never the lab (`smda_callback.lab`) nor trl, datasets or matplotlib.
 """
 
-from .attribution import AlertRule, StepDecomposition, decompose_step, interference
-from .callback import AlertEvent, SMDACallback
-from .capture import PackingError
-from .config import SMDAConfig
-from .credit import CreditEngine, OptimizerKernel
-from .ledger import load_credits, load_ledger, load_policy, load_records
-from .policy import RidgePolicy, auroc, select_features
-from .probes import Probe, ProbeFileError, ProbeSet
-from .sae import embedded_sae_dir, load_sae, resolve_hook
-from .snapshot import Snapshot, Snapshotter
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "AlertEvent", "AlertRule", "CreditEngine", "OptimizerKernel", "PackingError", "Probe", "ProbeFileError", "ProbeSet", "RidgePolicy", "SMDACallback",
-    "SMDAConfig", "Snapshot", "Snapshotter", "StepDecomposition", "auroc", "decompose_step", "embedded_sae_dir",
-    "interference", "load_credits", "load_ledger", "load_policy", "load_records", "load_sae", "resolve_hook", "select_features",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "AlertRule": "attribution", "StepDecomposition": "attribution", "decompose_step": "attribution",
+    "interference": "attribution",
+    "AlertEvent": "callback", "SMDACallback": "callback",
+    "PackingError": "capture",
+    "SMDAConfig": "config",
+    "CreditEngine": "credit", "OptimizerKernel": "credit",
+    "load_credits": "ledger", "load_ledger": "ledger", "load_policy": "ledger", "load_records": "ledger",
+    "RidgePolicy": "policy", "auroc": "policy", "select_features": "policy",
+    "Probe": "probes", "ProbeFileError": "probes", "ProbeSet": "probes",
+    "embedded_sae_dir": "sae", "load_sae": "sae", "resolve_hook": "sae",
+    "Snapshot": "snapshot", "Snapshotter": "snapshot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smda_callback' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

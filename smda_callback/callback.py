@@ -24,7 +24,7 @@ from .policy import RidgePolicy, select_features
 from .probes import ProbeSet
 from .sae import base_model, load_feature_labels, load_sae, resolve_hook
 from .sinks import CREDITS, POLICY, LedgerWriter, TensorBoardSink
-from .snapshot import Snapshotter, _dist
+from .snapshot import Snapshotter, rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class SMDACallback(TrainerCallback):
     @staticmethod
     def _split(n_rows: int) -> bool:
         """Does a step with n local rows need the first-order split (several rows here or on other ranks)?"""
-        return n_rows > 1 or _dist()[1] > 1
+        return n_rows > 1 or rank_world()[1] > 1
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         t0 = time.perf_counter()
@@ -450,7 +450,7 @@ class SMDACallback(TrainerCallback):
                 z = self._snap.encode(h, full=False).mean(0).double().numpy()
             local.append((row.hash, row.step, row.slope, self.run.policy.transform(z[None])[0]))
         losses = list(self.capture.losses)
-        rank, world = _dist()
+        rank, world = rank_world()
         if world > 1:
             parts: list[Any] = [None] * world
             torch.distributed.all_gather_object(parts, (local, losses))

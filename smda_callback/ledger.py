@@ -11,7 +11,7 @@ import pandas as pd
 from .sinks import CREDITS, LEDGER, POLICY, read_ledger_lines
 
 
-def _smda_dir(run_dir: str | Path) -> Path:
+def smda_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     for cand in (run_dir, run_dir / "smda"):
         if (cand / LEDGER).exists():
@@ -21,16 +21,16 @@ def _smda_dir(run_dir: str | Path) -> Path:
 
 def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """Raw ledger records (one dict per optimizer step or counterfactual pair)."""
-    return read_ledger_lines(_smda_dir(run_dir) / LEDGER)
+    return read_ledger_lines(smda_dir(run_dir) / LEDGER)
 
 
 def load_policy(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((_smda_dir(run_dir) / POLICY).read_text())
+    return json.loads((smda_dir(run_dir) / POLICY).read_text())
 
 
 def load_credits(run_dir: str | Path) -> dict[str, Any] | None:
     """Per-pair credits (credits.json) of an in-training run; None for ledgers that have none (counterfactual)."""
-    path = _smda_dir(run_dir) / CREDITS
+    path = smda_dir(run_dir) / CREDITS
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -13,6 +13,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+
+from ._resources import data_path
+
 logger = logging.getLogger(__name__)
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
@@ -23,7 +26,7 @@ SAESpec = Any  # an sae_lens.SAE, a directory, or (release, sae_id)
 
 def embedded_sae_dir() -> Path:
     """The SAE shipped with the package for SmolLM2-135M-Instruct."""
-    return Path(__file__).parent / "data" / "sae"
+    return data_path("sae")
 
 
 def load_sae(spec: SAESpec) -> Any:

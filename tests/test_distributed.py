@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     from transformers import AutoTokenizer
     from helpers import run_sft, tiny_model, tiny_sae
     from smda_callback import SMDAConfig
-    from smda_callback.models import embedded_model_dir
+    from smda_callback.lab.models import embedded_model_dir
     out = sys.argv[1]
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     cfg = SMDAConfig(n_features=8, intended_top_m=0, interference_threshold=0.0, min_history=0, on_alert="halt", patience=2)

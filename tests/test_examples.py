@@ -46,7 +46,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, smol_tokenizer, monkeypat
     from datasets import Dataset
 
     from helpers import pair_records, probe_records
-    from smda_callback.testing import tiny_model, tiny_sae
+    from smda_callback.lab.testing import tiny_model, tiny_sae
 
     monkeypatch.chdir(tmp_path)
     Path("probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probe_records()))

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from helpers import run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig
 from smda_callback.cli import main
-from smda_callback.report import build_html
+from smda_callback.lab.report import build_html
 
 
 def _sae_with_cards(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from helpers import run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig, load_records
 from smda_callback.credit import OptimizerKernel, replay_credits
-from smda_callback.demo import DATA, load_pairs
+from smda_callback.lab.demo import DATA, load_pairs
 from smda_callback.ledger import load_credits, load_policy
-from smda_callback.poison import detection, load_plants, poison_pairs
+from smda_callback.lab.poison import detection, load_plants, poison_pairs
 from smda_callback.probes import read_jsonl
 
 

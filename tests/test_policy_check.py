@@ -4,7 +4,7 @@ policy on noise does not, and feature kinds restrict the selection."""
 import numpy as np
 
 from smda_callback.config import SMDAConfig
-from smda_callback.policy_check import format_policy_check, policy_scores
+from smda_callback.lab.policy_check import format_policy_check, policy_scores
 
 
 def _data(n, signal, rng):

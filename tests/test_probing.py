@@ -7,7 +7,7 @@ import pytest
 from helpers import probe_records, tiny_model
 
 from smda_callback import ProbeSet
-from smda_callback.probing import REFUSAL_PATTERN, answer_probes, behaviour, refusal_f1
+from smda_callback.lab.probing import REFUSAL_PATTERN, answer_probes, behaviour, refusal_f1
 
 
 @pytest.mark.parametrize("text,refused", [

@@ -7,7 +7,7 @@ import pytest
 
 from helpers import run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig, load_ledger
-from smda_callback.report import build_html, write_report
+from smda_callback.lab.report import build_html, write_report
 
 SECTIONS = ["id='policy'", "id='categories'", "id='pathways'", "id='interference'", "id='toppairs'", "id='training'"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from smda_callback import retrain
-from smda_callback.retrain import RetrainSettings, conditions, format_summary, jobs, run_jobs, summarize
+from smda_callback.lab.retrain import RetrainSettings, conditions, format_summary, jobs, run_jobs, summarize
 
 
 def test_conditions_drop_the_top_suspects_and_label_matched_random_sets(credit_run):
@@ -45,8 +45,8 @@ def test_jobs_resume_shard_and_summarise(credit_run, tmp_path, monkeypatch):
     def train(kept, out, settings):
         calls.append((len(kept), settings.seed))
         return len(kept), None
-    monkeypatch.setattr("smda_callback.retrain.train_sft", train)
-    monkeypatch.setattr("smda_callback.probing.behaviour", lambda model, tok, sets: _fake_answers(model / len(pairs)))
+    monkeypatch.setattr("smda_callback.lab.retrain.train_sft", train)
+    monkeypatch.setattr("smda_callback.lab.probing.behaviour", lambda model, tok, sets: _fake_answers(model / len(pairs)))
     st = RetrainSettings(ns=(2,), orders=(0, 1), random_sets=2, paper_rule=False, max_label_share=1.0)
     first = run_jobs(tmp, pairs, {}, tmp_path, st, shard=(0, 2))
     ran = [json.loads(f.read_text())["condition"] for f in first]

@@ -1,8 +1,9 @@
 import torch
 
 from helpers import tiny_model, tiny_sae
-from smda_callback.features import build_cards, card_kind, token_kind
-from smda_callback.sae_train import collect_activations
+from smda_callback.features import card_kind, token_kind
+from smda_callback.lab.cards import build_cards
+from smda_callback.lab.sae_train import collect_activations
 
 TEXTS = ["The quick brown fox jumps over the lazy dog."] * 5 + ["Hello world, this is a test of activations."] * 5
 
@@ -40,7 +41,7 @@ def test_kind_rule():
 def test_fit_sae_trains_at_unit_scale_and_ships_raw_scale_weights(tmp_path):
     """Residual streams have norms in the hundreds; the fit runs on rescaled activations and folds the
     factor into the saved weights, so the SAE loaded from disk reconstructs raw activations."""
-    from smda_callback.sae_train import SAETrainSpec, fit_sae, sae_quality
+    from smda_callback.lab.sae_train import SAETrainSpec, fit_sae, sae_quality
 
     g = torch.Generator().manual_seed(0)
     dirs = torch.randn(48, 16, generator=g)
@@ -58,10 +59,10 @@ def test_the_shipped_sae_reconstructs_prompts_it_never_saw():
     quality recorded next to it: a stale or mismatched SAE fails here."""
     import json
 
-    from smda_callback.models import load_model
+    from smda_callback.lab.models import load_model
     from smda_callback.probes import read_jsonl
     from smda_callback.sae import embedded_sae_dir, load_sae
-    from smda_callback.sae_train import sae_quality
+    from smda_callback.lab.sae_train import sae_quality
 
     model, tok = load_model()
     texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)

@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent("""
     from transformers import AutoTokenizer
     from helpers import run_sft, tiny_model, tiny_sae
     from smda_callback import SMDAConfig
-    from smda_callback.models import embedded_model_dir
+    from smda_callback.lab.models import embedded_model_dir
     out, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     if delay:

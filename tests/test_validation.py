@@ -9,8 +9,8 @@ from helpers import probe_records, tiny_model, tiny_sae
 
 from smda_callback import ProbeSet, SMDAConfig
 from smda_callback.sinks import POLICY, LedgerWriter
-from smda_callback.retrain import METRICS, flag_pairs, random_like
-from smda_callback.validation import CausalSettings, agreement, causal_check, pair_scores
+from smda_callback.lab.retrain import METRICS, flag_pairs, random_like
+from smda_callback.lab.validation import CausalSettings, agreement, causal_check, pair_scores
 
 
 def _ledger(tmp, ids, deltas, beta0, gaps, feats=(3, 7, 11)):
@@ -102,7 +102,7 @@ def _fake_result():
 
 
 def test_markdown_and_plots_of_a_result(tmp_path):
-    from smda_callback.validation import format_validation, plot_validation
+    from smda_callback.lab.validation import format_validation, plot_validation
 
     md = format_validation(_fake_result())
     assert "| b_top32 | 3 | 10 | 20 ± 5 |" in md and "+0.0 points lower (target ≥ 15)" in md

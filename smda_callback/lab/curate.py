@@ -35,7 +35,7 @@ def curate(run_dir: str | Path, pairs: list[dict[str, Any]], target: str, n: int
            max_label_share: float = 0.25, answer: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(curated pairs, changes). `answer(prompts) -> list[str]` gives the replacement responses for --fix."""
     from .analysis import pair_rows, suspects
-    from .ledger import load_credits, load_policy, load_records
+    from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(run_dir)
     if credits is None:
@@ -91,7 +91,7 @@ def write_pairs(path: str | Path, pairs: list[dict[str, Any]]) -> None:
 @torch.no_grad()
 def greedy_answers(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = 96, batch: int = 8) -> list[str]:
     """The model's own greedy answers (the replacement responses of --fix)."""
-    from .probes import render_prompt
+    from ..probes import render_prompt
 
     side, was = tok.padding_side, model.training
     tok.padding_side = "left"

@@ -98,7 +98,7 @@ def tracked_linear_names(model: nn.Module, layers: Sequence[int] | None = None) 
     The LM head is never tracked: its 49k-wide output covariance alone would not fit in memory,
     and influence-function practice (Grosse et al.) tracks the blocks' MLP and attention weights.
     """
-    from .sae import decoder_layers
+    from ..sae import decoder_layers
 
     blocks = decoder_layers(model)
     chosen = range(len(blocks)) if layers is None else layers

@@ -5,11 +5,14 @@ Shared by the demo's printed summary and the HTML report, so both say the same t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, spearmanr
+
+from ..ledger import load_credits, load_records
 
 
 def bh_fdr(p: np.ndarray) -> np.ndarray:
@@ -209,3 +212,26 @@ def category_movers(records: list[dict[str, Any]], policy: dict[str, Any], n: in
         prev = cur
     return {c: [{"delta": d, **{k: p.get(k) for k in ("index", "label", "category", "prompt")}}
                 for d, p in sorted(m, key=lambda t: -abs(t[0]))[:n]] for c, m in moves.items()}
+
+
+def pair_scores(run_dir: str | Path) -> pd.DataFrame:
+    """One row per pair id: the paper's score Σⱼ Δβⱼ·βⱼ, Δβ, and the predicted move of each probe
+    category's refusal (x̄_cat·Δβ), summed over the pair's steps (epochs)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in pair_rows(load_records(run_dir), load_credits(run_dir)):
+        key = r["id"] or r["hash"]
+        row = rows.setdefault(key, {"id": key, "label": r["label"], "category": r["category"], "prompt": r["prompt"],
+                                    "step": r["step"], "score": 0.0, "delta_beta": 0.0, "moves": {}})
+        row["score"] += float(r["align"].sum())
+        row["delta_beta"] = row["delta_beta"] + r["d"]
+        for cat, v in r["moves"].items():
+            row["moves"][cat] = row["moves"].get(cat, 0.0) + v
+    if not rows:
+        raise ValueError(f"{run_dir}: the ledger has no attributed pair steps (was the callback bound with .bind(trainer)?)")
+    return pd.DataFrame(list(rows.values())).set_index("id")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)

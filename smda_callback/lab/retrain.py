@@ -78,7 +78,7 @@ def train_sft(pairs: list[dict[str, Any]], out: str | Path, settings: Any = None
 def conditions(run_dir: str | Path, pairs: list[dict[str, Any]], st: RetrainSettings) -> dict[str, list[str]]:
     """Removal set (pair ids) of every condition, from the ranking run's ledger."""
     from .curate import curate
-    from .validation import pair_scores
+    from .analysis import pair_scores
 
     out: dict[str, list[str]] = {"a_all": []}
     for n in st.ns:
@@ -96,7 +96,7 @@ def predicted_shift(run_dir: str | Path, conds: dict[str, list[str]]) -> dict[st
     """What the ranking run's ledger predicts each removal does to the probes' refusal (minus the
     summed credit of the removed pairs), so the retrains test the credit's prediction, not only its ranking."""
     from .analysis import pair_rows
-    from .ledger import load_credits, load_records
+    from ..ledger import load_credits, load_records
 
     credits = load_credits(run_dir)
     if credits is None:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from .demo import DemoSettings, format_summary, run_demo
+    from ..lab.demo import DemoSettings, format_summary, run_demo
 
     if not a.quiet:
         print("smda demo: safety SFT of SmolLM2-135M-Instruct on the shipped pairs with SMDACallback, one probe pass per "
@@ -27,7 +27,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _probe(a: argparse.Namespace) -> int:
-    from .probing import generate_answers, score_probes
+    from ..lab.probing import generate_answers, score_probes
 
     if a.generate:
         result = generate_answers(a.model, a.probes)
@@ -51,7 +51,7 @@ def _probe(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace) -> int:
-    from .report import write_report
+    from ..lab.report import write_report
 
     path = write_report(a.run_dir, a.output)
     print(f"report written to {path}")
@@ -59,8 +59,8 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _suspects(a: argparse.Namespace) -> int:
-    from .analysis import suspects
-    from .ledger import load_credits, load_policy, load_records
+    from ..lab.analysis import suspects
+    from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(a.run_dir)
     if credits is None:
@@ -78,7 +78,7 @@ def _suspects(a: argparse.Namespace) -> int:
 
 
 def _poison(a: argparse.Namespace) -> int:
-    from .poison import PoisonSettings, format_poison, run_poison, score_poison
+    from ..lab.poison import PoisonSettings, format_poison, run_poison, score_poison
 
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers))
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
@@ -88,7 +88,7 @@ def _poison(a: argparse.Namespace) -> int:
 
 
 def _causal(a: argparse.Namespace) -> int:
-    from .causal import insert_vs_omit
+    from ..lab.causal import insert_vs_omit
 
     res = insert_vs_omit(a.run_dir, a.pairs, a.n, a.horizon, a.out, probes_file=a.probes)
     print(json.dumps(res["summary"], indent=1, default=float))
@@ -97,15 +97,15 @@ def _causal(a: argparse.Namespace) -> int:
 
 
 def _features(a: argparse.Namespace) -> int:
-    from .features import KINDS, format_card, load_cards
-    from .sae import embedded_sae_dir
+    from ..features import KINDS, format_card, load_cards
+    from ..sae import embedded_sae_dir
 
     cards = load_cards(a.sae or embedded_sae_dir())
     if not cards:
         raise ValueError(f"{a.sae or embedded_sae_dir()}: no feature_cards.json next to this SAE (`smda train-sae` writes one).")
     ids = [int(str(i).lstrip("f")) for i in a.ids]
     if a.run:
-        from .ledger import load_policy
+        from ..ledger import load_policy
 
         ids += [int(j) for j in load_policy(a.run)["features"]]
     if not ids:
@@ -123,13 +123,13 @@ def _features(a: argparse.Namespace) -> int:
 
 
 def _curate(a: argparse.Namespace) -> int:
-    from .curate import curate, greedy_answers, write_pairs
-    from .demo import DATA, load_pairs
+    from ..lab.curate import curate, greedy_answers, write_pairs
+    from ..lab.demo import DATA, load_pairs
 
     pairs = load_pairs(a.pairs or DATA / "pairs.jsonl")
     answer = None
     if a.fix:
-        from .models import load_model
+        from ..lab.models import load_model
 
         model, tok = load_model(a.model)
         answer = lambda prompts: greedy_answers(model, tok, prompts)  # noqa: E731
@@ -142,12 +142,12 @@ def _curate(a: argparse.Namespace) -> int:
 
 
 def _attribute(a: argparse.Namespace) -> int:
-    from .config import SMDAConfig
-    from .counterfactual import attribute_pairs
-    from .demo import DATA, load_pairs
-    from .models import load_model
-    from .probes import ProbeSet
-    from .sae import embedded_sae_dir
+    from ..config import SMDAConfig
+    from ..lab.counterfactual import attribute_pairs
+    from ..lab.demo import DATA, load_pairs
+    from ..lab.models import load_model
+    from ..probes import ProbeSet
+    from ..sae import embedded_sae_dir
 
     model, tok = load_model(a.model)
     cfg = SMDAConfig.paper() if a.preset == "paper" else SMDAConfig()
@@ -159,7 +159,7 @@ def _attribute(a: argparse.Namespace) -> int:
 
 
 def _validate(a: argparse.Namespace) -> int:
-    from .validation import CausalSettings, ValidationSettings, format_validation, plot_validation, run_validation
+    from ..lab.validation import CausalSettings, ValidationSettings, format_validation, plot_validation, run_validation
 
     st = ValidationSettings(seeds=tuple(range(a.seeds)), causal=CausalSettings(n_each=a.causal_pairs),
                             counterfactual_pairs=a.counterfactual_pairs or None)
@@ -173,12 +173,12 @@ def _validate(a: argparse.Namespace) -> int:
 
 
 def _policy_check(a: argparse.Namespace) -> int:
-    from .config import SMDAConfig
-    from .demo import DATA
-    from .models import load_model
-    from .policy_check import format_policy_check, policy_check
-    from .probes import ProbeSet
-    from .sae import embedded_sae_dir
+    from ..config import SMDAConfig
+    from ..lab.demo import DATA
+    from ..lab.models import load_model
+    from ..lab.policy_check import format_policy_check, policy_check
+    from ..probes import ProbeSet
+    from ..sae import embedded_sae_dir
 
     cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features)
     model, tok = load_model(a.model)
@@ -189,9 +189,9 @@ def _policy_check(a: argparse.Namespace) -> int:
 
 
 def _retrain(a: argparse.Namespace) -> int:
-    from .demo import DATA, load_pairs
-    from .probes import ProbeSet
-    from .retrain import RetrainSettings, format_summary, parse_shard, reuse_ranking_run, run_jobs, summarize
+    from ..lab.demo import DATA, load_pairs
+    from ..probes import ProbeSet
+    from ..lab.retrain import RetrainSettings, format_summary, parse_shard, reuse_ranking_run, run_jobs, summarize
 
     if not a.summary_only:
         st = RetrainSettings(target=a.target, ns=tuple(a.n), orders=tuple(a.orders), random_sets=a.random_sets,
@@ -209,7 +209,7 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _train_sae(a: argparse.Namespace) -> int:
-    from .sae_train import SAETrainSpec, train_sae
+    from ..lab.sae_train import SAETrainSpec, train_sae
 
     spec = SAETrainSpec(layer=a.layer, d_sae=a.d_sae, k=a.k, tokens=a.tokens, epochs=a.epochs, seed=a.seed)
     rec = train_sae(Path(a.out), spec, a.model)
@@ -218,9 +218,8 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import KINDS, SMDAConfig
-    from .poison import PEERS
-    from .sae_train import SAETrainSpec
+    from ..config import KINDS, SMDAConfig
+    from ..lab.specs import PEERS, SAETrainSpec
 
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -347,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_retrain)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
-    t.add_argument("--out", default=str(Path(__file__).parent / "data" / "sae"))
+    t.add_argument("--out", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")
     t.add_argument("--model", help="local HF model folder (default: the embedded model)")
     t.add_argument("--layer", type=int, default=15)
     t.add_argument("--d-sae", type=int, default=4096)

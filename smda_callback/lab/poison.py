@@ -25,12 +25,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .credit import OptimizerKernel, replay_credits
-from .policy import auroc
+from .._resources import DATA
+from .specs import PEERS
+from ..credit import OptimizerKernel, replay_credits
+from ..policy import auroc
 
 logger = logging.getLogger(__name__)
 
-DATA = Path(__file__).parent / "data"
 KINDS = {"over-refusal": "harmless", "compliance": "harmful"}
 
 
@@ -77,7 +78,6 @@ def detection(scores: dict[str, float], pairs: Sequence[dict[str, Any]], kind: s
 
 
 # ---------------------------------------------------------------- the benchmark
-PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Other readers, each run after training in its own fresh process so its time and peak memory are its own."""
 
 
@@ -102,12 +102,12 @@ def middle_layers(n_layers: int) -> list[int]:
 
 def _peer_job(name: str, out: str) -> dict[str, Any]:
     """Runs in a child process: load the trained model, score every pair, report own time and peak RSS."""
-    from .config import SMDAConfig
+    from ..config import SMDAConfig
     from .demo import load_pairs
     from .models import load_model
     from .peers import kronfluence_scores, tracin_scores
-    from .probes import ProbeSet
-    from .refusal import FirstTokenScorer
+    from ..probes import ProbeSet
+    from ..refusal import FirstTokenScorer
 
     t0 = time.perf_counter()
     model, tok = load_model(str(Path(out) / "run" / "model"))
@@ -142,7 +142,7 @@ def run_peer(out: str | Path, name: str) -> dict[str, Any]:
 def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: bool = True) -> dict[str, Any]:
     """Train on demo pairs + plants with the callback (unless `train` is False and the run exists),
     run every peer reader, then score every reader."""
-    from .config import SMDAConfig
+    from ..config import SMDAConfig
     from .demo import DemoSettings, load_pairs, run_demo
 
     st = settings or PoisonSettings()
@@ -169,7 +169,7 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     """Rank the pairs of a finished poison run with every reader and score detection (poison.json).
     SMDA rules are all replayed from the one ledger (equal to the live credit, tested), so all see one run."""
     from .demo import load_pairs
-    from .ledger import load_credits, load_policy, load_records
+    from ..ledger import load_credits, load_policy, load_records
 
     st = settings or PoisonSettings()
     out = Path(out)

@@ -15,19 +15,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import category_split, decompose_step, intended_features, interference
-from .capture import content_hash
-from .config import SMDAConfig
-from .policy import RidgePolicy, select_features
-from .probes import ProbeSet
-from .sae import base_model, load_feature_labels, load_sae, resolve_hook
-from .sinks import POLICY, LedgerWriter, read_ledger_lines
-from .snapshot import Snapshotter
+from ..attribution import category_split, decompose_step, intended_features, interference
+from ..capture import content_hash
+from ..config import SMDAConfig
+from ..baseline import allowed_latents, fit_baseline
+from ..features import load_cards
+from ..probes import ProbeSet
+from ..sae import base_model, load_feature_labels, load_sae, resolve_hook
+from ..sinks import POLICY, LedgerWriter, read_ledger_lines
+from ..snapshot import Snapshotter
 
 logger = logging.getLogger(__name__)
 
 
-def _pair_batch(tok: Any, pair: dict[str, Any], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_batch(tok: Any, pair: dict[str, Any], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and labels with the loss on the assistant tokens only."""
     prompt = tok.apply_chat_template([{"role": "user", "content": pair["prompt"]}], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template([{"role": "user", "content": pair["prompt"]},
@@ -51,14 +52,10 @@ def attribute_pairs(model: Any, tok: Any, pairs: list[dict[str, Any]], probes: P
     done = {r["pairs"][0]["id"] for r in read_ledger_lines(ledger.path) if r.get("pairs")}
     base = snap.take(model, full=True)
     harmful = np.asarray(probes.is_harmful)
-    feats = np.asarray(cfg.features) if cfg.features is not None else select_features(base.Z, harmful, cfg.n_features)
+    cards = load_cards(sae_spec if isinstance(sae_spec, (str, Path)) else None)
+    bl = fit_baseline(base.Z, base.Y, harmful, cfg, allowed_latents(cards, cfg.feature_kinds, base.Z.shape[1]))
+    feats, policy, X0, Y0, M0, beta0, fit = bl.features, bl.policy, bl.X, bl.Y, bl.M, bl.beta0, bl.fit
     snap.features = feats
-    X0, Y0 = base.Z[:, feats], base.Y
-    policy = RidgePolicy(lam=cfg.ridge_lambda or 1.0, intercept=cfg.intercept, standardize=cfg.standardize).freeze_scale(X0)
-    if cfg.ridge_lambda is None:
-        policy.select_lambda(X0, Y0)
-    M0 = policy.M(X0)
-    beta0 = M0 @ Y0
     labels_all = load_feature_labels(sae_spec, int(sae.cfg.d_sae))
     labels = [labels_all[j] for j in feats]
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -68,7 +65,7 @@ def attribute_pairs(model: Any, tok: Any, pairs: list[dict[str, Any]], probes: P
     for n, pair in enumerate(tqdm(pairs, desc="counterfactual pairs")):
         if pair["id"] in done:
             continue
-        ids, lab = _pair_batch(tok, pair, max_length)
+        ids, lab = pair_batch(tok, pair, max_length)
         model.eval()
         with torch.no_grad():  # the pair's prompt activations on the base model → its intended features
             captured: dict[str, torch.Tensor] = {}
@@ -109,7 +106,6 @@ def attribute_pairs(model: Any, tok: Any, pairs: list[dict[str, Any]], probes: P
             "dominant_off_target": off, "intended_features": [int(feats[j]) for j in intended], "alert": False,
         })
     base_cat = {c: float(Y0[i].mean()) for c, i in cats.items()}
-    fit = policy.fit_report(X0, Y0, harmful, folds=cfg.cv_folds)
     ledger.write_json(POLICY, {
         "protocol": "counterfactual", "features": feats, "feature_labels": labels, "lambda": policy.lam,
         "policy": policy.to_dict(), "config": cfg.to_dict(), "beta_0": beta0, "intercept_0": policy.intercept_of(X0, Y0, beta0),

@@ -51,7 +51,7 @@ def model_tokenizer_sae(smoke: bool) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
     from .models import embedded_model_dir, load_model
-    from .sae import embedded_sae_dir
+    from ..sae import embedded_sae_dir
 
     if smoke:
         return tiny_model(), AutoTokenizer.from_pretrained(str(embedded_model_dir())), tiny_sae()

@@ -22,17 +22,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .credit import OptimizerKernel
+from .._resources import data_path
+from ..credit import OptimizerKernel
+from .analysis import spearman
 
 logger = logging.getLogger(__name__)
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 30, horizon: int = 20,
@@ -45,14 +39,14 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
     from trl import SFTTrainer
 
     from .demo import DemoSettings, load_pairs, sft_config, to_dataset
-    from .ledger import load_credits, load_policy, load_records
+    from ..ledger import load_credits, load_policy, load_records
     from .models import load_model
-    from .credit import replay_credits
-    from .policy import RidgePolicy
-    from .probes import ProbeSet
-    from .sae import embedded_sae_dir, load_sae, resolve_hook
-    from .config import SMDAConfig
-    from .snapshot import Snapshotter
+    from ..credit import replay_credits
+    from ..policy import RidgePolicy
+    from ..probes import ProbeSet
+    from ..sae import embedded_sae_dir, load_sae, resolve_hook
+    from ..config import SMDAConfig
+    from ..snapshot import Snapshotter
 
     records, policy, credits = load_records(run_dir), load_policy(run_dir), load_credits(run_dir)
     steps = [r for r in records if "beta" in r]
@@ -90,7 +84,7 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
         opt.zero_grad(set_to_none=True)
 
     sae = load_sae(embedded_sae_dir())
-    snap = Snapshotter(ProbeSet.from_jsonl(probes_file or Path(__file__).parent / "data" / "probes.jsonl"), tok, sae,
+    snap = Snapshotter(ProbeSet.from_jsonl(probes_file or data_path("probes.jsonl")), tok, sae,
                        resolve_hook(sae, model), cfg)
     snap.features = np.asarray(policy["features"])
     pol = RidgePolicy.from_dict(policy["policy"])
@@ -148,14 +142,14 @@ def insert_vs_omit(run_dir: str | Path, pairs_file: str | Path, n_pairs: int = 3
     for name in rules:
         s: dict[str, Any] = {}
         for what in ("harmless", "harmful"):
-            s[what] = {"all": _spearman(df[f"{name}_{what}"].to_numpy(), df[f"measured_{what}"].to_numpy())}
+            s[what] = {"all": spearman(df[f"{name}_{what}"].to_numpy(), df[f"measured_{what}"].to_numpy())}
             for lab in ("harmful", "harmless"):
                 sub = df[df.label == lab]
-                s[what][f"within_{lab}"] = _spearman(sub[f"{name}_{what}"].to_numpy(), sub[f"measured_{what}"].to_numpy())
+                s[what][f"within_{lab}"] = spearman(sub[f"{name}_{what}"].to_numpy(), sub[f"measured_{what}"].to_numpy())
         mb, pb = np.stack(df["measured_beta"].map(np.asarray)), np.stack(df[f"{name}_beta"].map(np.asarray))
         cos = (mb * pb).sum(1) / (np.linalg.norm(mb, axis=1) * np.linalg.norm(pb, axis=1) + 1e-300)
         s["beta_cosine_median"] = float(np.median(cos))
-        s["beta_feature_spearman_median"] = float(np.nanmedian([_spearman(pb[:, j], mb[:, j]) for j in range(mb.shape[1])]))
+        s["beta_feature_spearman_median"] = float(np.nanmedian([spearman(pb[:, j], mb[:, j]) for j in range(mb.shape[1])]))
         summary[name] = s
     res = {"n_pairs": len(places), "horizon": horizon, "steps": T, "summary": summary,
            "replay_vs_ledger_harmless_abs_diff_max": float(max(check) if check else float("nan")),

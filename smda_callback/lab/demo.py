@@ -12,16 +12,16 @@ from typing import Any, Callable
 import numpy as np
 from transformers import TrainerCallback
 
+from .._resources import DATA
 from .analysis import category_gaps, interference_table, pathway_by_label
-from .callback import SMDACallback
-from .config import SMDAConfig
-from .ledger import load_credits, load_policy, load_records
-from .probes import ProbeSet, read_jsonl, validate_records
+from ..callback import SMDACallback
+from ..config import SMDAConfig
+from ..ledger import load_credits, load_policy, load_records
+from ..probes import ProbeSet, read_jsonl, validate_records
 from .probing import behaviour
 
 logger = logging.getLogger(__name__)
 
-DATA = Path(__file__).parent / "data"
 
 
 @dataclass
@@ -115,7 +115,7 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     from trl import SFTTrainer
 
     from .models import load_model
-    from .sae import embedded_sae_dir
+    from ..sae import embedded_sae_dir
 
     st = settings or DemoSettings()
     out = Path(out)

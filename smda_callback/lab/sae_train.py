@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._resources import DATA
+from .specs import SAETrainSpec  # noqa: F401  (re-exported)
+from .activations import collect_activations, hook_batches  # noqa: F401  (re-exported)
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -40,32 +43,6 @@ QUESTION_FORMS = (
     "Is {t} still relevant today?", "What is the history of {t}?", "Explain the controversy around {t}, if any.",
     "List three things people get wrong about {t}.", "How does {t} affect everyday life?", "quick question: what's {t}",
 )
-
-
-@dataclass
-class SAETrainSpec:
-    """Settings of the shipped SAE (recorded in its folder as smda_training.json)."""
-
-    layer: int = 15
-    d_sae: int = 4096
-    k: int = 64
-    """k 32 → 64: held-out FVE 0.709 → 0.767 after one pass over 100k tokens (pilot, same lr)."""
-    tokens: int = 500_000
-    ctx: int = 128
-    lr: float = 3e-2
-    """On activations scaled to mean norm √d_in. Pilots (100k tokens, one pass, k 32): lr 2e-3 → FVE 0.28,
-    1e-2 → 0.58, 3e-2 → 0.71 (3.9 % dead), 1e-1 → 0.70 (25 % dead)."""
-    lr_end: float = 3e-3
-    batch: int = 1024
-    dead_feature_window: int = 50
-    epochs: int = 3
-    """Passes over the activations; 3 passes over 100k tokens took the k-32 pilot from FVE 0.71 to 0.78."""
-    generated_answers: int = 256
-    seed: int = 0
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
 
 
 # ---------------------------------------------------------------- corpus
@@ -180,61 +157,6 @@ def generate_answers(model: Any, tok: Any, questions: list[str], batch: int = 32
     return out
 
 
-# ---------------------------------------------------------------- activations
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _hook_batches(model: Any, tok: Any, texts: list[str], layer: int, ctx: int, batch: int = 16) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(hidden [B,T,d] after decoder layer `layer`, input_ids, usable-token mask) per batch of texts.
-
-    Stops each forward at the hook (no wasted layers); the mask drops padding and position 0
-    (an attention sink with an outlier norm).
-    """
-    from .sae import decoder_layers
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_m: Any, _i: Any, out: Any) -> None:
-        captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    tok.padding_side = "right"
-    try:
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=ctx, add_special_tokens=False)
-            try:
-                model(**enc)
-            except _Stop:
-                pass
-            mask = enc["attention_mask"].bool().clone()
-            mask[:, 0] = False
-            yield captured["h"].float(), enc["input_ids"], mask
-    finally:
-        handle.remove()
-
-
-def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_tokens: int | None, ctx: int,
-                        batch: int = 16) -> torch.Tensor:
-    """Residual stream after decoder layer `layer` for up to n_tokens tokens (None: every text), without
-    tokens whose norm is >10x the batch median (attention sinks)."""
-    buf: list[torch.Tensor] = []
-    total = 0
-    with tqdm(total=n_tokens, desc=f"activations L{layer}", unit="tok") as bar:
-        for h, _, mask in _hook_batches(model, tok, texts, layer, ctx, batch):
-            norms = h.norm(dim=-1)
-            mask &= norms < 10 * norms[mask].median()
-            acts = h[mask]
-            buf.append(acts.to(torch.bfloat16))
-            total += len(acts)
-            bar.update(len(acts))
-            if n_tokens is not None and total >= n_tokens:
-                break
-    return torch.cat(buf)[:n_tokens]
-
-
 # ---------------------------------------------------------------- training
 def _batches(acts: torch.Tensor, batch: int, seed: int, scale: float = 1.0) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -296,9 +218,9 @@ def fit_sae(train_acts: torch.Tensor, spec: SAETrainSpec, d_in: int, out_dir: Pa
 def chat_eval_texts(tok: Any) -> list[str]:
     """Chat-formatted turns the SAE never saw: the demo's pairs (prompt and response) and the
     prompts of the probe and held-out sets, in the model's template, as the callback reads them."""
-    from .probes import read_jsonl
+    from ..probes import read_jsonl
 
-    data = Path(__file__).parent / "data"
+    data = DATA
     turns = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
              for r in read_jsonl(data / "pairs.jsonl")]
     turns += [[{"role": "user", "content": r["prompt"]}] for f in ("probes", "heldout") for r in read_jsonl(data / f"{f}.jsonl")]
@@ -307,7 +229,8 @@ def chat_eval_texts(tok: Any) -> list[str]:
 
 def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
     """Build the corpus, collect activations (cached, so a restart skips it), train, evaluate, save."""
-    from .features import CARDS, KINDS, build_cards
+    from ..features import CARDS, KINDS
+    from .cards import build_cards
     from .models import load_model
 
     spec = spec or SAETrainSpec()

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .analysis import (category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, suspects,
                        top_pairs)
-from .ledger import _smda_dir, load_credits, load_policy, load_records
+from ..ledger import smda_dir, load_credits, load_policy, load_records
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}
@@ -249,7 +249,7 @@ def build_html(run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    out = Path(output) if output else _smda_dir(run_dir) / "report.html"
+    out = Path(output) if output else smda_dir(run_dir) / "report.html"
     text = build_html(run_dir)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -17,13 +17,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from .analysis import pair_rows
-from .config import SMDAConfig
-from .ledger import load_credits, load_policy, load_records
-from .probes import ProbeSet
+from .analysis import pair_rows, pair_scores, spearman  # noqa: F401  (pair_scores re-exported)
+from ..config import SMDAConfig
+from ..ledger import load_credits, load_policy, load_records
+from ..probes import ProbeSet
 from .retrain import RetrainSettings, run_jobs, summarize
 from .retrain import format_summary as format_retrain
 
@@ -31,29 +30,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- per-pair scores
-def pair_scores(run_dir: str | Path) -> pd.DataFrame:
-    """One row per pair id: the paper's score Σⱼ Δβⱼ·βⱼ, Δβ, and the predicted move of each probe
-    category's refusal (x̄_cat·Δβ), summed over the pair's steps (epochs)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for r in pair_rows(load_records(run_dir), load_credits(run_dir)):
-        key = r["id"] or r["hash"]
-        row = rows.setdefault(key, {"id": key, "label": r["label"], "category": r["category"], "prompt": r["prompt"],
-                                    "step": r["step"], "score": 0.0, "delta_beta": 0.0, "moves": {}})
-        row["score"] += float(r["align"].sum())
-        row["delta_beta"] = row["delta_beta"] + r["d"]
-        for cat, v in r["moves"].items():
-            row["moves"][cat] = row["moves"].get(cat, 0.0) + v
-    if not rows:
-        raise ValueError(f"{run_dir}: the ledger has no attributed pair steps (was the callback bound with .bind(trainer)?)")
-    return pd.DataFrame(list(rows.values())).set_index("id")
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
 def agreement(train_dir: str | Path, cf_dir: str | Path) -> dict[str, Any]:
     """Spearman of per-pair scores between the two protocols (overall and per shared feature),
     and the distribution of the paper's first-order split error in each."""
@@ -69,18 +45,18 @@ def agreement(train_dir: str | Path, cf_dir: str | Path) -> dict[str, Any]:
         ja, jb = fa.index(f), fb.index(f)
         x = np.array([a.at[i, "delta_beta"][ja] for i in ids])
         y = np.array([b.at[i, "delta_beta"][jb] for i in ids])
-        per_feature.append({"feature": f, "label": labels[f], "spearman": _spearman(x, y)})
+        per_feature.append({"feature": f, "label": labels[f], "spearman": spearman(x, y)})
     pf = pd.DataFrame(per_feature)
     gaps = {}
     for name, d in (("in_training", train_dir), ("counterfactual", cf_dir)):
         g = np.array([r["first_order_gap"] for r in load_records(d) if "first_order_gap" in r])
         gaps[name] = {q: float(np.quantile(g, v)) for q, v in (("p10", .1), ("median", .5), ("p90", .9))} if len(g) else {}
-    by_label = {lab: _spearman(a.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy(),
+    by_label = {lab: spearman(a.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy(),
                                b.loc[ids][a.loc[ids, "label"] == lab]["score"].to_numpy()) for lab in ("harmful", "harmless")}
     return {"n_pairs": int(len(ids)), "n_shared_features": len(shared), "n_features": len(fa),
             "scores": [{"id": i, "label": a.at[i, "label"], "in_training": float(a.at[i, "score"]),
                         "counterfactual": float(b.at[i, "score"])} for i in ids],
-            "score_spearman": _spearman(a.loc[ids, "score"].to_numpy(), b.loc[ids, "score"].to_numpy()),
+            "score_spearman": spearman(a.loc[ids, "score"].to_numpy(), b.loc[ids, "score"].to_numpy()),
             "score_spearman_by_label": by_label,
             "feature_spearman_median": float(pf["spearman"].median()) if len(pf) else float("nan"),
             "feature_spearman_p10_p90": [float(pf["spearman"].quantile(.1)), float(pf["spearman"].quantile(.9))] if len(pf) else [],
@@ -108,9 +84,9 @@ def causal_check(model: Any, tok: Any, pairs: list[dict[str, Any]], scores: pd.D
                  categories: list[str], sae: Any, config: SMDAConfig, st: CausalSettings | None = None) -> list[dict[str, Any]]:
     """Per category: for the pairs with the most extreme predicted move of its refusal, the measured
     move (category mean refusal with the pair − without), and how well the prediction ranks it."""
-    from .counterfactual import _pair_batch
-    from .sae import resolve_hook
-    from .snapshot import Snapshotter
+    from .counterfactual import pair_batch
+    from ..sae import resolve_hook
+    from ..snapshot import Snapshotter
 
     st = st or CausalSettings()
     cats = probes.category_index()
@@ -133,7 +109,7 @@ def causal_check(model: Any, tok: Any, pairs: list[dict[str, Any]], scores: pd.D
     def train_on(items: list[dict[str, Any]]) -> None:
         model.train()
         for p in items:
-            ids, lab = _pair_batch(tok, p, 256)
+            ids, lab = pair_batch(tok, p, 256)
             model(input_ids=ids, labels=lab).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -158,7 +134,7 @@ def causal_check(model: Any, tok: Any, pairs: list[dict[str, Any]], scores: pd.D
         df = pd.DataFrame([{"id": i, "label": by_id[i]["label"], "category": by_id[i]["category"],
                             "predicted": float(preds[c][i]), "measured": measured[i][c] - without[c]} for i in chosen[c]])
         out.append({"category": c, "settings": asdict(st), "without": without[c], "pairs": df.to_dict("records"),
-                    "spearman": _spearman(df.predicted.to_numpy(), df.measured.to_numpy()),
+                    "spearman": spearman(df.predicted.to_numpy(), df.measured.to_numpy()),
                     "sign_agreement": float((np.sign(df.predicted) == np.sign(df.measured)).mean()),
                     "top_minus_bottom": float(df.measured[st.n_each:].mean() - df.measured[: st.n_each].mean())})
     return out
@@ -192,7 +168,7 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
     from .counterfactual import attribute_pairs
     from .demo import DATA, load_pairs
     from .models import load_model
-    from .sae import embedded_sae_dir, load_sae
+    from ..sae import embedded_sae_dir, load_sae
 
     st = st or ValidationSettings()
     run_dir, out = Path(run_dir), Path(out)
@@ -241,7 +217,7 @@ def run_validation(run_dir: str | Path, out: str | Path, st: ValidationSettings 
 
 def _write(out: Path, res: dict[str, Any]) -> None:
     """After every stage, atomically, so a long run interrupted late keeps what it measured."""
-    from .sinks import LedgerWriter
+    from ..sinks import LedgerWriter
 
     LedgerWriter(out).write_json("validation.json", res)
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import SMDAConfig
-from .policy import RidgePolicy, auroc
-from .probes import ProbeSet
-from .sae import base_model, embedded_sae_dir, load_sae, resolve_hook
-from .snapshot import Snapshotter
+from .._resources import DATA
+from ..config import SMDAConfig
+from ..policy import RidgePolicy, auroc
+from ..probes import ProbeSet
+from ..sae import base_model, embedded_sae_dir, load_sae, resolve_hook
+from ..snapshot import Snapshotter
 
-DATA = Path(__file__).parent / "data"
 
 
 def score_probes(model_dir: str | None = None, probes_file: str | None = None, policy_path: str | None = None,
@@ -72,7 +72,7 @@ def answer_probes(model: Any, tok: Any, probes: ProbeSet, max_new_tokens: int = 
     import torch
     from tqdm.auto import tqdm
 
-    from .probes import render_prompt
+    from ..probes import render_prompt
 
     was_training, side = model.training, tok.padding_side
     model.eval()

@@ -1,0 +1,114 @@
+"""The torch side of credit: the newest gradient's part of an update, row slopes inside a step.
+
+These functions touch parameters and optimizer state; the engine (`engine.py`) is pure numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .engine import OptimizerKernel
+
+# ---------------------------------------------------------------- torch side: the newest gradient's part
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def trainable_params(optimizer: Any) -> list[torch.nn.Parameter]:
+    return [p for g in _inner(optimizer).param_groups for p in g["params"] if p.requires_grad]
+
+
+def optimizer_step_count(optimizer: Any) -> int | None:
+    """The optimizer's own step counter after its step (Adam keeps one; SGD does not)."""
+    opt = _inner(optimizer)
+    for p in trainable_params(optimizer):
+        st = opt.state.get(p, {})
+        if "step" in st:
+            return int(float(st["step"]))
+    return None
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors are widened to fp32 for the arithmetic; fp32/fp64 keep their dtype."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@torch.no_grad()
+def newest_update(optimizer: Any, kernel: OptimizerKernel, t: int) -> list[torch.Tensor]:
+    """The part of optimizer step t's update that is the newest gradient's: −D_t·c(t, t)·g_t per
+    trainable parameter, read after `optimizer.step()` and before `zero_grad()` (p.grad is the
+    clipped gradient the optimizer used). Weight decay and the momentum carry are left out."""
+    opt = _inner(optimizer)
+    out = []
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        c = kernel.coef(t, t, lr)
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                out.append(torch.zeros_like(p))
+                continue
+            g = _wide(p.grad.detach())
+            if kernel.kind == "adam":
+                st = opt.state[p]
+                v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                b2 = group["betas"][1]
+                denom = (_wide(v) / (1.0 - b2 ** int(float(st["step"])))).sqrt() + group["eps"]
+                out.append((-c * g / denom).to(p.dtype))
+            else:
+                out.append((-c * g).to(p.dtype))
+    return out
+
+
+RowLoss = Callable[[], torch.Tensor]
+
+
+@torch.no_grad()
+def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
+               row_losses: RowLoss, rel: float = 1e-3) -> np.ndarray:
+    """Each row's first-order contribution to a step's new-gradient update u: ∂L_i(θ_{t−1} + εu)/∂ε,
+    by a central difference (the step of ε moves θ by `rel`·‖θ‖). `row_losses()` returns the rows'
+    summed token losses at the current parameters. Parameters are restored bitwise afterwards.
+    Shares are the slopes normalised over all rows of the step (`shares_from_slopes`), which may
+    span ranks."""
+    saved = [p.detach().clone() for p in params]
+    norm_u = math.sqrt(sum(float((d.float() ** 2).sum()) for d in direction))
+    norm_b = math.sqrt(sum(float((b.float() ** 2).sum()) for b in base))
+    eps = rel * norm_b / norm_u if norm_u > 0 else 0.0
+    try:
+        losses = []
+        for sign in (1.0, -1.0):
+            for p, b, d in zip(params, base, direction):
+                p.copy_(b + sign * eps * d)
+            losses.append(row_losses().double().cpu().numpy())
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return (losses[0] - losses[1]) / (2 * eps) if eps > 0 else np.zeros(len(losses[0]))
+
+
+def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> RowLoss:
+    """Per-row summed cross-entropy over label tokens (the training loss up to its common normaliser)."""
+
+    def fn() -> torch.Tensor:
+        was = model.training
+        model.eval()
+        out = []
+        try:
+            dev = next(model.parameters()).device
+            for b in batches:
+                b = {k: v.to(dev) for k, v in b.items()}
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+                lab = b["labels"][:, 1:]
+                lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab.clamp_min(0), reduction="none")
+                out.append((lp * (lab != -100)).sum(1))
+        finally:
+            model.train(was)
+        return torch.cat(out)
+
+    return fn
