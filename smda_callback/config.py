@@ -119,6 +119,16 @@ class SMDAConfig:
     """None: follow `report_to` of the TrainingArguments."""
     text_every_n_steps: int = 50
     """How often the symbolic policy is rendered into TensorBoard text."""
+    log_to_trainer: bool = True
+    """Report the scalars a user watches through `trainer.log` (needs `callback.bind(trainer)`), so every
+    `report_to` integration (W&B, MLflow, trackio, Comet, TensorBoard) receives them at their step."""
+    sae_dtype: str = "float32"
+    """dtype the SAE runs in on the model's device; probe activations are cast to it before encoding."""
+    prompt_text: str = "private"
+    """Where pairs' prompt text goes: `private` (OUTPUT_DIR/_smda_private/, which `push_to_hub` never
+    uploads; the readers join it back), `ledger` (inside smda/, uploaded with it), `none` (not kept)."""
+    min_sae_fve: float = 0.5
+    """Warn at train begin when the SAE explains less of the probes' hook activations than this."""
 
     def __post_init__(self) -> None:
         self.refusal_openings = tuple(self.refusal_openings)
@@ -137,6 +147,8 @@ class SMDAConfig:
             "credit": ("optimizer", "step"),
             "credit_measure": ("deconvolve", "ghost"),
             "on_alert": ("warn", "halt"),
+            "sae_dtype": ("float32", "float64", "bfloat16", "float16"),
+            "prompt_text": ("private", "ledger", "none"),
         }
         for name, allowed in checks.items():
             value = getattr(self, name)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .sinks import CREDITS, LEDGER, POLICY, read_ledger_lines
+from .sinks import CREDITS, LEDGER, POLICY, join_prompts, read_ledger_lines
 
 
 def smda_dir(run_dir: str | Path) -> Path:
@@ -20,8 +20,10 @@ def smda_dir(run_dir: str | Path) -> Path:
 
 
 def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Raw ledger records (one dict per optimizer step or counterfactual pair)."""
-    return read_ledger_lines(smda_dir(run_dir) / LEDGER)
+    """Raw ledger records (one dict per optimizer step or counterfactual pair), with the pairs' prompt
+    text joined back from the run's private folder when it is there (SMDAConfig.prompt_text)."""
+    d = smda_dir(run_dir)
+    return join_prompts(read_ledger_lines(d / LEDGER), d)
 
 
 def load_policy(run_dir: str | Path) -> dict[str, Any]:
@@ -30,8 +32,9 @@ def load_policy(run_dir: str | Path) -> dict[str, Any]:
 
 def load_credits(run_dir: str | Path) -> dict[str, Any] | None:
     """Per-pair credits (credits.json) of an in-training run; None for ledgers that have none (counterfactual)."""
-    path = smda_dir(run_dir) / CREDITS
-    return json.loads(path.read_text()) if path.exists() else None
+    d = smda_dir(run_dir)
+    path = d / CREDITS
+    return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
 
 
 def load_ledger(run_dir: str | Path) -> pd.DataFrame:

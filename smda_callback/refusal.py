@@ -40,6 +40,11 @@ def _encode_openings(tokenizer: Any, openings: Sequence[str], n_tokens: int) -> 
     return out
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A scorer's small constant tensor on the pass's device (a no-op once it is there)."""
+    return t if t.device == device else t.to(device)
+
+
 class FirstTokenScorer:
     """Probability mass of the openings' first tokens at the first assistant position.
 
@@ -60,6 +65,9 @@ class FirstTokenScorer:
 
     def score(self, model: Any, last_logits: torch.Tensor, cache: Any, attention_mask: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(last_logits.float(), dim=-1)
+        dev = logp.device
+        self.r_ids = _on(self.r_ids, dev)  # moved once, kept there
+        self.c_ids = None if self.c_ids is None else _on(self.c_ids, dev)
         lse_r = torch.logsumexp(logp[:, self.r_ids], dim=-1)
         lse_c = torch.logsumexp(logp[:, self.c_ids], dim=-1) if self.c_ids is not None else None
         return _combine(lse_r, lse_c, self.target)
@@ -112,11 +120,13 @@ class PrefixScorer:
         node_logp = None
         n = len(self.nodes)
         if n:
+            dev = attention_mask.device
+            self.tree, self.node_depth, self.node_tokens = (_on(x, dev) for x in (self.tree, self.node_depth, self.node_tokens))
             past = attention_mask.bool()[:, None, None, :].expand(B, 1, n, T)
             mask4 = torch.cat([past, self.tree[None, None].expand(B, 1, n, n)], dim=-1)
             pos = attention_mask.sum(1, keepdim=True) + self.node_depth[None, :]
             out = model(input_ids=self.node_tokens[None, :].expand(B, n), attention_mask=mask4, position_ids=pos,
-                        past_key_values=cache, use_cache=True, cache_position=torch.arange(T, T + n))
+                        past_key_values=cache, use_cache=True, cache_position=torch.arange(T, T + n, device=dev))
             node_logp = F.log_softmax(out.logits.float(), dim=-1)
         total = self._opening_logps(logp0, node_logp)
         nr = len(self.r)

@@ -134,16 +134,47 @@ class HookPoint:
         return block.register_forward_pre_hook(pre, with_kwargs=True)
 
 
+def _meta(sae: Any, key: str) -> Any:
+    meta = getattr(sae.cfg, "metadata", None)
+    value = getattr(meta, key, None) if meta is not None else None
+    return value if value is not None else getattr(sae.cfg, key, None)
+
+
+def _from_hf_module(sae: Any, model: nn.Module) -> tuple[int, str, str] | None:
+    """sae-lens' `hf_hook_name` (the HF module whose output the SAE reads, e.g. `model.layers.12`) → decoder layer."""
+    hf = _meta(sae, "hf_hook_name")
+    if not hf:
+        return None
+    modules = dict(base_model(model).named_modules())
+    target = modules.get(str(hf))
+    if target is None:
+        raise ValueError(f"The SAE's hf_hook_name {hf!r} names no module of {type(base_model(model)).__name__}; "
+                         "this SAE belongs to another model architecture.")
+    for i, block in enumerate(decoder_layers(model)):
+        if block is target:
+            return i, "post", str(hf)
+    raise ValueError(f"The SAE's hf_hook_name {hf!r} is not a decoder layer's output; smda reads the residual stream "
+                     "(the output of a decoder layer). Use a residual-stream SAE.")
+
+
 def resolve_hook(sae: Any, model: nn.Module) -> HookPoint:
-    """Map `blocks.L.hook_resid_post|pre` to the model's layer, checking width and range."""
-    name = hook_name(sae)
-    m = _HOOK.match(name)
-    if not m:
-        raise ValueError(
-            f"SAE hook {name!r} is not supported: smda reads the residual stream, 'blocks.L.hook_resid_post' or "
-            "'blocks.L.hook_resid_pre'. Use an SAE trained on the residual stream."
-        )
-    layer, kind = int(m.group(1)), m.group(2)
+    """Map the SAE's hook to the model's layer, checking width and range: `blocks.L.hook_resid_post|pre`
+    (TransformerLens names), else sae-lens' `hf_hook_name` (an HF module path such as `model.layers.12`)."""
+    name = _meta(sae, "hook_name")
+    m = _HOOK.match(str(name)) if name else None
+    if m:
+        layer, kind = int(m.group(1)), m.group(2)
+    else:
+        found = _from_hf_module(sae, model)
+        if found is None:
+            if not name:
+                raise ValueError("The SAE's config has no hook_name nor hf_hook_name; set sae.cfg.metadata.hook_name "
+                                 "(e.g. 'blocks.12.hook_resid_post').")
+            raise ValueError(
+                f"SAE hook {name!r} is not supported: smda reads the residual stream, 'blocks.L.hook_resid_post' or "
+                "'blocks.L.hook_resid_pre' (or an hf_hook_name naming a decoder layer). Use an SAE trained on the residual stream."
+            )
+        layer, kind, name = found
     layers = decoder_layers(model)
     if layer >= len(layers):
         raise ValueError(f"SAE hook {name!r} needs layer {layer}, but the model has only {len(layers)} decoder layers (0..{len(layers) - 1}); this SAE belongs to another model.")
@@ -157,6 +188,27 @@ def resolve_hook(sae: Any, model: nn.Module) -> HookPoint:
     if sae_model and model_name and _family(sae_model) and _family(model_name) and _family(sae_model) != _family(model_name):
         warnings.warn(f"The SAE was trained on {sae_model!r} but the model looks like {model_name!r}; features may not mean what their labels say.", stacklevel=2)
     return HookPoint(layer, kind, name)
+
+
+def sae_identity(sae: Any, spec: SAESpec = None) -> dict[str, Any]:
+    """What names this SAE outside the run: release, sae_id, Neuronpedia id, model, hooks, local folder."""
+    out: dict[str, Any] = {k: _meta(sae, k) for k in ("release", "sae_id", "neuronpedia_id", "model_name", "hook_name",
+                                                      "hf_hook_name")}
+    if isinstance(spec, tuple) and len(spec) == 2:
+        out["release"], out["sae_id"] = spec
+    if isinstance(spec, (str, Path)):
+        out["path"] = str(Path(spec).resolve())
+    out["d_in"], out["d_sae"] = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    return {k: (v if isinstance(v, (int, float, str)) or v is None else str(v)) for k, v in out.items()}
+
+
+NEURONPEDIA = "https://www.neuronpedia.org"
+
+
+def feature_url(identity: dict[str, Any] | None, feature: int) -> str | None:
+    """The feature's Neuronpedia page when the SAE has a Neuronpedia id (a link only; nothing is fetched)."""
+    npid = (identity or {}).get("neuronpedia_id")
+    return f"{NEURONPEDIA}/{npid}/{int(feature)}" if npid else None
 
 
 def _family(name: str) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -58,13 +59,79 @@ def read_ledger_lines(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-class LedgerWriter:
-    """Append-only JSONL, one flushed line per record."""
+PRIVATE_DIR = "_smda_private"
+"""Beside smda/: `Trainer.push_to_hub` skips top-level names starting with `_`, so prompt text kept here stays local."""
+PROMPTS = "prompts.json"
 
-    def __init__(self, directory: str | Path) -> None:
+
+def private_dir(smda_dir: str | Path) -> Path:
+    return Path(smda_dir).parent / PRIVATE_DIR
+
+
+def _walk_pairs(obj: Any) -> Iterable[dict[str, Any]]:
+    """Every dict in a record that names a pair (has a `hash`)."""
+    if isinstance(obj, dict):
+        if "hash" in obj:
+            yield obj
+        for v in obj.values():
+            yield from _walk_pairs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_pairs(v)
+
+
+def join_prompts(obj: Any, smda_dir: str | Path) -> Any:
+    """Put the prompt text kept in the private folder back into a record read from smda/ (in place)."""
+    path = private_dir(smda_dir) / PROMPTS
+    if not path.exists():
+        return obj
+    prompts = json.loads(path.read_text(encoding="utf-8"))
+    for d in _walk_pairs(obj):
+        if "prompt" not in d and d["hash"] in prompts:
+            d["prompt"] = prompts[d["hash"]]
+    return obj
+
+
+class LedgerWriter:
+    """Append-only JSONL, one flushed line per record.
+
+    `prompt_text` (SMDAConfig.prompt_text): `private` moves every pair's prompt text out of smda/ into
+    `_smda_private/prompts.json` (hash → text), `ledger` keeps it in the records, `none` drops it.
+    """
+
+    def __init__(self, directory: str | Path, prompt_text: str = "private") -> None:
         self.dir = Path(directory)
         self.path = self.dir / LEDGER
+        self.prompt_text = prompt_text
+        self._prompts: dict[str, str] = {}
         self._failed = False
+
+    def _scrub(self, obj: Any) -> Any:
+        """A copy of `obj` with prompt text moved out (or dropped) per `prompt_text`."""
+        if self.prompt_text == "ledger":
+            return obj
+        obj = json.loads(json.dumps(obj, default=_jsonable))
+        new = False
+        for d in _walk_pairs(obj):
+            text = d.pop("prompt", None)
+            if isinstance(text, str) and self.prompt_text == "private" and self._prompts.get(d["hash"]) != text:
+                self._prompts[d["hash"]] = text
+                new = True
+        if new:
+            self._write_private()
+        return obj
+
+    def _write_private(self) -> None:
+        def do() -> None:
+            priv = private_dir(self.dir)
+            priv.mkdir(parents=True, exist_ok=True)
+            path = priv / PROMPTS
+            known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+            known.update(self._prompts)
+            tmp = priv / (PROMPTS + ".tmp")
+            tmp.write_text(json.dumps(known, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, path)
+        self._guard(str(private_dir(self.dir) / PROMPTS), do)
 
     def _guard(self, what: str, fn: Any) -> bool:
         if self._failed:
@@ -95,7 +162,7 @@ class LedgerWriter:
         self._guard(str(self.path), do)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = dumps(record) + "\n"
+        line = dumps(self._scrub(record)) + "\n"
 
         def do() -> None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -109,9 +176,29 @@ class LedgerWriter:
         def do() -> None:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self.dir / (name + ".tmp")
-            tmp.write_text(json.dumps(obj, default=_jsonable, indent=1), encoding="utf-8")
+            tmp.write_text(json.dumps(self._scrub(obj), default=_jsonable, indent=1), encoding="utf-8")
             os.replace(tmp, self.dir / name)
         self._guard(name, do)
+
+
+def slug(text: str, n: int = 28) -> str:
+    """A tag-safe name (TensorBoard, MLflow and W&B accept [A-Za-z0-9_.-/ ])."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_")
+
+
+def tracker_scalars(record: dict[str, Any], labels: Sequence[str], n_alerts: int, top: int = 8) -> dict[str, float]:
+    """The small set of numbers a user watches, for `trainer.log` (so every `report_to` backend gets them):
+    refusal on harmful and harmless probes and per category, interference, alerts, the `top` largest |β| now
+    (keyed by rank, so a chart keeps its lines; the label is in the key), the step's credit residual."""
+    out = {"smda/refusal_harmful": float(record["refusal_harmful"]),
+           "smda/refusal_harmless": float(record["refusal_harmless"]),
+           "smda/interference": float(record["interference"]), "smda/alerts": float(n_alerts),
+           "smda/credit_residual": float(np.abs(record["credit"]["residual_d"]).sum())}
+    out.update({f"smda/refusal/{slug(c)}": float(v) for c, v in record["refusal_by_category"].items()})
+    beta = np.asarray(record["beta"], dtype=np.float64)
+    for j in np.argsort(-np.abs(beta), kind="mergesort")[:top]:
+        out[f"smda/beta/{slug(labels[j])}"] = float(beta[j])
+    return out
 
 
 def layout_dict(feature_tags: Iterable[str], category_tags: Iterable[str]) -> dict[str, dict[str, list[str]]]:
@@ -188,6 +275,33 @@ class TensorBoardSink:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
+
+    def record(self, record: dict[str, Any], labels: Sequence[str], top: Sequence[int], category_label: dict[str, str],
+               n_alerts: int, policy_text: str | None = None) -> None:
+        """One ledger record as TensorBoard scalars, series, histograms (and the policy as text when given)."""
+        step = record["step"]
+        vals: dict[str, float] = {f"smda/beta/{slug(l)}": b for l, b in zip(labels, record["beta"])}
+        vals.update({f"smda/refusal/{slug(c)}": v for c, v in record["refusal_by_category"].items()})
+        vals.update({f"smda/predicted/{slug(c)}": v for c, v in record["predicted_by_category"].items()})
+        ax, ay = float(np.abs(record["delta_beta_x"]).sum()), float(np.abs(record["delta_beta_y"]).sum())
+        vals.update({"smda/pathway/abs_x": ax, "smda/pathway/abs_y": ay,
+                     "smda/pathway/x_share": ax / (ax + ay) if ax + ay > 0 else 0.0,
+                     "smda/pathway/y_share": ay / (ax + ay) if ax + ay > 0 else 0.0,
+                     "smda/interference/score": record["interference"],
+                     "smda/interference/alerts": float(n_alerts),
+                     "smda/policy/intercept": record["intercept"],
+                     "smda/health/first_order_gap": record["first_order_gap"]})
+        self.scalars(vals, step)
+        beta = np.asarray(record["beta"])
+        for j in top:
+            self.series(f"beta/{slug(labels[j])}", "smda/beta_top", float(beta[j]), step)
+        for c, v in record["refusal_by_category"].items():
+            self.series(f"category/{slug(c)}", f"smda/category/{category_label[c]}", v, step)
+        for key in ("delta_beta", "delta_beta_x", "delta_beta_y"):
+            self.histogram(f"smda/{key}", np.asarray(record[key]), step)
+        if policy_text is not None:
+            self.text("smda/policy", policy_text, step)
+        self.flush()
 
     def flush(self) -> None:
         for w in (self._writer, *self._subs.values()):

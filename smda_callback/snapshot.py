@@ -22,6 +22,7 @@ class Snapshot:
     X: np.ndarray  # [P, k] float64, selected features
     Y: np.ndarray  # [P] float64
     Z: np.ndarray | None = None  # [P, d_sae] all latents (baseline only, for feature selection)
+    fve: float | None = None  # SAE's fraction of variance explained on the pooled positions (full passes, this rank)
 
     @property
     def finite(self) -> bool:
@@ -52,19 +53,39 @@ class Snapshotter:
         self.tp: TokenizedProbes = probes.tokenize(tokenizer, max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.features: np.ndarray | None = None
+        self._fidx: tuple[Any, torch.Tensor] | None = None
+        self._fve: torch.Tensor | None = None
+        self._fve_sum: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ encode
     def encode(self, h: torch.Tensor, full: bool = False) -> torch.Tensor:
         """SAE latents for rows of h [N, d]; only the selected ones unless `full`."""
-        h = h.to(self.sae.W_enc.dtype)
+        W = self.sae.W_enc
+        h = h.to(device=W.device, dtype=W.dtype)
         if self.cfg.encode == "dense":
-            W, b = self.sae.W_enc, self.sae.b_enc
+            b = self.sae.b_enc
             if not full:
-                idx = torch.as_tensor(self.features)
+                idx = self._feature_index(W.device)
                 W, b = W[:, idx], b[idx]
             return torch.relu(h @ W + b)
         z = self.sae.encode(h)
-        return z if full else z[:, torch.as_tensor(self.features)]
+        return z if full else z[:, self._feature_index(z.device)]
+
+    def _feature_index(self, device: torch.device) -> torch.Tensor:
+        """The selected latents as an index tensor on `device`, built once per feature set."""
+        key = (id(self.features), str(device))
+        if self._fidx is None or self._fidx[0] != key:
+            self._fidx = (key, torch.as_tensor(np.asarray(self.features), dtype=torch.long, device=device))
+        return self._fidx[1]
+
+    def place(self, model: Any) -> None:
+        """Move the SAE to the model's device once, in `config.sae_dtype` (fp32 by default)."""
+        dev = model_device(model)
+        dtype = getattr(torch, self.cfg.sae_dtype)
+        W = self.sae.W_enc
+        if W.device != dev or W.dtype != dtype:
+            self.sae.to(device=dev, dtype=dtype)
+            self._fidx = None
 
     def _pool(self, h: torch.Tensor, rows: Sequence[int], pads: Sequence[int], full: bool) -> torch.Tensor:
         """Pool per probe; content positions exclude attention-sink outliers (norm ≫ median)."""
@@ -72,16 +93,21 @@ class Snapshotter:
         out = []
         for b, (i, pad) in enumerate(zip(rows, pads)):
             if cfg.pooling == "last":
-                pos = torch.tensor([h.shape[1] - 1])
+                pos = torch.tensor([h.shape[1] - 1], device=h.device)
             elif cfg.pooling == "eot":
-                pos = torch.tensor([self.tp.eot[i] + pad])
+                pos = torch.tensor([self.tp.eot[i] + pad], device=h.device)
             else:
                 s, e = self.tp.content[i]
-                pos = torch.arange(s + pad, e + pad)
+                pos = torch.arange(s + pad, e + pad, device=h.device)
                 norms = h[b, pos].norm(dim=-1)
                 keep = norms <= cfg.outlier_norm_ratio * norms.median()
                 pos = pos[keep] if keep.any() else pos
-            z = self.encode(h[b, pos].float(), full)
+            z = self.encode(h[b, pos], full)
+            if full and self._fve is not None and self.cfg.encode == "sae":
+                x = h[b, pos].to(z.dtype)
+                err = x - self.sae.decode(z)
+                self._fve += torch.stack([(err * err).sum(), (x * x).sum(), torch.tensor(float(len(x)), device=x.device)]).double()
+                self._fve_sum = x.double().sum(0) + (0.0 if self._fve_sum is None else self._fve_sum)
             out.append(z.mean(0) if cfg.pooling == "mean" else z.max(0).values)
         return torch.stack(out)
 
@@ -103,9 +129,10 @@ class Snapshotter:
         Xs, Ys, done = [], [], []
         captured: dict[str, torch.Tensor] = {}
         C = self._common_prefix(order)
+        dev = model_device(model)
         prefix_cache = None
         if C:
-            first = torch.tensor([self.tp.input_ids[order[0]][:C]])
+            first = torch.tensor([self.tp.input_ids[order[0]][:C]], device=dev)
             prefix_cache = model(input_ids=first, use_cache=True, logits_to_keep=1).past_key_values
         handle = self.hook.register(model, lambda h: captured.__setitem__("h", h))
         try:
@@ -115,18 +142,20 @@ class Snapshotter:
                 seqs = [self.tp.input_ids[i][C:] for i in rows]
                 T = max(len(s) for s in seqs)
                 pads = [T - len(s) for s in seqs]
-                ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), C + T), dtype=torch.long)
-                mask[:, :C] = 1
+                # built on the host in one go, then one copy each to the model's device
+                ids_h = torch.full((len(rows), T), self.pad_id, dtype=torch.long, device="cpu")
+                mask_h = torch.zeros((len(rows), C + T), dtype=torch.long, device="cpu")
+                mask_h[:, :C] = 1
                 for r, (s, p) in enumerate(zip(seqs, pads)):
-                    ids[r, p:] = torch.tensor(s)
-                    mask[r, C + p :] = 1
+                    ids_h[r, p:] = torch.tensor(s, dtype=torch.long, device="cpu")
+                    mask_h[r, C + p :] = 1
+                ids, mask = ids_h.to(dev), mask_h.to(dev)
                 pos = (mask.cumsum(1) - 1).clamp(min=0)[:, C:]
                 kw: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
                 if C:
                     cache = copy.deepcopy(prefix_cache)
                     cache.batch_repeat_interleave(len(rows))
-                    kw.update(past_key_values=cache, cache_position=torch.arange(C, C + T))
+                    kw.update(past_key_values=cache, cache_position=torch.arange(C, C + T, device=dev))
                 if self.user_scorer is not None:
                     model(**kw, use_cache=False)
                     h = captured["h"]
@@ -136,12 +165,12 @@ class Snapshotter:
                     h = captured["h"]  # read before the scorer's continuation forward overwrites it
                     y = self.scorer.score(model, out.logits[:, -1, :], out.past_key_values, mask)
                 Xs.append(self._pool(h, rows, [p - C for p in pads], full).double())
-                Ys.append(torch.as_tensor(y).double().reshape(-1))
+                Ys.append(torch.as_tensor(y, dtype=torch.float64, device=dev).reshape(-1))
                 done.extend(rows)
         finally:
             handle.remove()
-        X = torch.cat(Xs).numpy()
-        Y = torch.cat(Ys).numpy()
+        X = torch.cat(Xs).cpu().numpy()  # one transfer per pass
+        Y = torch.cat(Ys).cpu().numpy()
         back = np.argsort(np.asarray(done))
         return X[back], Y[back]
 
@@ -149,6 +178,7 @@ class Snapshotter:
         """X, Y for all probes (gathered across ranks). `full` also returns all latents."""
         if not full and self.features is None:
             raise RuntimeError("Snapshotter.features is unset: take a full snapshot and select features first.")
+        self.place(model)
         was_training = model.training
         model.eval()
         # Accelerate wraps `model.forward` in an autocast context for bf16/fp16 training (TRL's
@@ -166,6 +196,8 @@ class Snapshotter:
                 # all-gather parameters inside each forward; unequal counts would hang)
                 per_rank = -(-len(self.probes) // world)
                 padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+                if full:
+                    self._fve, self._fve_sum = torch.zeros(3, dtype=torch.float64, device=model_device(model)), None
                 Xm, Ym = self._run(model, padded, full)
                 Xm, Ym = Xm[: len(mine)], Ym[: len(mine)]
                 if world > 1:
@@ -177,8 +209,26 @@ class Snapshotter:
         if full:
             Z = Xm
             X = Z[:, self.features] if self.features is not None else Z
-            return Snapshot(X=X, Y=Ym, Z=Z)
+            return Snapshot(X=X, Y=Ym, Z=Z, fve=self._take_fve())
         return Snapshot(X=Xm, Y=Ym)
+
+
+    def _take_fve(self) -> float | None:
+        """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the pooled positions of the last full pass (one transfer)."""
+        if self._fve is None or self._fve_sum is None:
+            return None
+        sse, ssq, n = self._fve.cpu().tolist()
+        mean_sq = float((self._fve_sum.cpu() ** 2).sum()) / max(n, 1.0)
+        self._fve, self._fve_sum = None, None
+        total = ssq - mean_sq
+        return float(1.0 - sse / total) if total > 0 else None
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's (first) parameters live: the device every tensor of a probe pass is made on."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def rank_world() -> tuple[int, int]:

@@ -211,3 +211,93 @@ def test_a_pair_whose_first_step_has_lr_zero_is_credited_when_its_gradient_acts(
     assert set(eng.totals) == {"p1", "p2", "p3"} and np.abs(eng.totals["p1"]).sum() > 0
     assert [lv.hash for lv in eng.live] == ["p1", "p2", "p3"]  # pair 1 stays in the momentum after its lr-0 step
     np.testing.assert_allclose(sum(eng.totals.values()) + eng.residual_total, total, atol=1e-15)
+
+
+@pytest.mark.parametrize("make,decoupled", [
+    (lambda p: torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.99), weight_decay=0.1), True),
+    (lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, foreach=False), True),
+    (lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.7, dampening=0.2, weight_decay=0.1), False),
+    (lambda p: torch.optim.SGD([p], lr=0.1, weight_decay=0.1), False),
+])
+def test_kernel_with_weight_decay_reproduces_torch_updates(make, decoupled):
+    """Weight decay > 0: decoupled (AdamW) Δθ_t = −D_t Σ_s c(t,s) g_s − decay_coef(t)·θ_{t−1}; coupled (SGD)
+    Δθ_t = −Σ_s c(t,s)(g_s + wd·θ_{s−1}), the decay riding the momentum like a gradient. Both to 1e-9."""
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    opt = make(p)
+    kernel, warning = OptimizerKernel.from_optimizer(opt)
+    assert warning is None and kernel.weight_decay == 0.1 and kernel.decoupled == decoupled
+    grads = [g.double() for g in _grads(6)]
+    thetas = [p.detach().clone()]
+    for t, g in enumerate(grads, start=1):
+        lr = 0.1 / t
+        for group in opt.param_groups:
+            group["lr"] = lr
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        if decoupled:
+            st, b2, eps = opt.state[p], opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+            D = 1.0 / ((st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + eps)
+            want = -D * sum(kernel.coef(t, s, lr) * grads[s - 1] for s in range(1, t + 1)) - kernel.decay_coef(t, lr) * before
+        else:
+            want = -sum(kernel.coef(t, s, lr) * (grads[s - 1] + 0.1 * thetas[s - 1]) for s in range(1, t + 1))
+        torch.testing.assert_close(p.detach() - before, want, rtol=1e-9, atol=1e-12)
+        thetas.append(p.detach().clone())
+
+
+def test_engine_sends_the_decay_part_to_the_residual_and_still_telescopes():
+    """Windows = the pairs' linear effects + decay_coef·κ: with κ known, every pair gets exactly its own part
+    (the decay never lands on the newest pair) and credits + residual = the summed change."""
+    kernel = OptimizerKernel("adam", 0.9, weight_decay=0.1, decoupled=True)
+    lrs, deltas, truth = _synthetic(kernel)
+    kappa = np.random.default_rng(3).normal(size=6) * 50
+    eng = CreditEngine(kernel, 6)
+    eng.decay = kappa
+    plain = CreditEngine(kernel, 6)  # the old behaviour: decay unknown
+    for t, d in enumerate(deltas, start=1):
+        d = d + kernel.decay_coef(t, lrs[t]) * kappa
+        for e in (eng, plain):
+            e.lr(t, lrs[t])
+            e.window([t], [(f"p{t}_0", t, 1.0)], d)
+    err_new = max(np.abs(eng.totals[h] - v).max() for h, v in truth.items())
+    err_old = max(np.abs(plain.totals[h] - v).max() for h, v in truth.items())
+    assert err_new < 1e-9 < err_old
+    total = sum(eng.totals.values()) + eng.residual_total
+    np.testing.assert_allclose(total, sum(d + kernel.decay_coef(t, lrs[t]) * kappa for t, d in enumerate(deltas, 1)),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(eng.decay_total, eng.residual_total, rtol=1e-12)  # deconvolve: the residual is the decay
+
+
+def test_adamw_weight_decay_run_measures_decay_and_telescopes(tmp_path, smol_tokenizer):
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=4, report_to=[],
+            weight_decay=0.1)
+    c, p = _assert_telescopes(tmp_path)
+    assert c["kernel"]["decoupled"] and c["kernel"]["weight_decay"] == 0.1
+    assert np.abs(p["credit"]["residual_total_d"]).sum() > 0  # the decay's part is explicit, not on a pair
+
+
+def test_credit_torch_ops_create_no_tensor_off_the_model_device():
+    """newest_update, the in-step row slopes and the decay probe under `torch.device("meta")` with the model on
+    the CPU: any tensor made without the parameters' device breaks them."""
+    from smda_callback.credit import causal_lm_row_losses, row_slopes, trainable_params, with_decayed_weights
+
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    ids = torch.tensor([[1, 5, 9, 14, 3], [1, 7, 7, 2, 8]])
+    batches = [{"input_ids": ids[i:i + 1], "attention_mask": torch.ones_like(ids[i:i + 1]), "labels": ids[i:i + 1]} for i in range(2)]
+    model(input_ids=ids, labels=ids).loss.backward()
+    kernel, _ = OptimizerKernel.from_optimizer(opt)
+    params = trainable_params(opt)
+    base = [q.detach().clone() for q in params]
+    opt.step()
+    ref_u = newest_update(opt, kernel, 1)
+    ref_s = row_slopes(params, base, ref_u, causal_lm_row_losses(model, batches))
+    snap = [q.detach().clone() for q in params]
+    with torch.device("meta"):
+        u = newest_update(opt, kernel, 1)
+        slopes = row_slopes(params, base, u, causal_lm_row_losses(model, batches))
+        shrunk = with_decayed_weights(opt, 1e-3, lambda: float(params[1].detach().abs().sum()))
+    assert all(x.device.type == "cpu" for x in u)
+    np.testing.assert_allclose(slopes, ref_s, rtol=1e-6)
+    assert shrunk == pytest.approx(float(snap[1].abs().sum()) * (1 - 1e-3), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(params, snap))  # restored bitwise

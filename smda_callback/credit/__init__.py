@@ -1,7 +1,8 @@
 """From optimizer steps to pairs: the credit engine (pure maths) and its torch operations."""
 
 from .engine import CreditEngine, CreditLayout, OptimizerKernel, WindowCredit, replay_credits, shares_from_slopes
-from .params import causal_lm_row_losses, newest_update, optimizer_step_count, row_slopes, trainable_params
+from .params import (causal_lm_row_losses, newest_update, optimizer_step_count, row_slopes, trainable_params,
+                     with_decayed_weights)
 
 __all__ = ["CreditEngine", "CreditLayout", "OptimizerKernel", "WindowCredit", "causal_lm_row_losses", "newest_update",
-           "optimizer_step_count", "replay_credits", "row_slopes", "shares_from_slopes", "trainable_params"]
+           "optimizer_step_count", "replay_credits", "row_slopes", "shares_from_slopes", "trainable_params", "with_decayed_weights"]

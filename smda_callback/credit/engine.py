@@ -44,6 +44,11 @@ class OptimizerKernel:
     kind: `step` (a step's change belongs to its own pairs), `sgd` (no momentum), `momentum`
     (torch SGD with momentum μ, dampening, Nesterov), `adam` (Adam/AdamW: EMA with β₁ and bias
     correction). Learning rates enter through `lr_t`; preconditioning is the documented approximation.
+
+    Weight decay: `decoupled` (AdamW, and bitsandbytes' 8-bit/paged AdamW) shrinks θ by lr_t·wd each
+    step outside the gradient; coupled (torch SGD/Adam `weight_decay`) adds wd·θ to the gradient, so it
+    rides the momentum like a gradient. `decay_coef(t, lr_t)` is the factor of −θ in step t's update
+    under the slow-θ approximation; its effect on the probes is measured once (`CreditEngine.decay`).
     """
 
     kind: str = "step"
@@ -52,6 +57,7 @@ class OptimizerKernel:
     nesterov: bool = False
     weight_decay: float = 0.0
     optimizer: str = ""
+    decoupled: bool = False
 
     def coef(self, t: int, s: int, lr_t: float) -> float:
         if s > t:
@@ -68,6 +74,18 @@ class OptimizerKernel:
             return lr_t * in_buf
         return lr_t * (1.0 + self.beta * first) if t == s else lr_t * self.beta * in_buf
 
+    def decay_coef(self, t: int, lr_t: float) -> float:
+        """The factor of −θ_{t−1} in step t's update that weight decay contributes (θ taken as slowly changing).
+        Decoupled: lr_t·wd. Coupled SGD: wd·Σ_s c(t, s). Coupled Adam is preconditioned like a gradient
+        and is not modelled (0; `from_optimizer` warns)."""
+        if self.weight_decay == 0.0 or self.kind == "step":
+            return 0.0
+        if self.decoupled:
+            return lr_t * self.weight_decay
+        if self.kind in ("sgd", "momentum"):
+            return self.weight_decay * sum(self.coef(t, s, lr_t) for s in range(1, t + 1))
+        return 0.0
+
     @property
     def has_memory(self) -> bool:
         """Does a gradient act beyond its own step?"""
@@ -81,24 +99,50 @@ class OptimizerKernel:
         name = type(opt).__name__
         groups = getattr(opt, "param_groups", None) or [{}]
         g = groups[0]
-        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        bnb_adamw = type(opt).__module__.startswith("bitsandbytes") and name in BNB_ADAMW
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or bnb_adamw:
             betas = {tuple(x.get("betas", (0.9, 0.999))) for x in groups}
             if len(betas) > 1:
                 return cls(optimizer=name), f"{name} with different betas per parameter group is not modelled"
-            return cls("adam", float(g["betas"][0]), weight_decay=float(g.get("weight_decay", 0.0)), optimizer=name), None
+            decoupled = isinstance(opt, torch.optim.AdamW) or bnb_adamw or bool(g.get("decoupled_weight_decay", False))
+            wd = _decay_of(groups)
+            warning = None
+            if wd is None:
+                wd, warning = 0.0, (f"{name} has parameter groups with weight decay and without (the Trainer excludes biases "
+                                    "and norms); decay is modelled for the decayed groups' share only approximately")
+                wd = max(float(x.get("weight_decay", 0.0)) for x in groups)
+            if wd and not decoupled:
+                warning = (f"{name} with coupled weight_decay={wd} preconditions the decay like a gradient; its part of each "
+                           "step is not modelled and lands on the step's pairs (use AdamW for decoupled decay)")
+            return cls("adam", float(g["betas"][0]), weight_decay=float(wd), optimizer=name, decoupled=decoupled), warning
         if isinstance(opt, torch.optim.SGD):
             mu = float(g.get("momentum", 0.0))
             if len({float(x.get("momentum", 0.0)) for x in groups}) > 1:
                 return cls(optimizer=name), "SGD with different momentum per parameter group is not modelled"
             kind = "momentum" if mu > 0 else "sgd"
+            wd = _decay_of(groups)
             return cls(kind, mu, float(g.get("dampening", 0.0)), bool(g.get("nesterov", False)),
-                       float(g.get("weight_decay", 0.0)), name), None
+                       float(wd if wd is not None else max(float(x.get("weight_decay", 0.0)) for x in groups)), name), None
         return cls(optimizer=name), (f"credit='optimizer' models SGD (with or without momentum), Adam and AdamW; "
                                      f"{name} is not modelled, so each step's change goes to its own pairs (credit='step')")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "beta": self.beta, "dampening": self.dampening, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay, "optimizer": self.optimizer}
+                "weight_decay": self.weight_decay, "optimizer": self.optimizer, "decoupled": self.decoupled}
+
+
+BNB_ADAMW = ("AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "AdamW32bit", "AdamW")
+"""bitsandbytes optimizers that are AdamW for the kernel (β₁, bias correction, decoupled decay). Their quantised
+state is not needed by `deconvolve`; `ghost` and the in-step split read exp_avg_sq and refuse them."""
+
+
+def _decay_of(groups: Sequence[dict[str, Any]]) -> float | None:
+    """The weight decay of the groups that have parameters with decay (None when groups differ beyond 0 / wd)."""
+    vals = {float(x.get("weight_decay", 0.0)) for x in groups}
+    nonzero = vals - {0.0}
+    if len(nonzero) <= 1:
+        return nonzero.pop() if nonzero else 0.0
+    return None
 
 
 # ---------------------------------------------------------------- what a window credits
@@ -139,6 +183,10 @@ class CreditEngine:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     own_totals: dict[str, np.ndarray] = field(default_factory=dict)
     residual_total: np.ndarray | None = None
+    decay: np.ndarray | None = None
+    """κ: the probes' response to shrinking the trainable weights, d/dε of the layout vector at θ·(1−ε), measured
+    once at baseline. Step t's decay part is decay_coef(t)·κ; it goes to the residual, never to a pair."""
+    decay_total: np.ndarray | None = None
     pending: list[tuple[str, int, float]] = field(default_factory=list)
     """Rows whose gradient had no weight yet in their own window (lr 0 on the first warm-up step):
     they join the next window's new rows instead of being dropped."""
@@ -148,6 +196,8 @@ class CreditEngine:
             raise ValueError(f"credit measure must be 'deconvolve' or 'ghost', got {self.measure!r}")
         if self.residual_total is None:
             self.residual_total = np.zeros(self.width)
+        if self.decay_total is None:
+            self.decay_total = np.zeros(self.width)
 
     def lr(self, step: int, lr: float) -> None:
         """Record the learning rate optimizer step `step` used."""
@@ -165,6 +215,11 @@ class CreditEngine:
         measured_new: (ghost) the measured effect of the new rows' part of the update alone.
         """
         delta = np.asarray(delta, np.float64)
+        decay = np.zeros(self.width)
+        if self.decay is not None and self.kernel.weight_decay:
+            decay = sum(self.kernel.decay_coef(t, self.lrs.get(t, 0.0)) for t in steps) * np.asarray(self.decay, np.float64)
+            delta = delta - decay
+            self.decay_total = self.decay_total + decay
         carried: dict[str, np.ndarray] = {}
         carry = np.zeros(self.width)
         for lv in self.live:
@@ -201,6 +256,7 @@ class CreditEngine:
         for h, v in own.items():
             self.totals[h] = self.totals.get(h, 0.0) + v
             self.own_totals[h] = self.own_totals.get(h, 0.0) + v
+        residual = residual + decay
         self.residual_total = self.residual_total + residual
         self._prune(max(steps) if steps else 0)
         return WindowCredit(own, carried, residual, projected)
@@ -236,6 +292,8 @@ class CreditEngine:
             "credit_own": np.asarray([self.own_totals.get(k, np.zeros(self.width)) for k in keys],
                                      np.float64).reshape(len(keys), self.width),
             "credit_residual": np.asarray(self.residual_total, np.float64),
+            "credit_decay": np.asarray(self.decay if self.decay is not None else np.full(self.width, np.nan), np.float64),
+            "credit_decay_total": np.asarray(self.decay_total, np.float64),
         }
         return meta, arrays
 
@@ -248,6 +306,10 @@ class CreditEngine:
         eng.totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_totals"])}
         eng.own_totals = {k: np.asarray(v) for k, v in zip(keys, arrays["credit_own"])}
         eng.residual_total = np.asarray(arrays["credit_residual"], np.float64)
+        if "credit_decay" in arrays and np.isfinite(arrays["credit_decay"]).all():
+            eng.decay = np.asarray(arrays["credit_decay"], np.float64)
+        if "credit_decay_total" in arrays:
+            eng.decay_total = np.asarray(arrays["credit_decay_total"], np.float64)
         eng.pending = [(str(h), int(s), float(sh)) for h, s, sh in meta.get("pending", [])]
         return eng
 

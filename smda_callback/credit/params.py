@@ -56,6 +56,10 @@ def newest_update(optimizer: Any, kernel: OptimizerKernel, t: int) -> list[torch
             g = _wide(p.grad.detach())
             if kernel.kind == "adam":
                 st = opt.state[p]
+                if "exp_avg_sq" not in st:
+                    raise ValueError(f"{type(opt).__name__} keeps no torch `exp_avg_sq` state (quantised or fused elsewhere), so "
+                                     "the newest gradient's own part cannot be read: use credit_measure='deconvolve' and "
+                                     "one pair per step (per_device_train_batch_size=1, no accumulation) with this optimizer.")
                 v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
                 b2 = group["betas"][1]
                 denom = (_wide(v) / (1.0 - b2 ** int(float(st["step"])))).sqrt() + group["eps"]
@@ -112,3 +116,19 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]])
         return torch.cat(out)
 
     return fn
+
+
+@torch.no_grad()
+def with_decayed_weights(optimizer: Any, eps: float, fn: Callable[[], Any]) -> Any:
+    """Run `fn` with the weight-decayed trainable parameters scaled by (1 − eps), then restore them bitwise:
+    what one unit of decay does to the probes (groups with weight_decay 0, such as biases and norms, are left)."""
+    params = [p for g in _inner(optimizer).param_groups if float(g.get("weight_decay", 0.0)) > 0
+              for p in g["params"] if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p in params:
+            p.mul_(1.0 - eps)
+        return fn()
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
