@@ -389,9 +389,6 @@ class SMDACallback(TrainerCallback):
             seconds=round(time.perf_counter() - t0 + self._opt_seconds, 4),
         )
         self._opt_seconds = 0.0
-        self._trainer: Any = None
-        self._main = True
-        self.sae_fve: float | None = None
         run.X, run.Y, run.M = snap.X, snap.Y, M1
         if decision.alert:
             self._handle_alert(decision, record, pairs, intended, state, control)
@@ -433,7 +430,9 @@ class SMDACallback(TrainerCallback):
             text = self._policy_text(np.asarray(record["beta"]), record["intercept"]) \
                 if step % self.config.text_every_n_steps == 0 else None
             self._tb.record(record, self.labels, top, self._category_label, self.alerts.n_alerts, text)
-        if self.config.log_to_trainer and self._trainer is not None:
+        every = max(int(getattr(state, "logging_steps", 1) or 1), 1)  # the Trainer's own logging cadence
+        last = state.max_steps > 0 and step >= state.max_steps
+        if self.config.log_to_trainer and self._trainer is not None and (step % every == 0 or last):
             self._trainer.log(tracker_scalars(record, self.labels, self.alerts.n_alerts, TB_TOP_BETA))
 
     # ---------------------------------------------------------------- pairs

@@ -34,6 +34,8 @@ def load_sae(spec: SAESpec) -> Any:
 
     Only safetensors weights are read (pickle files can execute code).
     """
+    if isinstance(spec, nn.Module) and callable(getattr(spec, "encode", None)) and hasattr(spec, "cfg"):
+        return spec  # an sae-lens SAE, or any module with the same encode/decode/W_enc/cfg surface
     from sae_lens import SAE
 
     if isinstance(spec, SAE):

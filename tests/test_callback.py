@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import run_sft, tiny_model, tiny_sae
+from helpers import pair_records, run_sft, tiny_model, tiny_sae
 from smda_callback import PackingError, SMDAConfig, load_ledger, load_records
 
 
@@ -128,3 +128,68 @@ def test_every_n_steps_windows_are_exact_and_credit_all_pairs(tmp_path, smol_tok
     policy = json.loads((tmp_path / "smda" / "policy.json").read_text())
     np.testing.assert_allclose(np.sum([r["delta_beta"] for r in recs], axis=0),
                                np.subtract(policy["beta_final"], policy["beta_0"]), atol=1e-9)
+
+
+def test_scalars_reach_a_second_tracker_mlflow_read_back(tmp_path, smol_tokenizer, monkeypatch):
+    """report_to=["mlflow"] with a local file store (offline): the SMDA scalars arrive through trainer.log at
+    their own steps, and a callback added after SMDA sees them in on_log."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import TrainerCallback
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "smda-test")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the local file store: offline, no server
+    seen: list[dict] = []
+
+    class After(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    run_sft(tmp_path / "run", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3,
+            report_to=["mlflow"], callbacks_extra=[After()])
+    mlflow.end_run()
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("smda-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    hist = client.get_metric_history(runs[0].info.run_id, "smda/refusal_harmful")
+    assert sorted(m.step for m in hist) == [1, 2, 3]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "smda" / "attribution.jsonl").read_text().splitlines()]
+    by_step = {m.step: m.value for m in hist}
+    for r in recs:
+        assert by_step[r["step"]] == pytest.approx(r["refusal_harmful"], rel=1e-6)
+    names = set(runs[0].data.metrics)
+    assert {"smda/refusal_harmless", "smda/interference", "smda/alerts", "smda/credit_residual"} <= names
+    assert any(n.startswith("smda/beta/") for n in names) and any(n.startswith("smda/refusal/") for n in names)
+    assert any("smda/refusal_harmful" in logs for logs in seen)
+
+
+def test_push_to_hub_upload_set_holds_no_prompt_text(tmp_path, smol_tokenizer):
+    """The files `Trainer.push_to_hub` would upload (its own ignore patterns through huggingface_hub's filter,
+    no network) hold no training prompt text by default; the readers still see the prompts."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from smda_callback import load_credits, load_records
+
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3, report_to=[])
+    files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+    upload = list(filter_repo_objects(files, ignore_patterns=["_*", "checkpoint-*"]))
+    prompts = [p["prompt"][0]["content"] for p in pair_records(8)]
+    assert any(f.startswith("smda/") for f in upload) and any(f.startswith("_smda_private/") for f in files)
+    for f in upload:
+        text = (tmp_path / f).read_bytes().decode("utf-8", errors="ignore")
+        assert not any(p in text for p in prompts), f
+    assert all(p.get("prompt") for r in load_records(tmp_path) for p in r["pairs"])
+    assert all(p.get("prompt") for p in load_credits(tmp_path)["pairs"])
+
+
+def test_policy_json_carries_the_sae_identity_and_feature_pages(tmp_path, smol_tokenizer):
+    sae = tiny_sae()
+    sae.cfg.metadata.neuronpedia_id = "tiny-random/2-res-test"
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, sae, SMDAConfig(n_features=8), max_steps=2, report_to=[])
+    p = json.loads((tmp_path / "smda" / "policy.json").read_text())
+    assert p["sae"]["neuronpedia_id"] == "tiny-random/2-res-test" and p["sae"]["hook_name"] == "blocks.2.hook_resid_post"
+    assert p["feature_urls"] == {str(j): f"https://www.neuronpedia.org/tiny-random/2-res-test/{j}" for j in p["features"]}
+    assert p["sae_fve_probes"] is not None and p["sae_fve_probes"] < 0.5  # a random SAE reconstructs nothing

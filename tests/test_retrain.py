@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from smda_callback import retrain
+from smda_callback.lab import retrain
 from smda_callback.lab.retrain import RetrainSettings, conditions, format_summary, jobs, run_jobs, summarize
 
 

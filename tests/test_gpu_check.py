@@ -1,0 +1,33 @@
+"""benchmarks/gpu_check.py in its CPU smoke mode: the one command a GPU session runs must work here too."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_check_smoke_on_cpu(tmp_path, lora):
+    res = _load().main(["--smoke", "--json", str(tmp_path / "r.json")] + (["--lora"] if lora else []))
+    assert res["weights_bitwise_identical"] is True  # the callback leaves training bitwise unchanged
+    assert res["telescoping_error"] < 1e-9
+    assert res["x_rel_err_vs_fp32"] == 0.0 and res["y_abs_err_vs_fp32"] == 0.0  # fp32 on CPU: the same pass
+    assert res["callback_s"] > 0 and res["bare_step_s"] > 0 and (tmp_path / "r.json").exists()
+
+
+def test_random_sae_has_the_sae_lens_surface():
+    mod = _load()
+    import torch
+
+    sae = mod.RandomTopKSAE(16, 64, 4, "blocks.1.hook_resid_post")
+    z = sae.encode(torch.randn(5, 16))
+    assert z.shape == (5, 64) and int((z > 0).sum(1).max()) <= 4 and sae.decode(z).shape == (5, 16)
