@@ -417,22 +417,22 @@ class SMDACallback(TrainerCallback):
                 logger.warning("smda: halting training at step %d after %d alert(s)", state.global_step, self.alerts.n_alerts)
 
     def _emit(self, record: dict[str, Any], state: Any) -> None:
-        """Rank 0: the ledger line, TensorBoard (tags defined in sinks.py) and the tracker-neutral scalars."""
-        if not self._is_main(state):
-            return
+        """Rank 0: the ledger line and TensorBoard (tags defined in sinks.py). Every rank: the tracker-neutral
+        scalars through `trainer.log`, which the integrations write from rank 0 only (TRL's `log` gathers its
+        own metrics across ranks, so calling it on one rank alone would hang the others)."""
         assert self._ledger is not None and self.run is not None
-        self._ledger.append(record)
-        if "beta" not in record:
-            return
         step = record["step"]
-        if self._tb is not None:
-            top = np.argsort(-np.abs(self.run.beta0), kind="mergesort")[:TB_TOP_BETA]
-            text = self._policy_text(np.asarray(record["beta"]), record["intercept"]) \
-                if step % self.config.text_every_n_steps == 0 else None
-            self._tb.record(record, self.labels, top, self._category_label, self.alerts.n_alerts, text)
+        if self._is_main(state):
+            self._ledger.append(record)
+            if self._tb is not None and "beta" in record:
+                top = np.argsort(-np.abs(self.run.beta0), kind="mergesort")[:TB_TOP_BETA]
+                text = self._policy_text(np.asarray(record["beta"]), record["intercept"]) \
+                    if step % self.config.text_every_n_steps == 0 else None
+                self._tb.record(record, self.labels, top, self._category_label, self.alerts.n_alerts, text)
         every = max(int(getattr(state, "logging_steps", 1) or 1), 1)  # the Trainer's own logging cadence
         last = state.max_steps > 0 and step >= state.max_steps
-        if self.config.log_to_trainer and self._trainer is not None and (step % every == 0 or last):
+        if ("beta" in record and self.config.log_to_trainer and self._trainer is not None
+                and (step % every == 0 or last or record.get("halted"))):
             self._trainer.log(tracker_scalars(record, self.labels, self.alerts.n_alerts, TB_TOP_BETA))
 
     # ---------------------------------------------------------------- pairs
