@@ -127,7 +127,7 @@ class PairCapture:
             sel = pm.to(toks.device)
             sel[0] = False  # position 0 is an attention sink with an outlier norm
             if not sel.any():
-                sel = torch.ones(len(toks), dtype=torch.bool)
+                sel = torch.ones(len(toks), dtype=torch.bool, device=toks.device)
                 sel[0] = len(toks) == 1
             self.hidden.append(toks[sel].float().cpu())
 
