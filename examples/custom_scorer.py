@@ -50,4 +50,4 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(load_pairs
                      processing_class=tokenizer, callbacks=[smda])
 smda.bind(trainer)
 trainer.train()
-print(f"custom scorer: mean refusal score per category at the end {smda._by_category(smda.run.Y)}")
+print(f"custom scorer: mean refusal score per category at the end {smda.run.by_category(smda.run.Y)}")

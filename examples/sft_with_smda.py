@@ -26,8 +26,7 @@ pairs = to_dataset(load_pairs(DATA / "pairs.jsonl", 6 if a.smoke else a.limit)) 
 smda = SMDACallback(
     probes=DATA / "probes.jsonl",            # {"prompt", "label": harmful|harmless, "category"} per line
     sae=sae,                                 # a folder for SAE.load_from_disk, an sae_lens.SAE, or ("release", "sae_id")
-    config=SMDAConfig(n_features=8 if a.smoke else 48, scorer="first_token"),
-    on_alert="warn",
+    config=SMDAConfig(n_features=8 if a.smoke else 48, scorer="first_token", on_alert="warn"),  # or "halt"
 )
 args = SFTConfig(output_dir=a.out, per_device_train_batch_size=1, num_train_epochs=1, learning_rate=1e-4,
                  report_to=["tensorboard"], packing=False, use_cpu=True, save_strategy="no", logging_steps=5,

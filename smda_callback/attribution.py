@@ -126,6 +126,20 @@ def intended_features(z_pair: np.ndarray, top_m: int) -> list[int]:
 
 
 @dataclass
+class AlertEvent:
+    """What a user `on_alert` callable receives; return True to halt training."""
+
+    step: int
+    pairs: list[dict[str, Any]]
+    score: float
+    dominant_feature: int
+    dominant_label: str
+    intended: list[int]
+    reason: str
+    n_alerts: int
+
+
+@dataclass
 class AlertDecision:
     alert: bool
     score: float

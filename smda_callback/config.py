@@ -115,8 +115,6 @@ class SMDAConfig:
     and reuse its KV cache; same X and Y as encoding each probe in full (tested)."""
     every_n_steps: int = 1
     """Snapshot every n optimizer steps; a window's effect is credited to all pairs in it."""
-    tensorboard: bool | None = None
-    """None: follow `report_to` of the TrainingArguments."""
     text_every_n_steps: int = 50
     """How often the symbolic policy is rendered into TensorBoard text."""
     log_to_trainer: bool = True

@@ -22,7 +22,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 
 from .config import KINDS

@@ -219,3 +219,12 @@ def _family(name: str) -> str:
         if fam in low:
             return fam
     return ""
+
+
+def fve_warning(fve: float | None, threshold: float) -> str | None:
+    """The warning for an SAE that reconstructs this model's activations poorly (None when it does not)."""
+    if fve is None or fve >= threshold:
+        return None
+    return (f"the SAE explains only {fve:.2f} of the variance of this model's hook activations on the probes (warning "
+            f"below {threshold:.2f}): it was probably trained on another model or layer (a base-model SAE on an instruct "
+            "model is the usual cause), so its features may not mean what their labels say")

@@ -181,6 +181,12 @@ class LedgerWriter:
         self._guard(name, do)
 
 
+def wants_tensorboard(report_to: Any) -> bool:
+    """TensorBoard custom scalars follow `TrainingArguments.report_to` (the one switch for trackers)."""
+    rt = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return "tensorboard" in rt or "all" in rt
+
+
 def slug(text: str, n: int = 28) -> str:
     """A tag-safe name (TensorBoard, MLflow and W&B accept [A-Za-z0-9_.-/ ])."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_")
@@ -276,6 +282,12 @@ class TensorBoardSink:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def start(self, labels: Sequence[str], categories: Sequence[str], policy_text: str, step: int) -> None:
+        """At baseline: the custom-scalars layout and the policy as text."""
+        self.layout(list(labels), list(categories))
+        self.text("smda/policy", policy_text, step)
+        self.flush()
+
     def record(self, record: dict[str, Any], labels: Sequence[str], top: Sequence[int], category_label: dict[str, str],
                n_alerts: int, policy_text: str | None = None) -> None:
         """One ledger record as TensorBoard scalars, series, histograms (and the policy as text when given)."""
@@ -315,3 +327,52 @@ class TensorBoardSink:
         self._writer = None
         self._subs.clear()
 
+
+
+class RunSinks:
+    """Where one run's results go: the ledger, policy.json and credits.json and TensorBoard from rank 0, the
+    tracker-neutral scalars through `trainer.log` from every rank (TRL's `log` gathers across ranks, and the
+    integrations write from rank 0 only)."""
+
+    def __init__(self, out: str | Path, prompt_text: str, main: bool, tensorboard: bool, trainer: Any = None,
+                 log_to_trainer: bool = True, text_every: int = 50, top_beta: int = 8) -> None:
+        self.main, self.trainer, self.log_to_trainer = main, trainer, log_to_trainer
+        self.text_every, self.top_beta = max(int(text_every), 1), top_beta
+        self.ledger = LedgerWriter(out, prompt_text)
+        self.tb = TensorBoardSink(Path(out) / "tensorboard") if main and tensorboard else None
+
+    def baseline(self, run: Any, policy: dict[str, Any], step: int) -> None:
+        if not self.main:
+            return
+        self.ledger.reset()
+        self.policy(run, policy)
+        if self.tb is not None:
+            self.tb.start(run.labels, run.categories, run.policy_text(run.beta0, run.b0), step)
+
+    def policy(self, run: Any, policy: dict[str, Any]) -> None:
+        if self.main:
+            self.ledger.write_json(POLICY, policy)
+            self.ledger.write_json(CREDITS, run.credits_record())
+
+    def step(self, record: dict[str, Any], run: Any, logging_steps: int, last: bool) -> None:
+        step = record["step"]
+        if self.main:
+            self.ledger.append(record)
+            if self.tb is not None and "beta" in record:
+                top = np.argsort(-np.abs(run.beta0), kind="mergesort")[:self.top_beta]
+                text = run.policy_text(np.asarray(record["beta"]), record["intercept"]) if step % self.text_every == 0 else None
+                cat_label = {p.category: p.label for p in run.probes.probes}
+                self.tb.record(record, run.labels, top, cat_label, run.alerts.n_alerts, text)
+            if step % self.text_every == 0:
+                self.ledger.write_json(CREDITS, run.credits_record())
+        if ("beta" in record and self.log_to_trainer and self.trainer is not None
+                and (step % max(int(logging_steps or 1), 1) == 0 or last or record.get("halted"))):
+            self.trainer.log(tracker_scalars(record, run.labels, run.alerts.n_alerts, self.top_beta))
+
+    def close(self, run: Any, policy: dict[str, Any], step: int) -> None:
+        if not self.main:
+            return
+        self.policy(run, policy)
+        if self.tb is not None:
+            self.tb.text("smda/policy", run.policy_text(run.beta(), run.b0), step)
+            self.tb.close()

@@ -71,6 +71,11 @@ class Snapshotter:
         z = self.sae.encode(h)
         return z if full else z[:, self._feature_index(z.device)]
 
+    @torch.no_grad()
+    def pool(self, rows: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Each training row's prompt activations [n, d] → its mean selected-latent code (float64, host)."""
+        return [self.encode(h, full=False).mean(0).double().cpu().numpy() for h in rows]
+
     def _feature_index(self, device: torch.device) -> torch.Tensor:
         """The selected latents as an index tensor on `device`, built once per feature set."""
         key = (id(self.features), str(device))
@@ -235,6 +240,16 @@ def rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def gather_lists(*lists: list[Any]) -> tuple[list[Any], ...]:
+    """Each list concatenated over ranks in rank order (the lists unchanged in one process)."""
+    world = rank_world()[1]
+    if world == 1:
+        return lists
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, lists)
+    return tuple([x for p in parts for x in p[k]] for k in range(len(lists)))
 
 
 def _gather(mine: list[int], X: np.ndarray, Y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from helpers import pair_records, run_sft, tiny_model, tiny_sae
-from smda_callback import PackingError, SMDAConfig, load_ledger, load_records
+from smda_callback import SMDAConfig, load_ledger, load_records
 
 
 def _tb_tags(run_dir):
@@ -103,9 +103,12 @@ def test_warn_keeps_training_and_callable_can_halt(tmp_path, smol_tokenizer):
     assert trainer.state.global_step == 3
 
 
-def test_packing_is_refused_with_a_fix(tmp_path, smol_tokenizer):
-    with pytest.raises(PackingError, match="packing=False"):
-        run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), packing=True)
+def test_on_alert_string_in_the_constructor_points_to_the_config():
+    with pytest.raises(ValueError, match=r"SMDAConfig\(on_alert='halt'\)"):
+        from smda_callback import ProbeSet, SMDACallback
+
+        from helpers import probe_records
+        SMDACallback(ProbeSet.from_records(probe_records()), tiny_sae(), on_alert="halt")
 
 
 def test_first_token_scorer_and_paper_preset_run(tmp_path, smol_tokenizer):

@@ -26,9 +26,8 @@ No Trainer types here: the callback feeds windows in, the engine hands credits o
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -124,11 +123,24 @@ class OptimizerKernel:
             return cls(kind, mu, float(g.get("dampening", 0.0)), bool(g.get("nesterov", False)),
                        float(wd if wd is not None else max(float(x.get("weight_decay", 0.0)) for x in groups)), name), None
         return cls(optimizer=name), (f"credit='optimizer' models SGD (with or without momentum), Adam and AdamW; "
-                                     f"{name} is not modelled, so each step's change goes to its own pairs (credit='step')")
+                                     f"{name} ({type(opt).__module__}) is not modelled, so it falls back to credit='step': "
+                                     "each step's change goes to that step's pairs, split equally. What is lost: the part "
+                                     "of a pair's gradient that momentum carries into later steps is credited to the "
+                                     "later steps' pairs, the split inside a step by each row's loss slope is off, and "
+                                     "credit_measure='ghost' is off")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "beta": self.beta, "dampening": self.dampening, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay, "optimizer": self.optimizer, "decoupled": self.decoupled}
+
+
+def read_kernel(rule: str, optimizer: Any) -> tuple[OptimizerKernel, str | None]:
+    """The kernel a run credits through (`SMDAConfig.credit`) and the one warning to log, if any."""
+    if rule == "step":
+        return OptimizerKernel(optimizer=type(getattr(optimizer, "optimizer", optimizer)).__name__), None
+    if optimizer is None:
+        return OptimizerKernel(), "the Trainer passed no optimizer to the callback; credit='optimizer' falls back to 'step'"
+    return OptimizerKernel.from_optimizer(optimizer)
 
 
 BNB_ADAMW = ("AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "AdamW32bit", "AdamW")

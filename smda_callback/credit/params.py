@@ -132,3 +132,30 @@ def with_decayed_weights(optimizer: Any, eps: float, fn: Callable[[], Any]) -> A
     finally:
         for p, s in zip(params, saved):
             p.copy_(s)
+
+
+@torch.no_grad()
+def with_update_applied(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], update: Sequence[torch.Tensor],
+                        fn: Callable[[], Any]) -> Any:
+    """Run `fn` with the parameters set to θ_{t−1} + u (one gradient's part of the update alone, the ghost pass),
+    then restore the trained parameters bitwise."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p, b, d in zip(params, base, update):
+            p.copy_(b + d)
+        return fn()
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+
+def measure_step(optimizer: Any, model: Any, kernel: Any, t: int, base: Sequence[torch.Tensor],
+                 batches: Sequence[dict[str, torch.Tensor]] | None, ghost: Callable[[], Any] | None) -> tuple[np.ndarray | None, Any]:
+    """After an optimizer step (θ_{t−1} kept in `base`): each row's loss slope along the newest gradient's part u
+    of the update (when `batches` holds every row of the step), and `ghost()` run at θ_{t−1} + u (when given).
+    The parameters are restored bitwise after each."""
+    params = trainable_params(optimizer)
+    u = newest_update(optimizer, kernel, t)
+    slopes = row_slopes(params, base, u, causal_lm_row_losses(model, batches)) if batches else None
+    measured = with_update_applied(params, base, u, ghost) if ghost is not None else None
+    return slopes, measured

@@ -21,7 +21,8 @@ from ..config import SMDAConfig
 from ..baseline import allowed_latents, fit_baseline
 from ..features import load_cards
 from ..probes import ProbeSet
-from ..sae import base_model, load_feature_labels, load_sae, resolve_hook
+from ..sae import base_model, load_feature_labels, load_sae, resolve_hook, sae_identity
+from ..schema import decomposition_fields, pair_entry, policy_record
 from ..sinks import POLICY, LedgerWriter, read_ledger_lines
 from ..snapshot import Snapshotter
 
@@ -95,27 +96,16 @@ def attribute_pairs(model: Any, tok: Any, pairs: list[dict[str, Any]], probes: P
         score, dom, off = interference(d.delta_beta, intended)
         ledger.append({
             "step": n + 1, "protocol": "counterfactual", "train_loss": float(loss.detach()),
-            "pairs": [{"id": pair["id"], "index": n, "hash": content_hash(ids[0].tolist()), "credit": 1.0,
-                       "label": pair["label"], "category": pair["category"], "prompt": pair["prompt"][:200]}],
-            "n_pairs": 1, "split": False, "beta": d.beta1, "delta_beta": d.delta_beta, "delta_beta_x": d.delta_beta_x,
-            "delta_beta_y": d.delta_beta_y, "alignment": d.alignment, "score": float(d.alignment.sum()), "method": d.method,
-            "first_order_gap": d.first_order_gap,
-            "refusal_by_category": {c: float(s1.Y[i].mean()) for c, i in cats.items()},
-            "category_pathways": category_split(policy, X0, s1.X, d, cats),
-            "interference": score, "dominant_feature": int(feats[dom]), "dominant_label": labels[dom],
-            "dominant_off_target": off, "intended_features": [int(feats[j]) for j in intended], "alert": False,
+            "pairs": [{**pair_entry(content_hash(ids[0].tolist()), n, 1.0, id=pair["id"], label=pair["label"],
+                                   category=pair["category"], prompt=pair["prompt"])}],
+            "n_pairs": 1, "split": False, "score": float(d.alignment.sum()), "alert": False,
+            **decomposition_fields(d, category_split(policy, X0, s1.X, d, cats),
+                                   {c: float(s1.Y[i].mean()) for c, i in cats.items()}, score, dom, off, intended,
+                                   feats, labels),
         })
-    base_cat = {c: float(Y0[i].mean()) for c, i in cats.items()}
-    ledger.write_json(POLICY, {
-        "protocol": "counterfactual", "features": feats, "feature_labels": labels, "lambda": policy.lam,
-        "policy": policy.to_dict(), "config": cfg.to_dict(), "beta_0": beta0, "intercept_0": policy.intercept_of(X0, Y0, beta0),
-        "beta_final": beta0, "intercept_final": policy.intercept_of(X0, Y0, beta0), "fit": fit,
-        "baseline_refusal_by_category": base_cat, "final_refusal_by_category": base_cat,
-        "probe_refusal_0": Y0, "probe_refusal_final": Y0,
-        "probes": [{"id": p.id, "label": p.label, "category": p.category} for p in probes.probes],
-        "symbolic_policy_0": policy.render(beta0, policy.intercept_of(X0, Y0, beta0), labels, top=12),
-        "symbolic_policy_final": policy.render(beta0, policy.intercept_of(X0, Y0, beta0), labels, top=12),
-        "n_alerts": 0, "halted": None, "skipped_steps": 0, "final": True, "step": len(pairs), "hook": hook.name,
-        "sgd_lr": lr,
-    })
+    b0 = policy.intercept_of(X0, Y0, beta0)
+    ledger.write_json(POLICY, policy_record(
+        protocol="counterfactual", probes=probes, features=feats, labels=labels, policy=policy, config=cfg, beta0=beta0,
+        b0=b0, beta_final=beta0, intercept_final=b0, fit=fit, Y0=Y0, Y_final=Y0, cards=cards, hook=hook.name,
+        sae=sae_identity(sae, sae_spec), sae_fve=base.fve, final=True, step=len(pairs), sgd_lr=lr))
     return ledger.dir

@@ -125,8 +125,9 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     model, tok = load_model(model_dir)
     sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")} if st.check_answers else {}
     behaviour_0 = behaviour(model, tok, sets)
-    config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16)
-    cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config, on_alert=st.on_alert)
+    config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
+                                  on_alert=st.on_alert)
+    cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config)
     args = sft_config(out, st)
     extra = [InterimFindings(cb, say)] if say is not None else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb, *extra])

@@ -1,0 +1,95 @@
+"""The one place that writes the shape of each record: a ledger step, `policy.json`, `credits.json`.
+
+Both protocols (the callback's in-training run and the counterfactual `smda attribute`) build
+their records here, so `smda report`, `validation.agreement` and `load_ledger` read one format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .credit import CreditEngine, CreditLayout, OptimizerKernel
+from .policy import RidgePolicy
+from .probes import ProbeSet
+from .sae import feature_url
+
+PROMPT_CHARS = 200
+"""A pair's prompt is kept to its first 200 characters in records."""
+
+
+def decomposition_fields(dec: Any, cats: dict[str, Any], refusal_by_category: dict[str, float], score: float,
+                         dominant: int, off_target: bool, intended: Sequence[int], features: np.ndarray,
+                         labels: Sequence[str]) -> dict[str, Any]:
+    """The part of a ledger step record both protocols share: β after the step, its split into the ΔX and
+    ΔY pathways, per-category pathways and the interference reading (positions mapped to SAE latents)."""
+    return {"beta": dec.beta1, "delta_beta": dec.delta_beta, "delta_beta_x": dec.delta_beta_x,
+            "delta_beta_y": dec.delta_beta_y, "alignment": dec.alignment, "method": dec.method,
+            "first_order_gap": dec.first_order_gap, "refusal_by_category": refusal_by_category,
+            "category_pathways": cats, "interference": score, "dominant_feature": int(features[dominant]),
+            "dominant_label": labels[dominant], "dominant_off_target": off_target,
+            "intended_features": [int(features[j]) for j in intended]}
+
+
+def pair_entry(hash_: str, index: int | None, credit: float, **meta: Any) -> dict[str, Any]:
+    """One pair in a step record (`prompt` cut to PROMPT_CHARS; the ledger writer moves it out of smda/)."""
+    out: dict[str, Any] = {"hash": hash_, "index": index, "credit": float(credit)}
+    for k, v in meta.items():
+        if v is not None:
+            out[k] = v[:PROMPT_CHARS] if k == "prompt" and isinstance(v, str) else v
+    return out
+
+
+def policy_record(*, protocol: str, probes: ProbeSet, features: np.ndarray, labels: Sequence[str], policy: RidgePolicy,
+                  config: Any, beta0: np.ndarray, b0: float, beta_final: np.ndarray, intercept_final: float,
+                  fit: dict[str, Any], Y0: np.ndarray, Y_final: np.ndarray, cards: dict[int, dict[str, Any]] | None,
+                  hook: str | None, sae: dict[str, Any] | None, sae_fve: float | None, n_alerts: int = 0,
+                  halted: dict[str, Any] | None = None, skipped: int = 0, final: bool = True, step: int = 0,
+                  **extra: Any) -> dict[str, Any]:
+    """policy.json: the policy before and after, its fit, the probes' refusal and the SAE's identity."""
+    cats = probes.category_index()
+
+    def by_cat(y: np.ndarray) -> dict[str, float]:
+        return {c: float(np.mean(np.asarray(y)[i])) for c, i in cats.items()}
+
+    cards = cards or {}
+    urls = {str(int(j)): feature_url(sae or {}, int(j)) for j in features}
+    return {
+        "protocol": protocol, "features": features, "feature_labels": list(labels), "lambda": policy.lam,
+        "feature_cards": {str(int(j)): cards[int(j)] for j in features if int(j) in cards},
+        "policy": policy.to_dict(), "config": config.to_dict(), "beta_0": beta0, "intercept_0": b0,
+        "beta_final": beta_final, "intercept_final": intercept_final, "fit": fit,
+        "baseline_refusal_by_category": by_cat(Y0), "final_refusal_by_category": by_cat(Y_final),
+        "probe_refusal_0": Y0, "probe_refusal_final": Y_final,
+        "probes": [{"id": p.id, "label": p.label, "category": p.category} for p in probes.probes],
+        "symbolic_policy_0": policy.render(beta0, b0, list(labels), top=12),
+        "symbolic_policy_final": policy.render(beta_final, intercept_final, list(labels), top=12),
+        "n_alerts": n_alerts, "halted": halted, "skipped_steps": skipped, "final": final, "step": step,
+        "hook": hook, "sae": sae, "sae_fve_probes": sae_fve, "feature_urls": {k: v for k, v in urls.items() if v},
+        **extra,
+    }
+
+
+def credits_record(engine: CreditEngine, layout: CreditLayout, pair_meta: dict[str, dict[str, Any]], rule: str,
+                   kernel: OptimizerKernel) -> dict[str, Any]:
+    """credits.json: every pair's total credit (own window + what its momentum carried later)."""
+    out = []
+    for h, v in engine.totals.items():
+        tot, own = layout.unpack(v), layout.unpack(engine.own_totals.get(h, np.zeros(layout.width)))
+        out.append({"hash": h, **pair_meta.get(h, {}), **tot,
+                    "own": {"d": own["d"], "refusal_harmful": own["refusal_harmful"],
+                            "refusal_harmless": own["refusal_harmless"]}})
+    return {"rule": rule, "kernel": kernel.to_dict(), "measure": engine.measure, "categories": list(layout.categories),
+            "pairs": out}
+
+
+def credit_summary(engine: CreditEngine, layout: CreditLayout, rule: str, kernel: OptimizerKernel,
+                   top: int = 50) -> dict[str, Any]:
+    """policy.json's credit part: the rule, the kernel, the residual and the pairs with the largest total |Δβ|."""
+    d_of = {h: layout.unpack(v)["d"] for h, v in engine.totals.items()}
+    top_pairs = sorted(d_of.items(), key=lambda kv: -float(np.abs(kv[1]).sum()))[:top]
+    res = layout.unpack(engine.residual_total)
+    return {"top_pairs_by_total_abs_delta_beta": [{"hash": h, "delta_beta": v} for h, v in top_pairs],
+            "credit": {"rule": rule, "kernel": kernel.to_dict(), "measure": engine.measure, "residual_total_d": res["d"],
+                       "residual_total_refusal": [res["refusal_harmful"], res["refusal_harmless"]]}}
