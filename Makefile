@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench validate poison clean
+.PHONY: setup demo test test-all bench validate poison lds clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ validate: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# linear datamodeling score of the credit (docs/validation.md): long CPU job, resumable, run niced
+lds: setup
+	nice -n 10 $(BIN)/smda benchmark-lds --out runs/lds
 
 # planted bad pairs: which reader ranks them first (docs/validation.md, runs/poison/poison.json)
 poison: setup

@@ -208,6 +208,19 @@ def _retrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lds(a: argparse.Namespace) -> int:
+    from ..lab.lds import LDSSettings, format_score, run_jobs, score
+    from ..lab.retrain import parse_shard
+
+    if not a.score_only:
+        st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed)
+        run_jobs(a.out, st, parse_shard(a.shard))
+    s = score(a.out)
+    Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
+    print(json.dumps(s, indent=1) if a.json else format_score(s))
+    return 0
+
+
 def _train_sae(a: argparse.Namespace) -> int:
     from ..lab.sae_train import SAETrainSpec, train_sae
 
@@ -344,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reuse-run-answers", action="store_true",
                    help="the ranking run is the demo on these pairs in the first order: use its answers as a_all")
     r.set_defaults(fn=_retrain)
+
+    ld = sub.add_parser("benchmark-lds", help="linear datamodeling score: does a pair's credit predict retraining without it?")
+    ld.add_argument("--out", "-o", default="runs/lds")
+    ld.add_argument("--n-pairs", type=int, default=64, help="shipped pairs in the ranking run (one optimizer step each)")
+    ld.add_argument("--subsets", type=int, default=40, help="random removal subsets, each one retrain")
+    ld.add_argument("--drop-fracs", type=float, nargs="+", default=[0.05, 0.10], help="share of pairs each subset drops (cycled)")
+    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
+    ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
+    ld.add_argument("--json", action="store_true")
+    ld.set_defaults(fn=_lds)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")

@@ -1,0 +1,224 @@
+"""Linear datamodeling score on the demo: does a pair's credit predict retraining? (`smda benchmark-lds`)
+
+1. A ranking run: the demo's SFT with SMDACallback on the first `n_pairs` shipped pairs (one pair per
+   optimizer step), which records the data order and every pair's credit.
+2. Replays of that order without the callback (sequential sampler over the pairs as trained): two of
+   all pairs (the bitwise check: identical retrains must give identical probe refusal), and one per
+   random subset that drops `drop_fracs` of the pairs in place (the order of the rest kept).
+3. One probe pass at the end of each retrain: the credit's own quantities (mean first-token refusal on
+   the harmful and on the harmless probes, per category).
+4. LDS per reader and quantity: Spearman over subsets of the predicted change (minus the removed
+   pairs' summed score) against the measured change from the full replay. Calibration: slope and
+   intercept of measured on predicted. Every table shows the label-count reader (how many harmful
+   pairs were removed) and a random reader beside the credit.
+
+Each retrain writes `jobs/<name>.json` as it ends, so a stopped benchmark resumes, and `--shard i/k`
+shares the jobs between processes. The retrains need no per-step probing: a job costs one plain SFT
+plus one probe pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis import spearman
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LDSSettings:
+    n_pairs: int = 64
+    """Shipped pairs in the ranking run (the first n); one optimizer step each."""
+    subsets: int = 40
+    drop_fracs: tuple[float, ...] = (0.05, 0.10)
+    """Subset k drops drop_fracs[k % len] of the pairs (at least one)."""
+    seed: int = 0
+    """Data-order seed of the ranking run (the Trainer's) and of the subsets' draws."""
+    replicas: int = 2
+    """Full replays: identical retrains, whose agreement is the bitwise check and the noise floor."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _records_order(run_dir: Path) -> list[str]:
+    """Pair ids in the order the ranking run trained them (one pair per step)."""
+    from ..ledger import load_records
+
+    order = []
+    for r in sorted(load_records(run_dir), key=lambda r: r["step"]):
+        order += [p["id"] for p in r.get("pairs", []) if "id" in p]
+    return order
+
+
+def subsets(ids: list[str], st: LDSSettings) -> dict[str, list[str]]:
+    """Removal set of every subset job (random, drawn once from the seed)."""
+    out = {}
+    for k in range(st.subsets):
+        frac = st.drop_fracs[k % len(st.drop_fracs)]
+        n = max(1, int(round(frac * len(ids))))
+        rng = np.random.default_rng([st.seed, k])
+        out[f"s{k:03d}"] = sorted(rng.choice(ids, size=n, replace=False).tolist())
+    return out
+
+
+def ranking_run(out: Path, st: LDSSettings) -> Path:
+    from .demo import DemoSettings, run_demo
+
+    run_dir = out / "run"
+    if (run_dir / "smda" / "summary.json").exists():
+        return run_dir
+    logger.info("lds: ranking run on %d pairs (SFT with SMDACallback)", st.n_pairs)
+    run_demo(run_dir, settings=DemoSettings(limit=st.n_pairs, seed=st.seed, check_answers=False))
+    return run_dir
+
+
+def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> dict[str, Any]:
+    """The demo's SFT on `ordered` in that order (no callback), then one probe pass: Y per probe."""
+    from trl import SFTTrainer
+
+    from ..config import SMDAConfig
+    from ..probes import ProbeSet
+    from ..sae import embedded_sae_dir, load_sae, resolve_hook
+    from ..snapshot import Snapshotter
+    from .._resources import DATA
+    from .demo import DemoSettings, sft_config, to_dataset
+    from .models import load_model
+
+    model, tok = load_model()
+    args = sft_config(tmp, DemoSettings(seed=st.seed))
+    args.report_to, args.train_sampling_strategy = [], "sequential"
+    if ordered:
+        SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok).train()
+    model.eval()
+    probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
+    sae = load_sae(str(embedded_sae_dir()))
+    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token", probe_batch_size=16))
+    snap.features = np.arange(8)
+    Y = snap.take(model).Y
+    harmful = np.asarray(probes.is_harmful)
+    return {"Y": Y.tolist(), "refusal_harmful": float(Y[harmful].mean()), "refusal_harmless": float(Y[~harmful].mean()),
+            "by_category": {c: float(Y[i].mean()) for c, i in probes.category_index().items()}}
+
+
+def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:
+    """This shard's retrains that have no result file yet (the ranking run first, on shard 0)."""
+    from .._resources import DATA
+    from .demo import load_pairs
+
+    st = st or LDSSettings()
+    out = Path(out)
+    run_dir = ranking_run(out, st) if shard[0] == 0 else out / "run"
+    if not (run_dir / "smda" / "summary.json").exists():
+        raise FileNotFoundError(f"{run_dir}: the ranking run is not finished; shard 0 makes it")
+    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    order = _records_order(run_dir)
+    if sorted(order) != sorted(pairs):
+        raise ValueError(f"{run_dir}: its ledger does not name the first {st.n_pairs} shipped pairs once each")
+    sets = subsets(order, st)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
+    todo = [(f"full{r}", []) for r in range(st.replicas)] + list(sets.items())
+    written = []
+    for name, drop in todo[shard[0]::shard[1]]:
+        path = out / "jobs" / f"{name}.json"
+        if path.exists():
+            continue
+        kept = [pairs[i] for i in order if i not in set(drop)]
+        logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
+        t0 = time.perf_counter()
+        res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained)."""
+    from ..ledger import load_credits, load_policy, load_records
+
+    credits = load_credits(run_dir) or {"pairs": []}
+    by_id = {p["id"]: p for p in credits["pairs"] if "id" in p}
+    policy = load_policy(run_dir)
+    harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+    out: dict[str, dict[str, dict[str, float]]] = {"credit (default)": {}, "own window": {}, "step change": {},
+                                                   "label count": {}, "random": {}}
+    for q in ("harmful", "harmless"):
+        key = f"refusal_{q}"
+        out["credit (default)"][q] = {i: float(by_id[i][key]) for i in order if i in by_id}
+        out["own window"][q] = {i: float(by_id[i]["own"][key]) for i in order if i in by_id}
+        prev = float(np.asarray(policy["probe_refusal_0"])[harmful if q == "harmful" else ~harmful].mean())
+        step = {}
+        for r in sorted(load_records(run_dir), key=lambda r: r["step"]):
+            if "refusal_harmful" not in r:
+                continue
+            now = float(r[key])
+            for p in r.get("pairs", []):
+                if "id" in p:
+                    step[p["id"]] = now - prev
+            prev = now
+        out["step change"][q] = step
+        out["label count"][q] = {i: float(by_id.get(i, {}).get("label") == "harmful") for i in order}
+        rng = np.random.default_rng([seed, 0x5eed])  # its own stream, not the subsets'
+        out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
+    return out
+
+
+def score(out: str | Path) -> dict[str, Any]:
+    """LDS and calibration of every reader over the finished subsets."""
+    out = Path(out)
+    meta = json.loads((out / "subsets.json").read_text())
+    jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
+    fulls = [j for n, j in jobs.items() if n.startswith("full")]
+    if not fulls:
+        return {"error": "no full replay has finished yet"}
+    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
+    replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max()) if len(fulls) > 1 else None)
+    run_dir = out / "run"
+    from ..ledger import load_policy
+
+    run_final = np.asarray(load_policy(run_dir)["probe_refusal_final"])
+    callback_gap = float(np.abs(np.asarray(fulls[0]["Y"]) - run_final).max())
+    subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
+    res: dict[str, Any] = {"n_subsets": len(subs), "n_pairs": len(meta["order"]), "full_refusal": ref,
+                           "replicas_max_abs_diff": replay_gap, "replay_vs_callback_run_max_abs_diff": callback_gap,
+                           "measured_abs_mean": {q: float(np.mean([abs(j[f"refusal_{q}"] - ref[q]) for j in subs])) if subs else None
+                                                 for q in ref}, "readers": {}}
+    if len(subs) < 3:
+        return res
+    for name, per_q in readers(run_dir, meta["order"], meta["settings"]["seed"]).items():
+        entry = {}
+        for q in ("harmful", "harmless"):
+            s = per_q[q]
+            pred = np.asarray([-sum(s.get(i, 0.0) for i in j["dropped"]) for j in subs])
+            meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
+            slope, intercept = (np.polyfit(pred, meas, 1) if np.std(pred) > 0 else (float("nan"), float("nan")))
+            entry[q] = {"lds": spearman(pred, meas), "slope": float(slope), "intercept": float(intercept),
+                        "pred_abs_mean": float(np.abs(pred).mean())}
+        res["readers"][name] = entry
+    return res
+
+
+def format_score(s: dict[str, Any]) -> str:
+    if "error" in s:
+        return s["error"]
+    L = [f"{s['n_subsets']} subsets of {s['n_pairs']} pairs; full replay refusal harmful {s['full_refusal']['harmful']:.4f}, "
+         f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
+         f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
+         f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}", "",
+         "| reader | LDS harmful | LDS harmless | slope harmful | slope harmless | mean |predicted| harmful | harmless |",
+         "|---|---|---|---|---|---|---|"]
+    for name, e in s["readers"].items():
+        h, n = e["harmful"], e["harmless"]
+        L.append(f"| {name} | {h['lds']:+.2f} | {n['lds']:+.2f} | {h['slope']:.3g} | {n['slope']:.3g} | "
+                 f"{h['pred_abs_mean']:.3g} | {n['pred_abs_mean']:.3g} |")
+    return "\n".join(L)

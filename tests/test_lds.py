@@ -1,0 +1,61 @@
+"""The LDS scorer on a synthetic run: a reader whose scores make the measured changes scores LDS 1, slope 1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from smda_callback.lab.lds import LDSSettings, score, subsets
+
+
+def _fake(tmp_path, n=12, k=8):
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(n)]
+    labels = ["harmful" if i % 2 == 0 else "harmless" for i in range(n)]
+    effect = {i: float(rng.normal()) for i in ids}  # what each pair does to harmful-probe refusal when trained
+    smda = tmp_path / "run" / "smda"
+    smda.mkdir(parents=True)
+    probes = [{"id": "a", "label": "harmful", "category": "x"}, {"id": "b", "label": "harmless", "category": "y"}]
+    (smda / "policy.json").write_text(json.dumps({"probes": probes, "probe_refusal_0": [0.1, 0.1],
+                                                  "probe_refusal_final": [0.5, 0.2]}))
+    credits = [{"hash": f"h{i}", "id": i, "label": lab, "refusal_harmful": effect[i], "refusal_harmless": 0.5 * effect[i],
+                "own": {"refusal_harmful": 2 * effect[i], "refusal_harmless": effect[i]}}
+               for i, lab in zip(ids, labels)]
+    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
+    recs = [{"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}"}], "refusal_harmful": 0.1 + 0.01 * t,
+             "refusal_harmless": 0.1} for t, i in enumerate(ids)]
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    st = LDSSettings(n_pairs=n, subsets=k)
+    sets = subsets(ids, st)
+    (tmp_path / "subsets.json").write_text(json.dumps({"settings": {"seed": 0}, "order": ids, "subsets": sets}))
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    full = {"refusal_harmful": 0.5, "refusal_harmless": 0.2}
+    for r in range(2):
+        (jobs / f"full{r}.json").write_text(json.dumps({**full, "Y": [0.5, 0.2], "dropped": []}))
+    for name, drop in sets.items():  # removing a pair removes exactly its effect
+        d = sum(effect[i] for i in drop)
+        (jobs / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - d, "refusal_harmless": 0.2 - 0.5 * d,
+                                                       "Y": [0.5 - d, 0.2], "dropped": drop}))
+    return ids, sets
+
+
+def test_subsets_drop_the_configured_shares_reproducibly():
+    ids = [f"p{i}" for i in range(40)]
+    st = LDSSettings(n_pairs=40, subsets=4, drop_fracs=(0.05, 0.10))
+    a, b = subsets(ids, st), subsets(ids, st)
+    assert a == b and [len(v) for v in a.values()] == [2, 4, 2, 4]
+    assert len({tuple(v) for v in a.values()}) == 4
+
+
+def test_a_reader_that_is_the_truth_scores_one(tmp_path):
+    _fake(tmp_path)
+    s = score(tmp_path)
+    assert s["n_subsets"] == 8 and s["replicas_max_abs_diff"] == 0.0
+    credit = s["readers"]["credit (default)"]
+    for q in ("harmful", "harmless"):
+        assert credit[q]["lds"] > 0.999 and abs(credit[q]["slope"] - 1.0) < 1e-9
+    own = s["readers"]["own window"]["harmful"]
+    assert own["lds"] > 0.999 and abs(own["slope"] - 0.5) < 1e-9  # same ranking, twice the magnitude
+    assert abs(s["readers"]["random"]["harmful"]["lds"]) < 0.9
