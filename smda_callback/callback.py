@@ -145,8 +145,7 @@ class SMDACallback(TrainerCallback):
         self.capture.open(state.global_step)
 
     @staticmethod
-    def _split(n_rows: int) -> bool:
-        """Several rows in this step (here or on other ranks) are split by their loss slopes."""
+    def _split(n_rows: int) -> bool:  # several rows in this step (here or on other ranks): split by loss slopes
         return n_rows > 1 or rank_world()[1] > 1
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
@@ -222,8 +221,9 @@ class SMDACallback(TrainerCallback):
     def _policy(self, final: bool, step: int) -> dict[str, Any]:
         return self.run.policy_record(final, step, self._snap.hook.name, self.sae_identity, self.sae_fve)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.run is not None:
+            self.run.fit_after(self._snap.take(model, full=True))  # the policy the tuned model follows
             self._sinks.close(self.run, self._policy(True, state.global_step), state.global_step)
         self.capture.remove()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-KINDS = ("content", "format", "function-word")  # what a latent reads (features.card_kind)
+KINDS = ("content", "format", "function-word", "position", "template")
+"""What a latent reads: by the activating token's spelling (content, format, function-word: features.card_kind)
+or by where it fires (position, template: features.behaviour_kind, which wins)."""
 
 Pooling = Literal["mean", "max", "last", "eot"]
 Scorer = Literal["prefix", "first_token"]
@@ -46,12 +48,18 @@ class SMDAConfig:
     """How many SAE latents enter the policy (selected at baseline from labels)."""
     features: list[int] | None = None
     """Explicit latent indices; overrides selection."""
+    selection: Literal["score", "stable"] = "score"
+    """How the n_features are chosen at baseline: `score` = the label-separation score on all probes; `stable` =
+    stability selection (the latents chosen most often over `selection_resamples` half-samples of the probes;
+    baseline.stable_features). On the shipped probes `stable` neither raised the nested AUROC nor made fold
+    selections agree more (docs/validation.md, "Policy"), so `score` stays the default."""
+    selection_resamples: int = 50
     feature_kinds: tuple[str, ...] = ("content",)
     """Which feature kinds (features.py: content, format, function-word) selection may pick, read from
     the SAE's feature cards. Form features (punctuation, question words) separate harmful from
     harmless probes whenever the two differ in form, and make a policy that says "not a question →
     refuse". SAEs without cards: every latent is eligible (one warning)."""
-    alert_ignore_kinds: tuple[str, ...] = ("format",)
+    alert_ignore_kinds: tuple[str, ...] = ("format", "position", "template")
     """Feature kinds the interference alert treats as noise: they never count as a step's dominant
     feature or as off-target mass."""
     pooling: Pooling = "mean"
@@ -145,6 +153,7 @@ class SMDAConfig:
             "credit": ("optimizer", "step"),
             "credit_measure": ("deconvolve", "ghost"),
             "on_alert": ("warn", "halt"),
+            "selection": ("stable", "score"),
             "sae_dtype": ("float32", "float64", "bfloat16", "float16"),
             "prompt_text": ("private", "ledger", "none"),
         }
@@ -152,6 +161,8 @@ class SMDAConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"SMDAConfig.{name}={value!r}: expected one of {allowed}.")
+        if self.selection_resamples < 1:
+            raise ValueError("SMDAConfig.selection_resamples must be >= 1.")
         if self.features is None and self.n_features < 1:
             raise ValueError("SMDAConfig.n_features must be >= 1 (or pass `features=[...]`).")
         if self.every_n_steps < 1 or self.patience < 1 or self.prefix_tokens < 1:

@@ -11,6 +11,19 @@ activating token marked «like this»), a short label made of the activating tok
 * `content`: everything else;
 * `dead`: never active on the held-out text (never selected).
 
+Where a latent fires overrides what it fires on (`behaviour_kind`, measured by
+`lab/cards.behaviour_stats` and stored in the cards; the card-only rules work on any cards):
+
+* `position`: a position / attention-sink / massive-activation latent: at least 30 % of its activation
+  mass on plain texts lies at positions 1–2 (`first_position_share ≥ 0.3`; on the shipped SAE the median
+  latent has 0.016 and the 96th percentile 0.3, so 0.3 is ≥ 19× the typical concentration), or the median
+  of its top activations is ≥ 10× the median over live latents of their maximum (the shipped SAE: median
+  maximum 26; such latents reach 1,000–9,500 on the first word piece of a text);
+* `template`: fires on the chat template rather than on what a user wrote: at least 80 % of its activation
+  mass on chat texts lies on template tokens (the shared system-prompt header, role markup; they are about
+  half of the tokens of a short chat turn, so 0.8 means strongly concentrated), or at most a quarter of its
+  top contexts are distinct (one system-prompt context repeated).
+
 The policy selects `content` features by default (SMDAConfig.feature_kinds) so that it says what
 a prompt is about rather than how it is punctuated, and alerts ignore `format` features.
 Cards ship with the SAE (`feature_cards.json`); `smda features ID…` prints them.
@@ -65,14 +78,42 @@ def card_kind(tokens: Sequence[str], share: float = 0.5) -> str:
     return "content"
 
 
+FIRST_POSITION_SHARE = 0.3
+MASSIVE_RATIO = 10.0
+TEMPLATE_SHARE = 0.8
+MAX_DISTINCT_SHARE = 0.25
+
+
+def behaviour_kind(card: dict[str, Any], median_max: float) -> str | None:
+    """`position` / `template` from where the latent fires (thresholds above), else None."""
+    if card.get("kind") == "dead" or not card.get("contexts"):
+        return None
+    first = card.get("first_position_share")
+    top = sorted((float(c["activation"]) for c in card["contexts"]), reverse=True)
+    if (first is not None and first >= FIRST_POSITION_SHARE) or top[len(top) // 2] >= MASSIVE_RATIO * median_max:
+        return "position"
+    tmpl = card.get("template_share")
+    distinct = len({c["text"] for c in card["contexts"]}) / len(card["contexts"])
+    if (tmpl is not None and tmpl >= TEMPLATE_SHARE) or (len(card["contexts"]) >= 4 and distinct <= MAX_DISTINCT_SHARE):
+        return "template"
+    return None
+
+
 def load_cards(sae_dir: str | Path | None) -> dict[int, dict[str, Any]]:
-    """Cards shipped next to an SAE (empty when it has none)."""
+    """Cards shipped next to an SAE (empty when it has none), `kind` re-derived: the behaviour kind where one
+    applies, else the token rule's (kept as `token_kind`)."""
     if sae_dir is None:
         return {}
     path = Path(sae_dir) / CARDS
     if not path.exists():
         return {}
-    return {int(k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    cards = {int(k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    maxima = [float(c.get("max_activation", 0.0)) for c in cards.values() if c.get("kind") != "dead"]
+    median_max = float(sorted(maxima)[len(maxima) // 2]) if maxima else 0.0
+    for c in cards.values():
+        c.setdefault("token_kind", c.get("kind"))
+        c["kind"] = behaviour_kind(c, median_max) or c["token_kind"]
+    return cards
 
 
 def format_card(j: int, card: dict[str, Any], top: int = 10) -> str:
@@ -82,4 +123,4 @@ def format_card(j: int, card: dict[str, Any], top: int = 10) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CARDS", "FUNCTION_WORDS", "KINDS", "card_kind", "format_card", "load_cards", "token_kind"]
+__all__ = ["CARDS", "FUNCTION_WORDS", "KINDS", "behaviour_kind", "card_kind", "format_card", "load_cards", "token_kind"]

@@ -125,7 +125,7 @@ class RidgePolicy:
         beta = self.coef(X, Y)
         pred = self.predict(X, beta, self.intercept_of(X, Y, beta))
         out: dict[str, Any] = {
-            "r2": _r2(Y, pred),
+            "r2": r2(Y, pred),
             "auroc_labels": auroc(pred, harmful),
             "auroc_y_labels": auroc(Y, harmful),
             "lambda": self.lam,
@@ -141,7 +141,7 @@ class RidgePolicy:
                 train = np.setdiff1d(perm, test)
                 b = self.coef(X[train], Y[train])
                 held[test] = self.predict(X[test], b, self.intercept_of(X[train], Y[train], b))
-            out["cv_r2"] = _r2(Y, held)
+            out["cv_r2"] = r2(Y, held)
             out["cv_auroc_labels"] = auroc(held, harmful)
             out["cv_folds"] = folds
         return out
@@ -175,7 +175,7 @@ class RidgePolicy:
         return p
 
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+def r2(y: np.ndarray, pred: np.ndarray) -> float:
     ss = float(np.sum((y - y.mean()) ** 2))
     return float("nan") if ss == 0 else 1.0 - float(np.sum((y - pred) ** 2)) / ss
 

@@ -54,7 +54,9 @@ class RunTracker:
         self.probes, self.config, self.kernel, self.baseline = probes, config, kernel, baseline
         self.cards = cards or {}
         self.features = np.asarray(baseline.features)
+        self.all_labels = list(all_labels)
         self.labels = [all_labels[int(j)] for j in self.features]
+        self.fit_final: dict[str, Any] | None = None
         self.policy: RidgePolicy = baseline.policy
         self.X, self.Y, self.M = baseline.X, baseline.Y, baseline.M
         self.harmful = np.asarray(probes.is_harmful, dtype=bool)
@@ -235,6 +237,18 @@ class RunTracker:
                 "over_refusal": ranked("refusal_harmless", 1.0), "compliance": ranked("refusal_harmful", -1.0),
                 "n_alerts": self.alerts.n_alerts, "n_pairs": len(per_pair)}
 
+    def fit_after(self, snap: Any) -> None:
+        """The policy the tuned model follows: the baseline recipe refitted on a full snapshot after training
+        (features re-chosen), with its in-sample and nested AUROC and R² (against the labels and against Y)."""
+        if not snap.finite:
+            return
+        Z, Y = snap.Z, snap.Y
+        bl = fit_baseline(Z, Y, self.probes.is_harmful, self.config,
+                          allowed_latents(self.cards, self.config.feature_kinds, Z.shape[1]))
+        self.fit_final = {**bl.fit, "features": [int(j) for j in bl.features],
+                          "labels": [self.all_labels[int(j)] for j in bl.features],
+                          "policy": bl.policy.render(bl.beta0, bl.b0, [self.all_labels[int(j)] for j in bl.features], top=12)}
+
     def policy_record(self, final: bool, step: int, hook: str | None, sae: dict[str, Any] | None,
                       sae_fve: float | None) -> dict[str, Any]:
         beta_T = self.beta()
@@ -243,7 +257,7 @@ class RunTracker:
             config=self.config, beta0=self.beta0, b0=self.b0, beta_final=beta_T, intercept_final=self.intercept(beta_T),
             fit=self.fit, Y0=self.Y_base, Y_final=self.Y, cards=self.cards, hook=hook, sae=sae, sae_fve=sae_fve,
             n_alerts=self.alerts.n_alerts, halted=self.halted, skipped=self.skipped, final=final, step=step,
-            **credit_summary(self.engine, self.layout, self.config.credit, self.kernel))
+            fit_after_training=self.fit_final, **credit_summary(self.engine, self.layout, self.config.credit, self.kernel))
 
     def credits_record(self) -> dict[str, Any]:
         return credits_record(self.engine, self.layout, self.pair_meta, self.config.credit, self.kernel)

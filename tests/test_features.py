@@ -61,3 +61,34 @@ def test_tensorboard_series_get_their_own_runs(tmp_path, smol_tokenizer):
     harmless.Reload()
     assert "smda/category/harmful" in harmful.Tags()["scalars"] and "smda/category/harmless" in harmless.Tags()["scalars"]
     assert np.isfinite([e.value for e in harmful.Scalars("smda/category/harmful")]).all()
+
+
+def test_behaviour_kinds_on_latents_chosen_by_hand_from_the_shipped_cards():
+    """The issue's artefacts: f3057, f1450, f3828 fire on the first word piece of a text with activations of
+    1,000–9,500 (position / massive activation); f2598 fires only on "Sm«ol»LM" in the system prompt (template).
+    Content latents read by hand stay content: f0 (weight/mass), f1694 (wrong/flaw), f155 (topics in questions)."""
+    from smda_callback.features import load_cards
+    from smda_callback.sae import embedded_sae_dir
+
+    cards = load_cards(embedded_sae_dir())
+    assert {j: cards[j]["kind"] for j in (3057, 1450, 3828)} == {3057: "position", 1450: "position", 3828: "position"}
+    assert cards[2598]["kind"] == "template"
+    assert {cards[j]["kind"] for j in (0, 1694, 155)} == {"content"}
+    assert cards[3057]["token_kind"] == "content"  # the spelling rule alone called it content
+    # the independent check of the issue's target, from the cards themselves: the policy's content latents have
+    # diverse top contexts and no massive activation
+    kinds = [c["kind"] for c in cards.values()]
+    assert 100 < kinds.count("position") < 400 and 100 < kinds.count("template") < 400
+
+
+def test_behaviour_kind_rules_from_the_card_alone():
+    from smda_callback.features import behaviour_kind
+
+    ctx = lambda texts, acts: [{"text": t, "activation": a} for t, a in zip(texts, acts)]  # noqa: E731
+    diverse = [f"left {i} «w{i}» right" for i in range(12)]
+    assert behaviour_kind({"kind": "content", "contexts": ctx(diverse, [30.0] * 12)}, 26.0) is None
+    assert behaviour_kind({"kind": "content", "contexts": ctx(diverse, [300.0] * 12)}, 26.0) == "position"
+    assert behaviour_kind({"kind": "content", "contexts": ctx(["Sm «ol» LM"] * 12, [21.0] * 12)}, 26.0) == "template"
+    assert behaviour_kind({"kind": "content", "first_position_share": 0.31, "contexts": ctx(diverse, [5.0] * 12)}, 26.0) == "position"
+    assert behaviour_kind({"kind": "content", "template_share": 0.85, "contexts": ctx(diverse, [5.0] * 12)}, 26.0) == "template"
+    assert behaviour_kind({"kind": "dead", "contexts": []}, 26.0) is None

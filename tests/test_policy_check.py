@@ -39,3 +39,22 @@ def test_kinds_restrict_the_selection():
     assert res["content_share"] == 1.0 and all(j % 2 == 0 for j in res["features"]) and res["kinds"] == {"content": 8}
     table = format_policy_check({"configured_kinds": ["content"], "configured": res, "all_kinds": res})
     assert "| kinds content | 8 | 100% |" in table
+
+
+def test_nested_cv_rechooses_features_and_is_lower_than_the_leaky_estimate_on_noise():
+    """Pure-noise latents: choosing features on all probes first makes the 'held-out' AUROC look good; the nested
+    estimate (features re-chosen per fold) stays near chance."""
+    from smda_callback.baseline import fit_baseline, nested_cv, stable_features
+    from smda_callback.config import SMDAConfig
+
+    rng = np.random.default_rng(1)
+    Z = np.abs(rng.normal(size=(80, 600)))
+    harmful = np.arange(80) % 2 == 0
+    Y = np.where(harmful, 0.6, 0.2) + 0.05 * rng.normal(size=80)
+    cfg = SMDAConfig(n_features=8, cv_folds=5)
+    leaky = fit_baseline(Z, Y, harmful, cfg).fit["cv_auroc_labels"]
+    nested = nested_cv(Z, Y, harmful, cfg, None)["cv_auroc_nested"]
+    assert leaky > 0.75 and nested < 0.65 and leaky - nested > 0.15
+    Z[:, :3] += 2.0 * harmful[:, None]  # now three latents carry the labels
+    assert nested_cv(Z, Y, harmful, cfg, None)["cv_auroc_nested"] > 0.9
+    assert set(range(3)) <= set(stable_features(Z, harmful, 8, None, resamples=20).tolist())

@@ -109,3 +109,14 @@ def test_tensorboard_serves_our_tags_and_layout(halted_run):
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def test_a_pair_that_tops_many_categories_is_one_row_listing_them():
+    from smda_callback.lab.report import collapse_movers
+
+    movers = {"weapons": [{"index": 3, "delta": 0.2, "label": "harmful", "prompt": "forge"}, {"index": 7, "delta": -0.05}],
+              "fraud": [{"index": 3, "delta": 0.1, "label": "harmful", "prompt": "forge"}],
+              "drugs": [{"index": 3, "delta": -0.3, "label": "harmful", "prompt": "forge"}]}
+    rows = collapse_movers(movers, ["weapons", "fraud", "drugs"])
+    assert [r["pair"] for r in rows] == [3, 7] and rows[0]["n categories"] == 3
+    assert rows[0]["probe categories (Δ refusal beyond the step's mean)"].startswith("drugs -0.3, weapons +0.2")

@@ -104,5 +104,5 @@ def test_policy_record_has_the_same_shape_for_both_protocols():
                        policy=run.policy, config=run.config, beta0=run.beta0, b0=run.b0, beta_final=run.beta0,
                        intercept_final=run.b0, fit=run.fit, Y0=run.Y, Y_final=run.Y, cards={}, hook="h", sae=None,
                        sae_fve=None)
-    assert set(rec) - set(cf) == {"top_pairs_by_total_abs_delta_beta", "credit"}  # the credit summary only
+    assert set(rec) - set(cf) == {"top_pairs_by_total_abs_delta_beta", "credit", "fit_after_training"}  # callback only
     assert set(cf) <= set(rec)

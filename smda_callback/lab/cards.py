@@ -67,3 +67,76 @@ def build_cards(sae: Any, model: Any, tok: Any, texts: Iterable[str], layer: int
         cards[str(j)] = {"label": label, "kind": card_kind(act_tokens), "contexts": contexts,
                          "max_activation": round(hits[0][0], 3)}
     return cards
+
+
+def _template_prefix_len(tok: Any) -> int:
+    """Tokens of the chat header every turn shares (system prompt and the user tag)."""
+    a = tok.apply_chat_template([{"role": "user", "content": "A"}], tokenize=False)
+    b = tok.apply_chat_template([{"role": "user", "content": "B"}], tokenize=False)
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    return len(tok(a[:n], add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def behaviour_stats(sae: Any, model: Any, tok: Any, layer: int, ctx: int = 128) -> dict[int, dict[str, float]]:
+    """Where each latent fires, for the behaviour kinds (features.behaviour_kind):
+
+    * `first_position_share`: its activation mass at positions 1–2 of plain texts (the shipped pairs' prompts
+      and responses without the chat template) over its mass on those texts (position 0 is never read);
+    * `template_share`: its activation mass on chat-template tokens (the shared system-prompt header, role
+      markup and the tokens that open and close a turn) over its mass on the same texts in the template.
+    """
+    from ..probes import read_jsonl
+    from .._resources import DATA
+    from .sae_train import chat_eval_texts
+
+    recs = read_jsonl(DATA / "pairs.jsonl")
+    plain = [r["prompt"] for r in recs] + [r["response"] for r in recs]
+    chat = chat_eval_texts(tok)
+    special = {i for i in tok.all_special_ids}
+    header = _template_prefix_len(tok)
+    d_sae = int(sae.cfg.d_sae)
+    mass = {k: torch.zeros(d_sae, dtype=torch.float64) for k in ("plain", "first", "chat", "template")}
+    for texts, kind in ((plain, "plain"), (chat, "chat")):
+        for h, ids, mask in hook_batches(model, tok, texts, layer, ctx=ctx):
+            z = sae.encode(h.float()).double() * mask[..., None]  # [B, T, d_sae], padding and position 0 zeroed
+            mass[kind] += z.sum((0, 1))
+            if kind == "plain":
+                mass["first"] += z[:, 1:3].sum((0, 1))
+            else:
+                tmpl = torch.zeros_like(mask)
+                tmpl[:, :header] = True
+                is_special = torch.isin(ids, torch.tensor(sorted(special)))
+                after = torch.zeros_like(is_special)
+                after[:, 1:] = is_special[:, :-1]  # the role name after <|im_start|>
+                after2 = torch.zeros_like(is_special)
+                after2[:, 2:] = is_special[:, :-2]  # and the newline after it
+                tmpl |= is_special | after | after2
+                mass["template"] += (z * tmpl[..., None]).sum((0, 1))
+    eps = 1e-12
+    first = (mass["first"] / (mass["plain"] + eps)).tolist()
+    tmpl = (mass["template"] / (mass["chat"] + eps)).tolist()
+    alive_plain, alive_chat = (mass["plain"] > 0).tolist(), (mass["chat"] > 0).tolist()
+    return {j: {"first_position_share": round(first[j], 4) if alive_plain[j] else None,
+                "template_share": round(tmpl[j], 4) if alive_chat[j] else None} for j in range(d_sae)}
+
+
+def add_behaviour_kinds(sae_dir: Any, model: Any, tok: Any, layer: int | None = None) -> dict[str, int]:
+    """Measure `behaviour_stats` for an SAE folder's cards, store them in feature_cards.json (kinds re-derived
+    on load by features.behaviour_kind); returns the count of each kind."""
+    import json
+    from pathlib import Path
+
+    from ..features import CARDS, load_cards
+    from ..sae import load_sae, resolve_hook
+
+    sae = load_sae(str(sae_dir))
+    layer = layer if layer is not None else resolve_hook(sae, model).layer
+    stats = behaviour_stats(sae, model, tok, layer)
+    path = Path(sae_dir) / CARDS
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for j, card in raw.items():
+        card.update(stats[int(j)])
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    kinds = [c["kind"] for c in load_cards(sae_dir).values()]
+    return {k: kinds.count(k) for k in sorted(set(kinds))}

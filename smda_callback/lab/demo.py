@@ -53,8 +53,8 @@ class InterimFindings(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         f = self.smda.findings()
         if f:
-            self.say(f"[baseline] symbolic policy (held-out AUROC vs labels {f['fit'].get('cv_auroc_labels', float('nan')):.2f}):"
-                     f"\n  {f['policy']}")
+            self.say(f"[baseline] symbolic policy (nested 5-fold AUROC vs labels, features re-chosen per fold: "
+                     f"{f['fit'].get('cv_auroc_nested', float('nan')):.2f}):\n  {f['policy']}")
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -173,8 +173,9 @@ def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
     f = s["fit"]
     lines = [
         "", "=== SMDA findings ===", "",
-        f"Symbolic policy (ridge over SAE features; λ={f['lambda']:.3g}, R²={f['r2']:.2f}, "
-        f"held-out AUROC vs labels={f.get('cv_auroc_labels', float('nan')):.2f}):",
+        f"Symbolic policy (ridge over SAE features; λ={f['lambda']:.3g}, in-sample R²={f['r2']:.2f}, "
+        f"nested 5-fold AUROC vs labels={f.get('cv_auroc_nested', float('nan')):.2f}, in-sample "
+        f"{f.get('auroc_labels', float('nan')):.2f}):",
         f"  before: {s['policy_0']}", f"  after:  {s['policy_final']}", "",
         f"Refusal (mean P(refusal opening) on held-out probes): harmful {s['refusal_harmful'][0]:.3f} → "
         f"{s['refusal_harmful'][1]:.3f}, harmless {s['refusal_harmless'][0]:.3f} → {s['refusal_harmless'][1]:.3f}",

@@ -146,6 +146,33 @@ def _split_over_time(records: list[dict[str, Any]]) -> str:
     return _fig(fig)
 
 
+def _after_fit(fit: dict[str, Any] | None) -> str:
+    """The policy the tuned model follows (refitted on the last full snapshot), with its own honest numbers."""
+    if not fit:
+        return ""
+    return (f"<p class='note'>Policy after training (baseline recipe refitted on the tuned model's probes, features "
+            f"re-chosen): in-sample R² {fit['r2']:.3f}, AUROC vs labels {fit['auroc_labels']:.3f}; nested AUROC "
+            f"{fit.get('cv_auroc_nested', float('nan')):.3f}, R² {fit.get('cv_r2_nested', float('nan')):.3f}; measured "
+            f"refusal's own AUROC vs labels {fit['auroc_y_labels']:.3f}.</p><div class='policy mono'>{_e(fit.get('policy', ''))}</div>")
+
+
+def collapse_movers(movers: dict[str, list[dict[str, Any]]], categories: list[str]) -> list[dict[str, Any]]:
+    """One row per pair: a pair that tops several categories is one finding that lists them, not many."""
+    by_pair: dict[Any, dict[str, Any]] = {}
+    for c in categories:
+        for m in movers.get(c, []):
+            row = by_pair.setdefault(m.get("index"), {"pair": m.get("index"), "pair label": m.get("label"),
+                                                     "pair category": m.get("category"),
+                                                     "prompt": str(m.get("prompt") or "")[:90], "moves": []})
+            row["moves"].append((c, m["delta"]))
+    rows = []
+    for row in sorted(by_pair.values(), key=lambda r: -max(abs(d) for _, d in r["moves"])):
+        moves = sorted(row.pop("moves"), key=lambda cd: -abs(cd[1]))
+        rows.append({**row, "probe categories (Δ refusal beyond the step's mean)":
+                     ", ".join(f"{c} {d:+.3g}" for c, d in moves), "n categories": len(moves)})
+    return rows
+
+
 def build_html(run_dir: str | Path) -> str:
     policy = load_policy(run_dir)
     records = load_records(run_dir)
@@ -168,7 +195,7 @@ def build_html(run_dir: str | Path) -> str:
              "<a href='#interference'>Interference</a><a href='#toppairs'>Top pairs</a><a href='#training'>Over training</a></nav>",
              "<div class='kpis'>",
              f"<div class='kpi'><b>{len(policy['features'])}</b><span>SAE features in the policy</span></div>",
-             f"<div class='kpi'><b>{fit.get('cv_auroc_labels', float('nan')):.2f}</b><span>held-out AUROC of the baseline policy vs labels</span></div>",
+             f"<div class='kpi'><b>{fit.get('cv_auroc_nested', float('nan')):.2f}</b><span>nested held-out AUROC of the baseline policy vs labels</span></div>",
              f"<div class='kpi'><b>{fit['r2']:.2f}</b><span>baseline R² (λ={policy['lambda']:.3g})</span></div>",
              f"<div class='kpi'><b>{len(rows)}</b><span>{'pairs credited (' + _e(credits['rule']) + ' credit)' if credits else 'pair-steps attributed'}</span></div>",
              f"<div class='kpi'><b class='{'alert' if n_alerts else 'ok'}'>{n_alerts}</b><span>interference alerts</span></div>",
@@ -177,17 +204,13 @@ def build_html(run_dir: str | Path) -> str:
     parts += ["<h2 id='policy'>1. The symbolic policy, before and after</h2>",
               f"<div class='card'><div class='note'>before</div><div class='policy mono'>{_e(policy['symbolic_policy_0'])}</div>"
               f"<div class='note' style='margin-top:8px'>after</div><div class='policy mono'>{_e(policy['symbolic_policy_final'])}</div>"
-              f"<p class='note'>Fit at baseline: R² {fit['r2']:.3f}; in-sample AUROC vs labels {fit['auroc_labels']:.3f}; "
-              f"{fit.get('cv_folds', '?')}-fold held-out R² {fit.get('cv_r2', float('nan')):.3f}, AUROC {fit.get('cv_auroc_labels', float('nan')):.3f}; "
-              f"measured refusal's own AUROC vs labels {fit['auroc_y_labels']:.3f}. A held-out AUROC near 0.5 means the policy is not worth reading.</p></div>",
+              f"<p class='note'>Fit at baseline: in-sample R² {fit['r2']:.3f}, AUROC vs labels {fit['auroc_labels']:.3f}; "
+              f"nested {fit.get('cv_folds', '?')}-fold (features re-chosen in every training fold) AUROC "
+              f"{fit.get('cv_auroc_nested', float('nan')):.3f}, R² {fit.get('cv_r2_nested', float('nan')):.3f}; "
+              f"measured refusal's own AUROC vs labels {fit['auroc_y_labels']:.3f}. A nested AUROC near 0.5 means the policy is not worth reading.</p>"
+              + _after_fit(policy.get("fit_after_training")) + "</div>",
               f"<div class='card'>{_policy_plot(policy)}</div>"]
-    mv_rows = []
-    for c in gaps["category"]:
-        ms = movers.get(c, [])
-        for m in ms:
-            mv_rows.append({"probe category": c, "Δ refusal beyond the step's mean": m["delta"], "pair": m.get("index"),
-                            "pair label": m.get("label"), "pair category": m.get("category"),
-                            "prompt": str(m.get("prompt") or "")[:90]})
+    mv_rows = collapse_movers(movers, list(gaps["category"]))
     parts += ["<h2 id='categories'>2. Category gaps</h2>",
               "<p class='note'>Measured refusal probability per probe category. <i>gap</i> = after − mean over harmful categories: "
               "a harmful category far below zero is under-covered by the training data.</p>",

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .._resources import DATA
 from .specs import SAETrainSpec  # noqa: F401  (re-exported)
-from .activations import collect_activations, hook_batches  # noqa: F401  (re-exported)
+from .activations import collect_activations
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)

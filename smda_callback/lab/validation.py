@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import pair_rows, pair_scores, spearman  # noqa: F401  (pair_scores re-exported)
+from .analysis import pair_scores, spearman  # noqa: F401  (pair_scores re-exported)
 from ..config import SMDAConfig
-from ..ledger import load_credits, load_policy, load_records
+from ..ledger import load_policy, load_records
 from ..probes import ProbeSet
 from .retrain import RetrainSettings, run_jobs, summarize
 from .retrain import format_summary as format_retrain
