@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from .attribution import AlertEvent
 from .capture import PairCapture, check_packing, index_dataset, index_unpacked, is_packed, row_meta
 from .config import SMDAConfig
-from .credit import measure_step, optimizer_step_count, read_kernel, trainable_params
+from .credit import measure_step, optimizer_step_count, read_kernel, sharding_check, trainable_params
 from .features import load_cards
 from .probes import ProbeSet
 from .sae import base_model, fve_warning, load_feature_labels, load_sae, resolve_hook, sae_identity
@@ -68,7 +68,7 @@ class SMDACallback(TrainerCallback):
         self._snap: Snapshotter | None = None
         self._sinks: RunSinks | None = None
         self._index: dict[str, list[int]] = {}
-        self._opt_seconds, self._main = 0.0, True
+        self._opt_seconds, self._main, self._sharded = 0.0, True, False
         self._base: list[torch.Tensor] | None = None
         self._ghost = self._trainer = self._optimizer = None
 
@@ -92,20 +92,19 @@ class SMDACallback(TrainerCallback):
         """What the run has shown so far (for progress printing while it trains)."""
         return self.run.findings(top) if self.run is not None else {}
 
-    def _warn(self, msg: str | None, *args: Any) -> None:
+    def _warn(self, msg: str | None, *args: Any) -> str | None:
         if self._main and msg:  # the Trainer logs from the main process; so do we (None: nothing to say)
             logger.warning("smda: " + msg, *args)
+        return msg
 
-    # ---------------------------------------------------------------- train begin
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         if model is None or processing_class is None:
             raise ValueError("SMDACallback needs the Trainer's model and processing_class (pass a tokenizer to the Trainer).")
         self._main = bool(getattr(state, "is_world_process_zero", True))
-        hook = resolve_hook(self.sae, model)
-        ctx = getattr(base_model(model).config, "max_position_embeddings", None)
-        tok = getattr(processing_class, "tokenizer", processing_class)
-        self._snap = Snapshotter(self.probes, tok, self.sae, hook, self.config, self.user_scorer, ctx)
+        hook, tok = resolve_hook(self.sae, model), getattr(processing_class, "tokenizer", processing_class)
+        self._snap = Snapshotter(self.probes, tok, self.sae, hook, self.config, self.user_scorer,
+                                 getattr(base_model(model).config, "max_position_embeddings", None))
         self._sinks = RunSinks(Path(self.output_dir or args.output_dir) / "smda", self.config.prompt_text, self._main,
                                wants_tensorboard(args.report_to), self._trainer, self.config.log_to_trainer,
                                self.config.text_every_n_steps, TB_TOP_BETA)
@@ -116,7 +115,8 @@ class SMDACallback(TrainerCallback):
         self._optimizer = kwargs.get("optimizer")
         self._kernel, warning = read_kernel(self.config.credit, self._optimizer)
         self._warn(warning)
-        self.capture.keep_inputs = self._kernel.kind != "step"
+        self._sharded = self._kernel.kind != "step" and bool(self._warn(sharding_check(self._optimizer, self.config.credit_measure)))
+        self.capture.keep_inputs = self._kernel.kind != "step" and not self._sharded
         self.capture.install(model, hook)
         if state.global_step > 0:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -150,7 +150,7 @@ class SMDACallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         t0 = time.perf_counter()
-        needs = self.run is not None and self._kernel.kind != "step" and (
+        needs = self.run is not None and self._kernel.kind != "step" and not self._sharded and (
             self.run.engine.measure == "ghost" or self._split(len(self.capture.untagged())))
         self._base = [p.detach().clone() for p in trainable_params(optimizer)] if optimizer is not None and needs else None
         self._opt_seconds += time.perf_counter() - t0

@@ -51,19 +51,26 @@ def test_sft_run_writes_exact_per_pair_ledger(tmp_path, smol_tokenizer, arch):
     np.testing.assert_allclose(vals, [r["interference"] for r in recs], rtol=1e-6)
 
 
-def test_probe_pass_leaves_training_untouched(tmp_path, smol_tokenizer):
-    """Same seed with and without the callback: identical weights (mode, RNG and grads untouched)."""
+@pytest.mark.parametrize("measure,batch", [("deconvolve", 1), ("ghost", 1), ("deconvolve", 2)])
+def test_probe_pass_leaves_training_untouched(tmp_path, smol_tokenizer, measure, batch):
+    """Same seed with and without the callback: identical weights (mode, RNG and grads untouched), also with the
+    ghost pass (θ_{t−1} + u set and restored inside the step) and with the in-step split (batch 2: per-row
+    forwards at θ ± εu between the optimizer step and the next forward)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from helpers import pair_records
 
     m_ref = tiny_model()
-    args = SFTConfig(output_dir=str(tmp_path / "ref"), per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
+    args = SFTConfig(output_dir=str(tmp_path / "ref"), per_device_train_batch_size=batch, max_steps=3, learning_rate=1e-3,
                      report_to=[], save_strategy="no", use_cpu=True, max_length=128, seed=0, disable_tqdm=True)
     SFTTrainer(model=m_ref, args=args, train_dataset=Dataset.from_list(pair_records()), processing_class=smol_tokenizer).train()
-    trainer, _, _ = run_sft(tmp_path / "cb", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=3,
-                            report_to=[])
+    trainer, cb, _ = run_sft(tmp_path / "cb", tiny_model(), smol_tokenizer, tiny_sae(),
+                             SMDAConfig(n_features=8, credit_measure=measure), max_steps=3, report_to=[],
+                             per_device_train_batch_size=batch)
+    recs = load_records(tmp_path / "cb")
+    assert all(r["split"] == (batch > 1) for r in recs)  # the path under test ran
+    assert all((r["credit"]["ghost"] is not None) == (measure == "ghost") for r in recs)
     for (n, a), (_, b) in zip(m_ref.state_dict().items(), trainer.model.state_dict().items()):
         assert torch_equal(a, b), n
 

@@ -20,13 +20,36 @@ def test_probe_scores_json(saved, capsys):
     assert main(["probe", "--model", str(saved / "model"), "--sae", str(saved / "sae"), "--probes", str(saved / "probes.jsonl"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["probes"]) == 12 and set(out["by_category"]) >= {"weapons", "tech"}
-    assert all(0.0 <= p["refusal"] <= 1.0 for p in out["probes"])
+    # the same numbers as a probe pass run here on the same model, SAE and probes (the prefix scorer itself is
+    # checked against one forward per continuation in test_snapshot.py)
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smda_callback import ProbeSet, SMDAConfig
+    from smda_callback.sae import load_sae, resolve_hook
+    from smda_callback.snapshot import Snapshotter
+
+    model = AutoModelForCausalLM.from_pretrained(str(saved / "model"))
+    tok = AutoTokenizer.from_pretrained(str(saved / "model"))
+    sae = load_sae(str(saved / "sae"))
+    probes = ProbeSet.from_jsonl(saved / "probes.jsonl")
+    Y = Snapshotter(probes, tok, sae, resolve_hook(sae, model), SMDAConfig()).take(model, full=True).Y
+    np.testing.assert_allclose([p["refusal"] for p in out["probes"]], Y, rtol=1e-6, atol=1e-12)
+    assert out["by_category"]["weapons"] == pytest.approx(float(Y[[p.category == "weapons" for p in probes.probes]].mean()))
 
 
 def test_probe_generate(saved, capsys):
     assert main(["probe", "--generate", "--model", str(saved / "model"), "--probes", str(saved / "probes.jsonl"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["answers"]) == 12 and 0.0 <= out["refusal_rate_harmful"] <= 1.0
+    assert len(out["answers"]) == 12
+    import re
+
+    from smda_callback.lab.probing import REFUSAL_PATTERN
+
+    refused = [bool(re.match(REFUSAL_PATTERN, a["answer"], re.I)) for a in out["answers"]]
+    assert [a["refused"] for a in out["answers"]] == refused  # each flag is the regex on the printed answer
+    harmful = [a["label"] == "harmful" for a in out["answers"]]
+    assert out["refusal_rate_harmful"] == pytest.approx(sum(r for r, h in zip(refused, harmful) if h) / sum(harmful))
 
 
 def test_cli_errors_are_one_clear_line(saved, tmp_path, capsys):

@@ -64,7 +64,11 @@ def test_flag_rule_and_random_control():
     for r in (r1, r2):
         assert sum(i.startswith("h") for i in r) == 1 and sum(i.startswith("s") for i in r) == 2
     assert r1 == random_like(pairs, ["h3", "s2", "s1"], 1)
-    assert r1 != r2 or r1 != random_like(pairs, ["h3", "s2", "s1"], 3)
+    draws = [tuple(random_like(pairs, ["h3", "s2", "s1"], k)) for k in range(40)]
+    assert len(set(draws)) > 10  # different seeds draw different sets
+    # every harmless pair is drawn with probability 2/4 (uniform within the label), within sampling error
+    share = np.mean([[f"s{i}" in d for i in range(4)] for d in draws], axis=0)
+    assert np.all(np.abs(share - 0.5) < 0.25)
 
 
 def test_causal_check_on_a_tiny_model(smol_tokenizer):
@@ -80,7 +84,12 @@ def test_causal_check_on_a_tiny_model(smol_tokenizer):
     got = pd.DataFrame(res["pairs"])
     assert got.id.tolist() == ["p0", "p1", "p10", "p11"] and got.predicted.tolist() == [0.0, 1.0, 10.0, 11.0]
     assert (got.measured != 0).all(), "inserting a pair at lr 1e-3 must move the measured refusal"
-    assert -1 <= res["spearman"] <= 1 and 0 <= res["sign_agreement"] <= 1
+    # the summary numbers recomputed independently from the pairs' predicted and measured values
+    from scipy.stats import spearmanr
+
+    assert res["spearman"] == pytest.approx(spearmanr(got.predicted, got.measured).statistic)
+    assert res["sign_agreement"] == pytest.approx(float((np.sign(got.predicted) == np.sign(got.measured)).mean()))
+    assert res["top_minus_bottom"] == pytest.approx(got.measured[2:].mean() - got.measured[:2].mean())
     with pytest.raises(ValueError, match="no probes"):
         causal_check(model, smol_tokenizer, pairs, scores, probes, ["nope"], sae, SMDAConfig(), st)
 

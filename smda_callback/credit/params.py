@@ -22,6 +22,24 @@ def trainable_params(optimizer: Any) -> list[torch.nn.Parameter]:
     return [p for g in _inner(optimizer).param_groups for p in g["params"] if p.requires_grad]
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """A parameter this rank holds only a shard of: FSDP2 (DTensor), FSDP1 (flat parameter), DeepSpeed ZeRO-3."""
+    return (type(param).__name__ in ("DTensor", "FlatParameter") or bool(getattr(param, "_is_sharded", False))
+            or hasattr(param, "ds_numel"))
+
+
+def sharding_check(optimizer: Any, measure: str) -> str | None:
+    """Under sharded parameters: refuse the ghost pass (it sets θ_{t−1} + u on full parameters), and say that the
+    split inside a step is off (its forwards per row would differ between ranks and stall the shards' collectives)."""
+    if optimizer is None or not any(is_sharded(p) for p in trainable_params(optimizer)):
+        return None
+    if measure == "ghost":
+        raise ValueError("smda: credit_measure='ghost' needs full parameters, but this run shards them (FSDP / ZeRO-3). "
+                         "Use credit_measure='deconvolve' (the default).")
+    return ("the parameters are sharded (FSDP / ZeRO-3): the split inside a step by each row's loss slope is off, so a "
+            "step's change is shared equally among its pairs (credit through the optimizer's memory is kept)")
+
+
 def optimizer_step_count(optimizer: Any) -> int | None:
     """The optimizer's own step counter after its step (Adam keeps one; SGD does not)."""
     opt = _inner(optimizer)
