@@ -180,10 +180,10 @@ def _policy_check(a: argparse.Namespace) -> int:
     from ..probes import ProbeSet
     from ..sae import embedded_sae_dir
 
-    cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features)
+    cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
     model, tok = load_model(a.model)
     res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
-                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg)
+                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds)
     print(json.dumps(res, indent=1) if a.json else format_policy_check(res))
     return 0
 
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--kinds", nargs="+", default=list(SMDAConfig.feature_kinds), choices=list(KINDS),
                     help="latent kinds the policy may use (default: the callback's)")
     pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
+    pc.add_argument("--selection", choices=["score", "stable"], default=SMDAConfig.selection)
+    pc.add_argument("--fold-seeds", type=int, default=3, help="fold splits the nested estimate is averaged over")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(fn=_policy_check)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..config import SMDAConfig
-from ..baseline import Baseline, allowed_latents, fit_baseline
+from ..baseline import Baseline, allowed_latents, fit_baseline, nested_cv
 from ..policy import auroc
 from ..probes import ProbeSet
 
@@ -25,21 +25,20 @@ def _fit(Z: np.ndarray, Y: np.ndarray, harmful: np.ndarray, cfg: SMDAConfig, all
 
 
 def policy_scores(Zp: np.ndarray, Yp: np.ndarray, harmful_p: np.ndarray, Zh: np.ndarray, harmful_h: np.ndarray,
-                  cfg: SMDAConfig, allowed: np.ndarray | None, kinds: dict[int, str], seed: int = 0) -> dict[str, Any]:
-    """The three AUROCs and the kinds of the chosen features, from pooled SAE codes Z and refusal Y."""
+                  cfg: SMDAConfig, allowed: np.ndarray | None, kinds: dict[int, str], seed: int = 0,
+                  fold_seeds: int = 1) -> dict[str, Any]:
+    """The AUROCs and the kinds of the chosen features, from pooled SAE codes Z and refusal Y. The nested estimate
+    (features re-chosen in every training fold, `baseline.nested_cv`) is averaged over `fold_seeds` fold splits."""
     full = _fit(Zp, Yp, harmful_p, cfg, allowed)
     report = full.policy.fit_report(full.X, Yp, harmful_p, folds=cfg.cv_folds, seed=seed)
-    n = len(Yp)
-    perm = np.random.default_rng(seed).permutation(n)
-    held = np.empty(n)
-    for f in range(cfg.cv_folds):
-        test = perm[f::cfg.cv_folds]
-        train = np.setdiff1d(perm, test)
-        held[test] = _fit(Zp[train], Yp[train], harmful_p[train], cfg, allowed).predict(Zp[test])
+    nested = [nested_cv(Zp, Yp, harmful_p, cfg, allowed, cfg.cv_folds, seed + k) for k in range(fold_seeds)]
     chosen = [kinds.get(int(j), "unknown") for j in full.features]
     return {
         "cv_auroc_as_reported": report.get("cv_auroc_labels", float("nan")),
-        "cv_auroc_nested": auroc(held, harmful_p),
+        "cv_auroc_nested": float(np.mean([r["cv_auroc_nested"] for r in nested])),
+        "cv_auroc_nested_per_split": [r["cv_auroc_nested"] for r in nested],
+        "cv_r2_nested": float(np.mean([r["cv_r2_nested"] for r in nested])),
+        "in_sample_auroc": report["auroc_labels"], "in_sample_r2": report["r2"], "y_auroc": report["auroc_y_labels"],
         "heldout_auroc": auroc(full.predict(Zh), harmful_h),
         "n_features": len(full.features),
         "content_share": float(np.mean([k == "content" for k in chosen])),
@@ -49,7 +48,7 @@ def policy_scores(Zp: np.ndarray, Yp: np.ndarray, harmful_p: np.ndarray, Zh: np.
 
 
 def policy_check(model: Any, tok: Any, sae_dir: str | Path, probes: ProbeSet, heldout: ProbeSet,
-                 config: SMDAConfig | None = None) -> dict[str, Any]:
+                 config: SMDAConfig | None = None, fold_seeds: int = 1) -> dict[str, Any]:
     """Snapshot the probes and the held-out prompts through the SAE, then score the policy with the
     configured feature kinds and with every kind (the selection before feature cards)."""
     from ..features import load_cards
@@ -66,16 +65,17 @@ def policy_check(model: Any, tok: Any, sae_dir: str | Path, probes: ProbeSet, he
     d_sae = snaps["probes"].Z.shape[1]
     allowed = allowed_latents(cards, cfg.feature_kinds, d_sae)
     args = (snaps["probes"].Z, snaps["probes"].Y, np.asarray(probes.is_harmful), snaps["heldout"].Z, np.asarray(heldout.is_harmful))
-    out = {"configured_kinds": list(cfg.feature_kinds), "configured": policy_scores(*args, cfg, allowed, kinds)}
-    out["all_kinds"] = policy_scores(*args, cfg, None, kinds)
+    out = {"configured_kinds": list(cfg.feature_kinds), "selection": cfg.selection, "fold_seeds": fold_seeds,
+           "configured": policy_scores(*args, cfg, allowed, kinds, fold_seeds=fold_seeds)}
+    out["all_kinds"] = policy_scores(*args, cfg, None, kinds, fold_seeds=fold_seeds)
     out["baseline_refusal"] = {"probes_harmful": float(snaps["probes"].Y[np.asarray(probes.is_harmful)].mean()),
                                "probes_harmless": float(snaps["probes"].Y[~np.asarray(probes.is_harmful)].mean())}
     return out
 
 
 def format_policy_check(res: dict[str, Any]) -> str:
-    L = ["| selection | features | content share | 5-fold AUROC as the callback reports | nested 5-fold AUROC | held-out prompts AUROC |",
-         "|---|---|---|---|---|---|"]
+    L = ["| latents | features | content share | 5-fold AUROC, features chosen on all probes (leaky) | nested 5-fold AUROC "
+         f"(mean of {res.get('fold_seeds', 1)} splits) | held-out prompts AUROC |", "|---|---|---|---|---|---|"]
     for key, name in (("configured", "kinds " + "+".join(res["configured_kinds"])), ("all_kinds", "every kind")):
         r = res[key]
         L.append(f"| {name} | {r['n_features']} | {r['content_share']:.0%} | {r['cv_auroc_as_reported']:.3f} | "
