@@ -118,6 +118,9 @@ def load_cards(sae_dir: str | Path | None) -> dict[int, dict[str, Any]]:
 
 def format_card(j: int, card: dict[str, Any], top: int = 10) -> str:
     lines = [f"f{j}  {card['label']}  [{card['kind']}]  max activation {card.get('max_activation', 0):.3g}"]
+    if card.get("first_position_share") is not None or card.get("template_share") is not None:
+        lines.append(f"  where it fires: first-position share {card.get('first_position_share')}, template share "
+                     f"{card.get('template_share')} (position ≥ {FIRST_POSITION_SHARE}, template ≥ {TEMPLATE_SHARE})")
     for c in card["contexts"][:top]:
         lines.append(f"  {c['activation']:8.3f}  {c['text']}")
     return "\n".join(lines)

@@ -348,6 +348,10 @@ class RunSinks:
         self.policy(run, policy)
         if self.tb is not None:
             self.tb.start(run.labels, run.categories, run.policy_text(run.beta0, run.b0), step)
+            urls = policy.get("feature_urls") or {}
+            if urls:  # TensorBoard renders markdown: each policy feature links to its Neuronpedia page
+                self.tb.text("smda/feature_pages", "\n".join(f"* [{lab}]({urls[str(int(j))]})" for j, lab in
+                                                             zip(run.features, run.labels) if str(int(j)) in urls), step)
 
     def policy(self, run: Any, policy: dict[str, Any]) -> None:
         if self.main:

@@ -198,8 +198,15 @@ def test_push_to_hub_upload_set_holds_no_prompt_text(tmp_path, smol_tokenizer):
 def test_policy_json_carries_the_sae_identity_and_feature_pages(tmp_path, smol_tokenizer):
     sae = tiny_sae()
     sae.cfg.metadata.neuronpedia_id = "tiny-random/2-res-test"
-    run_sft(tmp_path, tiny_model(), smol_tokenizer, sae, SMDAConfig(n_features=8), max_steps=2, report_to=[])
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, sae, SMDAConfig(n_features=8), max_steps=2, report_to=["tensorboard"])
     p = json.loads((tmp_path / "smda" / "policy.json").read_text())
     assert p["sae"]["neuronpedia_id"] == "tiny-random/2-res-test" and p["sae"]["hook_name"] == "blocks.2.hook_resid_post"
     assert p["feature_urls"] == {str(j): f"https://www.neuronpedia.org/tiny-random/2-res-test/{j}" for j in p["features"]}
+    # TensorBoard links each feature to its page (links only, nothing fetched; the report's are in test_features)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "smda" / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("smda/feature_pages/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert all(url in text for url in p["feature_urls"].values())
     assert p["sae_fve_probes"] is not None and p["sae_fve_probes"] < 0.5  # a random SAE reconstructs nothing

@@ -58,3 +58,25 @@ def test_cli_errors_are_one_clear_line(saved, tmp_path, capsys):
     assert main(["probe", "--model", str(saved / "model"), "--sae", str(saved / "sae"), "--probes", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smda: error:") and "bad.jsonl:2: unknown label 'maybe'" in err and "Traceback" not in err
+
+
+def test_model_hub_id_without_a_hub_is_one_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["probe", "--model", "nonexistent-org/no-such-model", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "not a local folder, and loading it from the Hugging Face Hub failed" in err and "Traceback" not in err
+
+
+def test_every_command_takes_json_and_flags_named_after_the_config():
+    from smda_callback.cli.main import build_parser
+
+    import argparse
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001 - argparse's tree
+    assert len(sub.choices) >= 15
+    for name, sp in sub.choices.items():
+        assert "--json" in sp.format_help(), name
+    a = p.parse_args(["demo", "--every-n-steps", "2", "--learning-rate", "3e-4", "-o", "runs/x"])
+    assert (a.every_n_steps, a.learning_rate, a.out) == (2, 3e-4, "runs/x")
+    assert p.parse_args(["demo", "--every", "3"]).every_n_steps == 3  # the old spelling still works

@@ -14,7 +14,9 @@ from smda_callback.lab.report import build_html
 
 def _sae_with_cards(tmp_path):
     d = tmp_path / "sae"
-    tiny_sae().save_model(str(d))
+    sae = tiny_sae()
+    sae.cfg.metadata.neuronpedia_id = "tiny-random/2-res-test"
+    sae.save_model(str(d))
     kinds = ["format", "function-word", "content", "content"]
     cards = {str(j): {"label": f"tok{j}", "kind": kinds[j % 4], "max_activation": 1.0,
                       "contexts": [{"text": f"left <b> «tok{j}» right", "activation": 1.0}]} for j in range(256)}
@@ -31,6 +33,8 @@ def test_selection_alerts_report_and_cli_use_the_cards(tmp_path, smol_tokenizer,
     assert set(policy["feature_cards"]) == {str(j) for j in policy["features"]}
     page = build_html(tmp_path / "run")
     assert "id='cards'" in page and "<mark>tok" in page and "&lt;b&gt;" in page
+    j0 = policy["features"][0]
+    assert f"href='https://www.neuronpedia.org/tiny-random/2-res-test/{j0}'" in page  # each card links its page
     assert "Suspects: pairs ranked by what they did" in page
     # alerts never name a format feature as dominant
     recs = [json.loads(line) for line in (tmp_path / "run" / "smda" / "attribution.jsonl").read_text().splitlines()]
@@ -39,6 +43,7 @@ def test_selection_alerts_report_and_cli_use_the_cards(tmp_path, smol_tokenizer,
     assert main(["features", "--sae", str(sae_dir), "--run", str(tmp_path / "run"), "--top", "1"]) == 0
     out = capsys.readouterr().out
     assert f"f{policy['features'][0]}  tok{policy['features'][0]}  [content]" in out and "«tok" in out
+    assert f"page: https://www.neuronpedia.org/tiny-random/2-res-test/{j0}" in out
 
 
 def test_every_latent_is_eligible_when_the_sae_has_no_cards(tmp_path, smol_tokenizer, caplog):

@@ -7,23 +7,30 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+
+def _emit(a: argparse.Namespace, result: Any, text: str) -> int:
+    """`--json`: the result as JSON on stdout (nothing else); otherwise the human text."""
+    print(json.dumps(result, indent=1, default=float) if getattr(a, "json", False) else text)
+    return 0
 
 
 def _demo(a: argparse.Namespace) -> int:
     from ..lab.demo import DemoSettings, format_summary, run_demo
 
-    if not a.quiet:
+    if not a.quiet and not a.json:
         print("smda demo: safety SFT of SmolLM2-135M-Instruct on the shipped pairs with SMDACallback, one probe pass per "
               "pair; the time estimate is measured after the first steps (--limit 40 for a quick run, --every 2 to halve "
               "the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
                             check_answers=not a.skip_answers,
-                            every_n_steps=a.every, **({"learning_rate": a.lr} if a.lr is not None else {}))
-    summary = run_demo(a.out, a.pairs, a.probes, settings, say=None if a.quiet else (lambda m: print(m, flush=True)))
-    print(format_summary(summary, a.out))
-    print(f"Finished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
-    return 0
+                            every_n_steps=a.every_n_steps,
+                            **({"learning_rate": a.learning_rate} if a.learning_rate is not None else {}))
+    summary = run_demo(a.out, a.pairs, a.probes, settings,
+                       say=None if a.quiet or a.json else (lambda m: print(m, flush=True)))
+    return _emit(a, summary, format_summary(summary, a.out) +
+                 f"\nFinished in {summary['wall_seconds']:.0f} s ({summary['steps']} optimizer steps).")
 
 
 def _probe(a: argparse.Namespace) -> int:
@@ -54,8 +61,7 @@ def _report(a: argparse.Namespace) -> int:
     from ..lab.report import write_report
 
     path = write_report(a.run_dir, a.output)
-    print(f"report written to {path}")
-    return 0
+    return _emit(a, {"report": str(path)}, f"report written to {path}")
 
 
 def _suspects(a: argparse.Namespace) -> int:
@@ -82,44 +88,44 @@ def _poison(a: argparse.Namespace) -> int:
 
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers))
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
-    print(format_poison(res))
-    print(f"\nwritten: {Path(a.out) / 'poison.json'}")
-    return 0
+    return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
 
 def _causal(a: argparse.Namespace) -> int:
     from ..lab.causal import insert_vs_omit
 
     res = insert_vs_omit(a.run_dir, a.pairs, a.n, a.horizon, a.out, probes_file=a.probes)
-    print(json.dumps(res["summary"], indent=1, default=float))
-    print(f"replayed run vs ledger, max |Δ harmless refusal|: {res['replay_vs_ledger_harmless_abs_diff_max']:.2e}")
-    return 0
+    return _emit(a, res, json.dumps(res["summary"], indent=1, default=float) + "\nreplayed run vs ledger, max |Δ harmless "
+                 f"refusal|: {res['replay_vs_ledger_harmless_abs_diff_max']:.2e}")
 
 
 def _features(a: argparse.Namespace) -> int:
     from ..features import KINDS, format_card, load_cards
-    from ..sae import embedded_sae_dir
+    from ..sae import embedded_sae_dir, feature_url, load_sae, sae_identity
 
-    cards = load_cards(a.sae or embedded_sae_dir())
+    sae_dir = a.sae or str(embedded_sae_dir())
+    cards = load_cards(sae_dir)
     if not cards:
-        raise ValueError(f"{a.sae or embedded_sae_dir()}: no feature_cards.json next to this SAE (`smda train-sae` writes one).")
+        raise ValueError(f"{sae_dir}: no feature_cards.json next to this SAE (`smda train-sae` writes one).")
     ids = [int(str(i).lstrip("f")) for i in a.ids]
     if a.run:
         from ..ledger import load_policy
 
         ids += [int(j) for j in load_policy(a.run)["features"]]
+    identity = sae_identity(load_sae(sae_dir), sae_dir)
     if not ids:
         live = [c for c in cards.values() if c["label"] != "dead"]
-        print(f"{len(cards)} latents, {len(cards) - len(live)} dead; kinds: " +
-              ", ".join(f"{k} {sum(c['kind'] == k for c in live)}" for k in KINDS))
-        print("smda features ID [ID ...] prints cards; --run RUN_DIR prints the cards of that run's policy features")
-        return 0
-    for j in ids:
-        if j not in cards:
-            raise ValueError(f"latent {j} is out of range (the SAE has {len(cards)} latents)")
-        print(format_card(j, cards[j], a.top))
-        print()
-    return 0
+        counts = {k: sum(c["kind"] == k for c in live) for k in KINDS}
+        return _emit(a, {"latents": len(cards), "dead": len(cards) - len(live), "kinds": counts, "sae": identity},
+                     f"{len(cards)} latents, {len(cards) - len(live)} dead; kinds: " +
+                     ", ".join(f"{k} {v}" for k, v in counts.items()) +
+                     "\nsmda features ID [ID ...] prints cards; --run RUN_DIR prints the cards of that run's policy features")
+    bad = [j for j in ids if j not in cards]
+    if bad:
+        raise ValueError(f"latent {bad[0]} is out of range (the SAE has {len(cards)} latents)")
+    urls = {j: feature_url(identity, j) for j in ids}
+    text = "\n\n".join(format_card(j, cards[j], a.top) + (f"\n  page: {urls[j]}" if urls[j] else "") for j in ids)
+    return _emit(a, [{"id": j, **cards[j], "url": urls[j]} for j in ids], text)
 
 
 def _curate(a: argparse.Namespace) -> int:
@@ -134,11 +140,10 @@ def _curate(a: argparse.Namespace) -> int:
         model, tok = load_model(a.model)
         answer = lambda prompts: greedy_answers(model, tok, prompts)  # noqa: E731
     out, changes = curate(a.run_dir, pairs, a.target, a.fix or a.drop, "fix" if a.fix else "drop", answer=answer)
-    for c in changes:
-        print(f"{c['action']:7s} {c['id']} (score {c['score']:+.4f}) {c['prompt'][:70]!r}\n         {c['why']}")
     write_pairs(a.output, out)
-    print(f"{len(pairs)} → {len(out)} pairs ({sum(c['action'] == 'fixed' for c in changes)} fixed) written to {a.output}")
-    return 0
+    lines = [f"{c['action']:7s} {c['id']} (score {c['score']:+.4f}) {c['prompt'][:70]!r}\n         {c['why']}" for c in changes]
+    lines.append(f"{len(pairs)} → {len(out)} pairs ({sum(c['action'] == 'fixed' for c in changes)} fixed) written to {a.output}")
+    return _emit(a, {"changes": changes, "n_before": len(pairs), "n_after": len(out), "output": a.output}, "\n".join(lines))
 
 
 def _attribute(a: argparse.Namespace) -> int:
@@ -154,8 +159,7 @@ def _attribute(a: argparse.Namespace) -> int:
     pairs = load_pairs(a.pairs or DATA / "pairs.jsonl", a.limit)
     probes = ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl")
     out = attribute_pairs(model, tok, pairs, probes, a.sae or embedded_sae_dir(), a.out, cfg, lr=a.lr)
-    print(f"counterfactual ledger written to {out}; `smda report {a.out}` renders it")
-    return 0
+    return _emit(a, {"ledger": str(out)}, f"counterfactual ledger written to {out}; `smda report {a.out}` renders it")
 
 
 def _validate(a: argparse.Namespace) -> int:
@@ -167,9 +171,7 @@ def _validate(a: argparse.Namespace) -> int:
     md = format_validation(res)
     md += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plot_validation(res, a.out))
     (Path(a.out) / "validation.md").write_text(md + "\n", encoding="utf-8")
-    print(md)
-    print(f"\nwritten: {Path(a.out) / 'validation.json'}, {Path(a.out) / 'validation.md'}")
-    return 0
+    return _emit(a, res, md + f"\n\nwritten: {Path(a.out) / 'validation.json'}, {Path(a.out) / 'validation.md'}")
 
 
 def _policy_check(a: argparse.Namespace) -> int:
@@ -184,8 +186,7 @@ def _policy_check(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model)
     res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
                        ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds)
-    print(json.dumps(res, indent=1) if a.json else format_policy_check(res))
-    return 0
+    return _emit(a, res, format_policy_check(res))
 
 
 def _retrain(a: argparse.Namespace) -> int:
@@ -203,9 +204,7 @@ def _retrain(a: argparse.Namespace) -> int:
         run_jobs(a.run_dir, pairs, sets, a.out, st, parse_shard(a.shard))
     s = summarize(a.out)
     Path(a.out, "summary.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
-    print(format_summary(s))
-    print(f"\nwritten: {Path(a.out) / 'summary.json'}")
-    return 0
+    return _emit(a, s, format_summary(s) + f"\n\nwritten: {Path(a.out) / 'summary.json'}")
 
 
 def _lds(a: argparse.Namespace) -> int:
@@ -217,8 +216,7 @@ def _lds(a: argparse.Namespace) -> int:
         run_jobs(a.out, st, parse_shard(a.shard))
     s = score(a.out)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
-    print(json.dumps(s, indent=1) if a.json else format_score(s))
-    return 0
+    return _emit(a, s, format_score(s))
 
 
 def _train_sae(a: argparse.Namespace) -> int:
@@ -226,8 +224,7 @@ def _train_sae(a: argparse.Namespace) -> int:
 
     spec = SAETrainSpec(layer=a.layer, d_sae=a.d_sae, k=a.k, tokens=a.tokens, epochs=a.epochs, seed=a.seed)
     rec = train_sae(Path(a.out), spec, a.model)
-    print(json.dumps(rec["quality"], indent=1))
-    return 0
+    return _emit(a, rec, json.dumps(rec["quality"], indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,12 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pairs", help="SFT pairs JSONL (prompt, response, label, category)")
     d.add_argument("--probes", help="probe JSONL (prompt, label, category)")
     d.add_argument("--limit", type=int, help="train on the first N pairs only (quick run)")
-    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--out", "-o", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--on-alert", choices=["warn", "halt"], default="warn")
     d.add_argument("--epochs", type=float, default=1.0)
-    d.add_argument("--lr", type=float, help="learning rate (default: DemoSettings, see docs/demo.md)")
+    d.add_argument("--learning-rate", "--lr", type=float, help="learning rate (default: DemoSettings, see docs/demo.md)")
     d.add_argument("--scorer", choices=["first_token", "prefix"], default="first_token")
-    d.add_argument("--every", type=int, default=1, help="snapshot every N optimizer steps (window credit; default 1 = per pair)")
+    d.add_argument("--every-n-steps", "--every", type=int, default=1,
+                   help="SMDAConfig.every_n_steps: snapshot every N optimizer steps (window credit; default 1 = per pair)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--skip-answers", action="store_true", help="skip the greedy-answer refusal check before and after")
@@ -264,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a run")
     r.add_argument("run_dir")
-    r.add_argument("-o", "--output", help="output HTML path (default RUN_DIR/smda/report.html)")
+    r.add_argument("-o", "--output", "--out", help="output HTML path (default RUN_DIR/smda/report.html)")
     r.set_defaults(fn=_report)
 
     su = sub.add_parser("suspects", help="pairs ranked by what they did to a behaviour (over-refusal, compliance, ...)")
@@ -275,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.set_defaults(fn=_suspects)
 
     po = sub.add_parser("benchmark-poison", help="plant bad pairs among demo pairs; which reader ranks them first?")
-    po.add_argument("--out", default="runs/poison")
+    po.add_argument("--out", "-o", default="runs/poison")
     po.add_argument("--n-base", type=int, default=96, help="demo pairs mixed with the plants")
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
@@ -291,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--n", type=int, default=30, help="pairs tested, evenly spaced over the run")
     ca.add_argument("--horizon", type=int, default=20, help="steps after the pair before both branches are probed")
     ca.add_argument("--probes", help="the probe set the run used (default: the shipped one)")
-    ca.add_argument("--out", default="runs/causal")
+    ca.add_argument("--out", "-o", default="runs/causal")
     ca.set_defaults(fn=_causal)
 
     fe = sub.add_parser("features", help="feature cards: top activating contexts, label and kind of SAE latents")
@@ -309,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--fix", type=int, help="replace the responses of the N most suspect harmless pairs by the base model's answers")
     cu.add_argument("--pairs", help="the pairs file the run trained on (default: the shipped pairs)")
     cu.add_argument("--model", help="base model for --fix (default: the embedded model)")
-    cu.add_argument("-o", "--output", required=True)
+    cu.add_argument("-o", "--output", "--out", required=True)
     cu.set_defaults(fn=_curate)
 
     at = sub.add_parser("attribute", help="the paper's counterfactual protocol: one SGD step per pair from the same base")
     at.add_argument("--pairs")
     at.add_argument("--probes")
-    at.add_argument("--out", default="runs/counterfactual")
+    at.add_argument("--out", "-o", default="runs/counterfactual")
     at.add_argument("--model")
     at.add_argument("--sae")
     at.add_argument("--preset", choices=["paper", "default"], default="paper")
@@ -325,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="agreement, curation experiment and causal check on a full demo run")
     v.add_argument("--run", default="runs/demo", help="the in-training run to validate (a full `smda demo`)")
-    v.add_argument("--out", default="runs/validate")
+    v.add_argument("--out", "-o", default="runs/validate")
     v.add_argument("--seeds", type=int, default=3, help="data orders (and random removal sets) in the curation experiment")
     v.add_argument("--causal-pairs", type=int, default=10, help="highest and lowest predicted pairs per category")
     v.add_argument("--counterfactual-pairs", type=int, default=0, help="only the first N pairs get the counterfactual protocol (0 = all)")
@@ -336,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--model", help="local HF model folder (default: the embedded model)")
     pc.add_argument("--probes", help="probe JSONL (default: the shipped probes)")
     pc.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
-    pc.add_argument("--kinds", nargs="+", default=list(SMDAConfig.feature_kinds), choices=list(KINDS),
+    pc.add_argument("--feature-kinds", "--kinds", dest="kinds", nargs="+", default=list(SMDAConfig.feature_kinds), choices=list(KINDS),
                     help="latent kinds the policy may use (default: the callback's)")
     pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
     pc.add_argument("--selection", choices=["score", "stable"], default=SMDAConfig.selection)
@@ -348,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="the ranking run: a full in-training run of the pairs (e.g. runs/demo)")
     r.add_argument("--pairs", help="the pairs that run trained on (default: the demo's)")
     r.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
-    r.add_argument("--out", default="runs/retrain")
+    r.add_argument("--out", "-o", default="runs/retrain")
     r.add_argument("--target", default="over-refusal", help="over-refusal | compliance | off-target | a probe category")
     r.add_argument("--n", type=int, nargs="+", default=[32], help="removal sizes (a sweep)")
     r.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2], help="data-order seeds for every condition")
@@ -372,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(fn=_lds)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
-    t.add_argument("--out", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")
+    t.add_argument("--out", "-o", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")
     t.add_argument("--model", help="local HF model folder (default: the embedded model)")
     t.add_argument("--layer", type=int, default=15)
     t.add_argument("--d-sae", type=int, default=4096)
@@ -381,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=SAETrainSpec.epochs)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train_sae)
+    for sp in sub.choices.values():  # every command that prints results can print them as JSON
+        try:
+            sp.add_argument("--json", action="store_true", help="print the result as JSON (nothing else on stdout)")
+        except argparse.ArgumentError:
+            pass  # the command defines its own --json
     return p
 
 

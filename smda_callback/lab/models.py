@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -74,14 +75,33 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _from_hub(repo: str, dtype: Any) -> tuple[Any, Any]:
+    """A model by Hub id (safetensors only), when a hub is reachable; a clear error when it is not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(repo)
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{repo}: not a local folder, and loading it from the Hugging Face Hub failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]}). Without network access, download it elsewhere and pass "
+                         "the local folder.") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a local HF directory, or the embedded default when None."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(path) if path is not None else embedded_model_dir()
+    if not model_dir.is_dir() and path is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return _from_hub(str(path), dtype or torch.float32)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: not a model directory (expected config.json and *.safetensors).")
+        raise FileNotFoundError(f"{model_dir}: not a model directory (expected config.json and *.safetensors) "
+                                "nor a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
     if not any(model_dir.glob("*.safetensors")):
         raise ValueError(
             f"{model_dir}: no *.safetensors weights. smda loads only safetensors (pickle files can run code); "

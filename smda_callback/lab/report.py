@@ -257,11 +257,14 @@ def build_html(run_dir: str | Path) -> str:
                 continue
             ctx = "".join(f"<tr><td class='num'>{x['activation']:.3g}</td><td class='mono'>{_marked(x['text'])}</td></tr>"
                           for x in c["contexts"][:10])
+            url = (policy.get("feature_urls") or {}).get(f)
+            page = f" · <a href='{_e(url)}'>Neuronpedia</a>" if url else ""
             items.append(f"<details><summary><b>f{_e(f)}</b> {_e(c['label'])} · <i>{_e(c['kind'])}</i> · β = {beta[j]:+.3g}"
-                         f"</summary><table>{ctx}</table></details>")
+                         f"{page}</summary><table>{ctx}</table></details>")
         parts += ["<h2 id='cards'>Feature cards of the policy</h2>",
                   "<p class='note'>Each policy feature's top activating contexts on held-out text (activating token "
-                  "highlighted), its label and kind (content / format / function-word; docs/sae.md), largest |β| first.</p>",
+                  "highlighted), its label and kind (content / format / function-word / position / template; features.py), its "
+                  "Neuronpedia page where the SAE has an id, largest |β| first.</p>",
                   f"<div class='card'>{''.join(items)}</div>"]
     parts += ["<h2 id='toppairs'>5. Top pairs per feature</h2>",
               f"<div class='card'>{_table(pd.DataFrame(tp_rows)) if tp_rows else '<p>none</p>'}</div>",
