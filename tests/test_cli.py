@@ -74,7 +74,7 @@ def test_every_command_takes_json_and_flags_named_after_the_config():
 
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001 - argparse's tree
-    assert len(sub.choices) >= 15
+    assert len(sub.choices) >= 14
     for name, sp in sub.choices.items():
         assert "--json" in sp.format_help(), name
     a = p.parse_args(["demo", "--every-n-steps", "2", "--learning-rate", "3e-4", "-o", "runs/x"])
