@@ -58,3 +58,21 @@ def test_nested_cv_rechooses_features_and_is_lower_than_the_leaky_estimate_on_no
     Z[:, :3] += 2.0 * harmful[:, None]  # now three latents carry the labels
     assert nested_cv(Z, Y, harmful, cfg, None)["cv_auroc_nested"] > 0.9
     assert set(range(3)) <= set(stable_features(Z, harmful, 8, None, resamples=20).tolist())
+
+
+def test_sweep_rows_and_fold_agreement():
+    from smda_callback.config import SMDAConfig
+    from smda_callback.lab.policy_check import fold_jaccard, sweep
+
+    rng = np.random.default_rng(2)
+    harmful = np.arange(60) % 2 == 0
+    Z = np.abs(rng.normal(size=(60, 300)))
+    Z[:, :6] += 3.0 * harmful[:, None]  # six strong latents: every fold picks them
+    Y = np.where(harmful, 0.5, 0.1) + 0.02 * rng.normal(size=60)
+    cfg = SMDAConfig(n_features=6, cv_folds=3, selection_resamples=5)
+    assert fold_jaccard(Z, harmful, cfg, None, 3, 2) == 1.0
+    noise = np.abs(rng.normal(size=(60, 300)))
+    assert fold_jaccard(noise, harmful, cfg, None, 3, 2) < 0.5  # on noise the folds choose different latents
+    rows = sweep(Z[:30], Y[:30], harmful[:30], Z[30:], harmful[30:], cfg, None, counts=(6, 12), fold_seeds=1)
+    assert [(r["selection"], r["n_features"]) for r in rows] == [("score", 6), ("score", 12), ("stable", 6), ("stable", 12)]
+    assert all(r["heldout"] > 0.9 for r in rows)

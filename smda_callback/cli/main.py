@@ -104,6 +104,15 @@ def _features(a: argparse.Namespace) -> int:
     from ..sae import embedded_sae_dir, feature_url, load_sae, sae_identity
 
     sae_dir = a.sae or str(embedded_sae_dir())
+    if a.measure_kinds:
+        from ..lab.cards import add_behaviour_kinds
+        from ..lab.models import load_model
+
+        model, tok = load_model(a.model)
+        model.eval()
+        counts = add_behaviour_kinds(sae_dir, model, tok)
+        return _emit(a, counts, f"behaviour statistics written to {sae_dir}/feature_cards.json; kinds now: " +
+                     ", ".join(f"{k} {v}" for k, v in counts.items()))
     cards = load_cards(sae_dir)
     if not cards:
         raise ValueError(f"{sae_dir}: no feature_cards.json next to this SAE (`smda train-sae` writes one).")
@@ -185,7 +194,7 @@ def _policy_check(a: argparse.Namespace) -> int:
     cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
     model, tok = load_model(a.model)
     res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
-                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds)
+                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds, a.sweep)
     return _emit(a, res, format_policy_check(res))
 
 
@@ -297,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--top", type=int, default=10, help="contexts per card")
     fe.add_argument("--run", help="also print the cards of this run's policy features")
     fe.add_argument("--sae", help="SAE folder (default: the shipped SAE)")
+    fe.add_argument("--measure-kinds", action="store_true",
+                    help="measure where each latent fires (first positions, chat template) on the shipped texts and store "
+                         "it in the SAE's feature_cards.json (the position and template kinds)")
+    fe.add_argument("--model", help="model for --measure-kinds (default: the embedded model)")
     fe.set_defaults(fn=_features)
 
     cu = sub.add_parser("curate", help="drop or fix the pairs most suspect for a behaviour (writes a new pairs file)")
@@ -339,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
     pc.add_argument("--selection", choices=["score", "stable"], default=SMDAConfig.selection)
     pc.add_argument("--fold-seeds", type=int, default=3, help="fold splits the nested estimate is averaged over")
+    pc.add_argument("--sweep", action="store_true", help="also every feature count (16–64) × selection rule, with the "
+                                                         "agreement of the latents chosen on different folds")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(fn=_policy_check)
 

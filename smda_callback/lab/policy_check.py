@@ -47,8 +47,42 @@ def policy_scores(Zp: np.ndarray, Yp: np.ndarray, harmful_p: np.ndarray, Zh: np.
     }
 
 
+def fold_jaccard(Z: np.ndarray, harmful: np.ndarray, cfg: SMDAConfig, allowed: np.ndarray | None, folds: int,
+                 fold_seeds: int) -> float:
+    """Mean pairwise Jaccard overlap of the latents chosen on the training folds of `fold_seeds` splits (1 = the
+    same latents whatever the fold)."""
+    from itertools import combinations
+
+    from ..baseline import choose_features
+
+    sets = []
+    for k in range(fold_seeds):
+        perm = np.random.default_rng(k).permutation(len(harmful))
+        for f in range(folds):
+            train = np.setdiff1d(perm, perm[f::folds])
+            sets.append(set(choose_features(Z[train], harmful[train], cfg, allowed).tolist()))
+    return float(np.mean([len(a & b) / len(a | b) for a, b in combinations(sets, 2)]))
+
+
+def sweep(Zp: np.ndarray, Yp: np.ndarray, harmful_p: np.ndarray, Zh: np.ndarray, harmful_h: np.ndarray,
+          cfg: SMDAConfig, allowed: np.ndarray | None, counts: tuple[int, ...] = (16, 24, 32, 48, 64),
+          fold_seeds: int = 3) -> list[dict[str, Any]]:
+    """Nested AUROC, held-out-prompt AUROC and fold-selection agreement per selection rule and feature count."""
+    from dataclasses import replace
+
+    rows = []
+    for selection in ("score", "stable"):
+        for n in counts:
+            c = replace(cfg, selection=selection, n_features=n)
+            r = policy_scores(Zp, Yp, harmful_p, Zh, harmful_h, c, allowed, {}, fold_seeds=fold_seeds)
+            rows.append({"selection": selection, "n_features": n, "nested": r["cv_auroc_nested"],
+                         "nested_per_split": r["cv_auroc_nested_per_split"], "heldout": r["heldout_auroc"],
+                         "fold_jaccard": fold_jaccard(Zp, harmful_p, c, allowed, c.cv_folds, fold_seeds)})
+    return rows
+
+
 def policy_check(model: Any, tok: Any, sae_dir: str | Path, probes: ProbeSet, heldout: ProbeSet,
-                 config: SMDAConfig | None = None, fold_seeds: int = 1) -> dict[str, Any]:
+                 config: SMDAConfig | None = None, fold_seeds: int = 1, with_sweep: bool = False) -> dict[str, Any]:
     """Snapshot the probes and the held-out prompts through the SAE, then score the policy with the
     configured feature kinds and with every kind (the selection before feature cards)."""
     from ..features import load_cards
@@ -68,9 +102,20 @@ def policy_check(model: Any, tok: Any, sae_dir: str | Path, probes: ProbeSet, he
     out = {"configured_kinds": list(cfg.feature_kinds), "selection": cfg.selection, "fold_seeds": fold_seeds,
            "configured": policy_scores(*args, cfg, allowed, kinds, fold_seeds=fold_seeds)}
     out["all_kinds"] = policy_scores(*args, cfg, None, kinds, fold_seeds=fold_seeds)
+    if with_sweep:
+        out["sweep"] = sweep(*args, cfg, allowed, fold_seeds=fold_seeds)
     out["baseline_refusal"] = {"probes_harmful": float(snaps["probes"].Y[np.asarray(probes.is_harmful)].mean()),
                                "probes_harmless": float(snaps["probes"].Y[~np.asarray(probes.is_harmful)].mean())}
     return out
+
+
+def _format_sweep(rows: list[dict[str, Any]]) -> list[str]:
+    L = ["", "| selection | features | nested AUROC (mean) | per split | held-out prompts | fold-selection Jaccard |",
+         "|---|---|---|---|---|---|"]
+    L += [f"| {r['selection']} | {r['n_features']} | {r['nested']:.3f} | "
+          f"{' / '.join(f'{v:.2f}' for v in r['nested_per_split'])} | {r['heldout']:.3f} | {r['fold_jaccard']:.2f} |"
+          for r in rows]
+    return L
 
 
 def format_policy_check(res: dict[str, Any]) -> str:
@@ -80,4 +125,6 @@ def format_policy_check(res: dict[str, Any]) -> str:
         r = res[key]
         L.append(f"| {name} | {r['n_features']} | {r['content_share']:.0%} | {r['cv_auroc_as_reported']:.3f} | "
                  f"{r['cv_auroc_nested']:.3f} | {r['heldout_auroc']:.3f} |")
+    if res.get("sweep"):
+        L += _format_sweep(res["sweep"])
     return "\n".join(L)
