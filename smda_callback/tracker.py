@@ -57,6 +57,8 @@ class RunTracker:
         self.all_labels = list(all_labels)
         self.labels = [all_labels[int(j)] for j in self.features]
         self.fit_final: dict[str, Any] | None = None
+        self.after: Baseline | None = None
+        """The policy refitted after training (`fit_after`)."""
         self.policy: RidgePolicy = baseline.policy
         self.X, self.Y, self.M = baseline.X, baseline.Y, baseline.M
         self.harmful = np.asarray(probes.is_harmful, dtype=bool)
@@ -245,6 +247,7 @@ class RunTracker:
         Z, Y = snap.Z, snap.Y
         bl = fit_baseline(Z, Y, self.probes.is_harmful, self.config,
                           allowed_latents(self.cards, self.config.feature_kinds, Z.shape[1]))
+        self.after = bl
         self.fit_final = {**bl.fit, "features": [int(j) for j in bl.features],
                           "labels": [self.all_labels[int(j)] for j in bl.features],
                           "policy": bl.policy.render(bl.beta0, bl.b0, [self.all_labels[int(j)] for j in bl.features], top=12)}

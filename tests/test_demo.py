@@ -93,6 +93,13 @@ def test_demo_end_to_end(tmp_path):
         for name in ("probes", "heldout"):
             assert 0.0 <= summary["answers"][when][name]["refusal_rate_harmful"] <= 1.0
     assert "Greedy answers that open with a refusal" in proc.stdout
+    # the AUROCs the demo prints are the nested one and the held-out-prompt one, before and after training
+    pa = summary["policy_auroc"]
+    assert "AUROC vs labels it can stand behind: nested 5-fold" in proc.stdout
+    assert all(0.0 <= pa[k] <= 1.0 for k in ("nested_before", "heldout_before", "nested_after", "heldout_after"))
+    policy_json = json.loads((out / "smda" / "policy.json").read_text())
+    assert pa["nested_before"] == policy_json["fit"]["cv_auroc_nested"]
+    assert pa["nested_after"] == policy_json["fit_after_training"]["cv_auroc_nested"]
     recs = [json.loads(l) for l in (out / "smda" / "attribution.jsonl").read_text().splitlines()]
     policy = json.loads((out / "smda" / "policy.json").read_text())
     assert [r["step"] for r in recs] == list(range(1, 9))

@@ -98,3 +98,16 @@ def test_import_graph_has_no_circles_and_no_private_names_across_modules():
     assert not cycles, cycles
     runtime = [m for m in mods if not m.startswith(("smda_callback.lab", "smda_callback.cli"))]
     assert not [(m, v) for m in runtime for v in edges[m] if v.startswith(("smda_callback.lab", "smda_callback.cli"))]
+
+
+def test_the_callback_stays_glue():
+    """Issue 22's rule: the callback moves data between the Trainer and the pieces; its logic lives in tracker,
+    credit, snapshot, sinks and schema (unit-tested without a Trainer)."""
+    from pathlib import Path
+
+    import smda_callback
+
+    src = (Path(smda_callback.__file__).parent / "callback.py").read_text(encoding="utf-8")
+    assert len(src.splitlines()) <= 250
+    for name in ("decompose_step", "fit_baseline", "np.linalg", "json.dumps", "add_scalar"):
+        assert name not in src, f"callback.py does {name} itself"

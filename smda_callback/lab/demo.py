@@ -128,6 +128,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
                                   on_alert=st.on_alert)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config)
+    heldout = ProbeSet.from_jsonl(DATA / "heldout.jsonl")
+    held_0 = _heldout_codes(cb, model, tok, heldout, config)  # prompts the policy never sees, on the base model
     args = sft_config(out, st)
     extra = [InterimFindings(cb, say)] if say is not None else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb, *extra])
@@ -136,12 +138,33 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     trainer.save_model(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     summary = summarize(out, probes)
+    summary["policy_auroc"] = _policy_aurocs(cb, held_0, _heldout_codes(cb, model, tok, heldout, config), heldout)
     if st.check_answers:
         summary["answers"] = {"before": behaviour_0, "after": behaviour(model, tok, sets)}
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     summary["steps"] = trainer.state.global_step
     (out / "smda" / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
+
+
+def _heldout_codes(cb: SMDACallback, model: Any, tok: Any, heldout: ProbeSet, config: SMDAConfig) -> np.ndarray:
+    """Pooled SAE codes of the held-out prompts (one full probe pass)."""
+    from ..sae import resolve_hook
+    from ..snapshot import Snapshotter
+
+    return Snapshotter(heldout, tok, cb.sae, resolve_hook(cb.sae, model), config).take(model, full=True).Z
+
+
+def _policy_aurocs(cb: SMDACallback, Z0: np.ndarray, Z1: np.ndarray, heldout: ProbeSet) -> dict[str, float | None]:
+    """The AUROCs the demo can stand behind: nested on the probes and on prompts the policy never saw, for the
+    baseline policy (base model) and the policy refitted after training (tuned model)."""
+    from ..policy import auroc
+
+    run, h = cb.run, np.asarray(heldout.is_harmful)
+    after = run.after
+    return {"nested_before": run.fit.get("cv_auroc_nested"), "heldout_before": auroc(run.baseline.predict(Z0), h),
+            "nested_after": (run.fit_final or {}).get("cv_auroc_nested"),
+            "heldout_after": auroc(after.predict(Z1), h) if after is not None else None}
 
 
 def summarize(run_dir: str | Path, probes: ProbeSet) -> dict[str, Any]:
@@ -168,6 +191,10 @@ def summarize(run_dir: str | Path, probes: ProbeSet) -> dict[str, Any]:
     }
 
 
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
     """The findings as the CLI prints them."""
     f = s["fit"]
@@ -176,7 +203,11 @@ def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
         f"Symbolic policy (ridge over SAE features; λ={f['lambda']:.3g}, in-sample R²={f['r2']:.2f}, "
         f"nested 5-fold AUROC vs labels={f.get('cv_auroc_nested', float('nan')):.2f}, in-sample "
         f"{f.get('auroc_labels', float('nan')):.2f}):",
-        f"  before: {s['policy_0']}", f"  after:  {s['policy_final']}", "",
+        f"  before: {s['policy_0']}", f"  after:  {s['policy_final']}",
+        *([f"  AUROC vs labels it can stand behind: nested 5-fold {_f(s['policy_auroc']['nested_before'])} → "
+           f"{_f(s['policy_auroc']['nested_after'])} (refitted after training), on the held-out prompts "
+           f"{_f(s['policy_auroc']['heldout_before'])} → {_f(s['policy_auroc']['heldout_after'])}"]
+          if s.get("policy_auroc") else []), "",
         f"Refusal (mean P(refusal opening) on held-out probes): harmful {s['refusal_harmful'][0]:.3f} → "
         f"{s['refusal_harmful'][1]:.3f}, harmless {s['refusal_harmless'][0]:.3f} → {s['refusal_harmless'][1]:.3f}",
     ]
