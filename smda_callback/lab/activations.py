@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .._resources import DATA
 from ..sae import decoder_layers
 
 
@@ -60,3 +61,15 @@ def collect_activations(model: Any, tok: Any, texts: list[str], layer: int, n_to
             if n_tokens is not None and total >= n_tokens:
                 break
     return torch.cat(buf)[:n_tokens]
+
+
+def chat_eval_texts(tok: Any) -> list[str]:
+    """Chat-formatted turns the SAE never saw: the demo's pairs (prompt and response) and the
+    prompts of the probe and held-out sets, in the model's template, as the callback reads them."""
+    from ..probes import read_jsonl
+
+    data = DATA
+    turns = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+             for r in read_jsonl(data / "pairs.jsonl")]
+    turns += [[{"role": "user", "content": r["prompt"]}] for f in ("probes", "heldout") for r in read_jsonl(data / f"{f}.jsonl")]
+    return [tok.apply_chat_template(t, tokenize=False, add_generation_prompt=len(t) == 1) for t in turns]

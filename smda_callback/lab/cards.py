@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from ..features import card_kind
-from .activations import hook_batches
+from .activations import chat_eval_texts, hook_batches
 
 def _show(text: str) -> str:
     return text.replace("\n", "⏎").strip() or "␣"
@@ -88,7 +88,6 @@ def behaviour_stats(sae: Any, model: Any, tok: Any, layer: int, ctx: int = 128) 
     """
     from ..probes import read_jsonl
     from .._resources import DATA
-    from .sae_train import chat_eval_texts
 
     recs = read_jsonl(DATA / "pairs.jsonl")
     plain = [r["prompt"] for r in recs] + [r["response"] for r in recs]

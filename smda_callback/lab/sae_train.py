@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._resources import DATA
 from .specs import SAETrainSpec  # noqa: F401  (re-exported)
-from .activations import collect_activations
+from .activations import chat_eval_texts, collect_activations
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -213,18 +212,6 @@ def fit_sae(train_acts: torch.Tensor, spec: SAETrainSpec, d_in: int, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     trained.save_inference_model(str(out_dir))
     return SAE.load_from_disk(str(out_dir))
-
-
-def chat_eval_texts(tok: Any) -> list[str]:
-    """Chat-formatted turns the SAE never saw: the demo's pairs (prompt and response) and the
-    prompts of the probe and held-out sets, in the model's template, as the callback reads them."""
-    from ..probes import read_jsonl
-
-    data = DATA
-    turns = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-             for r in read_jsonl(data / "pairs.jsonl")]
-    turns += [[{"role": "user", "content": r["prompt"]}] for f in ("probes", "heldout") for r in read_jsonl(data / f"{f}.jsonl")]
-    return [tok.apply_chat_template(t, tokenize=False, add_generation_prompt=len(t) == 1) for t in turns]
 
 
 def train_sae(out_dir: Path, spec: SAETrainSpec | None = None, model_dir: str | None = None) -> dict[str, Any]:
