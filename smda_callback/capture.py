@@ -70,8 +70,13 @@ def index_unpacked(trainer: Any, pairs: Any) -> dict[str, list[int]]:
     prepare = getattr(trainer, "_prepare_dataset", None)  # TRL SFTTrainer
     if prepare is None or pairs is None:
         return {}
-    tagged = pairs.add_column("_smda_row", list(range(len(pairs))))
-    prepared = prepare(tagged, trainer.processing_class, trainer.args, False, None, "smda pair index")
+    try:
+        tagged = pairs.add_column("_smda_row", list(range(len(pairs))))
+        prepared = prepare(tagged, trainer.processing_class, trainer.args, False, None, "smda pair index")
+    except Exception as exc:  # noqa: BLE001 - naming pairs is best effort; credit by hash goes on
+        logger.warning("smda: could not tokenise `pairs` the way the trainer does (%s: %s); packed pairs are credited "
+                       "by content hash without names.", type(exc).__name__, exc)
+        return {}
     index: dict[str, list[int]] = {}
     for ids, row in zip(prepared["input_ids"], prepared["_smda_row"]):
         index.setdefault(content_hash(list(ids)), []).append(int(row))

@@ -25,6 +25,8 @@ def _grads(T, n=5, seed=0):
     lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.7, dampening=0.2),
     lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.6, nesterov=True),
     lambda p: torch.optim.SGD([p], lr=0.1),
+    lambda p: torch.optim.Adam([p], lr=0.1, fused=True),
+    lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.7, foreach=True),
 ])
 def test_kernel_reproduces_torch_updates(make):
     """Δθ_t = −D_t Σ_s c(t, s) g_s with D_t read from the optimizer: the kernel *is* the optimizer."""
@@ -216,6 +218,8 @@ def test_a_pair_whose_first_step_has_lr_zero_is_credited_when_its_gradient_acts(
 @pytest.mark.parametrize("make,decoupled", [
     (lambda p: torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.99), weight_decay=0.1), True),
     (lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, foreach=False), True),
+    (lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, foreach=True), True),
+    (lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True), True),
     (lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.7, dampening=0.2, weight_decay=0.1), False),
     (lambda p: torch.optim.SGD([p], lr=0.1, weight_decay=0.1), False),
 ])
@@ -301,3 +305,27 @@ def test_credit_torch_ops_create_no_tensor_off_the_model_device():
     np.testing.assert_allclose(slopes, ref_s, rtol=1e-6)
     assert shrunk == pytest.approx(float(snap[1].abs().sum()) * (1 - 1e-3), rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(params, snap))  # restored bitwise
+
+
+def test_bitsandbytes_adamw_is_the_adamw_kernel():
+    """QLoRA recipes' optimizers (bitsandbytes, CPU since 0.45): recognised as decoupled AdamW with their weight
+    decay, no fallback warning; the 32-bit one's update is the kernel's to float32 precision (the 8-bit one keeps
+    quantised moments, which `deconvolve` never reads; only its recognition is checked)."""
+    import bitsandbytes as bnb  # the [test] extra installs it
+    for cls in (bnb.optim.AdamW, bnb.optim.AdamW8bit, bnb.optim.PagedAdamW):
+        p = torch.nn.Parameter(torch.randn(4096, generator=torch.Generator().manual_seed(0)))
+        kernel, warning = OptimizerKernel.from_optimizer(cls([p], lr=1e-3, weight_decay=0.01))
+        assert warning is None and kernel.kind == "adam" and kernel.decoupled and kernel.weight_decay == 0.01, cls
+    # the update, step by step, against Δθ_t = −D_t Σ_s c(t,s) g_s − decay_coef(t)·θ_{t−1} with D_t from v_t
+    p = torch.nn.Parameter(torch.randn(4096, generator=torch.Generator().manual_seed(0)))
+    opt = bnb.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    kernel, _ = OptimizerKernel.from_optimizer(opt)
+    grads = [torch.randn(4096, generator=torch.Generator().manual_seed(10 + t)) for t in range(5)]
+    for t, g in enumerate(grads, start=1):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        v = opt.state[p]["state2"]
+        D = 1.0 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        want = -D * sum(kernel.coef(t, s, 1e-2) * grads[s - 1] for s in range(1, t + 1)) - kernel.decay_coef(t, 1e-2) * before
+        torch.testing.assert_close(p.detach() - before, want, rtol=1e-3, atol=1e-6)  # two float32 paths

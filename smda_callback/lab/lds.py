@@ -168,6 +168,14 @@ def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[st
             prev = now
         out["step change"][q] = step
         out["label count"][q] = {i: float(by_id.get(i, {}).get("label") == "harmful") for i in order}
+        # the credit shrunk toward its label's mean: within a label the ranking (what finds planted pairs) is
+        # unchanged; across labels the pair's label carries the sum, as it does on ordinary data
+        credit = out["credit (default)"][q]
+        labels = {i: by_id.get(i, {}).get("label") for i in credit}
+        means = {lab: float(np.mean([v for i, v in credit.items() if labels[i] == lab])) for lab in set(labels.values())}
+        for lam in (0.0, 0.25, 0.5):
+            name = "label mean of credit" if lam == 0.0 else f"credit shrunk to label mean (λ={lam})"
+            out.setdefault(name, {})[q] = {i: means[labels[i]] + lam * (v - means[labels[i]]) for i, v in credit.items()}
         rng = np.random.default_rng([seed, 0x5eed])  # its own stream, not the subsets'
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
     return out
