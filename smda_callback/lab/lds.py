@@ -210,8 +210,14 @@ def score(out: str | Path) -> dict[str, Any]:
             pred = np.asarray([-sum(s.get(i, 0.0) for i in j["dropped"]) for j in subs])
             meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
             slope, intercept = (np.polyfit(pred, meas, 1) if np.std(pred) > 0 else (float("nan"), float("nan")))
+            sizes = np.asarray([len(j["dropped"]) for j in subs])
+            boot = np.random.default_rng(0)
+            draws = [spearman(pred[b], meas[b]) for b in (boot.integers(0, len(subs), len(subs)) for _ in range(1000))]
             entry[q] = {"lds": spearman(pred, meas), "slope": float(slope), "intercept": float(intercept),
-                        "pred_abs_mean": float(np.abs(pred).mean())}
+                        "pred_abs_mean": float(np.abs(pred).mean()),
+                        "lds_ci95": [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))],
+                        # within one removal size: the number of removed pairs no longer orders the changes
+                        "lds_by_size": {int(n): spearman(pred[sizes == n], meas[sizes == n]) for n in sorted(set(sizes))}}
         res["readers"][name] = entry
     return res
 
@@ -223,10 +229,12 @@ def format_score(s: dict[str, Any]) -> str:
          f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
          f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
          f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}", "",
-         "| reader | LDS harmful | LDS harmless | slope harmful | slope harmless | mean |predicted| harmful | harmless |",
-         "|---|---|---|---|---|---|---|"]
+         "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
+         "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
     for name, e in s["readers"].items():
         h, n = e["harmful"], e["harmless"]
-        L.append(f"| {name} | {h['lds']:+.2f} | {n['lds']:+.2f} | {h['slope']:.3g} | {n['slope']:.3g} | "
-                 f"{h['pred_abs_mean']:.3g} | {n['pred_abs_mean']:.3g} |")
+        ci = lambda x: f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"  # noqa: E731
+        by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
+        L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
+                 f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     return "\n".join(L)
