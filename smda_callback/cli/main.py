@@ -65,7 +65,7 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _suspects(a: argparse.Namespace) -> int:
-    from ..lab.analysis import suspects
+    from ..lab.analysis import CREDIT_READS, suspects
     from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(a.run_dir)
@@ -77,7 +77,7 @@ def _suspects(a: argparse.Namespace) -> int:
         print(json.dumps(df.drop(columns=["hash"]).to_dict("records"), indent=1, default=float))
         return 0
     print(f"pairs ranked by {a.target} (credit rule {credits['rule']}, kernel {credits['kernel']['kind']}, "
-          f"measure {credits['measure']}); score = credited change, most suspect first")
+          f"measure {credits['measure']}); score = credited change, most suspect first.\n{CREDIT_READS}")
     for r in df.itertuples():
         print(f"{r.score:+.4f}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
     return 0

@@ -75,6 +75,12 @@ def _credit_rows(records: list[dict[str, Any]], credits: dict[str, Any]) -> list
 SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 
+CREDIT_READS = ("A credit ranks pairs: it finds outliers (planted bad pairs), but its size is not the effect of "
+                "removing the pair: summed credits overshot retraining 15-19x on the demo (LDS benchmark, "
+                "docs/validation.md §9); the pair's own-window credit (`own` in credits.json) was the calibrated one.")
+"""What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
+
+
 def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any], target: str,
              top: int | None = None) -> pd.DataFrame:
     """Pairs ranked by what their credit did to a behaviour, most suspect first.

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .analysis import (category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, suspects,
+from .analysis import (CREDIT_READS, category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, suspects,
                        top_pairs)
 from ..ledger import smda_dir, load_credits, load_policy, load_records
 
@@ -241,7 +241,8 @@ def build_html(run_dir: str | Path) -> str:
         parts += ["<h2 id='suspects'>Suspects: pairs ranked by what they did</h2>",
                   f"<p class='note'>Credit rule <b>{_e(credits['rule'])}</b> (kernel {_e(credits['kernel']['kind'])}, "
                   f"measure {_e(credits['measure'])}; see docs/credit.md). Same ranking as <code>smda suspects RUN --target T</code>. "
-                  "over-refusal: credited change of mean refusal on harmless probes; compliance: minus that on harmful probes.</p>"]
+                  "over-refusal: credited change of mean refusal on harmless probes; compliance: minus that on harmful probes. "
+                  f"{_e(CREDIT_READS)}</p>"]
         for target in ("over-refusal", "compliance"):
             sus = suspects(records, policy, credits, target, top=10)
             parts.append(f"<div class='card'><b>{_e(target)}</b>"
