@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 
 from helpers import assert_ulps_close, pair_records, run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig
