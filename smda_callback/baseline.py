@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import KINDS, SMDAConfig
-from .policy import RidgePolicy, auroc, r2, select_features
+from .policy import RidgePolicy, auroc, fold_splits, r2, select_features
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,8 @@ def nested_cv(Z: np.ndarray, Y: np.ndarray, harmful: np.ndarray, config: SMDACon
     n = len(Y)
     if min(folds, n) < 2:
         return {}
-    perm = np.random.default_rng(seed).permutation(n)
     held = np.empty(n)
-    for f in range(folds):
-        test = perm[f::folds]
-        train = np.setdiff1d(perm, test)
+    for train, test in fold_splits(n, folds, seed):
         bl = fit_baseline(Z[train], Y[train], harmful[train], config, allowed, report=False, seed=seed)
         held[test] = bl.predict(Z[test])
     return {"cv_auroc_nested": auroc(held, harmful), "cv_r2_nested": r2(Y, held), "cv_folds": folds}

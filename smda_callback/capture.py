@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from itertools import count
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +38,21 @@ def is_packed(dataset: Any) -> bool:
     return "seq_lengths" in (getattr(dataset, "column_names", None) or [])
 
 
+def hash_index(column: Iterable[Sequence[int]], rows: Iterable[int]) -> dict[str, list[int]]:
+    """content hash of each row's token ids → the row numbers that hold those ids."""
+    index: dict[str, list[int]] = {}
+    for ids, row in zip(column, rows):
+        index.setdefault(content_hash(list(ids)), []).append(int(row))
+    return index
+
+
 def index_dataset(dataset: Any) -> dict[str, list[int]]:
     """hash(input_ids) → row indices of a tokenised training dataset ({} for a packed one: its rows are not pairs)."""
+    if dataset is None:
+        return {}
     if is_packed(dataset):
         logger.info("smda: packed dataset; pairs are credited by content hash. smda.bind(trainer, pairs=<the dataset "
                     "before packing>) names them (label, category, prompt).")
-    if dataset is None or is_packed(dataset):
         return {}
     try:
         column = dataset["input_ids"]
@@ -51,10 +61,7 @@ def index_dataset(dataset: Any) -> dict[str, list[int]]:
             column = [dataset[i]["input_ids"] for i in range(len(dataset))]
         except Exception:  # noqa: BLE001 - any dataset shape we cannot read means "no index"
             return {}
-    index: dict[str, list[int]] = {}
-    for i, ids in enumerate(column):
-        index.setdefault(content_hash(list(ids)), []).append(i)
-    return index
+    return hash_index(column, count())
 
 
 def check_packing(args: Any) -> None:
@@ -77,10 +84,7 @@ def index_unpacked(trainer: Any, pairs: Any) -> dict[str, list[int]]:
         logger.warning("smda: could not tokenise `pairs` the way the trainer does (%s: %s); packed pairs are credited "
                        "by content hash without names.", type(exc).__name__, exc)
         return {}
-    index: dict[str, list[int]] = {}
-    for ids, row in zip(prepared["input_ids"], prepared["_smda_row"]):
-        index.setdefault(content_hash(list(ids)), []).append(int(row))
-    return index
+    return hash_index(prepared["input_ids"], prepared["_smda_row"])
 
 
 def segments(position_ids: torch.Tensor | None, n: int) -> list[tuple[int, int]]:
@@ -217,8 +221,11 @@ class PairCapture:
             return
         self._want_hidden = False
         h = h.detach()
+        kept: dict[int, torch.Tensor] = {}  # a packed row holds many segments: gather its tokens once
         for (r, keep, s, e), pm in self._pending:
-            toks = h[r][keep.to(h.device)][s:e]
+            if r not in kept:
+                kept[r] = h[r][keep.to(h.device)]
+            toks = kept[r][s:e]
             sel = pm.to(toks.device)
             sel[0] = False  # a sequence's position 0 is an attention sink with an outlier norm
             if not sel.any():

@@ -8,7 +8,7 @@ the change of β over a step splits exactly into an X part and a Y part.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -133,12 +133,8 @@ class RidgePolicy:
         n = len(Y)
         folds = min(folds, n)
         if folds >= 2:
-            rng = np.random.default_rng(seed)
-            perm = rng.permutation(n)
             held = np.empty(n)
-            for f in range(folds):
-                test = perm[f::folds]
-                train = np.setdiff1d(perm, test)
+            for train, test in fold_splits(n, folds, seed):
                 b = self.coef(X[train], Y[train])
                 held[test] = self.predict(X[test], b, self.intercept_of(X[train], Y[train], b))
             out["cv_r2"] = r2(Y, held)
@@ -178,6 +174,15 @@ class RidgePolicy:
 def r2(y: np.ndarray, pred: np.ndarray) -> float:
     ss = float(np.sum((y - y.mean()) ** 2))
     return float("nan") if ss == 0 else 1.0 - float(np.sum((y - pred) ** 2)) / ss
+
+
+def fold_splits(n: int, folds: int, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) row indices of each of `folds` folds over one seeded permutation of n rows (the one fold
+    rule of every cross-validation here: the fit report, the nested estimate, the fold-selection agreement)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    for f in range(folds):
+        test = perm[f::folds]
+        yield np.setdiff1d(perm, test), test
 
 
 def select_features(Z: np.ndarray, harmful: Sequence[bool], k: int, allowed: np.ndarray | None = None) -> np.ndarray:

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+MODEL_HELP = "a local HF model folder or a Hub id when a hub is reachable (default: the embedded model)"
+
+
 def _emit(a: argparse.Namespace, result: Any, text: str) -> int:
     """`--json`: the result as JSON on stdout (nothing else); otherwise the human text."""
     print(json.dumps(result, indent=1, default=float) if getattr(a, "json", False) else text)
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     pr = sub.add_parser("probe", help="score a probe file on a model (refusal per probe and category)")
-    pr.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    pr.add_argument("--model", help=MODEL_HELP)
     pr.add_argument("--probes", help="probe JSONL (default: the shipped probe set)")
     pr.add_argument("--policy", help="RUN_DIR/smda/policy.json: also report the policy's predictions and AUROC")
     pr.add_argument("--sae", help="SAE folder (default: the shipped SAE; must be the policy's)")
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("policy-check", help="does the baseline policy generalise? nested CV and held-out prompts")
     pc.add_argument("--sae", help="SAE folder (default: the shipped one)")
-    pc.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    pc.add_argument("--model", help=MODEL_HELP)
     pc.add_argument("--probes", help="probe JSONL (default: the shipped probes)")
     pc.add_argument("--heldout", help="held-out prompts JSONL (default: the shipped heldout.jsonl)")
     pc.add_argument("--feature-kinds", "--kinds", dest="kinds", nargs="+", default=list(SMDAConfig.feature_kinds), choices=list(KINDS),
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", "-o", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")
-    t.add_argument("--model", help="local HF model folder (default: the embedded model)")
+    t.add_argument("--model", help=MODEL_HELP)
     t.add_argument("--layer", type=int, default=15)
     t.add_argument("--d-sae", type=int, default=4096)
     t.add_argument("--k", type=int, default=SAETrainSpec.k)

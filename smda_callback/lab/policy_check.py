@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import SMDAConfig
 from ..baseline import Baseline, allowed_latents, fit_baseline, nested_cv
-from ..policy import auroc
+from ..policy import auroc, fold_splits
 from ..probes import ProbeSet
 
 
@@ -55,12 +55,8 @@ def fold_jaccard(Z: np.ndarray, harmful: np.ndarray, cfg: SMDAConfig, allowed: n
 
     from ..baseline import choose_features
 
-    sets = []
-    for k in range(fold_seeds):
-        perm = np.random.default_rng(k).permutation(len(harmful))
-        for f in range(folds):
-            train = np.setdiff1d(perm, perm[f::folds])
-            sets.append(set(choose_features(Z[train], harmful[train], cfg, allowed).tolist()))
+    sets = [set(choose_features(Z[train], harmful[train], cfg, allowed).tolist())
+            for k in range(fold_seeds) for train, _ in fold_splits(len(harmful), folds, k)]
     return float(np.mean([len(a & b) / len(a | b) for a, b in combinations(sets, 2)]))
 
 
