@@ -1,0 +1,305 @@
+"""Replay: each pair's effect carried through the rest of a recorded run (a reader of `smda benchmark-lds`).
+
+The in-run credit is local: it credits a pair with the change its own step makes. Retraining without the
+pair also changes every later step, which answers that change. The replay measures that answer after
+the fact, by reverse mode through the recorded training run (in the spirit of REPLAY / MAGIC, arXiv
+2504.16430; our own derivation, written for the one-pair-per-step runs of the demo):
+
+- the state after optimizer step t is S_t = (θ_{t+1}, m_t, v_t): weights, Adam's first and second moments;
+- removing the pair of step t (its step skipped, the rest kept in order) perturbs S_t by the exact finite
+  difference δ_t = S_{t-1} − S_t; the rest of the run carries δ_t to the end, and the probe quantity f
+  moves by ≈ A_t · δ_t, where A_t = ∂f(θ_T)/∂S_t is the adjoint of the state;
+- one reverse pass gives every A_t: A_{t-1} = J_tᵀ A_t, J_t being the Jacobian of step t. Adam's moments
+  and update are elementwise, the gradient clipping's global norm is a rank-one term, and the gradient's
+  dependence on θ is one Hessian-vector product of pair t's loss (double backward).
+
+States are recomputed from checkpoints kept on disk every `every` steps, so memory holds `every + 1`
+states and the forward steps run twice. Exact for torch AdamW (fused or not, decoupled weight decay, no
+amsgrad) with a recorded lr per step and clipping by global norm; any other optimizer is refused with
+the fix. The prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Objective = Callable[[Any], torch.Tensor]
+"""Model -> scalar tensor; its gradient is taken with respect to the model's trainable parameters."""
+
+
+def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
+    name = type(opt).__name__
+    if name not in ("AdamW", "Adam"):
+        raise ValueError(f"replay: the run's optimizer is {name}; the replay models torch AdamW/Adam only. "
+                         "Train the replayed run with optim='adamw_torch' or 'adamw_torch_fused'.")
+    groups = []
+    for g in opt.param_groups:
+        if g.get("amsgrad") or g.get("maximize"):
+            raise ValueError("replay: amsgrad/maximize AdamW is not modelled; train the replayed run without them.")
+        if name == "Adam" and g.get("weight_decay", 0.0):
+            raise ValueError("replay: Adam with L2 weight decay is not modelled; use AdamW (decoupled decay).")
+        groups.append({"betas": g["betas"], "eps": g["eps"], "wd": g.get("weight_decay", 0.0), "params": g["params"]})
+    return groups
+
+
+class State:
+    """θ, m, v of every trainable parameter, as detached CPU copies."""
+
+    def __init__(self, theta: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int) -> None:
+        self.theta, self.m, self.v, self.step = theta, m, v, step
+
+    @classmethod
+    def read(cls, params: Sequence[torch.Tensor], opt: Any, step: int) -> "State":
+        def st(p: torch.Tensor, key: str) -> torch.Tensor:
+            s = opt.state.get(p, {})
+            return s[key].detach().clone() if key in s else torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        return cls([p.detach().clone() for p in params], [st(p, "exp_avg") for p in params],
+                   [st(p, "exp_avg_sq") for p in params], step)
+
+    def write(self, params: Sequence[torch.Tensor], opt: Any) -> None:
+        with torch.no_grad():
+            for p, th, m, v in zip(params, self.theta, self.m, self.v):
+                p.copy_(th)
+                if self.step == 0:
+                    opt.state.pop(p, None)
+                    continue
+                s = opt.state[p]
+                if "exp_avg" not in s:
+                    s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    s["step"] = torch.tensor(0.0)
+                s["exp_avg"].copy_(m)
+                s["exp_avg_sq"].copy_(v)
+                s["step"] = torch.tensor(float(self.step), dtype=s["step"].dtype if torch.is_tensor(s["step"]) else torch.float32)
+
+    def save(self, path: Path) -> None:
+        torch.save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        d = torch.load(path, weights_only=True)
+        return cls(d["theta"], d["m"], d["v"], int(d["step"]))
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
+
+
+def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    val = obj(model)
+    grads = torch.autograd.grad(val, list(params), allow_unused=True)
+    return float(val.detach()), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+class Stepper:
+    """The recorded run's steps, taken again: the trainer's loss, clipping and optimizer on its batches in order.
+
+    `trainer`: set up exactly as the recorded run (same starting weights, same data in the same order with a
+    sequential sampler, same optimizer arguments); `.train()` is never called, the stepper steps it itself.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer, self.model = trainer, trainer.model
+        self.model.train()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.batches = list(trainer.get_train_dataloader())
+        trainer.create_optimizer_and_scheduler(num_training_steps=len(self.batches))
+        self.opt, self.sched = trainer.optimizer, trainer.lr_scheduler
+        groups = _check_optimizer(self.opt)
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        self.hp = [group_of[id(p)] for p in self.params]
+        self.clip = float(trainer.args.max_grad_norm or 0.0)
+        self.lrs: list[float] = []
+        self.norms: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def loss(self, t: int) -> torch.Tensor:
+        return self.trainer.compute_loss(self.model, dict(self.batches[t]))
+
+    def train_grad(self, t: int) -> list[torch.Tensor]:
+        """Step t's gradient as training computes it, as a differentiable expression of the weights.
+
+        The loss is written with plain ops (TRL's fused head has no double backward): the mean token
+        cross-entropy over the batch's label tokens. An nn.Embedding with `padding_idx` gives that row no
+        gradient from the input side, so the training gradient is not the loss's true gradient; the lookup is
+        written out and that part subtracted here, because torch's double backward of the embedding keeps it
+        (measured on a tiny Llama: ⟨Jᵀv, w⟩ by double backward −103 against −130 and −98 by finite
+        differences of the training gradient, which is not symmetric).
+        """
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        batch = dict(self.batches[t])
+        labels, ids = batch.pop("labels"), batch.pop("input_ids")
+        emb = self.model.get_input_embeddings()
+        x = F.embedding(ids, emb.weight)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+            logits = self.model(inputs_embeds=x, **batch, use_cache=False).logits[:, :-1]
+        tgt = labels[:, 1:]
+        mask = tgt != -100
+        lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        loss = -(lp * mask).sum() / mask.sum().clamp(min=1)
+        pad = emb.padding_idx
+        at = pad is not None and bool((ids == pad).any())
+        grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=True, allow_unused=True)
+        g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
+        if at:
+            i = next(k for k, p in enumerate(self.params) if p is emb.weight)
+            row = grads[-1][ids == pad].sum(0)
+            onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype)
+            onehot[pad] = 1
+            g[i] = g[i] - onehot * row.unsqueeze(0)
+        return g
+
+    def step(self, t: int) -> None:
+        """Step t as the Trainer takes it (its lr read from the schedule the first time, then reused)."""
+        fresh = t == len(self.lrs)
+        if fresh:
+            self.lrs.append(float(self.opt.param_groups[0]["lr"]))
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(t).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else math.sqrt(_dot(grads, grads))
+        if t == len(self.norms):
+            self.norms.append(norm)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lrs[t]
+        self.opt.step()
+        if fresh:
+            self.sched.step()
+
+    def state(self, step: int) -> State:
+        return State.read(self.params, self.opt, step)
+
+    def load(self, st: State) -> None:
+        st.write(self.params, self.opt)
+
+    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]]) -> None:
+        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded)."""
+        params = self.params
+        self.model.zero_grad(set_to_none=True)
+        g = self.train_grad(t)
+        gd = [x.detach() for x in g]
+        norm = math.sqrt(_dot(gd, gd))
+        coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 else 1.0
+        lr, k = self.lrs[t], t + 1
+        a_g_all = {}
+        for name, A in adjoints.items():
+            new_m, new_v, a_gc, new_theta = [], [], [], []
+            for i in range(len(params)):
+                (b1, b2), eps, wd = self.hp[i]["betas"], self.hp[i]["eps"], self.hp[i]["wd"]
+                bc1, bc2s = 1 - b1 ** k, math.sqrt(1 - b2 ** k)
+                m1, sq = post.m[i], post.v[i].sqrt()
+                D = sq / bc2s + eps
+                # θ' = θ(1 − lr·wd) − (lr/bc1)·m'/D,  m' = β1 m + (1−β1) gc,  v' = β2 v + (1−β2) gc²
+                am = A["m"][i] - A["theta"][i] * (lr / bc1) / D
+                dv = torch.where(sq > 0, (lr / bc1) * m1 / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
+                av = A["v"][i] + A["theta"][i] * dv
+                a_gc.append((1 - b1) * am + 2 * (1 - b2) * (coef * gd[i]) * av)
+                new_m.append(b1 * am)
+                new_v.append(b2 * av)
+                new_theta.append(A["theta"][i] * (1 - lr * wd))
+            if coef < 1.0:  # gc = clip·g/(|g| + 1e-6): the clipping's rank-one term
+                proj = _dot(gd, a_gc) / (norm * (norm + 1e-6))
+                a_gc = [coef * (a - proj * x) for a, x in zip(a_gc, gd)]
+            a_g_all[name] = a_gc
+            A["m"], A["v"], A["theta"] = new_m, new_v, new_theta
+        names = list(adjoints)
+        for j, name in enumerate(names):  # θ's own path: one Hessian-vector product of pair t's loss (double backward)
+            hv = torch.autograd.grad(g, params, grad_outputs=a_g_all[name], retain_graph=j < len(names) - 1, allow_unused=True)
+            adjoints[name]["theta"] = [a if h is None else a + h.detach() for a, h in zip(adjoints[name]["theta"], hv)]
+
+
+def shift_effect(run: Stepper, t: int, pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
+    """First-order change of the objective when step t runs one place earlier in the order, as it does once any
+    earlier pair is dropped in place: Adam's bias correction counts t instead of t + 1 and the lr is the
+    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A."""
+    if t == 0:
+        return 0.0
+    lr0, lr1, k = run.lrs[t], run.lrs[t - 1], t + 1
+    total = 0.0
+    for i, a in enumerate(A["theta"]):
+        (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+        sq = post.v[i].sqrt()
+
+        def update(lr: float, kk: int) -> torch.Tensor:
+            return -pre.theta[i] * (lr * wd) - (lr / (1 - b1 ** kk)) * post.m[i] / (sq / math.sqrt(1 - b2 ** kk) + eps)
+
+        total += float(torch.dot(a.reshape(-1).double(), (update(lr1, k - 1) - update(lr0, k)).reshape(-1).double()))
+    return total
+
+
+def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
+    """First-order change of the objective when step t is skipped: A_t · (S_{t-1} − S_t)."""
+    return sum(_dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v"))
+
+
+def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every step's predicted effect of its removal on each objective at the end of training.
+
+    Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
+    step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
+    later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
+    "seconds"}. `workdir` holds the checkpoints (3 copies of the weights each) and is
+    removed at the end; the trainer's model is left at the final weights.
+    """
+    say = progress or logger.info
+    t0 = time.perf_counter()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    run = Stepper(trainer)
+    n = len(run)
+    for t in range(n):  # 1. the run as trained, a checkpoint every `every` steps
+        if t % every == 0:
+            run.state(t).save(work / f"s{t:05d}.pt")
+        run.step(t)
+        if (t + 1) % 16 == 0:
+            say(f"replay: forward step {t + 1}/{n}")
+    end = run.state(n)
+    final, adj = {}, {}
+    for name, obj in objectives.items():
+        final[name], gT = _grad_of(obj, run.model, run.params)
+        adj[name] = {"theta": gT, "m": [torch.zeros_like(p) for p in run.params], "v": [torch.zeros_like(p) for p in run.params]}
+    effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+    shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+    say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
+    gap = float("nan")
+    for s in reversed(range(0, n, every)):  # 2. reverse, block by block, each block recomputed from its checkpoint
+        e = min(s + every, n)
+        states = [State.load(work / f"s{s:05d}.pt")]
+        run.load(states[0])
+        for t in range(s, e):
+            run.step(t)
+            states.append(run.state(t + 1))
+        if e == n:
+            gap = max(float((a - b).abs().max()) for a, b in zip(states[-1].theta, end.theta))
+        for t in range(e - 1, s - 1, -1):
+            pre, post = states[t - s], states[t - s + 1]
+            for name, A in adj.items():
+                effect[name][t] = removal_effect(pre, post, A)
+                shift[name][t] = shift_effect(run, t, pre, post, A)
+            run.load(pre)
+            run.vjp(t, post, adj)
+        (work / f"s{s:05d}.pt").unlink(missing_ok=True)
+        say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
+    run.load(end)
+    shutil.rmtree(work, ignore_errors=True)
+    # a pair dropped in place also moves every later step one place earlier
+    in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
+    return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
+            "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,119 @@
+"""The replay's adjoint is the derivative of the end of the run: checked by finite differences in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smda_callback.lab.replay import State, Stepper, removal_effect, replay
+
+
+def _trainer(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch", lr: float = 3e-3):
+    from trl import SFTConfig, SFTTrainer
+
+    from smda_callback.lab.demo import to_dataset
+    from smda_callback.lab.testing import tiny_model
+
+    pairs = [{"id": f"p{i}", "prompt": f"question {i} about {w}", "response": f"answer {w} {i}", "label": "harmless",
+              "category": "c"} for i, w in enumerate(["boats", "fire", "rain", "ink", "salt", "moss"])]
+    model = tiny_model(hidden=32, layers=2, seed=1).double()
+    args = SFTConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=1, learning_rate=lr, max_grad_norm=clip,
+                     weight_decay=wd, lr_scheduler_type="constant_with_warmup", warmup_steps=2, report_to=[], use_cpu=True,
+                     save_strategy="no", max_length=64, optim=optim, train_sampling_strategy="sequential")
+    return SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, compute_loss_func=_ce64)
+
+
+def _ce64(outputs, labels, num_items_in_batch=None):
+    """TRL's default loss computes log-probabilities in float32 even for a float64 model; finite differences
+    need the whole step in float64, so the runs here use the same mean token cross-entropy in the model's dtype."""
+    logits, tgt = outputs.logits[:, :-1], labels[:, 1:]
+    mask = tgt != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(lp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _objective(tok):
+    ids = torch.tensor([tok("Tell me how to pick a lock")["input_ids"]])
+    refusal = tok(" I", add_special_tokens=False)["input_ids"][0]
+
+    def f(model):
+        return torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)[refusal]
+
+    return f
+
+
+@pytest.mark.parametrize("clip,wd,optim", [(1e-2, 0.1, "adamw_torch"), (0.0, 0.0, "adamw_torch_fused")])
+def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenizer, tmp_path, clip, wd, optim):
+    """A_t·δ from one reverse pass equals (f(run continued from S_t + εδ) − f(run continued from S_t)) / ε,
+    for a random δ, at every step: Adam's moments and bias correction, decoupled weight decay, the clipping's
+    norm (clip 1e-2 binds at every step) and the Hessian-vector products all enter that number."""
+    f = _objective(smol_tokenizer)
+    tr = _trainer(smol_tokenizer, tmp_path, clip, wd, optim)
+    run = Stepper(tr)
+    n = len(run)
+    states = [run.state(0)]
+    for t in range(n):
+        run.step(t)
+        states.append(run.state(t + 1))
+    if clip:
+        assert all(x > clip for x in run.norms)  # the clipping's term is exercised
+    base = float(f(run.model))
+    adj = {"f": {"theta": [g for g in torch.autograd.grad(f(run.model), run.params)],
+                 "m": [torch.zeros_like(p) for p in run.params], "v": [torch.zeros_like(p) for p in run.params]}}
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for t in range(n - 1, -1, -1):
+        # S_t = states[t+1] is the state after step t; perturb it and run steps t+1.. again
+        post = states[t + 1]
+        delta = State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-3) for p in post.theta],
+                      [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-9) for p in post.m],
+                      [torch.rand(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * p for p in post.v],
+                      post.step)
+        zero = State([torch.zeros_like(p) for p in post.theta], [torch.zeros_like(p) for p in post.m],
+                     [torch.zeros_like(p) for p in post.v], post.step)
+        predicted = -removal_effect(zero, delta, adj["f"])  # A·δ
+        moved = []
+        for sign in (1.0, -1.0):
+            run.load(State([a + sign * d for a, d in zip(post.theta, delta.theta)], [a + sign * d for a, d in zip(post.m, delta.m)],
+                           [a + sign * d for a, d in zip(post.v, delta.v)], post.step))
+            for u in range(t + 1, n):
+                run.step(u)
+            moved.append(float(f(run.model)))
+        measured = (moved[0] - moved[1]) / 2
+        assert abs(measured) > 1e-9
+        assert predicted == pytest.approx(measured, rel=2e-3), (t, predicted, measured)
+        checked += 1
+        run.load(states[t])
+        run.vjp(t, post, adj)
+    assert checked == n
+    assert abs(base) > 0
+
+
+def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
+    """The full replay (checkpoints every 2 steps, recomputed) gives the same effects as the one-block pass, and its
+    first-order prediction of dropping one pair in place is close to really retraining without it."""
+    f = _objective(smol_tokenizer)
+    res = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2)
+    assert res["recompute_gap"] == 0.0
+    assert not (tmp_path / "w").exists()
+    res1 = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w1", every=100)
+    assert res["removal_effect"]["f"] == pytest.approx(res1["removal_effect"]["f"], rel=1e-9, abs=1e-15)
+    # really drop each pair in place: the same run without its step, every later step one place earlier
+    # (Adam's count and the warmup lr follow the new place, as in a retrain on the other pairs)
+    errs = []
+    for skip in range(1, len(res["lr"])):  # step 0 has lr 0 under warmup: skipping it only shifts the moments
+        tr = _trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4)
+        run = Stepper(tr)
+        run.lrs.extend(res["lr"][:skip] + res["lr"][skip:-1] + [0.0])
+        for t in range(len(run)):
+            if t != skip:
+                run.lrs[t] = res["lr"][t if t < skip else t - 1]
+                run.step(t)
+        skipped = float(f(run.model).detach()) - res["final"]["f"]
+        assert abs(skipped) > 1e-7
+        pred = res["removal_effect"]["f"][skip]
+        assert pred * skipped > 0
+        errs.append(abs(pred - skipped) / abs(skipped))
+    print("relative error of the first-order skip, per step:", [round(e, 3) for e in errs])
+    # first order in a whole step: measured 0.23, 0.11, 0.04, 0.08, 0.08 (the early steps' Adam counts move most)
+    assert sorted(errs)[len(errs) // 2] < 0.12 and max(errs) < 0.3
