@@ -220,12 +220,14 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _lds(a: argparse.Namespace) -> int:
-    from ..lab.lds import LDSSettings, format_score, run_jobs, score
+    from ..lab.lds import LDSSettings, format_score, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
+    st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed)
     if not a.score_only:
-        st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed)
         run_jobs(a.out, st, parse_shard(a.shard))
+    if a.replay and not Path(a.out, "replay.json").exists():
+        replay_job(a.out, st, every=a.replay_every)
     s = score(a.out)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
     return _emit(a, s, format_score(s))
@@ -384,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--seed", type=int, default=0)
     ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
+    ld.add_argument("--replay", action="store_true",
+                    help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
+                         "about three training runs' compute, checkpoints on disk under --out)")
+    ld.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=_lds)
 

@@ -81,30 +81,70 @@ def ranking_run(out: Path, st: LDSSettings) -> Path:
 
 def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> dict[str, Any]:
     """The demo's SFT on `ordered` in that order (no callback), then one probe pass: Y per probe."""
+    trainer = _trainer_for(ordered, tmp, st) if ordered else None
+    if trainer is not None:
+        trainer.train()
+        model, tok = trainer.model, trainer.processing_class
+    else:
+        from .models import load_model
+
+        model, tok = load_model()
+    model.eval()
+    probes, snap = _snapshotter(tok, model)
+    Y = snap.take(model).Y
+    harmful = np.asarray(probes.is_harmful)
+    return {"Y": Y.tolist(), "refusal_harmful": float(Y[harmful].mean()), "refusal_harmless": float(Y[~harmful].mean()),
+            "by_category": {c: float(Y[i].mean()) for c, i in probes.category_index().items()}}
+
+
+def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> Any:
+    """The demo's SFT on `ordered` in that order, without the callback: what every retrain runs."""
     from trl import SFTTrainer
 
-    from ..config import SMDAConfig
-    from ..probes import ProbeSet
-    from ..sae import embedded_sae_dir, load_sae, resolve_hook
-    from ..snapshot import Snapshotter
-    from .._resources import DATA
     from .demo import DemoSettings, sft_config, to_dataset
     from .models import load_model
 
     model, tok = load_model()
     args = sft_config(tmp, DemoSettings(seed=st.seed))
     args.report_to, args.train_sampling_strategy = [], "sequential"
-    if ordered:
-        SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok).train()
-    model.eval()
+    return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
+
+
+def _snapshotter(tok: Any, model: Any) -> Any:
+    from ..config import SMDAConfig
+    from ..probes import ProbeSet
+    from ..sae import embedded_sae_dir, load_sae, resolve_hook
+    from ..snapshot import Snapshotter
+    from .._resources import DATA
+
     probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
     sae = load_sae(str(embedded_sae_dir()))
     snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token", probe_batch_size=16))
     snap.features = np.arange(8)
-    Y = snap.take(model).Y
+    return probes, snap
+
+
+def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -> dict[str, Any]:
+    """The replay reader (lab/replay.py) on the ranking run's order: every pair's predicted effect of dropping
+    it on mean refusal of the harmful and of the harmless probes, carried through the rest of the run.
+    Written to `replay.json`; `score` then shows it beside the other readers."""
+    from .._resources import DATA
+    from .demo import load_pairs
+    from .replay import probe_objective, replay
+
+    st = st or LDSSettings()
+    out = Path(out)
+    order = _records_order(out / "run")
+    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", st)
+    probes, snap = _snapshotter(trainer.processing_class, trainer.model)
     harmful = np.asarray(probes.is_harmful)
-    return {"Y": Y.tolist(), "refusal_harmful": float(Y[harmful].mean()), "refusal_harmless": float(Y[~harmful].mean()),
-            "by_category": {c: float(Y[i].mean()) for c, i in probes.category_index().items()}}
+    objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
+                  for q in ("harmful", "harmless")}
+    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every)
+    res["order"] = order
+    (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
+    return res
 
 
 def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:
@@ -147,6 +187,8 @@ def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[st
     from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(run_dir) or {"pairs": []}
+    replayed = run_dir.parent / "replay.json"
+    rep = json.loads(replayed.read_text()) if replayed.exists() else None
     by_id = {p["id"]: p for p in credits["pairs"] if "id" in p}
     policy = load_policy(run_dir)
     harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
@@ -168,6 +210,9 @@ def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[st
             prev = now
         out["step change"][q] = step
         out["label count"][q] = {i: float(by_id.get(i, {}).get("label") == "harmful") for i in order}
+        if rep is not None:  # a pair's score is the change it makes when trained: minus its removal's effect
+            for name, key in (("replay (dropped in place)", "removal_effect"), ("replay (weight zero)", "weight_zero_effect")):
+                out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
         # the credit shrunk toward its label's mean: within a label the ranking (what finds planted pairs) is
         # unchanged; across labels the pair's label carries the sum, as it does on ordinary data
         credit = out["credit (default)"][q]

@@ -32,8 +32,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-Objective = Callable[[Any], torch.Tensor]
-"""Model -> scalar tensor; its gradient is taken with respect to the model's trainable parameters."""
+Objective = Callable[[Any], Any]
+"""Model -> a scalar tensor, or an iterable of scalar tensors whose sum is the objective (one backward each,
+so that a probe set's graphs are never held at once); gradients are taken for the trainable parameters."""
 
 
 def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
@@ -96,9 +97,15 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 
 def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    val = obj(model)
-    grads = torch.autograd.grad(val, list(params), allow_unused=True)
-    return float(val.detach()), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    out = obj(model)
+    total, acc = 0.0, [torch.zeros_like(p) for p in params]
+    for part in ([out] if torch.is_tensor(out) else out):
+        grads = torch.autograd.grad(part, list(params), allow_unused=True)
+        total += float(part.detach())
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a += g
+    return total, acc
 
 
 class Stepper:
@@ -198,25 +205,26 @@ class Stepper:
         lr, k = self.lrs[t], t + 1
         a_g_all = {}
         for name, A in adjoints.items():
-            new_m, new_v, a_gc, new_theta = [], [], [], []
-            for i in range(len(params)):
+            a_gc = []
+            for i in range(len(params)):  # in place, one parameter at a time: no second copy of the adjoints
                 (b1, b2), eps, wd = self.hp[i]["betas"], self.hp[i]["eps"], self.hp[i]["wd"]
                 bc1, bc2s = 1 - b1 ** k, math.sqrt(1 - b2 ** k)
-                m1, sq = post.m[i], post.v[i].sqrt()
+                sq = post.v[i].sqrt()
                 D = sq / bc2s + eps
                 # θ' = θ(1 − lr·wd) − (lr/bc1)·m'/D,  m' = β1 m + (1−β1) gc,  v' = β2 v + (1−β2) gc²
                 am = A["m"][i] - A["theta"][i] * (lr / bc1) / D
-                dv = torch.where(sq > 0, (lr / bc1) * m1 / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
+                dv = torch.where(sq > 0, (lr / bc1) * post.m[i] / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
                 av = A["v"][i] + A["theta"][i] * dv
+                del D, dv, sq
                 a_gc.append((1 - b1) * am + 2 * (1 - b2) * (coef * gd[i]) * av)
-                new_m.append(b1 * am)
-                new_v.append(b2 * av)
-                new_theta.append(A["theta"][i] * (1 - lr * wd))
+                A["m"][i], A["v"][i] = am.mul_(b1), av.mul_(b2)
+                if wd:
+                    A["theta"][i] = A["theta"][i] * (1 - lr * wd)
             if coef < 1.0:  # gc = clip·g/(|g| + 1e-6): the clipping's rank-one term
                 proj = _dot(gd, a_gc) / (norm * (norm + 1e-6))
-                a_gc = [coef * (a - proj * x) for a, x in zip(a_gc, gd)]
+                for a, x in zip(a_gc, gd):
+                    a.sub_(proj * x).mul_(coef)
             a_g_all[name] = a_gc
-            A["m"], A["v"], A["theta"] = new_m, new_v, new_theta
         names = list(adjoints)
         for j, name in enumerate(names):  # θ's own path: one Hessian-vector product of pair t's loss (double backward)
             hv = torch.autograd.grad(g, params, grad_outputs=a_g_all[name], retain_graph=j < len(names) - 1, allow_unused=True)
@@ -269,7 +277,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
         run.step(t)
         if (t + 1) % 16 == 0:
             say(f"replay: forward step {t + 1}/{n}")
-    end = run.state(n)
+    run.state(n).save(work / "end.pt")
     final, adj = {}, {}
     for name, obj in objectives.items():
         final[name], gT = _grad_of(obj, run.model, run.params)
@@ -286,7 +294,9 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             run.step(t)
             states.append(run.state(t + 1))
         if e == n:
+            end = State.load(work / "end.pt")
             gap = max(float((a - b).abs().max()) for a, b in zip(states[-1].theta, end.theta))
+            del end
         for t in range(e - 1, s - 1, -1):
             pre, post = states[t - s], states[t - s + 1]
             for name, A in adj.items():
@@ -296,10 +306,30 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             run.vjp(t, post, adj)
         (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
-    run.load(end)
+    run.load(State.load(work / "end.pt"))
     shutil.rmtree(work, ignore_errors=True)
     # a pair dropped in place also moves every later step one place earlier
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
+    """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them (one unpadded forward per
+    probe). The embedding lookup is written out, so that the gradient is the true one: an nn.Embedding with
+    `padding_idx` drops that row's input-side gradient, and the chat template's end token is often the pad."""
+    import torch.nn.functional as F
+
+    idx = list(indices)
+    if not idx:
+        raise ValueError("probe_objective: no probes selected")
+
+    def parts(model: Any) -> Any:
+        emb = model.get_input_embeddings()
+        for i in idx:
+            ids = torch.tensor([snap.tp.input_ids[i]])
+            logits = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=False, logits_to_keep=1).logits[:, -1]
+            yield snap.scorer.score(model, logits, None, torch.ones_like(ids))[0] / len(idx)
+
+    return parts
