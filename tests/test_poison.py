@@ -67,6 +67,13 @@ def test_replayed_credit_equals_the_live_one(tmp_path, smol_tokenizer, measure):
     for h, v in replay.items():
         np.testing.assert_allclose(v["d"], live[h]["d"], atol=1e-12)
         np.testing.assert_allclose(v["refusal_harmless"], live[h]["refusal_harmless"], atol=1e-12)
+    own = replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), measure, part="own")
+    assert own.keys() == live.keys()
+    for h, v in own.items():  # the own-window part replayed equals credits.json's "own"
+        np.testing.assert_allclose(v["d"], live[h]["own"]["d"], atol=1e-12)
+        np.testing.assert_allclose(v["refusal_harmful"], live[h]["own"]["refusal_harmful"], atol=1e-12)
+    with pytest.raises(ValueError, match="part="):
+        replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), measure, part="later")
 
 
 def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys):

@@ -194,7 +194,7 @@ def _policy_check(a: argparse.Namespace) -> int:
     from ..probes import ProbeSet
     from ..sae import embedded_sae_dir
 
-    cfg = SMDAConfig(scorer="first_token", feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
+    cfg = SMDAConfig(scorer=a.scorer, feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
     model, tok = load_model(a.model)
     res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
                        ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds, a.sweep)
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
     pc.add_argument("--selection", choices=["score", "stable"], default=SMDAConfig.selection)
     pc.add_argument("--fold-seeds", type=int, default=3, help="fold splits the nested estimate is averaged over")
+    pc.add_argument("--scorer", choices=["first_token", "prefix"], default="first_token",
+                    help="refusal scorer: the demo's first_token (default here) or the library default prefix")
     pc.add_argument("--sweep", action="store_true", help="also every feature count (16–64) × selection rule, with the "
                                                          "agreement of the latents chosen on different folds")
     pc.add_argument("--json", action="store_true")

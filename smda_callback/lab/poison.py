@@ -181,11 +181,14 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
     adam = OptimizerKernel(**credits["kernel"])
     readers: dict[str, dict[str, dict[str, float]]] = {}
-    for name, kernel, measure in (("smda_optimizer_ghost", adam, "ghost"), ("smda_optimizer_deconvolve", adam, "deconvolve"),
-                                  ("smda_step", OptimizerKernel(), "deconvolve")):
+    for name, kernel, measure, part in (("smda_optimizer_ghost", adam, "ghost", "total"),
+                                        ("smda_optimizer_deconvolve", adam, "deconvolve", "total"),
+                                        ("smda_own_window_ghost", adam, "ghost", "own"),
+                                        ("smda_own_window_deconvolve", adam, "deconvolve", "own"),
+                                        ("smda_step", OptimizerKernel(), "deconvolve", "total")):
         if measure == "ghost" and credits["measure"] != "ghost":
             continue
-        cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure).items()}
+        cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure, part).items()}
         readers[name] = {"over-refusal": {i: v["refusal_harmless"] for i, v in cr.items()},
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
     loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
