@@ -59,3 +59,19 @@ def test_a_reader_that_is_the_truth_scores_one(tmp_path):
     own = s["readers"]["own window"]["harmful"]
     assert own["lds"] > 0.999 and abs(own["slope"] - 0.5) < 1e-9  # same ranking, twice the magnitude
     assert abs(s["readers"]["random"]["harmful"]["lds"]) < 0.9
+
+
+def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
+    """replay.json holds each pair's removal effect (the change of the quantity when it is dropped): the
+    reader's score is minus that, so the truth again scores LDS 1 and slope 1; without the file no row."""
+    ids, sets = _fake(tmp_path)
+    assert not any(name.startswith("replay") for name in score(tmp_path)["readers"])
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    rep = {"order": ids, "removal_effect": {"harmful": [-eff[i] for i in ids], "harmless": [-0.5 * eff[i] for i in ids]},
+           "weight_zero_effect": {"harmful": [eff[i] for i in ids], "harmless": [0.5 * eff[i] for i in ids]}}
+    (tmp_path / "replay.json").write_text(json.dumps(rep))
+    s = score(tmp_path)["readers"]
+    for q in ("harmful", "harmless"):
+        assert s["replay (dropped in place)"][q]["lds"] > 0.999 and abs(s["replay (dropped in place)"][q]["slope"] - 1) < 1e-9
+        assert s["replay (weight zero)"][q]["lds"] < -0.999  # the sign flipped on purpose: the score reads it

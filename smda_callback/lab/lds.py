@@ -11,6 +11,8 @@
    pairs' summed score) against the measured change from the full replay. Calibration: slope and
    intercept of measured on predicted. Every table shows the label-count reader (how many harmful
    pairs were removed) and a random reader beside the credit.
+5. With `--replay`, the replay reader (lab/replay.py): reverse mode through the ranking run's order, each
+   pair's removal carried through the rest of the run; written to `replay.json` and scored like the others.
 
 Each retrain writes `jobs/<name>.json` as it ends, so a stopped benchmark resumes, and `--shard i/k`
 shares the jobs between processes. The retrains need no per-step probing: a job costs one plain SFT

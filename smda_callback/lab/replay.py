@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -312,6 +313,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
