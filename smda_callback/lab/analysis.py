@@ -77,7 +77,8 @@ SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 CREDIT_READS = ("A credit ranks pairs: it finds outliers (planted bad pairs), but its size is not the effect of "
                 "removing the pair: summed credits overshot retraining 11-12x on a 64-pair demo run (LDS benchmark, "
-                "docs/validation.md §9); the pair's own-window credit (`own` in credits.json) was the calibrated one.")
+                "docs/validation.md §9); the pair's own-window credit (`own` in credits.json) was the calibrated one. To "
+                "predict what dropping a set would do, replay the run after training (lab/replay.py; LDS 0.8-0.96 there).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 

@@ -43,6 +43,9 @@ def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
     if name not in ("AdamW", "Adam"):
         raise ValueError(f"replay: the run's optimizer is {name}; the replay models torch AdamW/Adam only. "
                          "Train the replayed run with optim='adamw_torch' or 'adamw_torch_fused'.")
+    if len({g.get("initial_lr", g["lr"]) for g in opt.param_groups}) > 1:
+        raise ValueError("replay: the optimizer's parameter groups have different learning rates; the replay records "
+                         "one lr per step. Train the replayed run with one learning rate for every group.")
     groups = []
     for g in opt.param_groups:
         if g.get("amsgrad") or g.get("maximize"):
@@ -54,7 +57,7 @@ def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
 
 
 class State:
-    """θ, m, v of every trainable parameter, as detached CPU copies."""
+    """θ, m, v of every trainable parameter, as detached copies on the parameters' device."""
 
     def __init__(self, theta: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int) -> None:
         self.theta, self.m, self.v, self.step = theta, m, v, step
@@ -78,10 +81,12 @@ class State:
                 s = opt.state[p]
                 if "exp_avg" not in s:
                     s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                    s["step"] = torch.tensor(0.0)
+                    # fused and capturable Adam keep the step count on the parameter's device, the others on the host
+                    on_dev = opt.defaults.get("fused") or opt.defaults.get("capturable")
+                    s["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if on_dev else "cpu")
                 s["exp_avg"].copy_(m)
                 s["exp_avg_sq"].copy_(v)
-                s["step"] = torch.tensor(float(self.step), dtype=s["step"].dtype if torch.is_tensor(s["step"]) else torch.float32)
+                s["step"].fill_(float(self.step))
 
     def save(self, path: Path) -> None:
         torch.save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
