@@ -75,3 +75,17 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
     for q in ("harmful", "harmless"):
         assert s["replay (dropped in place)"][q]["lds"] > 0.999 and abs(s["replay (dropped in place)"][q]["slope"] - 1) < 1e-9
         assert s["replay (weight zero)"][q]["lds"] < -0.999  # the sign flipped on purpose: the score reads it
+
+
+def test_peer_scores_are_read_as_predicted_changes(tmp_path):
+    """A peer that says "pair raises harmless refusal" (over-refusal) and "pair lowers harmful refusal"
+    (compliance) by exactly the true effects scores LDS 1 on both quantities once compliance's sign is flipped."""
+    ids, sets = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "tracin.json").write_text(json.dumps({"scores": {
+        "over-refusal": {i: 0.5 * eff[i] for i in ids}, "compliance": {i: -eff[i] for i in ids}}, "seconds": 1.0}))
+    s = score(tmp_path)["readers"]["tracin (final weights)"]
+    assert s["harmful"]["lds"] > 0.999 and s["harmless"]["lds"] > 0.999
+    assert abs(s["harmful"]["slope"] - 1) < 1e-9

@@ -220,7 +220,7 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _lds(a: argparse.Namespace) -> int:
-    from ..lab.lds import LDSSettings, format_score, replay_job, run_jobs, score
+    from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed)
@@ -228,6 +228,8 @@ def _lds(a: argparse.Namespace) -> int:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay and not Path(a.out, "replay.json").exists():
         replay_job(a.out, st, every=a.replay_every)
+    if a.peers:
+        peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
     return _emit(a, s, format_score(s))
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
                          "about three training runs' compute, checkpoints on disk under --out)")
     ld.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
+    ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
+                    help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=_lds)
 

@@ -149,6 +149,22 @@ def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -
     return res
 
 
+def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = None) -> list[dict[str, Any]]:
+    """The peers of `peers.py` (TracIn, kronfluence EK-FAC) on the ranking run's final model, each in its own
+    process (its time and peak memory recorded), written to `peers/<name>.json` and scored like the others."""
+    from .._resources import DATA
+    from .demo import load_pairs
+    from .poison import run_peer
+
+    st = st or LDSSettings()
+    out = Path(out)
+    order = _records_order(out / "run")
+    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    (out / "pairs.jsonl").write_text("".join(json.dumps(pairs[i]) + "\n" for i in order), encoding="utf-8")
+    (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
+    return [run_peer(out, name) for name in names if not (out / "peers" / f"{name}.json").exists()]
+
+
 def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:
     """This shard's retrains that have no result file yet (the ranking run first, on shard 0)."""
     from .._resources import DATA
@@ -212,6 +228,12 @@ def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[st
             prev = now
         out["step change"][q] = step
         out["label count"][q] = {i: float(by_id.get(i, {}).get("label") == "harmful") for i in order}
+        for path in sorted((run_dir.parent / "peers").glob("*.json")):
+            # peers score "more suspect" as raising harmless refusal (over-refusal) and lowering harmful refusal
+            # (compliance): as a predicted change of refusal, the compliance score's sign flips
+            peer = json.loads(path.read_text())["scores"]
+            sc = peer["over-refusal"] if q == "harmless" else {i: -v for i, v in peer["compliance"].items()}
+            out.setdefault(f"{path.stem} (final weights)", {})[q] = {i: float(v) for i, v in sc.items()}
         if rep is not None:  # a pair's score is the change it makes when trained: minus its removal's effect
             for name, key in (("replay (dropped in place)", "removal_effect"), ("replay (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
@@ -248,6 +270,14 @@ def score(out: str | Path) -> dict[str, Any]:
                            "replicas_max_abs_diff": replay_gap, "replay_vs_callback_run_max_abs_diff": callback_gap,
                            "measured_abs_mean": {q: float(np.mean([abs(j[f"refusal_{q}"] - ref[q]) for j in subs])) if subs else None
                                                  for q in ref}, "readers": {}}
+    timing = {"one retrain (mean)": {"seconds": float(np.mean([j["seconds"] for j in jobs.values() if "seconds" in j]))}}
+    if (out / "replay.json").exists():
+        rep = json.loads((out / "replay.json").read_text())
+        timing["replay"] = {"seconds": rep["seconds"], "peak_rss_mb": rep.get("peak_rss_mb")}
+    for path in sorted((out / "peers").glob("*.json")):
+        peer = json.loads(path.read_text())
+        timing[path.stem] = {"seconds": peer.get("seconds"), "peak_rss_mb": peer.get("peak_rss_mb")}
+    res["timing"] = timing
     if len(subs) < 3:
         return res
     for name, per_q in readers(run_dir, meta["order"], meta["settings"]["seed"]).items():
@@ -284,4 +314,6 @@ def format_score(s: dict[str, Any]) -> str:
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
         L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
+    L += ["", "cost (wall seconds on this machine; peak RSS where recorded): " + "; ".join(
+        f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "") for k, v in s.get("timing", {}).items())]
     return "\n".join(L)
