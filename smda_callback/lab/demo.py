@@ -53,7 +53,8 @@ class InterimFindings(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         f = self.smda.findings()
         if f:
-            self.say(f"[baseline] symbolic policy (nested 5-fold AUROC vs labels, features re-chosen per fold: "
+            self.say(f"[baseline] symbolic policy (nested 5-fold AUROC vs labels, features re-chosen per fold, mean of "
+                     f"{f['fit'].get('cv_nested_splits', 1)} splits: "
                      f"{f['fit'].get('cv_auroc_nested', float('nan')):.2f}):\n  {f['policy']}")
         self._t0 = time.perf_counter()
 
@@ -201,7 +202,7 @@ def format_summary(s: dict[str, Any], run_dir: str | Path) -> str:
     lines = [
         "", "=== SMDA findings ===", "",
         f"Symbolic policy (ridge over SAE features; λ={f['lambda']:.3g}, in-sample R²={f['r2']:.2f}, "
-        f"nested 5-fold AUROC vs labels={f.get('cv_auroc_nested', float('nan')):.2f}, in-sample "
+        f"nested 5-fold AUROC vs labels (mean of {f.get('cv_nested_splits', 1)} splits)={f.get('cv_auroc_nested', float('nan')):.2f}, in-sample "
         f"{f.get('auroc_labels', float('nan')):.2f}):",
         f"  before: {s['policy_0']}", f"  after:  {s['policy_final']}",
         *([f"  AUROC vs labels it can stand behind: nested 5-fold {_f(s['policy_auroc']['nested_before'])} → "

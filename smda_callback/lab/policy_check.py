@@ -31,13 +31,13 @@ def policy_scores(Zp: np.ndarray, Yp: np.ndarray, harmful_p: np.ndarray, Zh: np.
     (features re-chosen in every training fold, `baseline.nested_cv`) is averaged over `fold_seeds` fold splits."""
     full = _fit(Zp, Yp, harmful_p, cfg, allowed)
     report = full.policy.fit_report(full.X, Yp, harmful_p, folds=cfg.cv_folds, seed=seed)
-    nested = [nested_cv(Zp, Yp, harmful_p, cfg, allowed, cfg.cv_folds, seed + k) for k in range(fold_seeds)]
+    nested = nested_cv(Zp, Yp, harmful_p, cfg, allowed, cfg.cv_folds, seed, fold_seeds)
     chosen = [kinds.get(int(j), "unknown") for j in full.features]
     return {
         "cv_auroc_as_reported": report.get("cv_auroc_labels", float("nan")),
-        "cv_auroc_nested": float(np.mean([r["cv_auroc_nested"] for r in nested])),
-        "cv_auroc_nested_per_split": [r["cv_auroc_nested"] for r in nested],
-        "cv_r2_nested": float(np.mean([r["cv_r2_nested"] for r in nested])),
+        "cv_auroc_nested": nested["cv_auroc_nested"],
+        "cv_auroc_nested_per_split": nested["cv_auroc_nested_per_split"],
+        "cv_r2_nested": nested["cv_r2_nested"],
         "in_sample_auroc": report["auroc_labels"], "in_sample_r2": report["r2"], "y_auroc": report["auroc_y_labels"],
         "heldout_auroc": auroc(full.predict(Zh), harmful_h),
         "n_features": len(full.features),
