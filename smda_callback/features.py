@@ -18,7 +18,10 @@ Where a latent fires overrides what it fires on (`behaviour_kind`, measured by
   mass on plain texts lies at positions 1–2 (`first_position_share ≥ 0.3`; on the shipped SAE the median
   latent has 0.016 and the 96th percentile 0.3, so 0.3 is ≥ 19× the typical concentration), or the median
   of its top activations is ≥ 10× the median over live latents of their maximum (the shipped SAE: median
-  maximum 26; such latents reach 1,000–9,500 on the first word piece of a text);
+  maximum 26; such latents reach 1,000–9,500 on the first word piece of a text), or a mixed latent whose
+  maximum is ≥ 10× that median while ≥ 10 % of its mass lies at positions 1–2 (it also reads ordinary
+  tokens, but its largest activations are the same first-word-piece sink: f1709 reads 912 on "Exc«av»ations"
+  and 30 on "Stevens"; 16 latents of the shipped SAE, all with that same top context);
 * `template`: fires on the chat template rather than on what a user wrote: at least 80 % of its activation
   mass on chat texts lies on template tokens (the shared system-prompt header, role markup; they are about
   half of the tokens of a short chat turn, so 0.8 means strongly concentrated), or at most a quarter of its
@@ -80,6 +83,7 @@ def card_kind(tokens: Sequence[str], share: float = 0.5) -> str:
 
 FIRST_POSITION_SHARE = 0.3
 MASSIVE_RATIO = 10.0
+MIXED_POSITION_SHARE = 0.1
 TEMPLATE_SHARE = 0.8
 MAX_DISTINCT_SHARE = 0.25
 
@@ -92,6 +96,8 @@ def behaviour_kind(card: dict[str, Any], median_max: float) -> str | None:
     top = sorted((float(c["activation"]) for c in card["contexts"]), reverse=True)
     if (first is not None and first >= FIRST_POSITION_SHARE) or top[len(top) // 2] >= MASSIVE_RATIO * median_max:
         return "position"
+    if first is not None and first >= MIXED_POSITION_SHARE and top[0] >= MASSIVE_RATIO * median_max:
+        return "position"  # mixed: reads ordinary tokens too, but its largest activations are the sink
     tmpl = card.get("template_share")
     distinct = len({c["text"] for c in card["contexts"]}) / len(card["contexts"])
     if (tmpl is not None and tmpl >= TEMPLATE_SHARE) or (len(card["contexts"]) >= 4 and distinct <= MAX_DISTINCT_SHARE):

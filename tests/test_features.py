@@ -80,6 +80,10 @@ def test_behaviour_kinds_on_latents_chosen_by_hand_from_the_shipped_cards():
     assert cards[2598]["kind"] == "template"
     assert {cards[j]["kind"] for j in (0, 1694, 155)} == {"content"}
     assert cards[3057]["token_kind"] == "content"  # the spelling rule alone called it content
+    # mixed: f1709 reads ordinary tokens ("Stevens", 30) but its maximum (912 on "Exc«av»ations") is the sink;
+    # the full demo's policy chose it (content by the median rule) and gave it its largest coefficient
+    assert cards[1709]["kind"] == "position" and cards[1709]["first_position_share"] < 0.3
+    assert cards[1709]["contexts"][0]["text"].startswith("Exc «av»")
     # the independent check of the target, from the cards themselves: the policy's content latents have
     # diverse top contexts and no massive activation
     kinds = [c["kind"] for c in cards.values()]
@@ -97,3 +101,8 @@ def test_behaviour_kind_rules_from_the_card_alone():
     assert behaviour_kind({"kind": "content", "first_position_share": 0.31, "contexts": ctx(diverse, [5.0] * 12)}, 26.0) == "position"
     assert behaviour_kind({"kind": "content", "template_share": 0.85, "contexts": ctx(diverse, [5.0] * 12)}, 26.0) == "template"
     assert behaviour_kind({"kind": "dead", "contexts": []}, 26.0) is None
+    # mixed: one massive activation and some mass at the first positions; either alone is not enough
+    mixed = [900.0] + [30.0] * 11
+    assert behaviour_kind({"kind": "content", "first_position_share": 0.12, "contexts": ctx(diverse, mixed)}, 26.0) == "position"
+    assert behaviour_kind({"kind": "content", "first_position_share": 0.05, "contexts": ctx(diverse, mixed)}, 26.0) is None
+    assert behaviour_kind({"kind": "content", "first_position_share": 0.12, "contexts": ctx(diverse, [30.0] * 12)}, 26.0) is None
