@@ -84,7 +84,8 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and {"id", "index", "label", "category", "score", "prompt"} <= set(rows[0])
-    credits = {c["index"]: c["refusal_harmless"] for c in load_credits(tmp_path)["pairs"]}
+    # over-refusal ranks by the pair's own-window credit (the reader docs/validation.md §9 chose), not the total
+    credits = {c["index"]: c["own"]["refusal_harmless"] for c in load_credits(tmp_path)["pairs"]}
     assert [r["score"] for r in rows] == sorted((credits[r["index"]] for r in rows), reverse=True)
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--top", "2"]) == 0  # a probe category
     assert main(["suspects", str(tmp_path), "--target", "nonsense"]) == 2

@@ -68,17 +68,18 @@ def _credit_rows(records: list[dict[str, Any]], credits: dict[str, Any]) -> list
                      "dominant_label": r.get("dominant_label"), "intended": r.get("intended_features", []),
                      "dominant_feature": r.get("dominant_feature"), "moves": c["predicted_by_category"],
                      "measured": c["refusal_by_category"], "refusal_harmful": c["refusal_harmful"],
-                     "refusal_harmless": c["refusal_harmless"]})
+                     "refusal_harmless": c["refusal_harmless"], "own": c.get("own")})
     return rows
 
 
 SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 
-CREDIT_READS = ("A credit ranks pairs: it finds outliers (planted bad pairs), but its size is not the effect of "
-                "removing the pair: summed credits overshot retraining 11-12x on a 64-pair demo run (LDS benchmark, "
-                "docs/validation.md §9); the pair's own-window credit (`own` in credits.json) was the calibrated one. To "
-                "predict what dropping a set would do, replay the run after training (lab/replay.py; LDS 0.8-0.96 there).")
+CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window credit (`own` in credits.json): the "
+                "change of refusal its own steps made (category and off-target scores: the total credit). They rank outliers (planted bad pairs) and their sizes were calibrated against retraining "
+                "on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
+                "docs/validation.md §9). To predict what dropping a set would do, replay the run after training "
+                "(lab/replay.py; rank agreement 0.8-0.96 there).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
@@ -92,10 +93,13 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
+    # over-refusal / compliance read the pair's own-window credit where the ledger has it: on the planted pairs it
+    # ranks as the total does (AUROC 0.907 / 0.985 vs 0.911 / 0.985), on random removal sets it predicts
+    # retraining better (LDS +0.33 / +0.40 vs +0.24 / +0.32) and its size is calibrated (slope 0.9 vs 0.08)
     if target == "over-refusal":
-        score = [r["refusal_harmless"] for r in rows]
+        score = [(r.get("own") or r)["refusal_harmless"] for r in rows]
     elif target == "compliance":
-        score = [-r["refusal_harmful"] for r in rows]
+        score = [-(r.get("own") or r)["refusal_harmful"] for r in rows]
     elif target == "off-target":
         score = []
         for r in rows:
