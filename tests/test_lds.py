@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from smda_callback.lab.lds import LDSSettings, score, subsets
+from smda_callback.lab.lds import LDSSettings, format_score, score, subsets
 
 
 def _fake(tmp_path, n=12, k=8):
@@ -71,7 +71,9 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
     rep = {"order": ids, "removal_effect": {"harmful": [-eff[i] for i in ids], "harmless": [-0.5 * eff[i] for i in ids]},
            "weight_zero_effect": {"harmful": [eff[i] for i in ids], "harmless": [0.5 * eff[i] for i in ids]}}
     (tmp_path / "replay.json").write_text(json.dumps(rep))
-    s = score(tmp_path)["readers"]
+    res = score(tmp_path)
+    assert "replay" in res["timing"] and "cost" in format_score(res)
+    s = res["readers"]
     for q in ("harmful", "harmless"):
         assert s["replay (dropped in place)"][q]["lds"] > 0.999 and abs(s["replay (dropped in place)"][q]["slope"] - 1) < 1e-9
         assert s["replay (weight zero)"][q]["lds"] < -0.999  # the sign flipped on purpose: the score reads it

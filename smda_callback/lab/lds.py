@@ -270,10 +270,11 @@ def score(out: str | Path) -> dict[str, Any]:
                            "replicas_max_abs_diff": replay_gap, "replay_vs_callback_run_max_abs_diff": callback_gap,
                            "measured_abs_mean": {q: float(np.mean([abs(j[f"refusal_{q}"] - ref[q]) for j in subs])) if subs else None
                                                  for q in ref}, "readers": {}}
-    timing = {"one retrain (mean)": {"seconds": float(np.mean([j["seconds"] for j in jobs.values() if "seconds" in j]))}}
+    secs = [j["seconds"] for j in jobs.values() if "seconds" in j]
+    timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
     if (out / "replay.json").exists():
         rep = json.loads((out / "replay.json").read_text())
-        timing["replay"] = {"seconds": rep["seconds"], "peak_rss_mb": rep.get("peak_rss_mb")}
+        timing["replay"] = {"seconds": rep.get("seconds"), "peak_rss_mb": rep.get("peak_rss_mb")}
     for path in sorted((out / "peers").glob("*.json")):
         peer = json.loads(path.read_text())
         timing[path.stem] = {"seconds": peer.get("seconds"), "peak_rss_mb": peer.get("peak_rss_mb")}
@@ -315,5 +316,6 @@ def format_score(s: dict[str, Any]) -> str:
         L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     L += ["", "cost (wall seconds on this machine; peak RSS where recorded): " + "; ".join(
-        f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "") for k, v in s.get("timing", {}).items())]
+        f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "")
+        for k, v in s.get("timing", {}).items() if v.get("seconds") is not None)]
     return "\n".join(L)
