@@ -117,3 +117,29 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     print("relative error of the first-order skip, per step:", [round(e, 3) for e in errs])
     # first order in a whole step: measured 0.23, 0.11, 0.04, 0.08, 0.08 (the early steps' Adam counts move most)
     assert sorted(errs)[len(errs) // 2] < 0.12 and max(errs) < 0.3
+
+
+def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_row(smol_tokenizer):
+    """The differentiable objective equals the snapshot's batched refusal mean (same scorer, same prompts), and
+    its gradient is the true one: the chat template's end token is the pad, and the written-out lookup gives
+    that embedding row its input-side gradient (nn.Embedding's padding_idx would drop it)."""
+    from helpers import probe_records, tiny_model, tiny_sae
+    from smda_callback import ProbeSet, SMDAConfig, resolve_hook
+    from smda_callback.lab.replay import probe_objective
+    from smda_callback.snapshot import Snapshotter
+
+    model, sae = tiny_model(), tiny_sae()
+    probes = ProbeSet.from_records(probe_records())
+    snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token"))
+    Y = snap.take(model, full=True).Y
+    harmful = [i for i, h in enumerate(probes.is_harmful) if h]
+    obj = probe_objective(snap, harmful)
+    value = sum(float(part.detach()) for part in obj(model))
+    assert value == pytest.approx(float(Y[harmful].mean()), rel=1e-4)
+    pad = model.get_input_embeddings().padding_idx
+    assert any(pad in snap.tp.input_ids[i] for i in harmful)
+    emb = model.get_input_embeddings().weight
+    grad = sum(torch.autograd.grad(part, emb)[0] for part in obj(model))
+    assert float(grad[pad].abs().sum()) > 0
+    with pytest.raises(ValueError, match="no probes"):
+        probe_objective(snap, [])

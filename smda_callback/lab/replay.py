@@ -172,7 +172,7 @@ class Stepper:
         if at:
             i = next(k for k, p in enumerate(self.params) if p is emb.weight)
             row = grads[-1][ids == pad].sum(0)
-            onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype)
+            onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype, device=row.device)
             onehot[pad] = 1
             g[i] = g[i] - onehot * row.unsqueeze(0)
         return g
@@ -335,7 +335,7 @@ def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
     def parts(model: Any) -> Any:
         emb = model.get_input_embeddings()
         for i in idx:
-            ids = torch.tensor([snap.tp.input_ids[i]])
+            ids = torch.tensor([snap.tp.input_ids[i]], device=emb.weight.device)
             logits = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=False, logits_to_keep=1).logits[:, -1]
             yield snap.scorer.score(model, logits, None, torch.ones_like(ids))[0] / len(idx)
 
