@@ -90,3 +90,29 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--top", "2"]) == 0  # a probe category
     assert main(["suspects", str(tmp_path), "--target", "nonsense"]) == 2
     assert "unknown target 'nonsense'" in capsys.readouterr().err
+
+
+def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):
+    """Each run's plant ranks give back its AUROC exactly (no ties); pooling two runs of equal size gives the
+    mean of their AUROCs, with an interval that contains it; readers missing from a run are left out."""
+    from smda_callback.lab.poison import KINDS, detection, plant_wins, pool_poison
+
+    rng = np.random.default_rng(3)
+    dirs = []
+    for r in range(2):
+        pairs = [{"id": f"h{i}", "label": "harmless", "plant": "over-refusal" if i < 4 else None} for i in range(20)]
+        pairs += [{"id": f"x{i}", "label": "harmful", "plant": "compliance" if i < 3 else None} for i in range(15)]
+        scores = {p["id"]: float(rng.normal() + (1.5 if p["plant"] else 0.0)) for p in pairs}
+        det = {kind: detection(scores, pairs, kind) for kind in KINDS}
+        for kind, d in det.items():
+            assert np.mean(plant_wins(d)) == pytest.approx(d["auroc"], abs=1e-12)
+        extra = {"only_here": det} if r == 0 else {}
+        (tmp_path / f"r{r}").mkdir()
+        (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": {"reader": det, **extra}}))
+        dirs.append(tmp_path / f"r{r}")
+    pooled = pool_poison(dirs)
+    assert list(pooled["readers"]) == ["reader"]
+    for kind in KINDS:
+        e = pooled["readers"]["reader"][kind]
+        assert e["auroc"] == pytest.approx(np.mean(e["per_run"]), abs=1e-12)
+        assert e["ci95"][0] <= e["auroc"] <= e["ci95"][1] and e["n_plants"] == (8 if kind == "over-refusal" else 6)

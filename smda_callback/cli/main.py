@@ -87,8 +87,11 @@ def _suspects(a: argparse.Namespace) -> int:
 
 
 def _poison(a: argparse.Namespace) -> int:
-    from ..lab.poison import PoisonSettings, format_poison, run_poison, score_poison
+    from ..lab.poison import PoisonSettings, format_pool, format_poison, pool_poison, run_poison, score_poison
 
+    if a.pool:
+        pooled = pool_poison(a.pool)
+        return _emit(a, pooled, format_pool(pooled))
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers))
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
@@ -297,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
     po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers and score")
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
+    po.add_argument("--pool", nargs="+", metavar="DIR", help="only pool finished runs (other plantings / data orders, "
+                                                              "each made with --out DIR --seed S): AUROC over all their plants")
     po.set_defaults(fn=_poison)
 
     ca = sub.add_parser("causal", help="insert vs omit pairs at their place in the same optimizer; compare with credits")

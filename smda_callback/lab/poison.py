@@ -209,6 +209,47 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     return result
 
 
+def plant_wins(d: dict[str, Any]) -> list[float]:
+    """Per plant, the share of non-plants of its label ranked below it; their mean is the run's AUROC."""
+    n_neg = d["n_pool"] - d["n_plants"]
+    return [(n_neg - (k - 1 - j)) / n_neg for j, k in enumerate(sorted(d["plant_ranks"]))]
+
+
+def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Planted-pair detection pooled over finished runs (plantings / data orders): per reader and kind the
+    pooled AUROC (mean over every plant of every run of its share of non-plants ranked below it), its 95 %
+    bootstrap interval over plants, each run's AUROC and the mean precision@N."""
+    runs = [json.loads((Path(d) / "poison.json").read_text()) for d in dirs]
+    readers = sorted(set.intersection(*(set(r["detection"]) for r in runs))) if runs else []
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {}}
+    for name in readers:
+        entry = {}
+        for kind in KINDS:
+            per = [r["detection"][name][kind] for r in runs]
+            wins = np.asarray([w for d in per for w in plant_wins(d)])
+            draws = [wins[rng.integers(0, len(wins), len(wins))].mean() for _ in range(boot)]
+            entry[kind] = {"auroc": float(wins.mean()), "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
+                           "per_run": [float(d["auroc"]) for d in per], "precision_at_n": float(np.mean([d["precision_at_n"] for d in per])),
+                           "n_plants": int(len(wins))}
+        out["readers"][name] = entry
+    return out
+
+
+def format_pool(res: dict[str, Any]) -> str:
+    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", "",
+             "| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
+             "|---|---|---|---|---|---|---|"]
+    for name, e in res["readers"].items():
+        cells = []
+        for kind in KINDS:
+            k = e[kind]
+            cells.append(f"{k['auroc']:.3f} [{k['ci95'][0]:.2f}, {k['ci95'][1]:.2f}] | {' / '.join(f'{a:.2f}' for a in k['per_run'])} | "
+                         f"{k['precision_at_n']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_poison(res: dict[str, Any]) -> str:
     lines = [f"Planted pairs: {res['n_pairs']} pairs trained ({res['steps']} steps); within-label detection",
              "", "| reader | over-refusal AUROC | P@N | compliance AUROC | P@N | plant ranks (over / compliance) |",
