@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
     ld.add_argument("--replay", action="store_true",
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
-                         "about three training runs' compute, checkpoints on disk under --out)")
+                         "about 17 retrains' compute on the 64-pair demo run, checkpoints on disk under --out)")
     ld.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")

@@ -76,7 +76,8 @@ SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 
 CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window credit (`own` in credits.json): the "
-                "change of refusal its own steps made (category and off-target scores: the total credit). They rank outliers (planted bad pairs) and their sizes were calibrated against retraining "
+                "change of refusal its own steps made (category and off-target scores: the total credit). They rank "
+                "outliers (planted bad pairs) and their sizes were calibrated against retraining "
                 "on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
                 "docs/validation.md §9). To predict what dropping a set would do, replay the run after training "
                 "(lab/replay.py; rank agreement 0.8-0.96 there).")
@@ -93,8 +94,8 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
-    # over-refusal / compliance read the pair's own-window credit where the ledger has it: on the planted pairs it
-    # ranks as the total does (AUROC 0.907 / 0.985 vs 0.911 / 0.985), on random removal sets it predicts
+    # over-refusal / compliance read the pair's own-window credit where the ledger has it: on planted pairs it ranks
+    # as the total does (pooled over 3 plantings 0.951 / 0.975 vs 0.952 / 0.970), on random removal sets it predicts
     # retraining better (LDS +0.33 / +0.40 vs +0.24 / +0.32) and its size is calibrated (slope 0.9 vs 0.08)
     if target == "over-refusal":
         score = [(r.get("own") or r)["refusal_harmless"] for r in rows]

@@ -70,6 +70,18 @@ def subsets(ids: list[str], st: LDSSettings) -> dict[str, list[str]]:
     return out
 
 
+def ranked_pairs(run_dir: Path, st: LDSSettings) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The ranking run's pair ids in training order and the shipped pairs by id (checked to be the same set)."""
+    from .._resources import DATA
+    from .demo import load_pairs
+
+    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    order = _records_order(run_dir)
+    if sorted(order) != sorted(pairs):
+        raise ValueError(f"{run_dir}: its ledger does not name the first {st.n_pairs} shipped pairs once each")
+    return order, pairs
+
+
 def ranking_run(out: Path, st: LDSSettings) -> Path:
     from .demo import DemoSettings, run_demo
 
@@ -130,14 +142,11 @@ def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -
     """The replay reader (lab/replay.py) on the ranking run's order: every pair's predicted effect of dropping
     it on mean refusal of the harmful and of the harmless probes, carried through the rest of the run.
     Written to `replay.json`; `score` then shows it beside the other readers."""
-    from .._resources import DATA
-    from .demo import load_pairs
     from .replay import probe_objective, replay
 
     st = st or LDSSettings()
     out = Path(out)
-    order = _records_order(out / "run")
-    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    order, pairs = ranked_pairs(out / "run", st)
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", st)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model)
     harmful = np.asarray(probes.is_harmful)
@@ -153,13 +162,11 @@ def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = 
     """The peers of `peers.py` (TracIn, kronfluence EK-FAC) on the ranking run's final model, each in its own
     process (its time and peak memory recorded), written to `peers/<name>.json` and scored like the others."""
     from .._resources import DATA
-    from .demo import load_pairs
     from .poison import run_peer
 
     st = st or LDSSettings()
     out = Path(out)
-    order = _records_order(out / "run")
-    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    order, pairs = ranked_pairs(out / "run", st)
     (out / "pairs.jsonl").write_text("".join(json.dumps(pairs[i]) + "\n" for i in order), encoding="utf-8")
     (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
     return [run_peer(out, name) for name in names if not (out / "peers" / f"{name}.json").exists()]
@@ -167,18 +174,12 @@ def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = 
 
 def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:
     """This shard's retrains that have no result file yet (the ranking run first, on shard 0)."""
-    from .._resources import DATA
-    from .demo import load_pairs
-
     st = st or LDSSettings()
     out = Path(out)
     run_dir = ranking_run(out, st) if shard[0] == 0 else out / "run"
     if not (run_dir / "smda" / "summary.json").exists():
         raise FileNotFoundError(f"{run_dir}: the ranking run is not finished; shard 0 makes it")
-    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
-    order = _records_order(run_dir)
-    if sorted(order) != sorted(pairs):
-        raise ValueError(f"{run_dir}: its ledger does not name the first {st.n_pairs} shipped pairs once each")
+    order, pairs = ranked_pairs(run_dir, st)
     sets = subsets(order, st)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
@@ -200,13 +201,19 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     return written
 
 
-def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+def post_hoc(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The readers computed after the run: replay.json (or None) and peers/<name>.json by name."""
+    rep = json.loads((out / "replay.json").read_text()) if (out / "replay.json").exists() else None
+    peers = {p.stem: json.loads(p.read_text()) for p in sorted((out / "peers").glob("*.json"))}
+    return rep, peers
+
+
+def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] | None = None,
+            peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained)."""
     from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(run_dir) or {"pairs": []}
-    replayed = run_dir.parent / "replay.json"
-    rep = json.loads(replayed.read_text()) if replayed.exists() else None
     by_id = {p["id"]: p for p in credits["pairs"] if "id" in p}
     policy = load_policy(run_dir)
     harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
@@ -228,12 +235,11 @@ def readers(run_dir: Path, order: list[str], seed: int = 0) -> dict[str, dict[st
             prev = now
         out["step change"][q] = step
         out["label count"][q] = {i: float(by_id.get(i, {}).get("label") == "harmful") for i in order}
-        for path in sorted((run_dir.parent / "peers").glob("*.json")):
+        for pname, peer in (peers or {}).items():
             # peers score "more suspect" as raising harmless refusal (over-refusal) and lowering harmful refusal
             # (compliance): as a predicted change of refusal, the compliance score's sign flips
-            peer = json.loads(path.read_text())["scores"]
-            sc = peer["over-refusal"] if q == "harmless" else {i: -v for i, v in peer["compliance"].items()}
-            out.setdefault(f"{path.stem} (final weights)", {})[q] = {i: float(v) for i, v in sc.items()}
+            sc = peer["scores"]["over-refusal"] if q == "harmless" else {i: -v for i, v in peer["scores"]["compliance"].items()}
+            out.setdefault(f"{pname} (final weights)", {})[q] = {i: float(v) for i, v in sc.items()}
         if rep is not None:  # a pair's score is the change it makes when trained: minus its removal's effect
             for name, key in (("replay (dropped in place)", "removal_effect"), ("replay (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
@@ -272,16 +278,13 @@ def score(out: str | Path) -> dict[str, Any]:
                                                  for q in ref}, "readers": {}}
     secs = [j["seconds"] for j in jobs.values() if "seconds" in j]
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
-    if (out / "replay.json").exists():
-        rep = json.loads((out / "replay.json").read_text())
-        timing["replay"] = {"seconds": rep.get("seconds"), "peak_rss_mb": rep.get("peak_rss_mb")}
-    for path in sorted((out / "peers").glob("*.json")):
-        peer = json.loads(path.read_text())
-        timing[path.stem] = {"seconds": peer.get("seconds"), "peak_rss_mb": peer.get("peak_rss_mb")}
+    rep, peers = post_hoc(out)
+    for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
+        timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
     if len(subs) < 3:
         return res
-    for name, per_q in readers(run_dir, meta["order"], meta["settings"]["seed"]).items():
+    for name, per_q in readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers).items():
         entry = {}
         for q in ("harmful", "harmless"):
             s = per_q[q]

@@ -71,10 +71,13 @@ class State:
         return cls([p.detach().clone() for p in params], [st(p, "exp_avg") for p in params],
                    [st(p, "exp_avg_sq") for p in params], step)
 
-    def write(self, params: Sequence[torch.Tensor], opt: Any) -> None:
+    def write(self, params: Sequence[torch.Tensor], opt: Any, weights_only: bool = False) -> None:
+        """Into the model's parameters and (unless `weights_only`) the optimizer's moments and step count."""
         with torch.no_grad():
             for p, th, m, v in zip(params, self.theta, self.m, self.v):
                 p.copy_(th)
+                if weights_only:
+                    continue
                 if self.step == 0:
                     opt.state.pop(p, None)
                     continue
@@ -197,8 +200,8 @@ class Stepper:
     def state(self, step: int) -> State:
         return State.read(self.params, self.opt, step)
 
-    def load(self, st: State) -> None:
-        st.write(self.params, self.opt)
+    def load(self, st: State, weights_only: bool = False) -> None:
+        st.write(self.params, self.opt, weights_only)
 
     def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]]) -> None:
         """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded)."""
@@ -308,7 +311,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             for name, A in adj.items():
                 effect[name][t] = removal_effect(pre, post, A)
                 shift[name][t] = shift_effect(run, t, pre, post, A)
-            run.load(pre)
+            run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
             run.vjp(t, post, adj)
         (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
