@@ -95,7 +95,7 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
 def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):
     """Each run's plant ranks give back its AUROC exactly (no ties); pooling two runs of equal size gives the
     mean of their AUROCs, with an interval that contains it; readers missing from a run are left out."""
-    from smda_callback.lab.poison import KINDS, detection, plant_wins, pool_poison
+    from smda_callback.lab.poison import KINDS, detection, format_pool, plant_wins, pool_poison
 
     rng = np.random.default_rng(3)
     dirs = []
@@ -107,12 +107,34 @@ def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auro
         for kind, d in det.items():
             assert np.mean(plant_wins(d)) == pytest.approx(d["auroc"], abs=1e-12)
         extra = {"only_here": det} if r == 0 else {}
+        order = [p["id"] for p in pairs]
+        order = order if r == 0 else order[::-1]  # the same planting, another training order
         (tmp_path / f"r{r}").mkdir()
-        (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": {"reader": det, **extra}}))
+        (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": {"reader": det, **extra}, "order": order}))
         dirs.append(tmp_path / f"r{r}")
     pooled = pool_poison(dirs)
     assert list(pooled["readers"]) == ["reader"]
+    assert (pooled["plantings"], pooled["data_orders"], pooled["orders_recorded"]) == (1, 2, True)
+    assert "1 plantings (distinct pair sets), 2 distinct training orders" in format_pool(pooled)
     for kind in KINDS:
         e = pooled["readers"]["reader"][kind]
         assert e["auroc"] == pytest.approx(np.mean(e["per_run"]), abs=1e-12)
         assert e["ci95"][0] <= e["auroc"] <= e["ci95"][1] and e["n_plants"] == (8 if kind == "over-refusal" else 6)
+
+
+def test_order_seed_keeps_the_planting_and_changes_only_the_training_seed(tmp_path, monkeypatch):
+    """`--order-seed` trains the same pairs file under another Trainer seed (its shuffle); without it the seed
+    of the planting is the training seed, as before."""
+    import smda_callback.lab.demo as demo
+    import smda_callback.lab.poison as poison
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, pairs_file, settings, config: seen.append(settings.seed))
+    monkeypatch.setattr(poison, "score_poison", lambda out, st: {})
+    texts = []
+    for order_seed in (None, 7):
+        out = tmp_path / str(order_seed)
+        poison.run_poison(out, poison.PoisonSettings(n_base=20, seed=2, order_seed=order_seed, peers=()))
+        texts.append((out / "pairs.jsonl").read_text())
+    assert seen == [2, 7]
+    assert texts[0] == texts[1]

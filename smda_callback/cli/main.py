@@ -92,7 +92,7 @@ def _poison(a: argparse.Namespace) -> int:
     if a.pool:
         pooled = pool_poison(a.pool)
         return _emit(a, pooled, format_pool(pooled))
-    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers))
+    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
@@ -294,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     po = sub.add_parser("benchmark-poison", help="plant bad pairs among demo pairs; which reader ranks them first?")
     po.add_argument("--out", "-o", default="runs/poison")
     po.add_argument("--n-base", type=int, default=96, help="demo pairs mixed with the plants")
-    po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--seed", type=int, default=0, help="the planting: which demo pairs are mixed with the plants")
+    po.add_argument("--order-seed", type=int, default=None,
+                    help="the training run's seed (the Trainer's shuffle): another data order of the same planting "
+                         "(default: --seed)")
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
     po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")

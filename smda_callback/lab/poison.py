@@ -88,6 +88,9 @@ class PoisonSettings:
     seed: int = 0
     measure: str = "ghost"
     """The live run's credit measure; `deconvolve` and `step` are replayed from its ledger."""
+    order_seed: int | None = None
+    """Seed of the training run (the Trainer's shuffle of the pairs): another data order of the same planting.
+    None: `seed`, so that one seed names one planting and its first order."""
     peers: tuple[str, ...] = PEERS
 
 
@@ -152,7 +155,7 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
         (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
-        demo = DemoSettings(check_answers=False, seed=st.seed)
+        demo = DemoSettings(check_answers=False, seed=st.seed if st.order_seed is None else st.order_seed)
         cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
         t0 = time.perf_counter()
         run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
@@ -202,7 +205,8 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
         readers[path.stem] = peer["scores"]
         timing[path.stem] = {"seconds": peer["seconds"], "peak_rss_mb": peer["peak_rss_mb"]}
     alerts = {r["pairs"][0].get("id") for r in records if r.get("alert") and len(r.get("pairs", [])) == 1}
-    result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records),
+    order = [p.get("id") for r in records for p in r.get("pairs", [])]
+    result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records), "order": order,
               "plants_alerted": sorted(i for i in alerts if i and i.startswith("plant")), "n_alerts": len(alerts),
               "detection": {name: {kind: detection(sc[kind], pairs, kind) for kind in KINDS} for name, sc in readers.items()}}
     (out / "poison.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
@@ -222,7 +226,10 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
     runs = [json.loads((Path(d) / "poison.json").read_text()) for d in dirs]
     readers = sorted(set.intersection(*(set(r["detection"]) for r in runs))) if runs else []
     rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {}}
+    orders = [tuple(r.get("order") or ()) for r in runs]
+    out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {},
+                           "plantings": len({frozenset(o) for o in orders}), "data_orders": len(set(orders)),
+                           "orders_recorded": all(orders)}
     for name in readers:
         entry = {}
         for kind in KINDS:
@@ -237,7 +244,9 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
 
 
 def format_pool(res: dict[str, Any]) -> str:
-    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", "",
+    shape = (f"{res['plantings']} plantings (distinct pair sets), {res['data_orders']} distinct training orders"
+             if res.get("orders_recorded") else "training orders not recorded in every poison.json (re-score with --score-only)")
+    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", shape, "",
              "| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
              "|---|---|---|---|---|---|---|"]
     for name, e in res["readers"].items():
