@@ -199,8 +199,15 @@ def _policy_check(a: argparse.Namespace) -> int:
 
     cfg = SMDAConfig(scorer=a.scorer, feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
     model, tok = load_model(a.model)
+    if a.select_model and not a.select_on:
+        raise SystemExit("--select-model needs --select-on: it names the model that reads the --select-on prompts.")
+    select_model = None
+    if a.select_model:
+        select_model = load_model(None if a.select_model == "embedded" else a.select_model)
     res = policy_check(model, tok, a.sae or embedded_sae_dir(), ProbeSet.from_jsonl(a.probes or DATA / "probes.jsonl"),
-                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds, a.sweep)
+                       ProbeSet.from_jsonl(a.heldout or DATA / "heldout.jsonl"), cfg, a.fold_seeds, a.sweep,
+                       selection_set=ProbeSet.from_jsonl(a.select_on) if a.select_on else None,
+                       select_model=select_model, counts=tuple(a.counts))
     return _emit(a, res, format_policy_check(res))
 
 
@@ -371,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refusal scorer: the demo's first_token (default here) or the library default prefix")
     pc.add_argument("--sweep", action="store_true", help="also every feature count (16–64) × selection rule, with the "
                                                          "agreement of the latents chosen on different folds")
+    pc.add_argument("--counts", type=int, nargs="+", default=[16, 24, 32, 48, 64], help="feature counts of --sweep")
+    pc.add_argument("--select-on", metavar="JSONL",
+                    help="choose the features on these labelled prompts instead of the probes (e.g. the training pairs, "
+                         "smda_callback/data/pairs.jsonl); the probes then only fit the policy")
+    pc.add_argument("--select-model", metavar="MODEL",
+                    help="the model whose codes of --select-on choose the features (default: --model; 'embedded' for "
+                         "the base model, what a run has when it starts)")
     pc.add_argument("--json", action="store_true")
     pc.set_defaults(fn=_policy_check)
 
