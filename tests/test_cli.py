@@ -80,3 +80,9 @@ def test_every_command_takes_json_and_flags_named_after_the_config():
     a = p.parse_args(["demo", "--every-n-steps", "2", "--learning-rate", "3e-4", "-o", "runs/x"])
     assert (a.every_n_steps, a.learning_rate, a.out) == (2, 3e-4, "runs/x")
     assert p.parse_args(["demo", "--every", "3"]).every_n_steps == 3  # the old spelling still works
+
+
+def test_select_model_without_select_on_is_one_clear_error(capsys):
+    assert main(["policy-check", "--select-model", "embedded"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smda: error: --select-model needs --select-on") and "Traceback" not in err

@@ -198,9 +198,9 @@ def _policy_check(a: argparse.Namespace) -> int:
     from ..sae import embedded_sae_dir
 
     cfg = SMDAConfig(scorer=a.scorer, feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
-    model, tok = load_model(a.model)
     if a.select_model and not a.select_on:
-        raise SystemExit("--select-model needs --select-on: it names the model that reads the --select-on prompts.")
+        raise ValueError("--select-model needs --select-on: it names the model that reads the --select-on prompts.")
+    model, tok = load_model(a.model)
     select_model = None
     if a.select_model:
         select_model = load_model(None if a.select_model == "embedded" else a.select_model)
