@@ -86,3 +86,16 @@ def test_select_model_without_select_on_is_one_clear_error(capsys):
     assert main(["policy-check", "--select-model", "embedded"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("smda: error: --select-model needs --select-on") and "Traceback" not in err
+
+
+def test_policy_check_select_on_reads_the_other_set_through_the_select_model(saved, capsys):
+    """Choosing on the probes themselves (read by the same model, loaded again) gives the latents the default fit
+    chooses on all probes: the selection set's codes are what choose."""
+    common = ["policy-check", "--model", str(saved / "model"), "--sae", str(saved / "sae"), "--probes", str(saved / "probes.jsonl"),
+              "--heldout", str(saved / "probes.jsonl"), "--n-features", "4", "--fold-seeds", "1", "--json"]
+    assert main(common) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(common + ["--select-on", str(saved / "probes.jsonl"), "--select-model", str(saved / "model")]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert default["selected_on"] == "probes" and chosen["selected_on"] == f"{len(probe_records())} other prompts"
+    assert chosen["configured"]["features"] == default["configured"]["features"] and len(chosen["configured"]["features"]) == 4
