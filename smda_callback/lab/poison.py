@@ -197,7 +197,8 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
             if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None}
     readers["training_loss_at_step"] = {"over-refusal": loss, "compliance": loss}
-    rng = np.random.default_rng(st.seed + 1)
+    # the random reader: its own draw per data order (the first order keeps the draw of the planting's seed)
+    rng = np.random.default_rng(st.seed + 1 if st.order_seed in (None, st.seed) else [st.seed + 1, st.order_seed])
     rand = {p["id"]: float(rng.random()) for p in pairs}
     readers["random"] = {"over-refusal": rand, "compliance": rand}
     for path in sorted((out / "peers").glob("*.json")):
