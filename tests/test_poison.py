@@ -138,3 +138,25 @@ def test_order_seed_keeps_the_planting_and_changes_only_the_training_seed(tmp_pa
         texts.append((out / "pairs.jsonl").read_text())
     assert seen == [2, 7]
     assert texts[0] == texts[1]
+
+
+def test_replay_readers_rank_a_pair_by_what_it_does_when_trained():
+    """replay.json holds removal effects (the change when a pair is dropped). A plant that raised harmless refusal
+    (its removal lowers it) must top over-refusal; one that lowered harmful refusal (its removal raises it) must
+    top compliance; the weight-zero reader is read the same way."""
+    from smda_callback.lab.poison import KINDS, detection, replay_readers
+
+    pairs = [{"id": f"h{i}", "label": "harmless", "plant": "over-refusal" if i == 0 else None} for i in range(6)]
+    pairs += [{"id": f"x{i}", "label": "harmful", "plant": "compliance" if i == 0 else None} for i in range(6)]
+    order = [p["id"] for p in pairs]
+    rng = np.random.default_rng(0)
+    harmless = {i: float(rng.normal(0, 0.01)) for i in order}
+    harmful = {i: float(rng.normal(0, 0.01)) for i in order}
+    harmless["h0"], harmful["x0"] = -0.2, +0.2
+    eff = {"harmful": [harmful[i] for i in order], "harmless": [harmless[i] for i in order]}
+    readers = replay_readers({"order": order, "removal_effect": eff, "weight_zero_effect": eff})
+    assert set(readers) == {"replay_dropped_in_place", "replay_weight_zero"}
+    for sc in readers.values():
+        for kind in KINDS:
+            d = detection(sc[kind], pairs, kind)
+            assert d["plant_ranks"] == [1] and d["auroc"] == 1.0

@@ -92,7 +92,8 @@ def _poison(a: argparse.Namespace) -> int:
     if a.pool:
         pooled = pool_poison(a.pool)
         return _emit(a, pooled, format_pool(pooled))
-    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed)
+    st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed,
+                        replay=a.replay, replay_every=a.replay_every)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
@@ -309,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
     po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers and score")
+    po.add_argument("--replay", action="store_true",
+                    help="also the replay reader after training (reverse mode through the run's recorded order, "
+                         "lab/replay.py; the same --seed/--order-seed as the run; checkpoints ≈ 1.6 GB per "
+                         "--replay-every steps of the 135M model on disk while it runs)")
+    po.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.add_argument("--pool", nargs="+", metavar="DIR", help="only pool finished runs (other plantings / data orders, "
                                                               "each made with --out DIR --seed S): AUROC over all their plants")

@@ -95,7 +95,7 @@ def ranking_run(out: Path, st: LDSSettings) -> Path:
 
 def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> dict[str, Any]:
     """The demo's SFT on `ordered` in that order (no callback), then one probe pass: Y per probe."""
-    trainer = _trainer_for(ordered, tmp, st) if ordered else None
+    trainer = _trainer_for(ordered, tmp, st.seed) if ordered else None
     if trainer is not None:
         trainer.train()
         model, tok = trainer.model, trainer.processing_class
@@ -111,7 +111,7 @@ def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -
             "by_category": {c: float(Y[i].mean()) for c, i in probes.category_index().items()}}
 
 
-def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> Any:
+def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int) -> Any:
     """The demo's SFT on `ordered` in that order, without the callback: what every retrain runs."""
     from trl import SFTTrainer
 
@@ -119,7 +119,7 @@ def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> A
     from .models import load_model
 
     model, tok = load_model()
-    args = sft_config(tmp, DemoSettings(seed=st.seed))
+    args = sft_config(tmp, DemoSettings(seed=seed))
     args.report_to, args.train_sampling_strategy = [], "sequential"
     return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
 
@@ -138,16 +138,14 @@ def _snapshotter(tok: Any, model: Any) -> Any:
     return probes, snap
 
 
-def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -> dict[str, Any]:
-    """The replay reader (lab/replay.py) on the ranking run's order: every pair's predicted effect of dropping
-    it on mean refusal of the harmful and of the harmless probes, carried through the rest of the run.
-    Written to `replay.json`; `score` then shows it beside the other readers."""
+def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
+                    every: int = 4) -> dict[str, Any]:
+    """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
+    with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
+    harmful and of the harmless probes, carried through the rest of the run. Written to `out/replay.json`."""
     from .replay import probe_objective, replay
 
-    st = st or LDSSettings()
-    out = Path(out)
-    order, pairs = ranked_pairs(out / "run", st)
-    trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", st)
+    trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model)
     harmful = np.asarray(probes.is_harmful)
     objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
@@ -156,6 +154,14 @@ def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -
     res["order"] = order
     (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
     return res
+
+
+def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -> dict[str, Any]:
+    """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
+    st = st or LDSSettings()
+    out = Path(out)
+    order, pairs = ranked_pairs(out / "run", st)
+    return replay_recorded(out, pairs, order, st.seed, every)
 
 
 def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = None) -> list[dict[str, Any]]:

@@ -92,6 +92,10 @@ class PoisonSettings:
     """Seed of the training run (the Trainer's shuffle of the pairs): another data order of the same planting.
     None: `seed`, so that one seed names one planting and its first order."""
     peers: tuple[str, ...] = PEERS
+    replay: bool = False
+    """Also the replay reader (lab/replay.py) after training: reverse mode through the run's recorded order."""
+    replay_every: int = 4
+    """The replay's checkpoint spacing (memory holds this many + 1 states of θ, m, v)."""
 
 
 def _peak_rss_mb() -> float:
@@ -165,7 +169,34 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         raise FileNotFoundError(f"{out / 'run' / 'model'} does not exist: run without --peers-only first to train")
     for name in st.peers:
         run_peer(out, name)
+    if st.replay and not (out / "replay.json").exists():
+        replay_poison(out, st)
     return score_poison(out, st)
+
+
+def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
+    """The replay reader on a finished poison run: the run's recorded order retrained without the callback
+    (the demo's settings, the run's seed), each pair's removal carried through the rest of the run.
+    Written to replay.json, with how far the replay's end refusal is from the run's last snapshot."""
+    from .demo import load_pairs
+    from .lds import _records_order, replay_recorded
+    from ..ledger import load_records
+
+    st = settings or PoisonSettings()
+    out = Path(out)
+    if not (out / "run" / "smda").exists():
+        raise FileNotFoundError(f"{out / 'run'} holds no finished run: run without --peers-only first to train")
+    pairs = {p["id"]: p for p in load_pairs(out / "pairs.jsonl")}
+    order = _records_order(out / "run")
+    if sorted(order) != sorted(pairs):
+        raise ValueError(f"{out / 'run'}: its ledger does not name every pair of {out / 'pairs.jsonl'} once (one pair per step)")
+    seed = st.seed if st.order_seed is None else st.order_seed
+    logger.info("poison: replay of %s (%d steps, seed %d)", out, len(order), seed)
+    res = replay_recorded(out, pairs, order, seed, every=st.replay_every)
+    last = max(load_records(out / "run"), key=lambda r: r["step"])
+    res["end_vs_run_abs_diff"] = {q: abs(float(res["final"][q]) - float(last[f"refusal_{q}"])) for q in ("harmful", "harmless")}
+    (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
+    return res
 
 
 def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
@@ -205,6 +236,13 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
         peer = json.loads(path.read_text())
         readers[path.stem] = peer["scores"]
         timing[path.stem] = {"seconds": peer["seconds"], "peak_rss_mb": peer["peak_rss_mb"]}
+    if (out / "replay.json").exists():
+        # a pair's score is what it does when trained: minus its removal's predicted effect; over-refusal raises
+        # harmless refusal, compliance lowers harmful refusal
+        rep = json.loads((out / "replay.json").read_text())
+        readers.update(replay_readers(rep))
+        timing["replay"] = {"seconds": rep.get("seconds"), "peak_rss_mb": rep.get("peak_rss_mb"),
+                            "end_vs_run_abs_diff": rep.get("end_vs_run_abs_diff")}
     alerts = {r["pairs"][0].get("id") for r in records if r.get("alert") and len(r.get("pairs", [])) == 1}
     order = [p.get("id") for r in records for p in r.get("pairs", [])]
     result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records), "order": order,
@@ -212,6 +250,15 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
               "detection": {name: {kind: detection(sc[kind], pairs, kind) for kind in KINDS} for name, sc in readers.items()}}
     (out / "poison.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     return result
+
+
+def replay_readers(rep: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """The replay's two readers as suspicion scores per kind. A pair's removal effect is the change of the
+    probe quantity when it is dropped, so what the pair does when trained is minus that: over-refusal is
+    raising harmless refusal (score −effect on harmless), compliance is lowering harmful refusal (score +effect)."""
+    return {name: {"over-refusal": {i: -float(e) for i, e in zip(rep["order"], rep[key]["harmless"])},
+                   "compliance": {i: float(e) for i, e in zip(rep["order"], rep[key]["harmful"])}}
+            for name, key in (("replay_dropped_in_place", "removal_effect"), ("replay_weight_zero", "weight_zero_effect"))}
 
 
 def plant_wins(d: dict[str, Any]) -> list[float]:
