@@ -49,7 +49,7 @@ class LDSSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _records_order(run_dir: Path) -> list[str]:
+def records_order(run_dir: Path) -> list[str]:
     """Pair ids in the order the ranking run trained them (one pair per step)."""
     from ..ledger import load_records
 
@@ -76,7 +76,7 @@ def ranked_pairs(run_dir: Path, st: LDSSettings) -> tuple[list[str], dict[str, d
     from .demo import load_pairs
 
     pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
-    order = _records_order(run_dir)
+    order = records_order(run_dir)
     if sorted(order) != sorted(pairs):
         raise ValueError(f"{run_dir}: its ledger does not name the first {st.n_pairs} shipped pairs once each")
     return order, pairs
@@ -168,7 +168,7 @@ def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = 
     """The peers of `peers.py` (TracIn, kronfluence EK-FAC) on the ranking run's final model, each in its own
     process (its time and peak memory recorded), written to `peers/<name>.json` and scored like the others."""
     from .._resources import DATA
-    from .poison import run_peer
+    from .peers import run_peer
 
     st = st or LDSSettings()
     out = Path(out)

@@ -12,13 +12,19 @@ that of harmful probes).
 
 from __future__ import annotations
 
+import json
 import logging
+import resource
 import tempfile
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .specs import PEERS
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +179,51 @@ def kronfluence_scores(model: nn.Module, tok: Any, pairs: Sequence[dict[str, Any
             s = analyzer.load_pairwise_scores(target)["all_modules"].sum(0)
             out[target] = {p["id"]: sign * float(v) for p, v in zip(pairs, s)}
     return out
+
+
+# ---------------------------------------------------------------- each peer in its own process
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def middle_layers(n_layers: int) -> list[int]:
+    """The middle third of the decoder (layers 10–19 of 30 for SmolLM2-135M)."""
+    return list(range(n_layers // 3, 2 * n_layers // 3))
+
+
+def _peer_job(name: str, out: str) -> dict[str, Any]:
+    """Runs in a child process: load the trained model, score every pair, report own time and peak RSS."""
+    from ..config import SMDAConfig
+    from .demo import load_pairs
+    from .models import load_model
+    from ..probes import ProbeSet
+    from ..refusal import FirstTokenScorer
+
+    t0 = time.perf_counter()
+    model, tok = load_model(str(Path(out) / "run" / "model"))
+    cfg = SMDAConfig()
+    r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
+    pairs = load_pairs(Path(out) / "pairs.jsonl")
+    probes = ProbeSet.from_jsonl(Path(out) / "probes_at_run.jsonl")
+    if name == "tracin":
+        scores = tracin_scores(model, tok, pairs, probes, r_ids)
+    else:
+        layers = middle_layers(model.config.num_hidden_layers) if name == "kronfluence-middle" else None
+        scores = kronfluence_scores(model, tok, pairs, probes, r_ids, layers=layers)
+    return {"scores": scores, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def run_peer(out: str | Path, name: str) -> dict[str, Any]:
+    """One peer reader in a fresh spawned process; its scores, wall time and peak RSS go to peers/<name>.json."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
+    logger.info("peer reader %s on %s", name, out)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        res = pool.submit(_peer_job, name, str(out)).result()
+    path = Path(out) / "peers" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res), encoding="utf-8")
+    return res

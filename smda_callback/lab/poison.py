@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._resources import DATA
+from .peers import middle_layers, run_peer  # noqa: F401 - re-exported for the benchmark's users
 from .specs import PEERS
 from ..credit import OptimizerKernel, replay_credits
 from ..policy import auroc
@@ -102,50 +103,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def middle_layers(n_layers: int) -> list[int]:
-    """The middle third of the decoder (layers 10–19 of 30 for SmolLM2-135M)."""
-    return list(range(n_layers // 3, 2 * n_layers // 3))
-
-
-def _peer_job(name: str, out: str) -> dict[str, Any]:
-    """Runs in a child process: load the trained model, score every pair, report own time and peak RSS."""
-    from ..config import SMDAConfig
-    from .demo import load_pairs
-    from .models import load_model
-    from .peers import kronfluence_scores, tracin_scores
-    from ..probes import ProbeSet
-    from ..refusal import FirstTokenScorer
-
-    t0 = time.perf_counter()
-    model, tok = load_model(str(Path(out) / "run" / "model"))
-    cfg = SMDAConfig()
-    r_ids = FirstTokenScorer(tok, cfg.refusal_openings, cfg.compliance_openings).r_ids.tolist()
-    pairs = load_pairs(Path(out) / "pairs.jsonl")
-    probes = ProbeSet.from_jsonl(Path(out) / "probes_at_run.jsonl")
-    if name == "tracin":
-        scores = tracin_scores(model, tok, pairs, probes, r_ids)
-    else:
-        layers = middle_layers(model.config.num_hidden_layers) if name == "kronfluence-middle" else None
-        scores = kronfluence_scores(model, tok, pairs, probes, r_ids, layers=layers)
-    return {"scores": scores, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}
-
-
-def run_peer(out: str | Path, name: str) -> dict[str, Any]:
-    """One peer reader in a fresh spawned process; its scores, wall time and peak RSS go to peers/<name>.json."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    if name not in PEERS:
-        raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
-    logger.info("peer reader %s on %s", name, out)
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        res = pool.submit(_peer_job, name, str(out)).result()
-    path = Path(out) / "peers" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res), encoding="utf-8")
-    return res
-
-
 def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: bool = True) -> dict[str, Any]:
     """Train on demo pairs + plants with the callback (unless `train` is False and the run exists),
     run every peer reader, then score every reader."""
@@ -179,7 +136,7 @@ def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> di
     (the demo's settings, the run's seed), each pair's removal carried through the rest of the run.
     Written to replay.json, with how far the replay's end refusal is from the run's last snapshot."""
     from .demo import load_pairs
-    from .lds import _records_order, replay_recorded
+    from .lds import records_order, replay_recorded
     from ..ledger import load_records
 
     st = settings or PoisonSettings()
@@ -187,7 +144,7 @@ def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> di
     if not (out / "run" / "smda").exists():
         raise FileNotFoundError(f"{out / 'run'} holds no finished run: run without --peers-only first to train")
     pairs = {p["id"]: p for p in load_pairs(out / "pairs.jsonl")}
-    order = _records_order(out / "run")
+    order = records_order(out / "run")
     if sorted(order) != sorted(pairs):
         raise ValueError(f"{out / 'run'}: its ledger does not name every pair of {out / 'pairs.jsonl'} once (one pair per step)")
     seed = st.seed if st.order_seed is None else st.order_seed
