@@ -94,3 +94,13 @@ def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = N
         trainer.model.register_forward_pre_hook(pre, with_kwargs=True)
     trainer.train(resume_from_checkpoint=True if resume else None)
     return trainer, cb, seen
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for torchrun's rendezvous: a fixed port collides when
+    two test runs share a machine (seen: EADDRINUSE with two suites at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from helpers import free_port
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -33,7 +34,7 @@ def test_two_processes_agree_and_halt_together(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                            str(script), str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
@@ -102,7 +103,7 @@ def test_fsdp2_sharded_probe_pass_hooks_and_credit_rules_on_cpu(tmp_path, smol_t
     script.write_text(FSDP2.format(tests=str(Path(__file__).parent)))
     out = tmp_path / "run"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                            str(script), str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in (0, 1):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -27,7 +28,7 @@ def test_example_smoke(tmp_path, script):
 
 def test_ddp_example_two_processes(tmp_path):
     proc = subprocess.run(["bash", str(EXAMPLES / "ddp_torchrun.sh")], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env={**__import__("os").environ, "MASTER_PORT": "29547", "PYTHON": sys.executable})
+                          cwd=tmp_path, env={**__import__("os").environ, "MASTER_PORT": str(free_port()), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ledger = (ROOT / "runs" / "example-ddp" / "smda" / "attribution.jsonl").read_text().splitlines()
     assert len(ledger) == 3  # 6 pairs over 2 ranks = 3 steps, written once by rank 0
