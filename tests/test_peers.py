@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from helpers import pair_records, probe_records, tiny_model
 from smda_callback.lab.peers import _pair_ids, _probe_prompts, kronfluence_scores, tracin_scores, tracked_linear_names
-from smda_callback.lab.poison import middle_layers
+from smda_callback.lab.peers import middle_layers
 from smda_callback.probes import ProbeSet
 
 R_IDS = [40, 314, 1000]  # any fixed token ids stand in for the refusal openings on a random model
@@ -87,7 +87,7 @@ def test_a_peer_runs_in_its_own_process_and_reports_time_and_memory(tmp_path, sm
     and target, the child's own wall time and peak RSS out; score_poison then ranks with it."""
     import json
 
-    from smda_callback.lab.poison import run_peer
+    from smda_callback.lab.peers import run_peer
 
     tiny_model().save_pretrained(tmp_path / "run" / "model")
     smol_tokenizer.save_pretrained(tmp_path / "run" / "model")

@@ -142,7 +142,7 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
                     every: int = 4) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
-    harmful and of the harmless probes, carried through the rest of the run. Written to `out/replay.json`."""
+    harmful and of the harmless probes, carried through the rest of the run (the caller writes it down)."""
     from .replay import probe_objective, replay
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
@@ -152,7 +152,6 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
                   for q in ("harmful", "harmless")}
     res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every)
     res["order"] = order
-    (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
     return res
 
 
@@ -161,7 +160,9 @@ def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    return replay_recorded(out, pairs, order, st.seed, every)
+    res = replay_recorded(out, pairs, order, st.seed, every)
+    (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
+    return res
 
 
 def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = None) -> list[dict[str, Any]]:

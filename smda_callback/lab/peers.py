@@ -182,7 +182,8 @@ def kronfluence_scores(model: nn.Module, tok: Any, pairs: Sequence[dict[str, Any
 
 
 # ---------------------------------------------------------------- each peer in its own process
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -210,7 +211,7 @@ def _peer_job(name: str, out: str) -> dict[str, Any]:
     else:
         layers = middle_layers(model.config.num_hidden_layers) if name == "kronfluence-middle" else None
         scores = kronfluence_scores(model, tok, pairs, probes, r_ids, layers=layers)
-    return {"scores": scores, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}
+    return {"scores": scores, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb())}
 
 
 def run_peer(out: str | Path, name: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._resources import DATA
-from .peers import middle_layers, run_peer  # noqa: F401 - re-exported for the benchmark's users
+from .peers import peak_rss_mb, run_peer
 from .specs import PEERS
 from ..credit import OptimizerKernel, replay_credits
 from ..policy import auroc
@@ -99,10 +98,6 @@ class PoisonSettings:
     """The replay's checkpoint spacing (memory holds this many + 1 states of θ, m, v)."""
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: bool = True) -> dict[str, Any]:
     """Train on demo pairs + plants with the callback (unless `train` is False and the run exists),
     run every peer reader, then score every reader."""
@@ -120,7 +115,7 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
         t0 = time.perf_counter()
         run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
-        timing = {"train_with_smda": {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_peak_rss_mb())}}
+        timing = {"train_with_smda": {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb())}}
         (out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
     elif not (out / "run" / "model").exists():
         raise FileNotFoundError(f"{out / 'run' / 'model'} does not exist: run without --peers-only first to train")
@@ -194,8 +189,6 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
         readers[path.stem] = peer["scores"]
         timing[path.stem] = {"seconds": peer["seconds"], "peak_rss_mb": peer["peak_rss_mb"]}
     if (out / "replay.json").exists():
-        # a pair's score is what it does when trained: minus its removal's predicted effect; over-refusal raises
-        # harmless refusal, compliance lowers harmful refusal
         rep = json.loads((out / "replay.json").read_text())
         readers.update(replay_readers(rep))
         timing["replay"] = {"seconds": rep.get("seconds"), "peak_rss_mb": rep.get("peak_rss_mb"),
