@@ -91,3 +91,45 @@ def test_peer_scores_are_read_as_predicted_changes(tmp_path):
     s = score(tmp_path)["readers"]["tracin (final weights)"]
     assert s["harmful"]["lds"] > 0.999 and s["harmless"]["lds"] > 0.999
     assert abs(s["harmful"]["slope"] - 1) < 1e-9
+
+
+def _poison_dir(root, ids, order_seed=7):
+    """A finished `benchmark-poison` directory as adopt_ranking_run reads it: pairs.jsonl, run/, poison.json."""
+    src = root / "poison"
+    smda = src / "run" / "smda"
+    smda.mkdir(parents=True)
+    (smda / "summary.json").write_text("{}")
+    recs = [{"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}"}]} for t, i in enumerate(reversed(ids))]
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (src / "pairs.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"q {i}", "response": "r", "label": "harmless",
+                                                         "category": "c"}) + "\n" for i in ids))
+    (src / "poison.json").write_text(json.dumps({"settings": {"seed": 2, "order_seed": order_seed}}))
+    (src / "replay.json").write_text(json.dumps({"order": list(reversed(ids))}))
+    (src / "peers").mkdir()
+    (src / "peers" / "tracin.json").write_text("{}")
+    return src
+
+
+def test_a_finished_planted_run_is_adopted_as_the_ranking_run(tmp_path):
+    """--ranking-run: the run is linked in (not retrained), its pairs and order are the LDS's, its replay and peers
+    are reused; a seed other than the run's training seed, or a second run in the same --out, is refused."""
+    import pytest
+
+    from smda_callback.lab.lds import ranked_pairs, ranking_run
+
+    ids = ["plant-over-1", "a", "b", "c"]
+    src = _poison_dir(tmp_path, ids)
+    out = tmp_path / "lds"
+    with pytest.raises(ValueError, match="--seed 7"):
+        ranking_run(out, LDSSettings(seed=2, ranking_run=str(src)))
+    st = LDSSettings(seed=7, ranking_run=str(src))
+    run = ranking_run(out, st)
+    assert run.resolve() == (src / "run").resolve() and (out / "replay.json").exists() and (out / "peers" / "tracin.json").exists()
+    order, pairs = ranked_pairs(run, st)
+    assert order == list(reversed(ids)) and sorted(pairs) == sorted(ids)
+    assert ranking_run(out, st) == run  # idempotent: a resumed benchmark finds its link
+    other = _poison_dir(tmp_path / "x", ids)
+    with pytest.raises(ValueError, match="another ranking run"):
+        ranking_run(out, LDSSettings(seed=7, ranking_run=str(other)))
+    with pytest.raises(FileNotFoundError, match="finished run"):
+        ranking_run(tmp_path / "lds2", LDSSettings(seed=7, ranking_run=str(tmp_path)))

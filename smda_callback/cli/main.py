@@ -234,7 +234,8 @@ def _lds(a: argparse.Namespace) -> int:
     from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
-    st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed)
+    st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
+                     replicas=a.replicas, ranking_run=a.ranking_run)
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay and not Path(a.out, "replay.json").exists():
@@ -415,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--n-pairs", type=int, default=64, help="shipped pairs in the ranking run (one optimizer step each)")
     ld.add_argument("--subsets", type=int, default=40, help="random removal subsets, each one retrain")
     ld.add_argument("--drop-fracs", type=float, nargs="+", default=[0.05, 0.10], help="share of pairs each subset drops (cycled)")
-    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--seed", type=int, default=0, help="the ranking run's Trainer seed (its data order) and the subsets' draws")
+    ld.add_argument("--ranking-run", metavar="DIR", help="a finished `smda benchmark-poison --out DIR` (pairs.jsonl and run/) as "
+                    "the ranking run, e.g. LDS on a run with planted pairs; --seed must be its training seed (its --order-seed); "
+                    "its replay.json and peers/ are reused")
+    ld.add_argument("--replicas", type=int, default=2, help="retrains on all pairs (two: the bitwise check; one: the reference only)")
     ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
     ld.add_argument("--replay", action="store_true",

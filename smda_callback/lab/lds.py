@@ -1,7 +1,10 @@
 """Linear datamodeling score on the demo: does a pair's credit predict retraining? (`smda benchmark-lds`)
 
 1. A ranking run: the demo's SFT with SMDACallback on the first `n_pairs` shipped pairs (one pair per
-   optimizer step), which records the data order and every pair's credit.
+   optimizer step), which records the data order and every pair's credit. Or, with `ranking_run`, a
+   finished run of other pairs made with the demo's settings (a `smda benchmark-poison` directory: its
+   pairs.jsonl and run/), so that LDS is measured on a run with planted pairs; its replay.json and
+   peers/ are reused when they exist.
 2. Replays of that order without the callback (sequential sampler over the pairs as trained): two of
    all pairs (the bitwise check: identical retrains must give identical probe refusal), and one per
    random subset that drops `drop_fracs` of the pairs in place (the order of the rest kept).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +50,14 @@ class LDSSettings:
     """Data-order seed of the ranking run (the Trainer's) and of the subsets' draws."""
     replicas: int = 2
     """Full replays: identical retrains, whose agreement is the bitwise check and the noise floor."""
+    ranking_run: str | None = None
+    """A finished directory holding pairs.jsonl and run/ (e.g. `smda benchmark-poison --out DIR`), trained with
+    the demo's settings and `seed` as its Trainer seed: used as the ranking run instead of training one."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"LDS replicas={self.replicas}: at least one retrain on all pairs is the reference of every "
+                             "measured change; use --replicas 1 (reference only) or 2 (also the bitwise check)")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,20 +83,54 @@ def subsets(ids: list[str], st: LDSSettings) -> dict[str, list[str]]:
 
 
 def ranked_pairs(run_dir: Path, st: LDSSettings) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The ranking run's pair ids in training order and the shipped pairs by id (checked to be the same set)."""
+    """The ranking run's pair ids in training order and its pairs by id (checked to be the same set)."""
     from .._resources import DATA
     from .demo import load_pairs
 
-    pairs = {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
+    if st.ranking_run:
+        source = Path(st.ranking_run) / "pairs.jsonl"
+        pairs = {p["id"]: p for p in load_pairs(source)}
+    else:
+        source, pairs = f"the first {st.n_pairs} shipped pairs", {p["id"]: p for p in load_pairs(DATA / "pairs.jsonl", st.n_pairs)}
     order = records_order(run_dir)
     if sorted(order) != sorted(pairs):
-        raise ValueError(f"{run_dir}: its ledger does not name the first {st.n_pairs} shipped pairs once each")
+        raise ValueError(f"{run_dir}: its ledger does not name {source} once each (one pair per step)")
     return order, pairs
+
+
+def adopt_ranking_run(out: Path, st: LDSSettings) -> Path:
+    """Link a finished run (st.ranking_run) in as out/run, after checking that its Trainer seed is `seed`
+    (poison.json's settings, where there is one) and reusing its replay.json and peers/ (the same order)."""
+    src = Path(st.ranking_run).resolve()
+    if not (src / "run" / "smda" / "summary.json").exists() or not (src / "pairs.jsonl").exists():
+        raise FileNotFoundError(f"--ranking-run {src}: needs pairs.jsonl and a finished run/ (run/smda/summary.json), "
+                                "as `smda benchmark-poison --out DIR` leaves them")
+    if (src / "poison.json").exists():
+        ps = json.loads((src / "poison.json").read_text())["settings"]
+        trained = ps["seed"] if ps.get("order_seed") is None else ps["order_seed"]
+        if trained != st.seed:
+            raise ValueError(f"--ranking-run {src} was trained with seed {trained}; pass --seed {trained} so that "
+                             "the retrains replay its order with the same Trainer seed")
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "run"
+    if link.is_symlink() and link.resolve() != (src / "run"):
+        raise ValueError(f"{out} already measures another ranking run ({link.resolve()}); use another --out")
+    if not link.exists():
+        link.symlink_to(src / "run", target_is_directory=True)
+    if (src / "replay.json").exists() and not (out / "replay.json").exists():
+        shutil.copyfile(src / "replay.json", out / "replay.json")
+    for peer in sorted((src / "peers").glob("*.json")):
+        if not (out / "peers" / peer.name).exists():
+            (out / "peers").mkdir(exist_ok=True)
+            shutil.copyfile(peer, out / "peers" / peer.name)
+    return link
 
 
 def ranking_run(out: Path, st: LDSSettings) -> Path:
     from .demo import DemoSettings, run_demo
 
+    if st.ranking_run:
+        return adopt_ranking_run(out, st)
     run_dir = out / "run"
     if (run_dir / "smda" / "summary.json").exists():
         return run_dir
@@ -183,7 +229,7 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     """This shard's retrains that have no result file yet (the ranking run first, on shard 0)."""
     st = st or LDSSettings()
     out = Path(out)
-    run_dir = ranking_run(out, st) if shard[0] == 0 else out / "run"
+    run_dir = ranking_run(out, st) if shard[0] == 0 or st.ranking_run else out / "run"
     if not (run_dir / "smda" / "summary.json").exists():
         raise FileNotFoundError(f"{run_dir}: the ranking run is not finished; shard 0 makes it")
     order, pairs = ranked_pairs(run_dir, st)
