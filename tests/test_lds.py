@@ -133,3 +133,33 @@ def test_a_finished_planted_run_is_adopted_as_the_ranking_run(tmp_path):
         ranking_run(out, LDSSettings(seed=7, ranking_run=str(other)))
     with pytest.raises(FileNotFoundError, match="finished run"):
         ranking_run(tmp_path / "lds2", LDSSettings(seed=7, ranking_run=str(tmp_path)))
+
+
+def test_a_left_out_pair_is_set_beside_every_readers_prediction(tmp_path):
+    """A `loo-<id>` job (retrained without one pair) gives that pair's measured removal effect; each reader's
+    prediction is minus its score (the truth-telling default credit matches it, the own window is twice it)."""
+    ids, _ = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    for i in ids[:2]:
+        (tmp_path / "jobs" / f"loo-{i}.json").write_text(json.dumps({"refusal_harmful": 0.5 - eff[i], "refusal_harmless": 0.2 - 0.5 * eff[i],
+                                                                    "Y": [0.5 - eff[i], 0.2], "dropped": [i]}))
+    res = score(tmp_path)
+    assert res["n_subsets"] == 8  # the left-out pairs are not random subsets
+    loo = {e["id"]: e for e in res["leave_one_out"]}
+    assert sorted(loo) == sorted(ids[:2])
+    for i, e in loo.items():
+        assert abs(e["measured"]["harmful"] + eff[i]) < 1e-12
+        assert abs(e["predicted"]["credit (default)"]["harmful"] - e["measured"]["harmful"]) < 1e-12
+        assert abs(e["predicted"]["own window"]["harmful"] + 2 * eff[i]) < 1e-12
+    assert f"| {ids[0]} |" in format_score(res)
+
+
+def test_leave_out_names_must_be_pairs_of_the_run(tmp_path):
+    import pytest
+
+    from smda_callback.lab.lds import run_jobs
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="not pairs of the ranking run"):
+        run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("zz",)))

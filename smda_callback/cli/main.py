@@ -235,7 +235,7 @@ def _lds(a: argparse.Namespace) -> int:
     from ..lab.retrain import parse_shard
 
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
-                     replicas=a.replicas, ranking_run=a.ranking_run)
+                     replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out))
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay and not Path(a.out, "replay.json").exists():
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--ranking-run", metavar="DIR", help="a finished `smda benchmark-poison --out DIR` (pairs.jsonl and run/) as "
                     "the ranking run, e.g. LDS on a run with planted pairs; --seed must be its training seed (its --order-seed); "
                     "its replay.json and peers/ are reused")
+    ld.add_argument("--leave-out", nargs="+", default=[], metavar="ID",
+                    help="also retrain without each of these pairs alone (the exact single-pair counterfactual of the order)")
     ld.add_argument("--replicas", type=int, default=2, help="retrains on all pairs (two: the bitwise check; one: the reference only)")
     ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")

@@ -54,6 +54,10 @@ class LDSSettings:
     """A finished directory holding pairs.jsonl and run/ (e.g. `smda benchmark-poison --out DIR`), trained with
     the demo's settings and `seed` as its Trainer seed: used as the ranking run instead of training one."""
 
+    leave_out: tuple[str, ...] = ()
+    """Pairs retrained without, one at a time (jobs `loo-<id>`, run right after the full replays): the exact
+    single-pair counterfactual of this data order, set beside every reader's prediction for that pair."""
+
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"LDS replicas={self.replicas}: at least one retrain on all pairs is the reference of every "
@@ -236,7 +240,10 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     sets = subsets(order, st)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
-    todo = [(f"full{r}", []) for r in range(st.replicas)] + list(sets.items())
+    unknown = [i for i in st.leave_out if i not in pairs]
+    if unknown:
+        raise ValueError(f"--leave-out {unknown}: not pairs of the ranking run; ids are in {run_dir / 'smda' / 'credits.json'}")
+    todo = [(f"full{r}", []) for r in range(st.replicas)] + [(f"loo-{i}", [i]) for i in st.leave_out] + list(sets.items())
     written = []
     for name, drop in todo[shard[0]::shard[1]]:
         path = out / "jobs" / f"{name}.json"
@@ -335,9 +342,17 @@ def score(out: str | Path) -> dict[str, Any]:
     for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
+    loos = [j for n, j in sorted(jobs.items()) if n.startswith("loo-")]
+    if len(subs) < 3 and not loos:
+        return res
+    scores = readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers)
+    if loos:  # a pair's predicted removal effect is minus its score
+        res["leave_one_out"] = [{"id": j["dropped"][0], "measured": {q: j[f"refusal_{q}"] - ref[q] for q in ref},
+                                 "predicted": {name: {q: (-per_q[q][j["dropped"][0]] if j["dropped"][0] in per_q[q] else None)
+                                                      for q in ref} for name, per_q in scores.items()}} for j in loos]
     if len(subs) < 3:
         return res
-    for name, per_q in readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers).items():
+    for name, per_q in scores.items():
         entry = {}
         for q in ("harmful", "harmless"):
             s = per_q[q]
@@ -371,6 +386,15 @@ def format_score(s: dict[str, Any]) -> str:
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
         L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
+    if s.get("leave_one_out"):
+        names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")
+                 if n in s["leave_one_out"][0]["predicted"]]
+        fmt = lambda d: " / ".join("–" if d[q] is None else f"{d[q]:+.4f}" for q in ("harmful", "harmless"))  # noqa: E731
+        L += ["", "One pair left out (retrained without it, its order kept): measured change of refusal harmful / harmless, "
+              "and each reader's prediction", "", "| pair | measured | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]
+        L += [f"| {e['id']} | {fmt(e['measured'])} | " + " | ".join(fmt(e["predicted"][n]) for n in names) + " |"
+              for e in s["leave_one_out"]]
     L += ["", "cost (wall seconds on this machine; peak RSS where recorded): " + "; ".join(
         f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "")
         for k, v in s.get("timing", {}).items() if v.get("seconds") is not None)]
