@@ -76,11 +76,13 @@ SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 
 CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window credit (`own` in credits.json): the "
-                "change of refusal its own steps made (category and off-target scores: the total credit). They rank "
-                "outliers (planted bad pairs) and their sizes were calibrated against retraining "
-                "on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
-                "docs/validation.md §9). To predict what dropping a set would do, replay the run after training "
-                "(lab/replay.py; rank agreement 0.8-0.96 there).")
+                "change of refusal its own steps made when they were applied (category and off-target scores: the total "
+                "credit). They rank outliers (planted bad pairs, pooled AUROC 0.95 / 0.97) and their sizes were calibrated "
+                "against retraining on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
+                "docs/validation.md §9). They do not say what dropping a pair changes at the end of the run: later pairs "
+                "can undo or reverse it (on a planted run, dropping one of three top-ranked over-refusal plants moved final "
+                "harmless refusal by -0.052, -0.012 and +0.007; §10). To predict that, replay the run after training "
+                "(lab/replay.py; rank agreement 0.8-0.96 on the 64-pair run's set removals).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
