@@ -131,6 +131,9 @@ def test_a_finished_planted_run_is_adopted_as_the_ranking_run(tmp_path):
     other = _poison_dir(tmp_path / "x", ids)
     with pytest.raises(ValueError, match="another ranking run"):
         ranking_run(out, LDSSettings(seed=7, ranking_run=str(other)))
+    (tmp_path / "lds3" / "run").mkdir(parents=True)  # an --out that trained its own ranking run
+    with pytest.raises(ValueError, match="another ranking run"):
+        ranking_run(tmp_path / "lds3", st)
     with pytest.raises(FileNotFoundError, match="finished run"):
         ranking_run(tmp_path / "lds2", LDSSettings(seed=7, ranking_run=str(tmp_path)))
 

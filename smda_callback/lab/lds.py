@@ -53,16 +53,15 @@ class LDSSettings:
     ranking_run: str | None = None
     """A finished directory holding pairs.jsonl and run/ (e.g. `smda benchmark-poison --out DIR`), trained with
     the demo's settings and `seed` as its Trainer seed: used as the ranking run instead of training one."""
-
     leave_out: tuple[str, ...] = ()
     """Pairs retrained without, one at a time (jobs `loo-<id>`, run right after the full replays): the exact
     single-pair counterfactual of this data order, set beside every reader's prediction for that pair."""
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"LDS replicas={self.replicas}: at least one retrain on all pairs is the reference of every "
                              "measured change; use --replicas 1 (reference only) or 2 (also the bitwise check)")
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def records_order(run_dir: Path) -> list[str]:
@@ -117,7 +116,7 @@ def adopt_ranking_run(out: Path, st: LDSSettings) -> Path:
                              "the retrains replay its order with the same Trainer seed")
     out.mkdir(parents=True, exist_ok=True)
     link = out / "run"
-    if link.is_symlink() and link.resolve() != (src / "run"):
+    if (link.is_symlink() and link.resolve() != (src / "run").resolve()) or (link.exists() and not link.is_symlink()):
         raise ValueError(f"{out} already measures another ranking run ({link.resolve()}); use another --out")
     if not link.exists():
         link.symlink_to(src / "run", target_is_directory=True)
