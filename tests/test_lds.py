@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from smda_callback.lab.lds import LDSSettings, format_score, score, subsets
 
@@ -113,8 +114,6 @@ def _poison_dir(root, ids, order_seed=7):
 def test_a_finished_planted_run_is_adopted_as_the_ranking_run(tmp_path):
     """--ranking-run: the run is linked in (not retrained), its pairs and order are the LDS's, its replay and peers
     are reused; a seed other than the run's training seed, or a second run in the same --out, is refused."""
-    import pytest
-
     from smda_callback.lab.lds import ranked_pairs, ranking_run
 
     ids = ["plant-over-1", "a", "b", "c"]
@@ -159,8 +158,6 @@ def test_a_left_out_pair_is_set_beside_every_readers_prediction(tmp_path):
 
 
 def test_leave_out_names_must_be_pairs_of_the_run(tmp_path):
-    import pytest
-
     from smda_callback.lab.lds import run_jobs
 
     src = _poison_dir(tmp_path, ["a", "b", "c"])

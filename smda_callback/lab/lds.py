@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import spearman
+from .specs import poison_train_seed
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def adopt_ranking_run(out: Path, st: LDSSettings) -> Path:
                                 "as `smda benchmark-poison --out DIR` leaves them")
     if (src / "poison.json").exists():
         ps = json.loads((src / "poison.json").read_text())["settings"]
-        trained = ps["seed"] if ps.get("order_seed") is None else ps["order_seed"]
+        trained = poison_train_seed(ps["seed"], ps.get("order_seed"))
         if trained != st.seed:
             raise ValueError(f"--ranking-run {src} was trained with seed {trained}; pass --seed {trained} so that "
                              "the retrains replay its order with the same Trainer seed")

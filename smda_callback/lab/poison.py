@@ -26,7 +26,7 @@ import numpy as np
 
 from .._resources import DATA
 from .peers import peak_rss_mb, run_peer
-from .specs import PEERS
+from .specs import PEERS, poison_train_seed
 from ..credit import OptimizerKernel, replay_credits
 from ..policy import auroc
 
@@ -97,6 +97,11 @@ class PoisonSettings:
     replay_every: int = 4
     """The replay's checkpoint spacing (memory holds this many + 1 states of θ, m, v)."""
 
+    @property
+    def train_seed(self) -> int:
+        """The Trainer seed the run was trained with (its data order)."""
+        return poison_train_seed(self.seed, self.order_seed)
+
 
 def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: bool = True) -> dict[str, Any]:
     """Train on demo pairs + plants with the callback (unless `train` is False and the run exists),
@@ -111,7 +116,7 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
         (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
-        demo = DemoSettings(check_answers=False, seed=st.seed if st.order_seed is None else st.order_seed)
+        demo = DemoSettings(check_answers=False, seed=st.train_seed)
         cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
         t0 = time.perf_counter()
         run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
@@ -142,7 +147,7 @@ def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> di
     order = records_order(out / "run")
     if sorted(order) != sorted(pairs):
         raise ValueError(f"{out / 'run'}: its ledger does not name every pair of {out / 'pairs.jsonl'} once (one pair per step)")
-    seed = st.seed if st.order_seed is None else st.order_seed
+    seed = st.train_seed
     logger.info("poison: replay of %s (%d steps, seed %d)", out, len(order), seed)
     res = replay_recorded(out, pairs, order, seed, every=st.replay_every)
     last = max(load_records(out / "run"), key=lambda r: r["step"])

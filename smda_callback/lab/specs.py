@@ -8,6 +8,12 @@ PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Attribution methods from other projects that `smda benchmark-poison` scores beside SMDA."""
 
 
+def poison_train_seed(seed: int, order_seed: int | None) -> int:
+    """The Trainer seed (data order) of a `smda benchmark-poison` run: its --order-seed, else its planting --seed.
+    Read by poison (to train and replay) and by lds (to retrain a planted run it adopts)."""
+    return seed if order_seed is None else order_seed
+
+
 @dataclass
 class SAETrainSpec:
     """Settings of the shipped SAE (recorded in its folder as smda_training.json)."""
