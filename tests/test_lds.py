@@ -163,3 +163,37 @@ def test_leave_out_names_must_be_pairs_of_the_run(tmp_path):
     src = _poison_dir(tmp_path, ["a", "b", "c"])
     with pytest.raises(ValueError, match="not pairs of the ranking run"):
         run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("zz",)))
+
+
+def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
+    """A run whose harmful refusal follows q_k = q_{k−1} + u_k − κ q_{k−1} (each pair's push u_k, its own-window
+    credit): dropping pair k moves the end by exactly −u_k (1 − κ)^(K−1−k). The carried own window reads κ off the
+    ledger and recovers that order; the raw own window, which ignores the forgetting, scores lower."""
+    ids, sets = _fake(tmp_path, n=40, k=40)
+    rng = np.random.default_rng(3)
+    kappa, K = 0.12, len(ids)
+    labels = ["harmful" if i % 2 == 0 else "harmless" for i in range(K)]
+    push = {i: (0.02 if lab == "harmful" else 0.005) + float(rng.normal(0, 0.004)) for i, lab in zip(ids, labels)}
+    q, recs = 0.01, []  # far below the run's level a / κ ≈ 0.1, so that the reversion is visible in the trajectory
+    for t, (i, lab) in enumerate(zip(ids, labels)):
+        q = q + push[i] - kappa * q
+        recs.append({"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}", "label": lab}], "refusal_harmful": q,
+                     "refusal_harmless": 0.1 + 0.001 * t + float(rng.normal(0, 1e-4))})
+    smda = tmp_path / "run" / "smda"
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    policy = json.loads((smda / "policy.json").read_text())
+    (smda / "policy.json").write_text(json.dumps({**policy, "probe_refusal_0": [0.01, 0.1]}))
+    credits = json.loads((smda / "credits.json").read_text())["pairs"]
+    for c in credits:
+        c["own"]["refusal_harmful"] = push[c["id"]]
+    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
+    for name, drop in sets.items():
+        d = sum(push[i] * (1 - kappa) ** (K - 1 - ids.index(i)) for i in drop)
+        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - d, "refusal_harmless": 0.2,
+                                                                    "Y": [0.5 - d, 0.2], "dropped": drop}))
+    s = score(tmp_path)
+    assert abs(s["forgetting"]["harmful"]["kappa"] - kappa) < 0.02
+    carried, raw = s["readers"]["own window, carried"]["harmful"], s["readers"]["own window"]["harmful"]
+    assert carried["lds"] > 0.95 and carried["lds"] > raw["lds"] + 0.2
+    assert 0.8 < carried["slope"] < 1.25  # the size too, since κ was read back
+    assert "forgetting rate κ" in format_score(s)

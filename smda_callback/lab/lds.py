@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import spearman
+from .carry import QUANTITIES, Forgetting, carried, later_windows, run_forgetting
 from .specs import poison_train_seed
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,26 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
             out.setdefault(name, {})[q] = {i: means[labels[i]] + lam * (v - means[labels[i]]) for i, v in credit.items()}
         rng = np.random.default_rng([seed, 0x5eed])  # its own stream, not the subsets'
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
+    # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger
+    try:
+        fg = forgetting(run_dir)
+    except ValueError as e:
+        logger.warning("lds: no carried readers for %s: %s", run_dir, e)
+        return out
+    later = later_windows(load_records(run_dir))
+    for name in ("credit (default)", "own window", "step change"):
+        out[f"{name}, carried"] = {q: carried(out[name][q], later, fg[q]) for q in QUANTITIES}
     return out
+
+
+def forgetting(run_dir: Path) -> dict[str, Forgetting]:
+    """The ranking run's forgetting rate κ per quantity (carry.py), from its ledger and its baseline refusal."""
+    from ..ledger import load_policy, load_records
+
+    policy = load_policy(run_dir)
+    harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+    y0 = np.asarray(policy["probe_refusal_0"])
+    return run_forgetting(load_records(run_dir), {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())})
 
 
 def score(out: str | Path) -> dict[str, Any]:
@@ -342,6 +362,11 @@ def score(out: str | Path) -> dict[str, Any]:
     for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
+    try:
+        res["forgetting"] = {q: {"kappa": f.kappa, "ci95": list(f.ci95), "windows": f.windows}
+                             for q, f in forgetting(run_dir).items()}
+    except ValueError as e:  # a run too short to read κ from: the carried readers are left out, said here
+        res["forgetting"] = {"error": str(e)}
     loos = [j for n, j in sorted(jobs.items()) if n.startswith("loo-")]
     if len(subs) < 3 and not loos:
         return res
@@ -377,7 +402,10 @@ def format_score(s: dict[str, Any]) -> str:
     L = [f"{s['n_subsets']} subsets of {s['n_pairs']} pairs; full replay refusal harmful {s['full_refusal']['harmful']:.4f}, "
          f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
          f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
-         f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}", "",
+         f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}",
+         *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
+             f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]
+           if "error" not in s.get("forgetting", {"error": 1}) else []), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
     for name, e in s["readers"].items():

@@ -1,0 +1,97 @@
+"""Carry-through by forgetting: what is left at the end of a run of the change a pair made when it was trained.
+
+The in-run credit is local: it reads the change a pair's step makes when applied. Later training answers that
+change; on the demo it partly undoes it (a pair dropped early is barely visible in the final model, docs/
+validation.md §10). The replay (replay.py) measures that answer exactly, at several trainings' cost. This module
+is the cheap model of it, read off the run's own ledger with no extra pass:
+
+    q_k − q_{k−1} = a_harmful · n_harmful(k) + a_harmless · n_harmless(k) − κ · q_{k−1} + noise,
+
+where q_k is a probe quantity after window k (mean refusal of the harmful or of the harmless probes) and
+n_label(k) the window's pairs of each label. κ is the run's rate of forgetting: a push made in window k is
+left at (1 − κ)^(K−1−k) of its size after the run's K windows. κ is fitted by least squares per quantity on
+the run's own trajectory (no retraining, no look at any benchmark), with a bootstrap interval over windows;
+`carried` then multiplies any reader's per-pair score by that factor. The model is first order and assumes
+one forgetting rate for the whole run (a constant learning rate after warm-up, as in the demo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+QUANTITIES = ("harmful", "harmless")
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    """κ of one probe quantity, its 95 % bootstrap interval over windows and the windows it was fitted on."""
+
+    kappa: float
+    ci95: tuple[float, float]
+    windows: int
+
+    @property
+    def retention(self) -> float:
+        """Share of a push kept per later window, 1 − κ (κ clipped into [0, 1))."""
+        return 1.0 - min(max(self.kappa, 0.0), 1.0 - 1e-9)
+
+    def weight(self, later_windows: int) -> float:
+        return self.retention ** max(int(later_windows), 0)
+
+
+def fit_forgetting(q0: float, q: Sequence[float], n_harmful: Sequence[int], n_harmless: Sequence[int],
+                   resamples: int = 500, seed: int = 0) -> Forgetting:
+    """κ from a run's trajectory: `q0` before training, `q[k]` after window k, and the labels of each window's
+    pairs. Raises ValueError when the trajectory cannot identify κ (fewer than 4 windows, or q never moves)."""
+    qs = np.asarray([q0, *q], dtype=np.float64)
+    nh, ns = np.asarray(n_harmful, dtype=np.float64), np.asarray(n_harmless, dtype=np.float64)
+    K = len(qs) - 1
+    if K < 4 or len(nh) != K or len(ns) != K:
+        raise ValueError(f"fit_forgetting: needs ≥ 4 windows with one label count each; got {K} windows, "
+                         f"{len(nh)} / {len(ns)} label counts")
+    if not np.isfinite(qs).all():
+        raise ValueError("fit_forgetting: the trajectory holds non-finite values (a skipped snapshot?)")
+    d, prev = np.diff(qs), qs[:-1]
+    if np.ptp(prev) == 0:
+        raise ValueError("fit_forgetting: the quantity never moved during the run, so no forgetting rate can be read")
+    A = np.column_stack([nh, ns, -prev])
+    kappa = float(np.linalg.lstsq(A, d, rcond=None)[0][2])
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        b = rng.integers(0, K, K)
+        draws.append(float(np.linalg.lstsq(A[b], d[b], rcond=None)[0][2]))
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+    return Forgetting(kappa, (float(lo), float(hi)), K)
+
+
+def run_forgetting(records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> dict[str, Forgetting]:
+    """κ per quantity from a run's ledger records (`refusal_harmful`, `refusal_harmless` and `pairs` with their
+    `label` per window) and the baseline means (`baseline[q]`: mean refusal of the q probes before training)."""
+    recs = [r for r in sorted(records, key=lambda r: r["step"]) if "refusal_harmful" in r and "refusal_harmless" in r]
+    if not recs:
+        raise ValueError("run_forgetting: the ledger has no window with refusal means; was the run recorded by "
+                         "SMDACallback (its attribution.jsonl)?")
+    nh = [sum(p.get("label") == "harmful" for p in r.get("pairs", [])) for r in recs]
+    ns = [sum(p.get("label") != "harmful" for p in r.get("pairs", [])) for r in recs]
+    return {q: fit_forgetting(float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs], nh, ns) for q in QUANTITIES}
+
+
+def later_windows(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Per pair id, the number of windows trained after its own (0 for the last window's pairs)."""
+    recs = [r for r in sorted(records, key=lambda r: r["step"]) if "refusal_harmful" in r]
+    out: dict[str, int] = {}
+    for k, r in enumerate(recs):
+        for p in r.get("pairs", []):
+            if "id" in p:
+                out[str(p["id"])] = len(recs) - 1 - k
+    return out
+
+
+def carried(scores: Mapping[str, float], later: Mapping[str, int], f: Forgetting) -> dict[str, float]:
+    """Each pair's score times what is left of it at the end of the run, (1 − κ)^(windows after its own);
+    a pair the ledger does not place keeps no weight (0), since nothing says when it acted."""
+    return {i: float(v) * (f.weight(later[i]) if i in later else 0.0) for i, v in scores.items()}

@@ -1,0 +1,65 @@
+"""The forgetting model of carry.py: κ read back from trajectories made with a known κ, the weights it gives,
+and its refusals of trajectories that cannot identify it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smda_callback.lab.carry import Forgetting, carried, fit_forgetting, later_windows, run_forgetting
+
+
+def _trajectory(kappa: float, K: int = 300, seed: int = 0, noise: float = 0.002):
+    """q_k = q_{k−1} + a_label − κ q_{k−1} + noise, labels alternating at random; returns q0, q, n_harmful, n_harmless."""
+    rng = np.random.default_rng(seed)
+    harmful = rng.random(K) < 0.5
+    q, qs = 0.05, []
+    for h in harmful:
+        q = q + (0.02 if h else 0.008) - kappa * q + rng.normal(0, noise)
+        qs.append(q)
+    return 0.05, qs, harmful.astype(int), (~harmful).astype(int)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.04, 0.15])
+def test_kappa_is_read_back_from_a_trajectory_made_with_it(kappa):
+    f = fit_forgetting(*_trajectory(kappa))
+    assert abs(f.kappa - kappa) < 0.02
+    assert f.ci95[0] - 0.005 <= kappa <= f.ci95[1] + 0.005 and f.windows == 300
+
+
+def test_a_push_is_left_at_retention_to_the_power_of_later_windows():
+    f = Forgetting(0.1, (0.05, 0.15), 50)
+    assert f.weight(0) == 1.0 and f.weight(3) == pytest.approx(0.9 ** 3)
+    assert Forgetting(-0.02, (-0.05, 0.01), 50).weight(10) == 1.0  # no reversion read: nothing forgotten
+    assert Forgetting(1.3, (1.0, 1.5), 50).weight(1) < 1e-8  # everything forgotten by the next window
+
+
+def test_carried_scores_follow_the_ledgers_order_and_drop_unplaced_pairs():
+    recs = [{"step": s, "refusal_harmful": 0.1, "refusal_harmless": 0.1, "pairs": [{"id": i, "label": "harmful"}]}
+            for s, i in ((3, "c"), (1, "a"), (2, "b"))]
+    later = later_windows(recs)
+    assert later == {"a": 2, "b": 1, "c": 0}
+    out = carried({"a": 1.0, "b": -2.0, "c": 4.0, "z": 5.0}, later, Forgetting(0.5, (0.4, 0.6), 3))
+    assert out == {"a": 0.25, "b": -1.0, "c": 4.0, "z": 0.0}
+
+
+def test_run_forgetting_reads_the_ledger_per_quantity():
+    q0, qh, nh, ns = _trajectory(0.1, K=200, seed=1)
+    _, qs, _, _ = _trajectory(0.0, K=200, seed=2)
+    recs = [{"step": k + 1, "refusal_harmful": a, "refusal_harmless": b,
+             "pairs": [{"id": f"p{k}", "label": "harmful" if h else "harmless"}]} for k, (a, b, h) in enumerate(zip(qh, qs, nh))]
+    fg = run_forgetting(recs, {"harmful": q0, "harmless": 0.05})
+    assert abs(fg["harmful"].kappa - 0.1) < 0.03
+    # the harmless trajectory was made with other labels than the ledger's, so only its κ's sign range is checked
+    assert fg["harmless"].windows == 200
+
+
+def test_trajectories_that_cannot_identify_kappa_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="≥ 4 windows"):
+        fit_forgetting(0.1, [0.2, 0.3], [1, 0], [0, 1])
+    with pytest.raises(ValueError, match="never moved"):
+        fit_forgetting(0.1, [0.1] * 6, [1, 0] * 3, [0, 1] * 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_forgetting(0.1, [0.2, float("nan"), 0.3, 0.4, 0.5], [1] * 5, [0] * 5)
+    with pytest.raises(ValueError, match="no window with refusal means"):
+        run_forgetting([{"step": 1, "pairs": []}], {"harmful": 0.1, "harmless": 0.1})
