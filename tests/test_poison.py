@@ -90,6 +90,22 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--top", "2"]) == 0  # a probe category
     assert main(["suspects", str(tmp_path), "--target", "nonsense"]) == 2
     assert "unknown target 'nonsense'" in capsys.readouterr().err
+    # --read end: the same own-window scores, each times (1 − κ)^(windows after the pair), κ read off this ledger
+    from smda_callback.lab.analysis import suspects
+    from smda_callback.lab.carry import later_windows
+
+    records, policy = load_records(tmp_path), load_policy(tmp_path)
+    end = suspects(records, policy, load_credits(tmp_path), "over-refusal", read="end")
+    fg, later = end.attrs["forgetting"], later_windows(records, key="hash")
+    retention = 1.0 - min(max(fg["kappa"], 0.0), 1.0 - 1e-9)
+    by_hash = {c["hash"]: c["own"]["refusal_harmless"] for c in load_credits(tmp_path)["pairs"]}
+    for r in end.itertuples():
+        assert r.score == pytest.approx(by_hash[r.hash] * retention ** later[r.hash], rel=1e-12, abs=1e-15)
+    assert fg["windows"] == 4 and list(end["score"]) == sorted(end["score"], reverse=True)
+    assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "end"]) == 0
+    assert "--read end: each score times (1 - κ)" in capsys.readouterr().out
+    assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "end"]) == 2
+    assert "carries the two refusal means only" in capsys.readouterr().err
 
 
 def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):

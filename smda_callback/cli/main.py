@@ -75,12 +75,17 @@ def _suspects(a: argparse.Namespace) -> int:
     if credits is None:
         raise ValueError(f"{a.run_dir}: no credits.json (a counterfactual ledger or a run from before per-pair credit); "
                          "suspects needs an in-training run of SMDACallback.")
-    df = suspects(load_records(a.run_dir), load_policy(a.run_dir), credits, a.target, a.top)
+    df = suspects(load_records(a.run_dir), load_policy(a.run_dir), credits, a.target, a.top, read=a.read)
     if a.json:
         print(json.dumps(df.drop(columns=["hash"]).to_dict("records"), indent=1, default=float))
         return 0
     print(f"pairs ranked by {a.target} (credit rule {credits['rule']}, kernel {credits['kernel']['kind']}, "
           f"measure {credits['measure']}); score = credited change, most suspect first.\n{CREDIT_READS}")
+    fg = df.attrs.get("forgetting")
+    if fg:
+        print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
+              f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
+              "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
     for r in df.itertuples():
         print(f"{r.score:+.4f}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
     return 0
@@ -297,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("run_dir")
     su.add_argument("--target", required=True, help="over-refusal | compliance | off-target | a probe category name")
     su.add_argument("--top", type=int, default=20)
+    su.add_argument("--read", choices=("trained", "end"), default="trained",
+                    help="trained: what the pair's own steps did when applied (default); end: that, carried to the end "
+                         "of the run by the run's forgetting rate (over-refusal and compliance only; docs/credit.md)")
     su.add_argument("--json", action="store_true", help="a JSON list, most suspect first")
     su.set_defaults(fn=_suspects)
 

@@ -86,13 +86,25 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
+SUSPECT_READS = ("trained", "end")
+"""`trained`: what a pair's own steps did when applied; `end`: that, times what the run's forgetting rate leaves
+of it at the end of the run (carry.py; over-refusal and compliance only)."""
+
+
 def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any], target: str,
-             top: int | None = None) -> pd.DataFrame:
+             top: int | None = None, read: str = "trained") -> pd.DataFrame:
     """Pairs ranked by what their credit did to a behaviour, most suspect first.
 
     over-refusal: raised measured refusal on harmless probes; compliance: lowered it on harmful
     probes; a probe category: moved that category the wrong way (down for a harmful category, up
-    for a harmless one); off-target: |Δβ| on features outside the pair's intended ones."""
+    for a harmless one); off-target: |Δβ| on features outside the pair's intended ones. With
+    `read="end"` the over-refusal and compliance scores are carried to the end of the run by its
+    forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`)."""
+    if read not in SUSPECT_READS:
+        raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
+    if read == "end" and target not in ("over-refusal", "compliance"):
+        raise ValueError(f"--read end carries the two refusal means only (over-refusal, compliance), not {target!r}: "
+                         "the run's forgetting rate is read for those two quantities (lab/carry.py)")
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
@@ -114,9 +126,21 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     else:
         raise ValueError(f"unknown target {target!r}: use one of {', '.join(SUSPECT_TARGETS)} or a probe category "
                          f"({', '.join(sorted(cat_label))})")
+    forgetting = None
+    if read == "end":
+        from .carry import later_windows, run_forgetting
+
+        harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+        y0 = np.asarray(policy["probe_refusal_0"])
+        fg = run_forgetting(records, {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())})
+        forgetting = fg["harmless" if target == "over-refusal" else "harmful"]
+        later = later_windows(records, key="hash")
+        score = [sc * (forgetting.weight(later[r["hash"]]) if r["hash"] in later else 0.0) for r, sc in zip(rows, score)]
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
                         "score": float(sc), "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
                        for r, sc in zip(rows, score)])
+    if forgetting is not None:
+        df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows}
     if df.empty:
         return df
     df = df.sort_values("score", ascending=False, kind="mergesort").reset_index(drop=True)

@@ -80,14 +80,15 @@ def run_forgetting(records: Sequence[Mapping[str, Any]], baseline: Mapping[str, 
     return {q: fit_forgetting(float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs], nh, ns) for q in QUANTITIES}
 
 
-def later_windows(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Per pair id, the number of windows trained after its own (0 for the last window's pairs)."""
+def later_windows(records: Sequence[Mapping[str, Any]], key: str = "id") -> dict[str, int]:
+    """Per pair (its `key` in the ledger: "id", or "hash", which every pair has), the number of windows trained
+    after its last own window (0 for the last window's pairs)."""
     recs = [r for r in sorted(records, key=lambda r: r["step"]) if "refusal_harmful" in r]
     out: dict[str, int] = {}
     for k, r in enumerate(recs):
         for p in r.get("pairs", []):
-            if "id" in p:
-                out[str(p["id"])] = len(recs) - 1 - k
+            if key in p:
+                out[str(p[key])] = len(recs) - 1 - k
     return out
 
 
