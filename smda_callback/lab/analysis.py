@@ -128,14 +128,10 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
                          f"({', '.join(sorted(cat_label))})")
     forgetting = None
     if read == "end":
-        from .carry import later_windows, run_forgetting
+        from .carry import end_weights
 
-        harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
-        y0 = np.asarray(policy["probe_refusal_0"])
-        fg = run_forgetting(records, {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())})
-        forgetting = fg["harmless" if target == "over-refusal" else "harmful"]
-        later = later_windows(records, key="hash")
-        score = [sc * (forgetting.weight(later[r["hash"]]) if r["hash"] in later else 0.0) for r, sc in zip(rows, score)]
+        weight, forgetting = end_weights(records, policy, "harmless" if target == "over-refusal" else "harmful")
+        score = [sc * weight.get(r["hash"], 0.0) for r, sc in zip(rows, score)]
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
                         "score": float(sc), "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
                        for r, sc in zip(rows, score)])

@@ -96,3 +96,17 @@ def carried(scores: Mapping[str, float], later: Mapping[str, int], f: Forgetting
     """Each pair's score times what is left of it at the end of the run, (1 − κ)^(windows after its own);
     a pair the ledger does not place keeps no weight (0), since nothing says when it acted."""
     return {i: float(v) * (f.weight(later[i]) if i in later else 0.0) for i, v in scores.items()}
+
+
+def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
+    """Mean refusal of the harmful and of the harmless probes before training, from a run's policy.json."""
+    harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+    y0 = np.asarray(policy["probe_refusal_0"], dtype=np.float64)
+    return {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())}
+
+
+def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any], quantity: str,
+                key: str = "hash") -> tuple[dict[str, float], Forgetting]:
+    """Per pair (by `key`), what the run's forgetting leaves of its push on `quantity` at the end, and κ."""
+    f = run_forgetting(records, baseline_means(policy))[quantity]
+    return {k: f.weight(n) for k, n in later_windows(records, key=key).items()}, f

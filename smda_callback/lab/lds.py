@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import spearman
-from .carry import QUANTITIES, Forgetting, carried, later_windows, run_forgetting
+from .carry import QUANTITIES, Forgetting, baseline_means, carried, later_windows, run_forgetting
 from .specs import poison_train_seed
 
 logger = logging.getLogger(__name__)
@@ -330,10 +330,7 @@ def forgetting(run_dir: Path) -> dict[str, Forgetting]:
     """The ranking run's forgetting rate κ per quantity (carry.py), from its ledger and its baseline refusal."""
     from ..ledger import load_policy, load_records
 
-    policy = load_policy(run_dir)
-    harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
-    y0 = np.asarray(policy["probe_refusal_0"])
-    return run_forgetting(load_records(run_dir), {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())})
+    return run_forgetting(load_records(run_dir), baseline_means(load_policy(run_dir)))
 
 
 def score(out: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._resources import DATA
+from .carry import end_weights
 from .peers import peak_rss_mb, run_peer
 from .specs import PEERS, poison_train_seed
 from ..credit import OptimizerKernel, replay_credits
@@ -182,6 +183,17 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
         cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure, part).items()}
         readers[name] = {"over-refusal": {i: v["refusal_harmless"] for i, v in cr.items()},
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
+    # the own window carried to the end of the run by its forgetting rate (`smda suspects --read end`)
+    own = readers.get("smda_own_window_ghost") or readers.get("smda_own_window_deconvolve")
+    try:
+        ends = {q: end_weights(records, policy, q)[0] for q in ("harmless", "harmful")}
+    except ValueError as e:
+        logger.warning("poison: no carried reader: %s", e)
+    else:
+        hash_of = {i: h for h, i in id_of.items()}
+        readers["smda_own_window_carried"] = {
+            kind: {i: v * ends[q].get(hash_of.get(i, ""), 0.0) for i, v in own[kind].items()}
+            for kind, q in (("over-refusal", "harmless"), ("compliance", "harmful"))}
     loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
             if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None}
     readers["training_loss_at_step"] = {"over-refusal": loss, "compliance": loss}
