@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -240,16 +241,17 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
     bootstrap interval over plants, each run's AUROC and the mean precision@N."""
     runs = [json.loads((Path(d) / "poison.json").read_text()) for d in dirs]
     readers = sorted(set.intersection(*(set(r["detection"]) for r in runs))) if runs else []
-    rng = np.random.default_rng(seed)
     orders = [tuple(r.get("order") or ()) for r in runs]
     out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {},
                            "plantings": len({frozenset(o) for o in orders}), "data_orders": len(set(orders)),
                            "orders_recorded": all(orders)}
     for name in readers:
         entry = {}
-        for kind in KINDS:
+        for k, kind in enumerate(KINDS):
             per = [r["detection"][name][kind] for r in runs]
             wins = np.asarray([w for d in per for w in plant_wins(d)])
+            # each reader and kind its own bootstrap stream: its interval does not move when readers are added
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode()), k])
             draws = [wins[rng.integers(0, len(wins), len(wins))].mean() for _ in range(boot)]
             entry[kind] = {"auroc": float(wins.mean()), "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
                            "per_run": [float(d["auroc"]) for d in per], "precision_at_n": float(np.mean([d["precision_at_n"] for d in per])),
