@@ -1,8 +1,10 @@
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import run_sft, tiny_model, tiny_sae
@@ -43,6 +45,21 @@ def test_report_sections_and_escaping(halted_run):
     assert "http://" not in page and "https://" not in page  # self-contained
     assert page.count("data:image/png;base64,") >= 4
     assert "Training halted at step" in page
+    assert "Forgetting rate" in page  # κ per refusal mean, or why this short run cannot give it
+
+
+def test_the_forgetting_note_gives_kappa_and_its_half_life():
+    from smda_callback.lab.report import forgetting_note
+
+    policy = {"probes": [{"label": "harmful"}, {"label": "harmless"}], "probe_refusal_0": [0.0, 0.0]}
+    q, recs = [0.0, 0.0], []
+    for k in range(200):
+        q = [q[0] + 0.01 - 0.05 * q[0] + 0.0005 * np.sin(k), q[1] + 0.002 - 0.02 * q[1] + 0.0005 * np.cos(k)]
+        recs.append({"step": k + 1, "refusal_harmful": q[0], "refusal_harmless": q[1], "pairs": [{"label": "harmful"}]})
+    note = forgetting_note(recs, policy)
+    assert re.search(r"harmful refusal κ = 0\.05\d \[[^]]+\] per window \(a push halves in ≈ 1[34] windows\)", note)
+    assert re.search(r"harmless refusal κ = 0\.0[12]\d \[[^]]+\] per window \(a push halves in ≈ 3[2-6] windows\)", note)
+    assert "not readable" in forgetting_note(recs[:2], policy)
 
 
 def test_load_ledger_shape(halted_run):
