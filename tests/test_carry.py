@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smda_callback.lab.carry import Forgetting, carried, fit_forgetting, later_windows, run_forgetting
+from smda_callback.lab.carry import Forgetting, end_weights, fit_forgetting, later_windows, run_forgetting
 
 
 def _trajectory(kappa: float, K: int = 300, seed: int = 0, noise: float = 0.002):
@@ -34,13 +34,15 @@ def test_a_push_is_left_at_retention_to_the_power_of_later_windows():
     assert Forgetting(1.3, (1.0, 1.5), 50).weight(1) < 1e-8  # everything forgotten by the next window
 
 
-def test_carried_scores_follow_the_ledgers_order_and_drop_unplaced_pairs():
-    recs = [{"step": s, "refusal_harmful": 0.1, "refusal_harmless": 0.1, "pairs": [{"id": i, "label": "harmful"}]}
-            for s, i in ((3, "c"), (1, "a"), (2, "b"))]
-    later = later_windows(recs)
-    assert later == {"a": 2, "b": 1, "c": 0}
-    out = carried({"a": 1.0, "b": -2.0, "c": 4.0, "z": 5.0}, later, Forgetting(0.5, (0.4, 0.6), 3))
-    assert out == {"a": 0.25, "b": -1.0, "c": 4.0, "z": 0.0}
+def test_end_weights_follow_the_ledgers_order():
+    recs = [{"step": s, "refusal_harmful": 0.1 * s, "refusal_harmless": 0.05 * s ** 0.5, "pairs": [{"id": i, "hash": "h" + i, "label": lab}]}
+            for s, i, lab in ((3, "c", "harmful"), (1, "a", "harmless"), (2, "b", "harmful"), (4, "d", "harmless"),
+                              (5, "e", "harmful"))]
+    assert later_windows(recs) == {"a": 4, "b": 3, "c": 2, "d": 1, "e": 0}
+    assert later_windows(recs, key="hash") == {"ha": 4, "hb": 3, "hc": 2, "hd": 1, "he": 0}
+    policy = {"probes": [{"label": "harmful"}, {"label": "harmless"}], "probe_refusal_0": [0.0, 0.0]}
+    w, f = end_weights(recs, policy, "harmful", key="id")
+    assert w["e"] == 1.0 and w["a"] == pytest.approx(f.retention ** 4) and set(w) == set("abcde")
 
 
 def test_run_forgetting_reads_the_ledger_per_quantity():

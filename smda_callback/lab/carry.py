@@ -11,8 +11,9 @@ where q_k is a probe quantity after window k (mean refusal of the harmful or of 
 n_label(k) the window's pairs of each label. κ is the run's rate of forgetting: a push made in window k is
 left at (1 − κ)^(K−1−k) of its size after the run's K windows. κ is fitted by least squares per quantity on
 the run's own trajectory (no retraining, no look at any benchmark), with a bootstrap interval over windows;
-`carried` then multiplies any reader's per-pair score by that factor. The model is first order and assumes
-one forgetting rate for the whole run (a constant learning rate after warm-up, as in the demo).
+`end_weights` gives that factor per pair, by which any reader's per-pair score is multiplied (`smda suspects
+--read end`, the carried readers of `smda benchmark-lds` and `benchmark-poison`). The model is first order and
+assumes one forgetting rate for the whole run (a constant learning rate after warm-up, as in the demo).
 """
 
 from __future__ import annotations
@@ -92,12 +93,6 @@ def later_windows(records: Sequence[Mapping[str, Any]], key: str = "id") -> dict
     return out
 
 
-def carried(scores: Mapping[str, float], later: Mapping[str, int], f: Forgetting) -> dict[str, float]:
-    """Each pair's score times what is left of it at the end of the run, (1 − κ)^(windows after its own);
-    a pair the ledger does not place keeps no weight (0), since nothing says when it acted."""
-    return {i: float(v) * (f.weight(later[i]) if i in later else 0.0) for i, v in scores.items()}
-
-
 def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
     """Mean refusal of the harmful and of the harmless probes before training, from a run's policy.json."""
     harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
@@ -107,6 +102,8 @@ def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
 
 def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any], quantity: str,
                 key: str = "hash") -> tuple[dict[str, float], Forgetting]:
-    """Per pair (by `key`), what the run's forgetting leaves of its push on `quantity` at the end, and κ."""
+    """Per pair (by `key`: "hash", or "id" where the ledger has ids), what the run's forgetting leaves of its push
+    on `quantity` at the end of the run, (1 − κ)^(windows after its own), and κ. A pair the ledger does not place
+    gets no weight: callers read a missing key as 0, since nothing says when it acted."""
     f = run_forgetting(records, baseline_means(policy))[quantity]
     return {k: f.weight(n) for k, n in later_windows(records, key=key).items()}, f

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .analysis import spearman
-from .carry import QUANTITIES, Forgetting, baseline_means, carried, later_windows, run_forgetting
+from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
 from .specs import poison_train_seed
 
 logger = logging.getLogger(__name__)
@@ -316,13 +316,12 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
     # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger
     try:
-        fg = forgetting(run_dir)
+        ends = {q: end_weights(load_records(run_dir), policy, q, key="id")[0] for q in QUANTITIES}
     except ValueError as e:
         logger.warning("lds: no carried readers for %s: %s", run_dir, e)
         return out
-    later = later_windows(load_records(run_dir))
     for name in ("credit (default)", "own window", "step change"):
-        out[f"{name}, carried"] = {q: carried(out[name][q], later, fg[q]) for q in QUANTITIES}
+        out[f"{name}, carried"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
     return out
 
 
