@@ -81,7 +81,9 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "against retraining on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
                 "docs/validation.md §9). They do not say what dropping a pair changes at the end of the run: later pairs "
                 "can undo or reverse it (on a planted run, dropping one of three top-ranked over-refusal plants moved final "
-                "harmless refusal by -0.052, -0.012 and +0.007; §10). To predict that, replay the run after training "
+                "harmless refusal by -0.052, -0.012 and +0.007; §10). `--read end` carries each score by the run's own "
+                "forgetting rate (lab/carry.py): a little better at that (rank agreement +0.34 / +0.46 on the 64-pair run, "
+                "+0.34 / +0.26 on a planted one) at no cost. To predict it well, replay the run after training "
                 "(lab/replay.py; rank agreement 0.8-0.96 on the 64-pair run's set removals).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
