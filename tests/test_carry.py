@@ -41,7 +41,8 @@ def test_end_weights_follow_the_ledgers_order():
     assert later_windows(recs) == {"a": 4, "b": 3, "c": 2, "d": 1, "e": 0}
     assert later_windows(recs, key="hash") == {"ha": 4, "hb": 3, "hc": 2, "hd": 1, "he": 0}
     policy = {"probes": [{"label": "harmful"}, {"label": "harmless"}], "probe_refusal_0": [0.0, 0.0]}
-    w, f = end_weights(recs, policy, "harmful", key="id")
+    weights, fg = end_weights(recs, policy, key="id")
+    w, f = weights["harmful"], fg["harmful"]
     assert w["e"] == 1.0 and w["a"] == pytest.approx(f.retention ** 4) and set(w) == set("abcde")
 
 

@@ -132,8 +132,10 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     if read == "end":
         from .carry import end_weights
 
-        weight, forgetting = end_weights(records, policy, "harmless" if target == "over-refusal" else "harmful")
-        score = [sc * weight.get(r["hash"], 0.0) for r, sc in zip(rows, score)]
+        q = "harmless" if target == "over-refusal" else "harmful"
+        weights, fg = end_weights(records, policy)
+        forgetting = fg[q]
+        score = [sc * weights[q].get(r["hash"], 0.0) for r, sc in zip(rows, score)]
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
                         "score": float(sc), "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
                        for r, sc in zip(rows, score)])

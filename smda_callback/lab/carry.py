@@ -100,10 +100,12 @@ def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
     return {"harmful": float(y0[harmful].mean()), "harmless": float(y0[~harmful].mean())}
 
 
-def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any], quantity: str,
-                key: str = "hash") -> tuple[dict[str, float], Forgetting]:
-    """Per pair (by `key`: "hash", or "id" where the ledger has ids), what the run's forgetting leaves of its push
-    on `quantity` at the end of the run, (1 − κ)^(windows after its own), and κ. A pair the ledger does not place
-    gets no weight: callers read a missing key as 0, since nothing says when it acted."""
-    f = run_forgetting(records, baseline_means(policy))[quantity]
-    return {k: f.weight(n) for k, n in later_windows(records, key=key).items()}, f
+def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any],
+                key: str = "hash") -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
+    """Per quantity (harmful, harmless), per pair (by `key`: "hash", or "id" where the ledger has ids), what the
+    run's forgetting leaves of its push at the end of the run, (1 − κ)^(windows after its own); and κ per quantity.
+    One fit of the run's trajectory serves both quantities. A pair the ledger does not place gets no weight: callers
+    read a missing key as 0, since nothing says when it acted."""
+    fg = run_forgetting(records, baseline_means(policy))
+    later = later_windows(records, key=key)
+    return {q: {k: f.weight(n) for k, n in later.items()} for q, f in fg.items()}, fg

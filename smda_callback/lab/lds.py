@@ -277,16 +277,17 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
     credits = load_credits(run_dir) or {"pairs": []}
     by_id = {p["id"]: p for p in credits["pairs"] if "id" in p}
     policy = load_policy(run_dir)
-    harmful = np.asarray([p["label"] == "harmful" for p in policy["probes"]])
+    records = sorted(load_records(run_dir), key=lambda r: r["step"])
+    base = baseline_means(policy)
     out: dict[str, dict[str, dict[str, float]]] = {"credit (default)": {}, "own window": {}, "step change": {},
                                                    "label count": {}, "random": {}}
     for q in ("harmful", "harmless"):
         key = f"refusal_{q}"
         out["credit (default)"][q] = {i: float(by_id[i][key]) for i in order if i in by_id}
         out["own window"][q] = {i: float(by_id[i]["own"][key]) for i in order if i in by_id}
-        prev = float(np.asarray(policy["probe_refusal_0"])[harmful if q == "harmful" else ~harmful].mean())
+        prev = base[q]
         step = {}
-        for r in sorted(load_records(run_dir), key=lambda r: r["step"]):
+        for r in records:
             if "refusal_harmful" not in r:
                 continue
             now = float(r[key])
@@ -316,7 +317,7 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
     # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger
     try:
-        ends = {q: end_weights(load_records(run_dir), policy, q, key="id")[0] for q in QUANTITIES}
+        ends = end_weights(records, policy, key="id")[0]
     except ValueError as e:
         logger.warning("lds: no carried readers for %s: %s", run_dir, e)
         return out

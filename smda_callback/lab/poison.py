@@ -187,7 +187,7 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     # the own window carried to the end of the run by its forgetting rate (`smda suspects --read end`)
     own = readers.get("smda_own_window_ghost") or readers.get("smda_own_window_deconvolve")
     try:
-        ends = {q: end_weights(records, policy, q)[0] for q in ("harmless", "harmful")}
+        ends = end_weights(records, policy)[0]
     except ValueError as e:
         logger.warning("poison: no carried reader: %s", e)
     else:

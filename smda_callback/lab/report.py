@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import base64
 import html
 import io
+import math
 import re
 from pathlib import Path
 from typing import Any
