@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smda_callback.lab.replay import State, Stepper, removal_effect, replay
+from smda_callback.lab.replay import State, Stepper, checkpoint_plan, removal_effect, replay
 
 
 def _trainer(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch", lr: float = 3e-3):
@@ -98,6 +98,15 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     assert not (tmp_path / "w").exists()
     res1 = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w1", every=100)
     assert res["removal_effect"]["f"] == pytest.approx(res1["removal_effect"]["f"], rel=1e-9, abs=1e-15)
+    # two levels: disk checkpoints every 3 steps, each block recomputed once more into checkpoints every step
+    held = []
+    res3 = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w3", every=1, outer=3,
+                  progress=lambda msg: held.append(len(list((tmp_path / "w3").glob("*.pt")))))
+    assert res3["recompute_gap"] == 0.0 and not (tmp_path / "w3").exists()
+    assert res3["removal_effect"]["f"] == pytest.approx(res["removal_effect"]["f"], rel=1e-9, abs=1e-15)
+    assert res3["weight_zero_effect"]["f"] == pytest.approx(res["weight_zero_effect"]["f"], rel=1e-9, abs=1e-15)
+    assert res3["checkpoints"]["files_on_disk"] == 5  # 2 outer + the end + 2 inner, against 7 with every=1 alone
+    assert 0 < max(held) <= res3["checkpoints"]["files_on_disk"] < checkpoint_plan(6, 1, 1)["files_on_disk"]
     # really drop each pair in place: the same run without its step, every later step one place earlier
     # (Adam's count and the warmup lr follow the new place, as in a retrain on the other pairs)
     errs = []
@@ -143,3 +152,34 @@ def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_r
     assert float(grad[pad].abs().sum()) > 0
     with pytest.raises(ValueError, match="no probes"):
         probe_objective(snap, [])
+
+
+def test_checkpoint_plan_counts_and_refusals(smol_tokenizer, tmp_path, monkeypatch):
+    """318 steps of the 135M model (1.6 GiB a state): every 4 alone holds 81 states on disk, every 2 inside 16 holds
+    28 and 3 in memory. Spacings that do not nest, and a disk too small, are refused with the flag that fixes them."""
+    one = 3 * 134_515_008 * 4
+    assert checkpoint_plan(318, one, 4)["files_on_disk"] == 81
+    p = checkpoint_plan(318, one, 2, 16)
+    assert (p["files_on_disk"], p["states_in_memory"]) == (28, 3)
+    assert p["disk_bytes"] / 2**30 < 45
+    with pytest.raises(ValueError, match="multiple of the memory spacing"):
+        checkpoint_plan(318, one, 4, 6)
+    with pytest.raises(ValueError, match="≥ 1"):
+        checkpoint_plan(318, one, 0)
+    import shutil
+
+    from smda_callback.lab import replay as rp
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(rp.shutil, "disk_usage", lambda path: real(path)._replace(free=10))
+    with pytest.raises(ValueError, match="--replay-outer"):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0), {"f": _objective(smol_tokenizer)}, tmp_path / "w", every=2)
+
+
+def test_cli_refuses_a_replay_spacing_that_does_not_nest_before_any_work(tmp_path, capsys):
+    from smda_callback.cli.main import main
+
+    out = tmp_path / "lds"
+    assert main(["benchmark-lds", "-o", str(out), "--replay", "--replay-every", "4", "--replay-outer", "6"]) == 2
+    assert "multiple of the memory spacing" in capsys.readouterr().err
+    assert not out.exists()

@@ -97,8 +97,11 @@ def _poison(a: argparse.Namespace) -> int:
     if a.pool:
         pooled = pool_poison(a.pool)
         return _emit(a, pooled, format_pool(pooled))
+    if a.replay:
+        from ..lab.replay import checkpoint_plan
+        checkpoint_plan(1, 0, a.replay_every, a.replay_outer)
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed,
-                        replay=a.replay, replay_every=a.replay_every)
+                        replay=a.replay, replay_every=a.replay_every, replay_outer=a.replay_outer)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
@@ -239,12 +242,15 @@ def _lds(a: argparse.Namespace) -> int:
     from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
+    if a.replay:  # a bad spacing is refused before hours of retraining, not after
+        from ..lab.replay import checkpoint_plan
+        checkpoint_plan(1, 0, a.replay_every, a.replay_outer)
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out))
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay and not Path(a.out, "replay.json").exists():
-        replay_job(a.out, st, every=a.replay_every)
+        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -324,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "lab/replay.py; the same --seed/--order-seed as the run; checkpoints ≈ 1.6 GB per "
                          "--replay-every steps of the 135M model on disk while it runs)")
     po.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
+    po.add_argument("--replay-outer", type=int, default=None,
+                    help="disk checkpoint spacing of the replay, a multiple of --replay-every (default: the same); "
+                         "larger needs less disk (about steps/outer + outer/every states) and runs the forward steps "
+                         "three times instead of twice")
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.add_argument("--pool", nargs="+", metavar="DIR", help="only pool finished runs (other plantings / data orders, "
                                                               "each made with --out DIR --seed S): AUROC over all their plants")
@@ -437,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
                          "about 17 retrains' compute on the 64-pair demo run, checkpoints on disk under --out)")
     ld.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
+    ld.add_argument("--replay-outer", type=int, default=None,
+                    help="disk checkpoint spacing of the replay, a multiple of --replay-every (default: the same); "
+                         "larger needs less disk (about steps/outer + outer/every states) and runs the forward steps "
+                         "three times instead of twice")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--json", action="store_true")

@@ -190,7 +190,7 @@ def _snapshotter(tok: Any, model: Any) -> Any:
 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
-                    every: int = 4) -> dict[str, Any]:
+                    every: int = 4, outer: int | None = None) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down)."""
@@ -201,17 +201,17 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     harmful = np.asarray(probes.is_harmful)
     objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
                   for q in ("harmful", "harmless")}
-    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every)
+    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer)
     res["order"] = order
     return res
 
 
-def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4) -> dict[str, Any]:
+def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None) -> dict[str, Any]:
     """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every)
+    res = replay_recorded(out, pairs, order, st.seed, every, outer)
     (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
     return res
 

@@ -98,6 +98,9 @@ class PoisonSettings:
     """Also the replay reader (lab/replay.py) after training: reverse mode through the run's recorded order."""
     replay_every: int = 4
     """The replay's checkpoint spacing (memory holds this many + 1 states of θ, m, v)."""
+    replay_outer: int | None = None
+    """The replay's disk checkpoint spacing, a multiple of `replay_every` (None: the same; larger: less disk, one more
+    forward pass)."""
 
     @property
     def train_seed(self) -> int:
@@ -151,7 +154,7 @@ def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> di
         raise ValueError(f"{out / 'run'}: its ledger does not name every pair of {out / 'pairs.jsonl'} once (one pair per step)")
     seed = st.train_seed
     logger.info("poison: replay of %s (%d steps, seed %d)", out, len(order), seed)
-    res = replay_recorded(out, pairs, order, seed, every=st.replay_every)
+    res = replay_recorded(out, pairs, order, seed, every=st.replay_every, outer=st.replay_outer)
     last = max(load_records(out / "run"), key=lambda r: r["step"])
     res["end_vs_run_abs_diff"] = {q: abs(float(res["final"][q]) - float(last[f"refusal_{q}"])) for q in ("harmful", "harmless")}
     (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")

@@ -13,8 +13,10 @@ the fact, by reverse mode through the recorded training run (in the spirit of RE
   and update are elementwise, the gradient clipping's global norm is a rank-one term, and the gradient's
   dependence on θ is one Hessian-vector product of pair t's loss (double backward).
 
-States are recomputed from checkpoints kept on disk every `every` steps, so memory holds `every + 1`
-states and the forward steps run twice. Exact for torch AdamW (fused or not, decoupled weight decay, no
+States are recomputed from checkpoints kept on disk every `outer` steps (default: `every`); a block of `outer`
+steps is recomputed once more to leave checkpoints every `every` steps, from which each inner block is recomputed
+into memory. So memory holds `every + 1` states, disk about n/outer + outer/every of them, and the forward steps
+run twice (`outer == every`) or three times (a longer run on the same disk). Exact for torch AdamW (fused or not, decoupled weight decay, no
 amsgrad) with a recorded lr per step and clipping by global norm; any other optimizer is refused with
 the fix. The prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
 """
@@ -264,8 +266,22 @@ def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) ->
     return sum(_dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v"))
 
 
+def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = None) -> dict[str, int]:
+    """What a replay of `n` steps holds: states in memory and checkpoint files on disk at most, and their bytes.
+    Refuses spacings that cannot work, with the fix."""
+    outer = every if outer is None else outer
+    if every < 1 or outer < 1:
+        raise ValueError(f"replay: checkpoint spacing must be ≥ 1 (got every={every}, outer={outer}).")
+    if outer % every:
+        raise ValueError(f"replay: the disk spacing (--replay-outer {outer}) must be a multiple of the memory spacing "
+                         f"(--replay-every {every}); e.g. --replay-outer {every * max(1, round(outer / every))}.")
+    files = -(-n // outer) + 1 + (outer // every - 1 if outer > every else 0)  # outer checkpoints, the end, one block's inner ones
+    return {"every": every, "outer": outer, "states_in_memory": every + 1, "files_on_disk": files,
+            "disk_bytes": files * state_bytes, "memory_bytes": (every + 1) * state_bytes}
+
+
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, outer: int | None = None) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of training.
 
     Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
@@ -280,8 +296,20 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     work.mkdir(parents=True, exist_ok=True)
     run = Stepper(trainer)
     n = len(run)
-    for t in range(n):  # 1. the run as trained, a checkpoint every `every` steps
-        if t % every == 0:
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in run.params)
+    plan = checkpoint_plan(n, state_bytes, every, outer)
+    outer = plan["outer"]
+    free = shutil.disk_usage(work).free
+    if plan["disk_bytes"] > free:
+        raise ValueError(
+            f"replay: {n} steps with a checkpoint every {outer} steps need ≈ {plan['disk_bytes'] / 2**30:.1f} GiB on disk "
+            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB), {free / 2**30:.1f} GiB are free. "
+            f"Space the disk checkpoints further apart (--replay-outer, a multiple of --replay-every; the forward steps "
+            f"then run three times instead of twice) or free disk.")
+    say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
+        f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
+    for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
+        if t % outer == 0:
             run.state(t).save(work / f"s{t:05d}.pt")
         run.step(t)
         if (t + 1) % 16 == 0:
@@ -295,7 +323,19 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
     say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
     gap = float("nan")
-    for s in reversed(range(0, n, every)):  # 2. reverse, block by block, each block recomputed from its checkpoint
+
+    def blocks():  # lazily: an outer block's inner checkpoints are written once the later block's are gone
+        for S in reversed(range(0, n, outer)):
+            E = min(S + outer, n)
+            if outer > every:  # recompute the outer block once more, leaving its inner checkpoints on disk
+                run.load(State.load(work / f"s{S:05d}.pt"))
+                for t in range(S, E):
+                    if t > S and (t - S) % every == 0:
+                        run.state(t).save(work / f"s{t:05d}.pt")
+                    run.step(t)
+            yield from reversed(range(S, E, every))
+
+    for s in blocks():  # 2. reverse, block by block, each block recomputed from its checkpoint into memory
         e = min(s + every, n)
         states = [State.load(work / f"s{s:05d}.pt")]
         run.load(states[0])
@@ -321,6 +361,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
+            "checkpoints": plan,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(time.perf_counter() - t0, 1)}
 
