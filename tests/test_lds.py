@@ -78,6 +78,29 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
     for q in ("harmful", "harmless"):
         assert s["replay (dropped in place)"][q]["lds"] > 0.999 and abs(s["replay (dropped in place)"][q]["slope"] - 1) < 1e-9
         assert s["replay (weight zero)"][q]["lds"] < -0.999  # the sign flipped on purpose: the score reads it
+    # every reader against the replay, free of retrains: the credit is the replay's truth here, the own window twice it
+    v = res["vs_replay"]
+    assert v["n_subsets"] == 1000 and not any(name.startswith("replay") for name in v["readers"])
+    for q in ("harmful", "harmless"):
+        assert v["readers"]["credit (default)"][q]["lds"] > 0.999 and v["readers"]["credit (default)"][q]["pairs"] > 0.999
+    assert abs(v["readers"]["own window"]["harmful"]["slope"] - 0.5) < 1e-9
+    assert v["readers"]["credit (default)"]["harmful"]["lds_ci95"][0] > 0.99
+
+
+def test_the_replay_yardstick_needs_no_retrain(tmp_path):
+    """Before any retrain has finished, the readers are already scored against the replay (and said to be)."""
+    ids, sets = _fake(tmp_path)
+    for f in (tmp_path / "jobs").glob("*.json"):
+        f.unlink()
+    assert score(tmp_path) == {"error": "no full replay has finished yet"}
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    rep = {"order": ids, "removal_effect": {"harmful": [eff[i] for i in ids], "harmless": [0.5 * eff[i] for i in ids]},
+           "weight_zero_effect": {"harmful": [eff[i] for i in ids], "harmless": [0.5 * eff[i] for i in ids]}}
+    (tmp_path / "replay.json").write_text(json.dumps(rep))
+    res = score(tmp_path)
+    assert "error" in res and res["vs_replay"]["readers"]["credit (default)"]["harmful"]["lds"] < -0.999
+    assert "Against the replay" in format_score(res)
 
 
 def test_peer_scores_are_read_as_predicted_changes(tmp_path):

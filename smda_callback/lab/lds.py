@@ -333,14 +333,49 @@ def forgetting(run_dir: Path) -> dict[str, Forgetting]:
     return run_forgetting(load_records(run_dir), baseline_means(load_policy(run_dir)))
 
 
+REPLAY = "replay (dropped in place)"
+
+
+def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[str], settings: dict[str, Any],
+                   n_subsets: int = 1000) -> dict[str, Any]:
+    """Every reader scored against the replay instead of retraining: LDS with the replay's first-order prediction as
+    the measured change. It costs no retrain, so it runs over `n_subsets` removal sets drawn as the retrain subsets
+    are (the same seed: the first ones are the retrained ones), before any retrain has finished; and each reader's
+    Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining)."""
+    st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)),
+                     seed=settings.get("seed", 0))
+    sets = list(subsets(order, st).values())
+    res: dict[str, Any] = {"n_subsets": len(sets), "readers": {}}
+    boot = np.random.default_rng([settings["seed"], 0xb007])
+    draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
+    for name, per_q in scores.items():
+        if name.startswith("replay"):
+            continue
+        entry = {}
+        for q in QUANTITIES:
+            s, r = per_q[q], scores[REPLAY][q]
+            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
+            truth = np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets])
+            both = [i for i in order if i in s and i in r]
+            bs = [spearman(pred[b], truth[b]) for b in draws]
+            entry[q] = {"lds": spearman(pred, truth), "lds_ci95": [float(np.nanpercentile(bs, 2.5)), float(np.nanpercentile(bs, 97.5))],
+                        "slope": float(np.polyfit(pred, truth, 1)[0]) if np.std(pred) > 0 else float("nan"),
+                        "pairs": spearman(np.asarray([s[i] for i in both]), np.asarray([r[i] for i in both]))}
+        res["readers"][name] = entry
+    return res
+
+
 def score(out: str | Path) -> dict[str, Any]:
-    """LDS and calibration of every reader over the finished subsets."""
+    """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran)."""
     out = Path(out)
     meta = json.loads((out / "subsets.json").read_text())
     jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
+    rep, peers = post_hoc(out)
+    vs_replay = (against_replay(readers(out / "run", meta["order"], meta["settings"]["seed"], rep, peers), meta["order"],
+                                meta["settings"]) if rep is not None else None)
     if not fulls:
-        return {"error": "no full replay has finished yet"}
+        return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {})}
     ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
     replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max()) if len(fulls) > 1 else None)
     run_dir = out / "run"
@@ -355,7 +390,8 @@ def score(out: str | Path) -> dict[str, Any]:
                                                  for q in ref}, "readers": {}}
     secs = [j["seconds"] for j in jobs.values() if "seconds" in j]
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
-    rep, peers = post_hoc(out)
+    if vs_replay:
+        res["vs_replay"] = vs_replay
     for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
@@ -393,9 +429,22 @@ def score(out: str | Path) -> dict[str, Any]:
     return res
 
 
+def format_vs_replay(v: dict[str, Any]) -> list[str]:
+    L = ["", f"Against the replay (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
+         "subsets drawn as the retrain subsets are; and Spearman with the replay over single pairs)", "",
+         "| reader | LDS vs replay, harmful [95 % CI] | harmless [95 % CI] | slope harmful / harmless | pairs harmful / harmless |",
+         "|---|---|---|---|---|"]
+    for name, e in v["readers"].items():
+        h, n = e["harmful"], e["harmless"]
+        ci = lambda x: f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"  # noqa: E731
+        L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {h['slope']:.3g} / {n['slope']:.3g} | "
+                 f"{h['pairs']:+.2f} / {n['pairs']:+.2f} |")
+    return L
+
+
 def format_score(s: dict[str, Any]) -> str:
     if "error" in s:
-        return s["error"]
+        return "\n".join([s["error"], *(format_vs_replay(s["vs_replay"]) if s.get("vs_replay") else [])])
     L = [f"{s['n_subsets']} subsets of {s['n_pairs']} pairs; full replay refusal harmful {s['full_refusal']['harmful']:.4f}, "
          f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
          f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
@@ -420,6 +469,8 @@ def format_score(s: dict[str, Any]) -> str:
               "|---|---|" + "---|" * len(names)]
         L += [f"| {e['id']} | {fmt(e['measured'])} | " + " | ".join(fmt(e["predicted"][n]) for n in names) + " |"
               for e in s["leave_one_out"]]
+    if s.get("vs_replay"):
+        L += format_vs_replay(s["vs_replay"])
     L += ["", "cost (wall seconds on this machine; peak RSS where recorded): " + "; ".join(
         f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "")
         for k, v in s.get("timing", {}).items() if v.get("seconds") is not None)]
