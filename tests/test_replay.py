@@ -107,6 +107,31 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     assert res3["weight_zero_effect"]["f"] == pytest.approx(res["weight_zero_effect"]["f"], rel=1e-9, abs=1e-15)
     assert res3["checkpoints"]["files_on_disk"] == 5  # 2 outer + the end + 2 inner, against 7 with every=1 alone
     assert 0 < max(held) <= res3["checkpoints"]["files_on_disk"] < checkpoint_plan(6, 1, 1)["files_on_disk"]
+    # stopped in the middle of the reverse pass (as a kill would), then called again: it resumes and ends the same
+    said = []
+
+    def stop_once(msg: str) -> None:
+        said.append(msg)
+        if msg.startswith("replay: reverse pass at step 2/") and not any("resumed" in m for m in said):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w4", every=1, outer=2,
+               resume_every=2, progress=stop_once)
+    assert (tmp_path / "w4" / "resume.pt").exists()
+    res4 = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w4", every=1, outer=2,
+                  resume_every=2, progress=stop_once)
+    assert any("resumed" in m and "below step 4 of 6" in m for m in said)
+    assert not any("forward step" in m for m in said[said.index(next(m for m in said if "resumed" in m)):])
+    assert res4["recompute_gap"] == 0.0 and not (tmp_path / "w4").exists()
+    for key in ("removal_effect", "weight_zero_effect"):
+        assert res4[key]["f"] == pytest.approx(res[key]["f"], rel=1e-9, abs=1e-15)
+    assert res4["lr"] == res["lr"] and res4["grad_norm"] == pytest.approx(res["grad_norm"], rel=1e-12)
+    with pytest.raises(KeyboardInterrupt):  # a resume file of another replay is refused, not mixed in
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=1, outer=2,
+               resume_every=2, progress=lambda m: (_ for _ in ()).throw(KeyboardInterrupt) if "at step 2/" in m else None)
+    with pytest.raises(ValueError, match="of another replay"):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=2, outer=2)
     # really drop each pair in place: the same run without its step, every later step one place earlier
     # (Adam's count and the warmup lr follow the new place, as in a retrain on the other pairs)
     errs = []

@@ -281,14 +281,17 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
-           progress: Callable[[str], None] | None = None, outer: int | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, outer: int | None = None,
+           resume_every: int = 16) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of training.
 
     Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
     step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
     later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
     "seconds"}. `workdir` holds the checkpoints (3 copies of the weights each) and is
-    removed at the end; the trainer's model is left at the final weights.
+    removed at the end; the trainer's model is left at the final weights. The reverse pass saves its adjoints and
+    results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
+    after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
     """
     say = progress or logger.info
     t0 = time.perf_counter()
@@ -299,34 +302,64 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in run.params)
     plan = checkpoint_plan(n, state_bytes, every, outer)
     outer = plan["outer"]
+    # the reverse pass is resumable: after every outer block its adjoints and results are written here
+    resume_file = work / "resume.pt"
+    r = torch.load(resume_file, weights_only=True) if resume_file.exists() else None
+    if r is not None and (r["n"], r["every"], r["outer"], sorted(r["final"])) != (n, every, outer, sorted(objectives)):
+        raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps, every {r['every']}, outer "
+                         f"{r['outer']}, objectives {sorted(r['final'])}); remove {work} to start this one afresh.")
+    need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
-    if plan["disk_bytes"] > free:
+    if r is None and need > free:
         raise ValueError(
-            f"replay: {n} steps with a checkpoint every {outer} steps need ≈ {plan['disk_bytes'] / 2**30:.1f} GiB on disk "
-            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB), {free / 2**30:.1f} GiB are free. "
-            f"Space the disk checkpoints further apart (--replay-outer, a multiple of --replay-every; the forward steps "
-            f"then run three times instead of twice) or free disk.")
+            f"replay: {n} steps with a checkpoint every {outer} steps need ≈ {need / 2**30:.1f} GiB on disk "
+            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB and the adjoints), "
+            f"{free / 2**30:.1f} GiB are free. Space the disk checkpoints further apart (--replay-outer, a multiple of "
+            f"--replay-every; the forward steps then run three times instead of twice) or free disk.")
     say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
         f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
-    for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
-        if t % outer == 0:
-            run.state(t).save(work / f"s{t:05d}.pt")
-        run.step(t)
-        if (t + 1) % 16 == 0:
-            say(f"replay: forward step {t + 1}/{n}")
-    run.state(n).save(work / "end.pt")
-    final, adj = {}, {}
-    for name, obj in objectives.items():
-        final[name], gT = _grad_of(obj, run.model, run.params)
-        adj[name] = {"theta": gT, "m": [torch.zeros_like(p) for p in run.params], "v": [torch.zeros_like(p) for p in run.params]}
-    effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
-    shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
-    say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
-    gap = float("nan")
+    if r is None:
+        for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
+            if t % outer == 0:
+                run.state(t).save(work / f"s{t:05d}.pt")
+            run.step(t)
+            if (t + 1) % 16 == 0:
+                say(f"replay: forward step {t + 1}/{n}")
+        run.state(n).save(work / "end.pt")
+        final, adj = {}, {}
+        for name, obj in objectives.items():
+            final[name], gT = _grad_of(obj, run.model, run.params)
+            adj[name] = {"theta": gT, "m": [torch.zeros_like(p) for p in run.params], "v": [torch.zeros_like(p) for p in run.params]}
+        effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+        shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+        gap, below, spent = float("nan"), n, 0.0
+        say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
+    else:
+        run.lrs[:], run.norms[:] = r["lrs"], r["norms"]
+        final, adj, effect, shift = r["final"], r["adj"], r["effect"], r["shift"]
+        gap, below, spent = r["gap"], r["below"], r["seconds"]
+        say(f"replay: resumed from {resume_file}: the reverse pass continues below step {below} of {n}")
+        del r
+
+    def save_resume(below: int) -> None:
+        tmp = resume_file.with_suffix(".tmp")
+        torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
+                    "adj": adj, "effect": effect, "shift": shift, "gap": gap, "below": below,
+                    "seconds": spent + time.perf_counter() - t0}, tmp)
+        tmp.replace(resume_file)
+
+    saved = [below]
 
     def blocks():  # lazily: an outer block's inner checkpoints are written once the later block's are gone
         for S in reversed(range(0, n, outer)):
             E = min(S + outer, n)
+            if E > below:
+                continue  # done before a resume
+            if E < below and saved[0] - E >= resume_every:
+                save_resume(E)  # every step from E on is done: a stop from here on resumes at this block
+                saved[0] = E
+                for k in range(E, n, outer):  # the finished blocks' own checkpoints are no longer needed
+                    (work / f"s{k:05d}.pt").unlink(missing_ok=True)
             if outer > every:  # recompute the outer block once more, leaving its inner checkpoints on disk
                 run.load(State.load(work / f"s{S:05d}.pt"))
                 for t in range(S, E):
@@ -353,7 +386,8 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
                 shift[name][t] = shift_effect(run, t, pre, post, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
             run.vjp(t, post, adj)
-        (work / f"s{s:05d}.pt").unlink(missing_ok=True)
+        if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
+            (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
     run.load(State.load(work / "end.pt"))
     shutil.rmtree(work, ignore_errors=True)
@@ -363,7 +397,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
             "checkpoints": plan,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(spent + time.perf_counter() - t0, 1)}
 
 
 def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
