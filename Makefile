@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench validate poison lds clean
+.PHONY: setup demo test test-all bench validate poison lds lds-full clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ clean:
 # linear datamodeling score of the credit (docs/validation.md): long CPU job, resumable, run niced
 lds: setup
 	nice -n 10 $(BIN)/smda benchmark-lds --out runs/lds
+
+# the same on the full demo run (318 pairs): the ranking run, 40 retrains of the 318-pair SFT, then the replay with
+# nested checkpoints (≈ 48 GiB of disk while it runs); every stage resumes where a stop left it
+lds-full: setup
+	nice -n 10 $(BIN)/smda benchmark-lds --out runs/lds318 --n-pairs 318 --subsets 40 --replicas 1 \
+		--replay --replay-every 2 --replay-outer 16
 
 # planted bad pairs: which reader ranks them first (docs/validation.md, runs/poison/poison.json)
 poison: setup
