@@ -180,7 +180,7 @@ def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_r
 
 
 def test_checkpoint_plan_counts_and_refusals(smol_tokenizer, tmp_path, monkeypatch):
-    """318 steps of the 135M model (1.6 GiB a state): every 4 alone holds 81 states on disk, every 2 inside 16 holds
+    """318 steps of the 135M model (1.5 GiB a state): every 4 alone holds 81 states on disk, every 2 inside 16 holds
     28 and 3 in memory. Spacings that do not nest, and a disk too small, are refused with the flag that fixes them."""
     one = 3 * 134_515_008 * 4
     assert checkpoint_plan(318, one, 4)["files_on_disk"] == 81
