@@ -342,11 +342,11 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     the measured change. It costs no retrain, so it runs over `n_subsets` removal sets drawn as the retrain subsets
     are (the same seed: the first ones are the retrained ones), before any retrain has finished; and each reader's
     Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining)."""
-    st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)),
-                     seed=settings.get("seed", 0))
+    seed = settings.get("seed", 0)
+    st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)), seed=seed)
     sets = list(subsets(order, st).values())
     res: dict[str, Any] = {"n_subsets": len(sets), "readers": {}}
-    boot = np.random.default_rng([settings["seed"], 0xb007])
+    boot = np.random.default_rng([seed, 0xb007])
     draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
     for name, per_q in scores.items():
         if name.startswith("replay"):
@@ -372,8 +372,9 @@ def score(out: str | Path) -> dict[str, Any]:
     jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
     rep, peers = post_hoc(out)
-    vs_replay = (against_replay(readers(out / "run", meta["order"], meta["settings"]["seed"], rep, peers), meta["order"],
-                                meta["settings"]) if rep is not None else None)
+    # every reader's scores, read once: for the replay yardstick now, for the retrains below
+    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], rep, peers) if rep is not None else None
+    vs_replay = against_replay(scores, meta["order"], meta["settings"]) if scores is not None else None
     if not fulls:
         return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {})}
     ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
@@ -403,7 +404,8 @@ def score(out: str | Path) -> dict[str, Any]:
     loos = [j for n, j in sorted(jobs.items()) if n.startswith("loo-")]
     if len(subs) < 3 and not loos:
         return res
-    scores = readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers)
+    if scores is None:
+        scores = readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers)
     if loos:  # a pair's predicted removal effect is minus its score
         res["leave_one_out"] = [{"id": j["dropped"][0], "measured": {q: j[f"refusal_{q}"] - ref[q] for q in ref},
                                  "predicted": {name: {q: (-per_q[q][j["dropped"][0]] if j["dropped"][0] in per_q[q] else None)
@@ -429,6 +431,10 @@ def score(out: str | Path) -> dict[str, Any]:
     return res
 
 
+def _ci(x: dict[str, Any]) -> str:
+    return f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"
+
+
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
     L = ["", f"Against the replay (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
          "subsets drawn as the retrain subsets are; and Spearman with the replay over single pairs)", "",
@@ -436,8 +442,7 @@ def format_vs_replay(v: dict[str, Any]) -> list[str]:
          "|---|---|---|---|---|"]
     for name, e in v["readers"].items():
         h, n = e["harmful"], e["harmless"]
-        ci = lambda x: f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"  # noqa: E731
-        L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {h['slope']:.3g} / {n['slope']:.3g} | "
+        L.append(f"| {name} | {h['lds']:+.2f} {_ci(h)} | {n['lds']:+.2f} {_ci(n)} | {h['slope']:.3g} / {n['slope']:.3g} | "
                  f"{h['pairs']:+.2f} / {n['pairs']:+.2f} |")
     return L
 
@@ -456,9 +461,8 @@ def format_score(s: dict[str, Any]) -> str:
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
     for name, e in s["readers"].items():
         h, n = e["harmful"], e["harmless"]
-        ci = lambda x: f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"  # noqa: E731
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
-        L.append(f"| {name} | {h['lds']:+.2f} {ci(h)} | {n['lds']:+.2f} {ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
+        L.append(f"| {name} | {h['lds']:+.2f} {_ci(h)} | {n['lds']:+.2f} {_ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     if s.get("leave_one_out"):
         names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")

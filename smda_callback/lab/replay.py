@@ -18,7 +18,8 @@ steps is recomputed once more to leave checkpoints every `every` steps, from whi
 into memory. So memory holds `every + 1` states, disk about n/outer + outer/every of them, and the forward steps
 run twice (`outer == every`) or three times (a longer run on the same disk). The reverse pass saves its adjoints
 at block starts and resumes from them. Exact for torch AdamW (fused or not, decoupled weight decay, no amsgrad)
-with a recorded lr per step and clipping by global norm; any other optimizer is refused with the fix. The prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
+with a recorded lr per step and clipping by global norm; any other optimizer is refused with the fix. The
+prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
 """
 
 from __future__ import annotations
