@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smda_callback.lab.lds import LDSSettings, format_score, score, subsets
+from smda_callback.lab.lds import LDSSettings, chance_band, format_score, score, subsets
 
 
 def _fake(tmp_path, n=12, k=8):
@@ -62,6 +62,33 @@ def test_a_reader_that_is_the_truth_scores_one(tmp_path):
     assert abs(s["readers"]["random"]["harmful"]["lds"]) < 0.9
 
 
+def test_the_chance_band_widens_when_subsets_share_pairs():
+    """A reader with no information: its LDS band is centred near 0, the truth lies far outside it, and on many
+    subsets of few pairs (heavy sharing) it stays about as wide as the number of pairs allows, not 1/sqrt(subsets)."""
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(30)]
+    effect = rng.normal(size=30)
+    sets = list(subsets(ids, LDSSettings(n_pairs=30, subsets=400, drop_fracs=(0.1,))).values())
+    pos = {i: k for k, i in enumerate(ids)}
+    truth = np.asarray([-sum(effect[pos[i]] for i in d) for d in sets])
+    lo, hi = chance_band(sets, ids, truth, seed=0)
+    assert lo < 0 < hi and abs(lo + hi) < 0.15
+    assert hi - lo > 0.4  # ~ 4/sqrt(30 pairs); a bootstrap over 400 subsets would say ~ 4/sqrt(400) = 0.2
+    assert chance_band(sets, ids, truth, seed=0) == [lo, hi]  # reproducible
+    noisy = effect + rng.normal(size=30)  # half the variance is the truth: an informative reader leaves the band
+    from smda_callback.lab.analysis import spearman
+    assert spearman(np.asarray([-sum(noisy[pos[i]] for i in d) for d in sets]), truth) > hi
+
+
+def test_the_chance_band_is_printed_with_the_scores(tmp_path):
+    _fake(tmp_path)
+    s = score(tmp_path)
+    for q in ("harmful", "harmless"):
+        lo, hi = s["chance"][q]
+        assert lo < 0 < hi and s["readers"]["credit (default)"][q]["lds"] > hi
+    assert "chance band" in format_score(s)
+
+
 def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
     """replay.json holds each pair's removal effect (the change of the quantity when it is dropped): the
     reader's score is minus that, so the truth again scores LDS 1 and slope 1; without the file no row."""
@@ -85,6 +112,7 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
         assert v["readers"]["credit (default)"][q]["lds"] > 0.999 and v["readers"]["credit (default)"][q]["pairs"] > 0.999
     assert abs(v["readers"]["own window"]["harmful"]["slope"] - 0.5) < 1e-9
     assert v["readers"]["credit (default)"]["harmful"]["lds_ci95"][0] > 0.99
+    assert all(lo < 0 < hi for lo, hi in v["chance"].values())
 
 
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):

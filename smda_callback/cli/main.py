@@ -91,15 +91,29 @@ def _suspects(a: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_spacing(p: argparse.ArgumentParser) -> None:
+    """The replay's two checkpoint spacings, the same for every command that runs the replay."""
+    p.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
+    p.add_argument("--replay-outer", type=int, default=None,
+                   help="disk checkpoint spacing of the replay, a multiple of --replay-every (default: the same); "
+                        "larger needs less disk (about steps/outer + outer/every states) and runs the forward steps "
+                        "three times instead of twice")
+
+
+def _check_replay_spacing(a: argparse.Namespace) -> None:
+    """A bad spacing is refused before hours of training or retraining, not after."""
+    if a.replay:
+        from ..lab.replay import checkpoint_plan
+        checkpoint_plan(1, 0, a.replay_every, a.replay_outer)
+
+
 def _poison(a: argparse.Namespace) -> int:
     from ..lab.poison import PoisonSettings, format_pool, format_poison, pool_poison, run_poison, score_poison
 
     if a.pool:
         pooled = pool_poison(a.pool)
         return _emit(a, pooled, format_pool(pooled))
-    if a.replay:
-        from ..lab.replay import checkpoint_plan
-        checkpoint_plan(1, 0, a.replay_every, a.replay_outer)
+    _check_replay_spacing(a)
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed,
                         replay=a.replay, replay_every=a.replay_every, replay_outer=a.replay_outer)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
@@ -242,9 +256,7 @@ def _lds(a: argparse.Namespace) -> int:
     from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
-    if a.replay:  # a bad spacing is refused before hours of retraining, not after
-        from ..lab.replay import checkpoint_plan
-        checkpoint_plan(1, 0, a.replay_every, a.replay_outer)
+    _check_replay_spacing(a)
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out))
     if not a.score_only:
@@ -329,11 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the replay reader after training (reverse mode through the run's recorded order, "
                          "lab/replay.py; the same --seed/--order-seed as the run; checkpoints ≈ 1.6 GB per "
                          "--replay-every steps of the 135M model on disk while it runs)")
-    po.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
-    po.add_argument("--replay-outer", type=int, default=None,
-                    help="disk checkpoint spacing of the replay, a multiple of --replay-every (default: the same); "
-                         "larger needs less disk (about steps/outer + outer/every states) and runs the forward steps "
-                         "three times instead of twice")
+    _replay_spacing(po)
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.add_argument("--pool", nargs="+", metavar="DIR", help="only pool finished runs (other plantings / data orders, "
                                                               "each made with --out DIR --seed S): AUROC over all their plants")
@@ -446,11 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay", action="store_true",
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
                          "about 17 retrains' compute on the 64-pair demo run, checkpoints on disk under --out)")
-    ld.add_argument("--replay-every", type=int, default=4, help="checkpoint spacing of the replay (memory holds this many + 1 states)")
-    ld.add_argument("--replay-outer", type=int, default=None,
-                    help="disk checkpoint spacing of the replay, a multiple of --replay-every (default: the same); "
-                         "larger needs less disk (about steps/outer + outer/every states) and runs the forward steps "
-                         "three times instead of twice")
+    _replay_spacing(ld)
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--json", action="store_true")

@@ -334,6 +334,22 @@ def forgetting(run_dir: Path) -> dict[str, Forgetting]:
 
 
 REPLAY = "replay (dropped in place)"
+CHANCE_DRAWS = 200
+
+
+def chance_band(sets: list[list[str]], order: list[str], truth: np.ndarray, seed: int,
+                draws: int = CHANCE_DRAWS) -> list[float]:
+    """The LDS a reader with no information reaches on these subsets: 2.5 and 97.5 percentiles over `draws`
+    random per-pair scores (standard normal), summed over each subset as every reader's are. Subsets share
+    pairs, so the LDS of a random reader spreads as if there were about as many subsets as pairs, more than a
+    bootstrap over subsets shows; a reader inside this band is not distinguishable from chance."""
+    rng = np.random.default_rng([seed, 0xc4a7])
+    index = {i: k for k, i in enumerate(order)}
+    member = np.zeros((len(sets), len(order)))
+    for j, d in enumerate(sets):
+        member[j, [index[i] for i in d]] = 1.0
+    lds = [spearman(-member @ rng.normal(size=len(order)), truth) for _ in range(draws)]
+    return [float(np.nanpercentile(lds, 2.5)), float(np.nanpercentile(lds, 97.5))]
 
 
 def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[str], settings: dict[str, Any],
@@ -345,9 +361,12 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     seed = settings.get("seed", 0)
     st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)), seed=seed)
     sets = list(subsets(order, st).values())
-    res: dict[str, Any] = {"n_subsets": len(sets), "readers": {}}
+    res: dict[str, Any] = {"n_subsets": len(sets), "readers": {}, "chance": {}}
     boot = np.random.default_rng([seed, 0xb007])
     draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
+    for q in QUANTITIES:
+        r = scores[REPLAY][q]
+        res["chance"][q] = chance_band(sets, order, np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets]), seed)
     for name, per_q in scores.items():
         if name.startswith("replay"):
             continue
@@ -412,6 +431,9 @@ def score(out: str | Path) -> dict[str, Any]:
                                                       for q in ref} for name, per_q in scores.items()}} for j in loos]
     if len(subs) < 3:
         return res
+    res["chance"] = {q: chance_band([j["dropped"] for j in subs], meta["order"],
+                                    np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs]), meta["settings"]["seed"])
+                     for q in ref}
     for name, per_q in scores.items():
         entry = {}
         for q in ("harmful", "harmless"):
@@ -435,11 +457,20 @@ def _ci(x: dict[str, Any]) -> str:
     return f"[{x['lds_ci95'][0]:+.2f}, {x['lds_ci95'][1]:+.2f}]"
 
 
+def _chance(c: dict[str, list[float]] | None) -> list[str]:
+    if not c:
+        return []
+    return [f"chance band (LDS of {CHANCE_DRAWS} random per-pair scores on the same subsets, 2.5–97.5 %): "
+            + ", ".join(f"{q} [{lo:+.2f}, {hi:+.2f}]" for q, (lo, hi) in c.items())
+            + "; a reader inside it is not distinguishable from chance"]
+
+
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
     L = ["", f"Against the replay (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
          "subsets drawn as the retrain subsets are; and Spearman with the replay over single pairs)", "",
          "| reader | LDS vs replay, harmful [95 % CI] | harmless [95 % CI] | slope harmful / harmless | pairs harmful / harmless |",
          "|---|---|---|---|---|"]
+    L[3:3] = _chance(v.get("chance")) + ([""] if v.get("chance") else [])
     for name, e in v["readers"].items():
         h, n = e["harmful"], e["harmless"]
         L.append(f"| {name} | {h['lds']:+.2f} {_ci(h)} | {n['lds']:+.2f} {_ci(n)} | {h['slope']:.3g} / {n['slope']:.3g} | "
@@ -456,7 +487,7 @@ def format_score(s: dict[str, Any]) -> str:
          f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}",
          *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
              f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]
-           if "error" not in s.get("forgetting", {"error": 1}) else []), "",
+           if "error" not in s.get("forgetting", {"error": 1}) else []), *_chance(s.get("chance")), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
     for name, e in s["readers"].items():
