@@ -86,7 +86,13 @@ def test_the_chance_band_is_printed_with_the_scores(tmp_path):
     for q in ("harmful", "harmless"):
         lo, hi = s["chance"][q]
         assert lo < 0 < hi and s["readers"]["credit (default)"][q]["lds"] > hi
-    assert "chance band" in format_score(s)
+    text = format_score(s)
+    assert "chance band" in text
+    credit_row = next(line for line in text.splitlines() if line.startswith("| credit (default) |"))
+    assert "+1.00*" in credit_row  # the truth is starred: outside the band
+    random_row = next(line for line in text.splitlines() if line.startswith("| random |"))
+    lo, hi = s["chance"]["harmful"]
+    assert ("*" in random_row.split("|")[2]) == (not lo <= s["readers"]["random"]["harmful"]["lds"] <= hi)
 
 
 def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):

@@ -462,7 +462,13 @@ def _chance(c: dict[str, list[float]] | None) -> list[str]:
         return []
     return [f"chance band (LDS of {CHANCE_DRAWS} random per-pair scores on the same subsets, 2.5–97.5 %): "
             + ", ".join(f"{q} [{lo:+.2f}, {hi:+.2f}]" for q, (lo, hi) in c.items())
-            + "; a reader inside it is not distinguishable from chance"]
+            + "; a reader inside it is not distinguishable from chance (* marks an LDS outside it)"]
+
+
+def _lds(x: dict[str, Any], band: list[float] | None) -> str:
+    """An LDS with its bootstrap interval, starred when it lies outside the chance band."""
+    out = band is not None and not band[0] <= x["lds"] <= band[1]
+    return f"{x['lds']:+.2f}{'*' if out else ''} {_ci(x)}"
 
 
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
@@ -471,9 +477,10 @@ def format_vs_replay(v: dict[str, Any]) -> list[str]:
          "| reader | LDS vs replay, harmful [95 % CI] | harmless [95 % CI] | slope harmful / harmless | pairs harmful / harmless |",
          "|---|---|---|---|---|"]
     L[3:3] = _chance(v.get("chance")) + ([""] if v.get("chance") else [])
+    c = v.get("chance", {})
     for name, e in v["readers"].items():
         h, n = e["harmful"], e["harmless"]
-        L.append(f"| {name} | {h['lds']:+.2f} {_ci(h)} | {n['lds']:+.2f} {_ci(n)} | {h['slope']:.3g} / {n['slope']:.3g} | "
+        L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {h['slope']:.3g} / {n['slope']:.3g} | "
                  f"{h['pairs']:+.2f} / {n['pairs']:+.2f} |")
     return L
 
@@ -490,10 +497,11 @@ def format_score(s: dict[str, Any]) -> str:
            if "error" not in s.get("forgetting", {"error": 1}) else []), *_chance(s.get("chance")), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
+    c = s.get("chance", {})
     for name, e in s["readers"].items():
         h, n = e["harmful"], e["harmless"]
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
-        L.append(f"| {name} | {h['lds']:+.2f} {_ci(h)} | {n['lds']:+.2f} {_ci(n)} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
+        L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     if s.get("leave_one_out"):
         names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")
