@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smda_callback.lab.lds import LDSSettings, chance_band, format_score, score, subsets
+from smda_callback.lab.lds import LDSSettings, chance_band, format_score, score, subsets, thirds_slopes
 
 
 def _fake(tmp_path, n=12, k=8):
@@ -78,6 +78,21 @@ def test_the_chance_band_widens_when_subsets_share_pairs():
     noisy = effect + rng.normal(size=30)  # half the variance is the truth: an informative reader leaves the band
     from smda_callback.lab.analysis import spearman
     assert spearman(np.asarray([-sum(noisy[pos[i]] for i in d) for d in sets]), truth) > hi
+
+
+def test_calibration_by_third_finds_the_part_of_the_run_whose_predictions_fail():
+    """Measured changes that keep the last two thirds' predicted effects and none of the first third's: the fit gives
+    slopes ≈ 0 / 1 / 1; with every third kept, 1 / 1 / 1."""
+    rng = np.random.default_rng(2)
+    ids = [f"p{i}" for i in range(60)]
+    score_of = {i: float(rng.normal()) for i in ids}
+    sets = list(subsets(ids, LDSSettings(n_pairs=60, subsets=50, drop_fracs=(0.1, 0.2))).values())
+    early = set(ids[:20])
+    full = np.asarray([-sum(score_of[i] for i in d) for d in sets])
+    late_only = np.asarray([-sum(score_of[i] for i in d if i not in early) for d in sets])
+    assert np.allclose(thirds_slopes(score_of, sets, ids, full), [1, 1, 1])
+    assert np.allclose(thirds_slopes(score_of, sets, ids, late_only), [0, 1, 1], atol=1e-9)
+    assert thirds_slopes(score_of, sets[:5], ids, full[:5]) is None  # too few subsets to fit four numbers
 
 
 def test_the_chance_band_is_printed_with_the_scores(tmp_path):

@@ -445,12 +445,30 @@ def score(out: str | Path) -> dict[str, Any]:
             boot = np.random.default_rng(0)
             draws = [spearman(pred[b], meas[b]) for b in (boot.integers(0, len(subs), len(subs)) for _ in range(1000))]
             entry[q] = {"lds": spearman(pred, meas), "slope": float(slope), "intercept": float(intercept),
+                        "slope_by_third": thirds_slopes(s, [j["dropped"] for j in subs], meta["order"], meas),
                         "pred_abs_mean": float(np.abs(pred).mean()),
                         "lds_ci95": [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))],
                         # within one removal size: the number of removed pairs no longer orders the changes
                         "lds_by_size": {int(n): spearman(pred[sizes == n], meas[sizes == n]) for n in sorted(set(sizes))}}
         res["readers"][name] = entry
     return res
+
+
+def thirds_slopes(s: dict[str, float], dropped: list[list[str]], order: list[str], meas: np.ndarray) -> list[float] | None:
+    """Calibration by place in the run: the slopes of one least-squares fit of the measured change on the predicted
+    change of the removed pairs from each third of the run (first, middle, last), with an intercept. A reader
+    whose early pairs' predictions hold has a first slope near its last; None with fewer subsets than 6."""
+    if len(dropped) < 6:
+        return None
+    place = {i: 3 * k // len(order) for k, i in enumerate(order)}
+    X = np.zeros((len(dropped), 4))
+    X[:, 3] = 1.0
+    for j, d in enumerate(dropped):
+        for i in d:
+            X[j, place[i]] -= s.get(i, 0.0)
+    if np.linalg.matrix_rank(X) < 4:
+        return None
+    return [float(b) for b in np.linalg.lstsq(X, meas, rcond=None)[0][:3]]
 
 
 def _ci(x: dict[str, Any]) -> str:
@@ -503,6 +521,13 @@ def format_score(s: dict[str, Any]) -> str:
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
         L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
                  f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
+    thirds = [(name, e) for name, e in s["readers"].items() if e["harmful"].get("slope_by_third")]
+    if thirds:
+        f3 = lambda x: " / ".join(f"{b:.3g}" for b in x["slope_by_third"]) if x.get("slope_by_third") else "–"  # noqa: E731
+        L += ["", "Calibration by place in the run: slopes of one fit of the measured change on the predicted change of the "
+              "removed pairs from the first / middle / last third of the run (1 is calibrated; 0, the third's predictions "
+              "carry nothing)", "", "| reader | harmful | harmless |", "|---|---|---|"]
+        L += [f"| {name} | {f3(e['harmful'])} | {f3(e['harmless'])} |" for name, e in thirds]
     if s.get("leave_one_out"):
         names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")
                  if n in s["leave_one_out"][0]["predicted"]]
