@@ -269,6 +269,32 @@ def post_hoc(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]
     return rep, peers
 
 
+TRUSTED = "replay, trusted span"
+TRUST_FACTOR = 5.0
+TRUST_WINDOW = 16
+
+
+def replay_trusted_from(effects: list[float], factor: float = TRUST_FACTOR, window: int = TRUST_WINDOW) -> int:
+    """The first step from which the replay's first-order effects are read as they are; before it they read 0.
+
+    Carried back through many clipped AdamW steps, a linearisation can blow up while the run itself forgets: the
+    replay's |effect| of one pair then jumps by an order of magnitude toward the start of the run (the 318-step demo
+    run, docs/validation.md §9). The rule reads that off the replay's own output, no retrain: the reference is the
+    median |effect| over the second half of the run; the trusted span starts one step after the latest step of the
+    first half whose rolling mean |effect| (over `window` steps) exceeds `factor` × the reference (0: no such step).
+    The later pairs' larger effects (the end of a run matters most) never cut the span. Pairs before it are taken to
+    have washed out by the end: score 0."""
+    a = np.abs(np.asarray(effects, dtype=float))
+    n = len(a)
+    if n < 2 * window:
+        return 0
+    ref = float(np.median(a[n // 2:]))
+    half = window // 2
+    roll = np.asarray([a[max(0, t - half):t + half].mean() for t in range(n // 2)])
+    bad = np.nonzero(roll > factor * ref)[0]
+    return int(bad.max()) + 1 if len(bad) else 0
+
+
 def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] | None = None,
             peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained)."""
@@ -305,6 +331,9 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
         if rep is not None:  # a pair's score is the change it makes when trained: minus its removal's effect
             for name, key in (("replay (dropped in place)", "removal_effect"), ("replay (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
+            start = replay_trusted_from(rep["removal_effect"][q])
+            out.setdefault(TRUSTED, {})[q] = {i: (-float(e) if k >= start else 0.0)
+                                              for k, (i, e) in enumerate(zip(rep["order"], rep["removal_effect"][q]))}
         # the credit shrunk toward its label's mean: within a label the ranking (what finds planted pairs) is
         # unchanged; across labels the pair's label carries the sum, as it does on ordinary data
         credit = out["credit (default)"][q]
@@ -412,6 +441,8 @@ def score(out: str | Path) -> dict[str, Any]:
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
     if vs_replay:
         res["vs_replay"] = vs_replay
+    if rep is not None:
+        res["replay_trusted_from"] = {q: replay_trusted_from(rep["removal_effect"][q]) for q in ref}
     for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
@@ -512,7 +543,11 @@ def format_score(s: dict[str, Any]) -> str:
          f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}",
          *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
              f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]
-           if "error" not in s.get("forgetting", {"error": 1}) else []), *_chance(s.get("chance")), "",
+           if "error" not in s.get("forgetting", {"error": 1}) else []),
+         *([f"replay, trusted span: the replay's effects read from step " + ", ".join(
+             f"{t} ({q})" for q, t in s["replay_trusted_from"].items()) + f" of {s['n_pairs']}; earlier pairs read 0 "
+            f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)"] if s.get("replay_trusted_from") else []),
+         *_chance(s.get("chance")), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
     c = s.get("chance", {})
