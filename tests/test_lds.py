@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from smda_callback.lab.lds import LDSSettings, chance_band, format_score, score, subsets, thirds_slopes
+from smda_callback.lab.lds import (LDSSettings, chance_band, format_score, replay_trusted_from, score, subsets,
+                                  thirds_slopes)
 
 
 def _fake(tmp_path, n=12, k=8):
@@ -95,6 +96,23 @@ def test_calibration_by_third_finds_the_part_of_the_run_whose_predictions_fail()
     assert thirds_slopes(score_of, sets[:5], ids, full[:5]) is None  # too few subsets to fit four numbers
 
 
+def test_the_replays_trusted_span_starts_after_its_blow_up():
+    """Effects ~0.005 with a 20x blow-up over the first 100 of 300 steps: the span starts near step 100; larger effects
+    at the end of the run (late pairs matter most) never cut it; effects without a blow-up are all trusted."""
+    rng = np.random.default_rng(3)
+    calm = 0.005 * (1 + 0.3 * rng.random(300))
+    blown = calm.copy()
+    blown[:100] *= 20
+    blown[-20:] *= 8  # the end of the run
+    start = replay_trusted_from(list(blown * np.sign(rng.normal(size=300))))
+    assert 100 <= start <= 100 + 8
+    assert replay_trusted_from(list(calm)) == 0
+    end_only = calm.copy()
+    end_only[-40:] *= 10
+    assert replay_trusted_from(list(end_only)) == 0
+    assert replay_trusted_from([1.0] * 10) == 0  # too short to judge: everything read
+
+
 def test_the_chance_band_is_printed_with_the_scores(tmp_path):
     _fake(tmp_path)
     s = score(tmp_path)
@@ -133,6 +151,8 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
         assert v["readers"]["credit (default)"][q]["lds"] > 0.999 and v["readers"]["credit (default)"][q]["pairs"] > 0.999
     assert abs(v["readers"]["own window"]["harmful"]["slope"] - 0.5) < 1e-9
     assert v["readers"]["credit (default)"]["harmful"]["lds_ci95"][0] > 0.99
+    assert res["replay_trusted_from"] == {"harmful": 0, "harmless": 0}  # 12 steps: too short to judge, all read
+    assert s["replay, trusted span"]["harmful"]["lds"] > 0.999
     assert all(lo < 0 < hi for lo, hi in v["chance"].values())
 
 
