@@ -386,22 +386,24 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     """Every reader scored against the replay instead of retraining: LDS with the replay's first-order prediction as
     the measured change. It costs no retrain, so it runs over `n_subsets` removal sets drawn as the retrain subsets
     are (the same seed: the first ones are the retrained ones), before any retrain has finished; and each reader's
-    Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining)."""
+    Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining). The
+    replay read is its trusted span (`replay_trusted_from`): the whole replay on a run where it does not blow up."""
+    yard = TRUSTED if TRUSTED in scores else REPLAY
     seed = settings.get("seed", 0)
     st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)), seed=seed)
     sets = list(subsets(order, st).values())
-    res: dict[str, Any] = {"n_subsets": len(sets), "readers": {}, "chance": {}}
+    res: dict[str, Any] = {"n_subsets": len(sets), "yardstick": yard, "readers": {}, "chance": {}}
     boot = np.random.default_rng([seed, 0xb007])
     draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
     for q in QUANTITIES:
-        r = scores[REPLAY][q]
+        r = scores[yard][q]
         res["chance"][q] = chance_band(sets, order, np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets]), seed)
     for name, per_q in scores.items():
         if name.startswith("replay"):
             continue
         entry = {}
         for q in QUANTITIES:
-            s, r = per_q[q], scores[REPLAY][q]
+            s, r = per_q[q], scores[yard][q]
             pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
             truth = np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets])
             both = [i for i in order if i in s and i in r]
@@ -521,7 +523,7 @@ def _lds(x: dict[str, Any], band: list[float] | None) -> str:
 
 
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
-    L = ["", f"Against the replay (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
+    L = ["", f"Against the {v.get('yardstick', REPLAY)} (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
          "subsets drawn as the retrain subsets are; and Spearman with the replay over single pairs)", "",
          "| reader | LDS vs replay, harmful [95 % CI] | harmless [95 % CI] | slope harmful / harmless | pairs harmful / harmless |",
          "|---|---|---|---|---|"]
