@@ -395,17 +395,17 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     res: dict[str, Any] = {"n_subsets": len(sets), "yardstick": yard, "readers": {}, "chance": {}}
     boot = np.random.default_rng([seed, 0xb007])
     draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
+    # the yardstick's change per subset, the same for every reader
+    truths = {q: np.asarray([-sum(scores[yard][q].get(i, 0.0) for i in d) for d in sets]) for q in QUANTITIES}
     for q in QUANTITIES:
-        r = scores[yard][q]
-        res["chance"][q] = chance_band(sets, order, np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets]), seed)
+        res["chance"][q] = chance_band(sets, order, truths[q], seed)
     for name, per_q in scores.items():
         if name.startswith("replay"):
             continue
         entry = {}
         for q in QUANTITIES:
-            s, r = per_q[q], scores[yard][q]
+            s, r, truth = per_q[q], scores[yard][q], truths[q]
             pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
-            truth = np.asarray([-sum(r.get(i, 0.0) for i in d) for d in sets])
             both = [i for i in order if i in s and i in r]
             bs = [spearman(pred[b], truth[b]) for b in draws]
             entry[q] = {"lds": spearman(pred, truth), "lds_ci95": [float(np.nanpercentile(bs, 2.5)), float(np.nanpercentile(bs, 97.5))],
@@ -464,21 +464,20 @@ def score(out: str | Path) -> dict[str, Any]:
                                                       for q in ref} for name, per_q in scores.items()}} for j in loos]
     if len(subs) < 3:
         return res
-    res["chance"] = {q: chance_band([j["dropped"] for j in subs], meta["order"],
-                                    np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs]), meta["settings"]["seed"])
-                     for q in ref}
+    dropped = [j["dropped"] for j in subs]
+    sizes = np.asarray([len(d) for d in dropped])
+    measured = {q: np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs]) for q in ref}  # the same for every reader
+    res["chance"] = {q: chance_band(dropped, meta["order"], measured[q], meta["settings"]["seed"]) for q in ref}
     for name, per_q in scores.items():
         entry = {}
         for q in ("harmful", "harmless"):
-            s = per_q[q]
-            pred = np.asarray([-sum(s.get(i, 0.0) for i in j["dropped"]) for j in subs])
-            meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
+            s, meas = per_q[q], measured[q]
+            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in dropped])
             slope, intercept = (np.polyfit(pred, meas, 1) if np.std(pred) > 0 else (float("nan"), float("nan")))
-            sizes = np.asarray([len(j["dropped"]) for j in subs])
             boot = np.random.default_rng(0)
             draws = [spearman(pred[b], meas[b]) for b in (boot.integers(0, len(subs), len(subs)) for _ in range(1000))]
             entry[q] = {"lds": spearman(pred, meas), "slope": float(slope), "intercept": float(intercept),
-                        "slope_by_third": thirds_slopes(s, [j["dropped"] for j in subs], meta["order"], meas),
+                        "slope_by_third": thirds_slopes(s, dropped, meta["order"], meas),
                         "pred_abs_mean": float(np.abs(pred).mean()),
                         "lds_ci95": [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))],
                         # within one removal size: the number of removed pairs no longer orders the changes
