@@ -151,7 +151,7 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
         assert v["readers"]["credit (default)"][q]["lds"] > 0.999 and v["readers"]["credit (default)"][q]["pairs"] > 0.999
     assert abs(v["readers"]["own window"]["harmful"]["slope"] - 0.5) < 1e-9
     assert v["readers"]["credit (default)"]["harmful"]["lds_ci95"][0] > 0.99
-    assert res["replay_trusted_from"] == {"harmful": 0, "harmless": 0}  # 12 steps: too short to judge, all read
+    assert res["replay_trusted_from"] == {"replay": {"harmful": 0, "harmless": 0}}  # 12 steps: too short to judge, all read
     assert s["replay, trusted span"]["harmful"]["lds"] > 0.999
     assert all(lo < 0 < hi for lo, hi in v["chance"].values())
 

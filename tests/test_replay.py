@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smda_callback.lab.replay import State, Stepper, checkpoint_plan, removal_effect, replay
+from smda_callback.lab.replay import State, Stepper, checkpoint_plan, effect_parts, removal_effect, replay
 
 
 def _trainer(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch", lr: float = 3e-3):
@@ -89,6 +89,66 @@ def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenize
     assert abs(base) > 0
 
 
+def test_fixed_second_moment_adjoint_is_the_derivative_of_the_run_with_v_held(smol_tokenizer, tmp_path):
+    """second_moment="fixed": the adjoint of a run whose Adam second moment is the recorded one at every step. Checked
+    by finite differences of exactly that run (AdamW written out with v read from the recording), perturbing θ and m
+    at every step; clipping (binding) and weight decay on. Its effect parts are θ and m only."""
+    import math
+
+    f = _objective(smol_tokenizer)
+    tr = _trainer(smol_tokenizer, tmp_path, 1e-2, 0.1)
+    run = Stepper(tr)
+    n = len(run)
+    states = [run.state(0)]
+    for t in range(n):
+        run.step(t)
+        states.append(run.state(t + 1))
+
+    def held_v_run(theta, m, start):  # steps start.. of the run with v the recorded one
+        with torch.no_grad():
+            for p, x in zip(run.params, theta):
+                p.copy_(x)
+        m = [x.clone() for x in m]
+        for u in range(start, n):
+            run.model.zero_grad(set_to_none=True)
+            run.loss(u).backward()
+            g = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+            norm = math.sqrt(sum(float((x * x).sum()) for x in g))
+            coef = min(1.0, run.clip / (norm + 1e-6))
+            lr, k = run.lrs[u], u + 1
+            with torch.no_grad():
+                for i, p in enumerate(run.params):
+                    (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+                    m[i].mul_(b1).add_((1 - b1) * coef * g[i])
+                    D = states[u + 1].v[i].sqrt() / math.sqrt(1 - b2 ** k) + eps
+                    p.mul_(1 - lr * wd).sub_((lr / (1 - b1 ** k)) * m[i] / D)
+        return float(f(run.model))
+
+    # the written-out run reproduces the recorded one (v is the run's own, so nothing differs)
+    run.load(states[n])
+    base = float(f(run.model))
+    assert held_v_run(states[1].theta, states[1].m, 1) == pytest.approx(base, rel=1e-10)
+    run.load(states[n])
+    adj = {"f": {"theta": list(torch.autograd.grad(f(run.model), run.params)), "m": [torch.zeros_like(p) for p in run.params]}}
+    gen = torch.Generator().manual_seed(1)
+    for t in range(n - 1, -1, -1):
+        post = states[t + 1]
+        dth = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-3) for p in post.theta]
+        dm = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-9) for p in post.m]
+        zero = State([torch.zeros_like(p) for p in post.theta], [torch.zeros_like(p) for p in post.m], [], post.step)
+        parts = effect_parts(zero, State(dth, dm, [], post.step), adj["f"])
+        assert set(parts) == {"theta", "m"}
+        predicted = -sum(parts.values())
+        moved = [held_v_run([a + sg * d for a, d in zip(post.theta, dth)], [a + sg * d for a, d in zip(post.m, dm)], t + 1)
+                 for sg in (1.0, -1.0)]
+        measured = (moved[0] - moved[1]) / 2
+        assert abs(measured) > 1e-9
+        assert predicted == pytest.approx(measured, rel=2e-3), (t, predicted, measured)
+        run.load(states[t])
+        run.vjp(t, post, adj, fixed_v=True)
+    assert "v" not in adj["f"]
+
+
 def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     """The full replay (checkpoints every 2 steps, recomputed) gives the same effects as the one-block pass, and its
     first-order prediction of dropping one pair in place is close to really retraining without it."""
@@ -132,6 +192,21 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
                resume_every=2, progress=lambda m: (_ for _ in ()).throw(KeyboardInterrupt) if "at step 2/" in m else None)
     with pytest.raises(ValueError, match="of another replay"):
         replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=2, outer=2)
+    with pytest.raises(ValueError, match="second moment exact"):  # nor one of the other second-moment model
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=1, outer=2,
+               second_moment="fixed")
+    # the diagnostics: each part's share sums to the weight-zero effect; the last step's adjoint is the end gradient
+    n = len(res["lr"])
+    assert sum(res["effect_parts"]["f"][k][n - 3] for k in ("theta", "m", "v")) == pytest.approx(res["weight_zero_effect"]["f"][n - 3], rel=1e-12)
+    assert res["adjoint_norm"]["f"]["m"][n - 1] == 0.0 and res["adjoint_norm"]["f"]["theta"][n - 1] > 0
+    assert res["adjoint_norm"]["f"]["v"][n - 3] > 0 and res["second_moment"] == "exact"
+    # the fixed second moment: no v part, the same last step (nothing carried yet), and a different earlier one
+    fx = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w6", every=2, second_moment="fixed")
+    assert set(fx["effect_parts"]["f"]) == {"theta", "m"} and fx["second_moment"] == "fixed"
+    assert fx["weight_zero_effect"]["f"][n - 1] == pytest.approx(res["weight_zero_effect"]["f"][n - 1], rel=1e-12)
+    assert fx["weight_zero_effect"]["f"][1] != res["weight_zero_effect"]["f"][1]
+    with pytest.raises(ValueError, match="choose one of exact, fixed"):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w7", second_moment="frozen")
     # really drop each pair in place: the same run without its step, every later step one place earlier
     # (Adam's count and the warmup lr follow the new place, as in a retrain on the other pairs)
     errs = []

@@ -253,7 +253,7 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _lds(a: argparse.Namespace) -> int:
-    from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
+    from ..lab.lds import REPLAYS, LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
     from ..lab.retrain import parse_shard
 
     _check_replay_spacing(a)
@@ -261,8 +261,8 @@ def _lds(a: argparse.Namespace) -> int:
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out))
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
-    if a.replay and not Path(a.out, "replay.json").exists():
-        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer)
+    if a.replay and not Path(a.out, REPLAYS[a.replay_second_moment][1]).exists():
+        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
                          "about 17 retrains' compute on the 64-pair demo run, checkpoints on disk under --out)")
     _replay_spacing(ld)
+    ld.add_argument("--replay-second-moment", choices=["exact", "fixed"], default="exact",
+                    help="exact: Adam's second moment answers each removal as in the run (replay.json); fixed: it is the "
+                         "recorded one at every step, a fixed preconditioner (replay_fixed_v.json); both are scored when present")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--json", action="store_true")

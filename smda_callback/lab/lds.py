@@ -190,7 +190,7 @@ def _snapshotter(tok: Any, model: Any) -> Any:
 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
-                    every: int = 4, outer: int | None = None) -> dict[str, Any]:
+                    every: int = 4, outer: int | None = None, second_moment: str = "exact") -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down)."""
@@ -201,18 +201,26 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     harmful = np.asarray(probes.is_harmful)
     objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
                   for q in ("harmful", "harmless")}
-    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer)
+    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer, second_moment=second_moment)
     res["order"] = order
     return res
 
 
-def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None) -> dict[str, Any]:
+REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "replay_fixed_v.json")}
+"""Per second-moment model (lab/replay.py): the replay reader's name and the file under --out it is written to."""
+
+
+def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
+               second_moment: str = "exact") -> dict[str, Any]:
     """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every, outer)
-    (out / "replay.json").write_text(json.dumps(res), encoding="utf-8")
+    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment)
+    path = out / REPLAYS[second_moment][1]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res), encoding="utf-8")
+    tmp.replace(path)
     return res
 
 
@@ -262,11 +270,12 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     return written
 
 
-def post_hoc(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """The readers computed after the run: replay.json (or None) and peers/<name>.json by name."""
-    rep = json.loads((out / "replay.json").read_text()) if (out / "replay.json").exists() else None
+def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The readers computed after the run: the replays that ran, by reader name ("replay", "replay, fixed v"), and
+    peers/<name>.json by name."""
+    reps = {name: json.loads((out / file).read_text()) for name, file in REPLAYS.values() if (out / file).exists()}
     peers = {p.stem: json.loads(p.read_text()) for p in sorted((out / "peers").glob("*.json"))}
-    return rep, peers
+    return reps, peers
 
 
 TRUSTED = "replay, trusted span"
@@ -295,9 +304,10 @@ def replay_trusted_from(effects: list[float], factor: float = TRUST_FACTOR, wind
     return int(bad.max()) + 1 if len(bad) else 0
 
 
-def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] | None = None,
+def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict[str, Any]] | None = None,
             peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained)."""
+    """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained). `reps`:
+    the replays by reader name (`post_hoc`), each read dropped in place, at weight zero and over its trusted span."""
     from ..ledger import load_credits, load_policy, load_records
 
     credits = load_credits(run_dir) or {"pairs": []}
@@ -328,12 +338,12 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, rep: dict[str, Any] 
             # (compliance): as a predicted change of refusal, the compliance score's sign flips
             sc = peer["scores"]["over-refusal"] if q == "harmless" else {i: -v for i, v in peer["scores"]["compliance"].items()}
             out.setdefault(f"{pname} (final weights)", {})[q] = {i: float(v) for i, v in sc.items()}
-        if rep is not None:  # a pair's score is the change it makes when trained: minus its removal's effect
-            for name, key in (("replay (dropped in place)", "removal_effect"), ("replay (weight zero)", "weight_zero_effect")):
+        for rname, rep in (reps or {}).items():  # a pair's score is the change it makes when trained: minus its removal's effect
+            for name, key in ((f"{rname} (dropped in place)", "removal_effect"), (f"{rname} (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
             start = replay_trusted_from(rep["removal_effect"][q])
-            out.setdefault(TRUSTED, {})[q] = {i: (-float(e) if k >= start else 0.0)
-                                              for k, (i, e) in enumerate(zip(rep["order"], rep["removal_effect"][q]))}
+            out.setdefault(f"{rname}, trusted span", {})[q] = {
+                i: (-float(e) if k >= start else 0.0) for k, (i, e) in enumerate(zip(rep["order"], rep["removal_effect"][q]))}
         # the credit shrunk toward its label's mean: within a label the ranking (what finds planted pairs) is
         # unchanged; across labels the pair's label carries the sum, as it does on ordinary data
         credit = out["credit (default)"][q]
@@ -421,9 +431,9 @@ def score(out: str | Path) -> dict[str, Any]:
     meta = json.loads((out / "subsets.json").read_text())
     jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
-    rep, peers = post_hoc(out)
+    reps, peers = post_hoc(out)
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
-    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], rep, peers) if rep is not None else None
+    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps else None
     vs_replay = against_replay(scores, meta["order"], meta["settings"]) if scores is not None else None
     if not fulls:
         return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {})}
@@ -443,9 +453,10 @@ def score(out: str | Path) -> dict[str, Any]:
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
     if vs_replay:
         res["vs_replay"] = vs_replay
-    if rep is not None:
-        res["replay_trusted_from"] = {q: replay_trusted_from(rep["removal_effect"][q]) for q in ref}
-    for name, r in {**({"replay": rep} if rep is not None else {}), **peers}.items():
+    if reps:
+        res["replay_trusted_from"] = {rname: {q: replay_trusted_from(rep["removal_effect"][q]) for q in ref}
+                                      for rname, rep in reps.items()}
+    for name, r in {**reps, **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
     try:
@@ -457,7 +468,7 @@ def score(out: str | Path) -> dict[str, Any]:
     if len(subs) < 3 and not loos:
         return res
     if scores is None:
-        scores = readers(run_dir, meta["order"], meta["settings"]["seed"], rep, peers)
+        scores = readers(run_dir, meta["order"], meta["settings"]["seed"], reps, peers)
     if loos:  # a pair's predicted removal effect is minus its score
         res["leave_one_out"] = [{"id": j["dropped"][0], "measured": {q: j[f"refusal_{q}"] - ref[q] for q in ref},
                                  "predicted": {name: {q: (-per_q[q][j["dropped"][0]] if j["dropped"][0] in per_q[q] else None)
@@ -545,9 +556,9 @@ def format_score(s: dict[str, Any]) -> str:
          *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
              f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]
            if "error" not in s.get("forgetting", {"error": 1}) else []),
-         *([f"replay, trusted span: the replay's effects read from step " + ", ".join(
-             f"{t} ({q})" for q, t in s["replay_trusted_from"].items()) + f" of {s['n_pairs']}; earlier pairs read 0 "
-            f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)"] if s.get("replay_trusted_from") else []),
+         *[f"{rname}, trusted span: the replay's effects read from step " + ", ".join(
+             f"{t} ({q})" for q, t in starts.items()) + f" of {s['n_pairs']}; earlier pairs read 0 "
+           f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)" for rname, starts in s.get("replay_trusted_from", {}).items()],
          *_chance(s.get("chance")), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
          "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]

@@ -20,6 +20,12 @@ run twice (`outer == every`) or three times (a longer run on the same disk). The
 at block starts and resumes from them. Exact for torch AdamW (fused or not, decoupled weight decay, no amsgrad)
 with a recorded lr per step and clipping by global norm; any other optimizer is refused with the fix. The
 prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
+
+`second_moment="fixed"` linearises another model of the run: Adam's second moment v_t is the recorded one, a fixed
+per-step preconditioner that no perturbation moves (no adjoint of v, and δ_t's v part dropped). It is exact for that
+model, not for the run, and tells whether a blow-up of the exact linearisation comes through the 1/√v path.
+Both record per step the norm of each part of the adjoint and each part's share of the removal effect, which show
+where a linearisation blows up.
 """
 
 from __future__ import annotations
@@ -206,8 +212,9 @@ class Stepper:
     def load(self, st: State, weights_only: bool = False) -> None:
         st.write(self.params, self.opt, weights_only)
 
-    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]]) -> None:
-        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded)."""
+    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False) -> None:
+        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded).
+        `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v")."""
         params = self.params
         self.model.zero_grad(set_to_none=True)
         g = self.train_grad(t)
@@ -225,11 +232,16 @@ class Stepper:
                 D = sq / bc2s + eps
                 # θ' = θ(1 − lr·wd) − (lr/bc1)·m'/D,  m' = β1 m + (1−β1) gc,  v' = β2 v + (1−β2) gc²
                 am = A["m"][i] - A["theta"][i] * (lr / bc1) / D
-                dv = torch.where(sq > 0, (lr / bc1) * post.m[i] / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
-                av = A["v"][i] + A["theta"][i] * dv
-                del D, dv, sq
-                a_gc.append((1 - b1) * am + 2 * (1 - b2) * (coef * gd[i]) * av)
-                A["m"][i], A["v"][i] = am.mul_(b1), av.mul_(b2)
+                if fixed_v:
+                    del D, sq
+                    a_gc.append((1 - b1) * am)
+                    A["m"][i] = am.mul_(b1)
+                else:
+                    dv = torch.where(sq > 0, (lr / bc1) * post.m[i] / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
+                    av = A["v"][i] + A["theta"][i] * dv
+                    del D, dv, sq
+                    a_gc.append((1 - b1) * am + 2 * (1 - b2) * (coef * gd[i]) * av)
+                    A["m"][i], A["v"][i] = am.mul_(b1), av.mul_(b2)
                 if wd:
                     A["theta"][i] = A["theta"][i] * (1 - lr * wd)
             if coef < 1.0:  # gc = clip·g/(|g| + 1e-6): the clipping's rank-one term
@@ -262,9 +274,18 @@ def shift_effect(run: Stepper, t: int, pre: State, post: State, A: dict[str, lis
     return total
 
 
+def effect_parts(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The removal effect's part through each piece of the state the adjoint `A` carries (θ, m, and v unless fixed)."""
+    return {key: _dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v") if key in A}
+
+
 def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
     """First-order change of the objective when step t is skipped: A_t · (S_{t-1} − S_t)."""
-    return sum(_dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v"))
+    return sum(effect_parts(pre, post, A).values())
+
+
+def _norm(x: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(_dot(x, x))
 
 
 def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = None) -> dict[str, int]:
@@ -281,19 +302,28 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
             "disk_bytes": files * state_bytes, "memory_bytes": (every + 1) * state_bytes}
 
 
+SECOND_MOMENTS = ("exact", "fixed")
+
+
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
            progress: Callable[[str], None] | None = None, outer: int | None = None,
-           resume_every: int = 16) -> dict[str, Any]:
+           resume_every: int = 16, second_moment: str = "exact") -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of training.
 
     Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
     step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
     later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
-    "seconds"}. `workdir` holds the checkpoints (3 copies of the weights each) and is
+    "seconds", "second_moment", and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and "effect_parts"
+    {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
+    docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the trainer's model is left at the final weights. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
     """
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
+    fixed_v = second_moment == "fixed"
+    parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
     t0 = time.perf_counter()
     work = Path(workdir)
@@ -306,9 +336,11 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     # the reverse pass is resumable: after every outer block its adjoints and results are written here
     resume_file = work / "resume.pt"
     r = torch.load(resume_file, weights_only=True) if resume_file.exists() else None
-    if r is not None and (r["n"], r["every"], r["outer"], sorted(r["final"])) != (n, every, outer, sorted(objectives)):
+    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r.get("second_moment", "exact"))
+                          != (n, every, outer, sorted(objectives), second_moment)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}); remove {work} to start this one afresh.")
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r.get('second_moment', 'exact')}); "
+                         f"remove {work} to start this one afresh.")
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
     if r is None and need > free:
@@ -330,14 +362,16 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
         final, adj = {}, {}
         for name, obj in objectives.items():
             final[name], gT = _grad_of(obj, run.model, run.params)
-            adj[name] = {"theta": gT, "m": [torch.zeros_like(p) for p in run.params], "v": [torch.zeros_like(p) for p in run.params]}
+            adj[name] = {"theta": gT, **{key: [torch.zeros_like(p) for p in run.params] for key in parts[1:]}}
         effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
         shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+        norms = {name: {key: [0.0] * n for key in parts} for name in objectives}
+        shares = {name: {key: [0.0] * n for key in parts} for name in objectives}
         gap, below, spent = float("nan"), n, 0.0
         say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
     else:
         run.lrs[:], run.norms[:] = r["lrs"], r["norms"]
-        final, adj, effect, shift = r["final"], r["adj"], r["effect"], r["shift"]
+        final, adj, effect, shift, norms, shares = r["final"], r["adj"], r["effect"], r["shift"], r["adj_norms"], r["shares"]
         gap, below, spent = r["gap"], r["below"], r["seconds"]
         say(f"replay: resumed from {resume_file}: the reverse pass continues below step {below} of {n}")
         del r
@@ -345,7 +379,8 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     def save_resume(below: int) -> None:
         tmp = resume_file.with_suffix(".tmp")
         torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
-                    "adj": adj, "effect": effect, "shift": shift, "gap": gap, "below": below,
+                    "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
+                    "second_moment": second_moment,
                     "seconds": spent + time.perf_counter() - t0}, tmp)
         tmp.replace(resume_file)
 
@@ -383,10 +418,13 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
         for t in range(e - 1, s - 1, -1):
             pre, post = states[t - s], states[t - s + 1]
             for name, A in adj.items():
-                effect[name][t] = removal_effect(pre, post, A)
+                for key, x in effect_parts(pre, post, A).items():
+                    shares[name][key][t] = x
+                    norms[name][key][t] = _norm(A[key])
+                effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre, post, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
-            run.vjp(t, post, adj)
+            run.vjp(t, post, adj, fixed_v)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
@@ -396,7 +434,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan,
+            "checkpoints": plan, "second_moment": second_moment, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
