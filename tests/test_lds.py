@@ -156,6 +156,40 @@ def test_the_replay_reader_is_scored_when_replay_json_exists(tmp_path):
     assert all(lo < 0 < hi for lo, hi in v["chance"].values())
 
 
+def test_a_fixed_second_moment_replay_is_scored_beside_the_exact_one_with_its_profile(tmp_path):
+    """replay_fixed_v.json (`--replay-second-moment fixed`) is its own reader; a replay with the per-step diagnostics
+    gets a profile: per stretch of the run the median |effect|, the adjoint's norms and each part's share."""
+    ids, sets = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    n = len(ids)
+    exact = {"order": ids, "removal_effect": {"harmful": [-eff[i] for i in ids], "harmless": [-eff[i] for i in ids]},
+             "weight_zero_effect": {"harmful": [-eff[i] for i in ids], "harmless": [-eff[i] for i in ids]}}
+    (tmp_path / "replay.json").write_text(json.dumps(exact))
+    wz = [-eff[i] * (10.0 if k < n // 2 else 1.0) for k, i in enumerate(ids)]  # its first half 10x too large
+    grow = [10.0 if k < n // 2 else 1.0 for k in range(n)]
+    fixed = {"order": ids, "removal_effect": {"harmful": wz, "harmless": wz}, "weight_zero_effect": {"harmful": wz, "harmless": wz},
+             "adjoint_norm": {q: {"theta": grow, "m": [0.1] * n} for q in ("harmful", "harmless")},
+             "effect_parts": {q: {"theta": [0.75 * x for x in wz], "m": [0.25 * x for x in wz]} for q in ("harmful", "harmless")},
+             "second_moment": "fixed", "seconds": 2.0}
+    (tmp_path / "replay_fixed_v.json").write_text(json.dumps(fixed))
+    res = score(tmp_path)
+    s = res["readers"]
+    assert s["replay (dropped in place)"]["harmful"]["lds"] > 0.999
+    assert {"replay, fixed v (dropped in place)", "replay, fixed v (weight zero)", "replay, fixed v, trusted span"} <= set(s)
+    assert s["replay, fixed v (dropped in place)"]["harmful"]["lds"] < 0.999  # its first half is mis-scaled
+    assert res["vs_replay"]["yardstick"] == "replay, trusted span"  # the exact replay stays the yardstick
+    assert set(res["replay_trusted_from"]) == {"replay", "replay, fixed v"} and "replay, fixed v" in res["timing"]
+    prof = res["replay_profile"]
+    assert set(prof) == {"replay, fixed v"}  # the exact one here has no diagnostics
+    rows = prof["replay, fixed v"]["harmful"]
+    assert rows[0]["adjoint_norm_median"]["theta"] == 10.0 and rows[-1]["adjoint_norm_median"]["theta"] == 1.0
+    assert rows[0]["share"]["theta"] == pytest.approx(0.75) and rows[0]["share"]["m"] == pytest.approx(0.25)
+    assert rows[0]["steps"] == [0, 0] and rows[0]["effect_abs_median"] == pytest.approx(abs(wz[0]))
+    text = format_score(res)
+    assert "replay, fixed v: where its linearisation grows (harmful refusal" in text and "| 0.75 / 0.25 |" in text
+
+
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):
     """Before any retrain has finished, the readers are already scored against the replay (and said to be)."""
     ids, sets = _fake(tmp_path)

@@ -304,6 +304,30 @@ def replay_trusted_from(effects: list[float], factor: float = TRUST_FACTOR, wind
     return int(bad.max()) + 1 if len(bad) else 0
 
 
+def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[str, Any]]] | None:
+    """Where along the run a replay's linearisation grows: per quantity and per `spans` equal stretches of the run,
+    the median |effect| of one pair (at weight zero), the median norm of each part of the adjoint (θ, m, v) carried
+    back to those steps, and each part's share of the summed |part effects|. None for a replay without the per-step
+    diagnostics (lab/replay.py before they were recorded)."""
+    if "adjoint_norm" not in rep:
+        return None
+    out: dict[str, list[dict[str, Any]]] = {}
+    for q, eff in rep["weight_zero_effect"].items():
+        n, rows = len(eff), []
+        for k in range(spans):
+            a, b = k * n // spans, (k + 1) * n // spans
+            if a == b:
+                continue
+            parts = rep["effect_parts"][q]
+            mass = {key: float(np.abs(v[a:b]).sum()) for key, v in parts.items()}
+            total = sum(mass.values()) or 1.0
+            rows.append({"steps": [a, b - 1], "effect_abs_median": float(np.median(np.abs(eff[a:b]))),
+                         "adjoint_norm_median": {key: float(np.median(v[a:b])) for key, v in rep["adjoint_norm"][q].items()},
+                         "share": {key: m / total for key, m in mass.items()}})
+        out[q] = rows
+    return out
+
+
 def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict[str, Any]] | None = None,
             peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained). `reps`:
@@ -435,8 +459,10 @@ def score(out: str | Path) -> dict[str, Any]:
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
     scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps else None
     vs_replay = against_replay(scores, meta["order"], meta["settings"]) if scores is not None else None
+    profiles = {rname: prof for rname, rep in reps.items() if (prof := replay_profile(rep)) is not None}
     if not fulls:
-        return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {})}
+        return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {}),
+                **({"replay_profile": profiles} if profiles else {})}
     ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
     replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max()) if len(fulls) > 1 else None)
     run_dir = out / "run"
@@ -453,6 +479,8 @@ def score(out: str | Path) -> dict[str, Any]:
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
     if vs_replay:
         res["vs_replay"] = vs_replay
+    if profiles:
+        res["replay_profile"] = profiles
     if reps:
         res["replay_trusted_from"] = {rname: {q: replay_trusted_from(rep["removal_effect"][q]) for q in ref}
                                       for rname, rep in reps.items()}
@@ -546,9 +574,24 @@ def format_vs_replay(v: dict[str, Any]) -> list[str]:
     return L
 
 
+def format_profiles(profiles: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    L = []
+    for rname, per_q in profiles.items():
+        for q, rows in per_q.items():
+            keys = list(rows[0]["share"]) if rows else []
+            L += ["", f"{rname}: where its linearisation grows ({q} refusal; per stretch of the run, median over its steps)", "",
+                  "| steps | median |effect| of a pair | " + " | ".join(f"median |A_{k}|" for k in keys) + " | "
+                  + " / ".join(keys) + " share of |effect| |", "|---|---|" + "---|" * len(keys) + "---|"]
+            L += [f"| {r['steps'][0]}–{r['steps'][1]} | {r['effect_abs_median']:.3g} | "
+                  + " | ".join(f"{r['adjoint_norm_median'][k]:.3g}" for k in keys) + " | "
+                  + " / ".join(f"{r['share'][k]:.2f}" for k in keys) + " |" for r in rows]
+    return L
+
+
 def format_score(s: dict[str, Any]) -> str:
     if "error" in s:
-        return "\n".join([s["error"], *(format_vs_replay(s["vs_replay"]) if s.get("vs_replay") else [])])
+        return "\n".join([s["error"], *(format_vs_replay(s["vs_replay"]) if s.get("vs_replay") else []),
+                          *format_profiles(s.get("replay_profile", {}))])
     L = [f"{s['n_subsets']} subsets of {s['n_pairs']} pairs; full replay refusal harmful {s['full_refusal']['harmful']:.4f}, "
          f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
          f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
@@ -586,6 +629,7 @@ def format_score(s: dict[str, Any]) -> str:
               for e in s["leave_one_out"]]
     if s.get("vs_replay"):
         L += format_vs_replay(s["vs_replay"])
+    L += format_profiles(s.get("replay_profile", {}))
     L += ["", "cost (wall seconds on this machine; peak RSS where recorded): " + "; ".join(
         f"{k} {v['seconds']:.0f} s" + (f", {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else "")
         for k, v in s.get("timing", {}).items() if v.get("seconds") is not None)]
