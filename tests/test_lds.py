@@ -188,6 +188,9 @@ def test_a_fixed_second_moment_replay_is_scored_beside_the_exact_one_with_its_pr
     assert rows[0]["steps"] == [0, 0] and rows[0]["effect_abs_median"] == pytest.approx(abs(wz[0]))
     text = format_score(res)
     assert "replay, fixed v: where its linearisation grows (harmful refusal" in text and "| 0.75 / 0.25 |" in text
+    (tmp_path / "replay.json").unlink()  # the fixed one alone: it is then the yardstick, and the table says so
+    alone = score(tmp_path)
+    assert alone["vs_replay"]["yardstick"] == "replay, fixed v, trusted span" and "replay (dropped in place)" not in alone["readers"]
 
 
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):

@@ -66,6 +66,10 @@ class LDSSettings:
                              "measured change; use --replicas 1 (reference only) or 2 (also the bitwise check)")
 
 
+REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "replay_fixed_v.json")}
+"""Per second-moment model (lab/replay.py): the replay reader's name and the file under --out it is written to."""
+
+
 def records_order(run_dir: Path) -> list[str]:
     """Pair ids in the order the ranking run trained them (one pair per step)."""
     from ..ledger import load_records
@@ -122,8 +126,9 @@ def adopt_ranking_run(out: Path, st: LDSSettings) -> Path:
         raise ValueError(f"{out} already measures another ranking run ({link.resolve()}); use another --out")
     if not link.exists():
         link.symlink_to(src / "run", target_is_directory=True)
-    if (src / "replay.json").exists() and not (out / "replay.json").exists():
-        shutil.copyfile(src / "replay.json", out / "replay.json")
+    for _, file in REPLAYS.values():
+        if (src / file).exists() and not (out / file).exists():
+            shutil.copyfile(src / file, out / file)
     for peer in sorted((src / "peers").glob("*.json")):
         if not (out / "peers" / peer.name).exists():
             (out / "peers").mkdir(exist_ok=True)
@@ -204,10 +209,6 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer, second_moment=second_moment)
     res["order"] = order
     return res
-
-
-REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "replay_fixed_v.json")}
-"""Per second-moment model (lab/replay.py): the replay reader's name and the file under --out it is written to."""
 
 
 def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
@@ -422,7 +423,7 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     are (the same seed: the first ones are the retrained ones), before any retrain has finished; and each reader's
     Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining). The
     replay read is its trusted span (`replay_trusted_from`): the whole replay on a run where it does not blow up."""
-    yard = TRUSTED if TRUSTED in scores else REPLAY
+    yard = TRUSTED if TRUSTED in scores else next(n for n in scores if n.endswith(", trusted span"))  # the exact replay's, if it ran
     seed = settings.get("seed", 0)
     st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)), seed=seed)
     sets = list(subsets(order, st).values())
