@@ -42,19 +42,24 @@ def _objective(tok):
     return f
 
 
+def _recorded(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch"):
+    """The objective, the run stepped through once, and its state before every step and after the last."""
+    f = _objective(tok)
+    run = Stepper(_trainer(tok, tmp_path, clip, wd, optim))
+    states = [run.state(0)]
+    for t in range(len(run)):
+        run.step(t)
+        states.append(run.state(t + 1))
+    return f, run, states
+
+
 @pytest.mark.parametrize("clip,wd,optim", [(1e-2, 0.1, "adamw_torch"), (0.0, 0.0, "adamw_torch_fused")])
 def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenizer, tmp_path, clip, wd, optim):
     """A_t·δ from one reverse pass equals (f(run continued from S_t + εδ) − f(run continued from S_t)) / ε,
     for a random δ, at every step: Adam's moments and bias correction, decoupled weight decay, the clipping's
     norm (clip 1e-2 binds at every step) and the Hessian-vector products all enter that number."""
-    f = _objective(smol_tokenizer)
-    tr = _trainer(smol_tokenizer, tmp_path, clip, wd, optim)
-    run = Stepper(tr)
+    f, run, states = _recorded(smol_tokenizer, tmp_path, clip, wd, optim)
     n = len(run)
-    states = [run.state(0)]
-    for t in range(n):
-        run.step(t)
-        states.append(run.state(t + 1))
     if clip:
         assert all(x > clip for x in run.norms)  # the clipping's term is exercised
     base = float(f(run.model))
@@ -95,14 +100,8 @@ def test_fixed_second_moment_adjoint_is_the_derivative_of_the_run_with_v_held(sm
     at every step; clipping (binding) and weight decay on. Its effect parts are θ and m only."""
     import math
 
-    f = _objective(smol_tokenizer)
-    tr = _trainer(smol_tokenizer, tmp_path, 1e-2, 0.1)
-    run = Stepper(tr)
+    f, run, states = _recorded(smol_tokenizer, tmp_path, 1e-2, 0.1)
     n = len(run)
-    states = [run.state(0)]
-    for t in range(n):
-        run.step(t)
-        states.append(run.state(t + 1))
 
     def held_v_run(theta, m, start):  # steps start.. of the run with v the recorded one
         with torch.no_grad():
