@@ -204,6 +204,11 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     assert set(fx["effect_parts"]["f"]) == {"theta", "m"} and fx["second_moment"] == "fixed"
     assert fx["weight_zero_effect"]["f"][n - 1] == pytest.approx(res["weight_zero_effect"]["f"][n - 1], rel=1e-12)
     assert fx["weight_zero_effect"]["f"][1] != res["weight_zero_effect"]["f"][1]
+    old = torch.load(tmp_path / "w5" / "resume.pt", weights_only=True)  # one written before the diagnostics existed
+    del old["adj_norms"], old["shares"], old["second_moment"]
+    torch.save(old, tmp_path / "w5" / "resume.pt")
+    with pytest.raises(ValueError, match="older replay"):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=1, outer=2)
     with pytest.raises(ValueError, match="choose one of exact, fixed"):
         replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w7", second_moment="frozen")
     # really drop each pair in place: the same run without its step, every later step one place earlier

@@ -336,10 +336,13 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     # the reverse pass is resumable: after every outer block its adjoints and results are written here
     resume_file = work / "resume.pt"
     r = torch.load(resume_file, weights_only=True) if resume_file.exists() else None
-    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r.get("second_moment", "exact"))
+    if r is not None and "adj_norms" not in r:
+        raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
+                         "to start this one afresh.")
+    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"])
                           != (n, every, outer, sorted(objectives), second_moment)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r.get('second_moment', 'exact')}); "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}); "
                          f"remove {work} to start this one afresh.")
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
