@@ -193,6 +193,19 @@ def test_a_fixed_second_moment_replay_is_scored_beside_the_exact_one_with_its_pr
     assert alone["vs_replay"]["yardstick"] == "replay, fixed v, trusted span" and "replay (dropped in place)" not in alone["readers"]
 
 
+def test_the_second_moment_models_are_one_list_for_replay_lds_and_cli():
+    """replay.SECOND_MOMENTS, lds.REPLAYS and the CLI's --replay-second-moment name the same models."""
+    from smda_callback.cli.main import build_parser
+    from smda_callback.lab.lds import REPLAYS
+    from smda_callback.lab.replay import SECOND_MOMENTS
+
+    assert set(REPLAYS) == set(SECOND_MOMENTS)
+    for m in SECOND_MOMENTS:
+        assert build_parser().parse_args(["benchmark-lds", "--replay-second-moment", m]).replay_second_moment == m
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["benchmark-lds", "--replay-second-moment", "frozen"])
+
+
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):
     """Before any retrain has finished, the readers are already scored against the replay (and said to be)."""
     ids, sets = _fake(tmp_path)
