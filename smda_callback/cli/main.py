@@ -280,7 +280,7 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import KINDS, SMDAConfig
-    from ..lab.specs import PEERS, SAETrainSpec
+    from ..lab.specs import PEERS, SECOND_MOMENTS, SAETrainSpec
 
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
                          "about 17 retrains' compute on the 64-pair demo run, checkpoints on disk under --out)")
     _replay_spacing(ld)
-    ld.add_argument("--replay-second-moment", choices=["exact", "fixed"], default="exact",
+    ld.add_argument("--replay-second-moment", choices=list(SECOND_MOMENTS), default="exact",
                     help="exact: Adam's second moment answers each removal as in the run (replay.json); fixed: it is the "
                          "recorded one at every step, a fixed preconditioner (replay_fixed_v.json); both are scored when present")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],

@@ -314,12 +314,11 @@ def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[s
         return None
     out: dict[str, list[dict[str, Any]]] = {}
     for q, eff in rep["weight_zero_effect"].items():
-        n, rows = len(eff), []
+        n, rows, parts = len(eff), [], rep["effect_parts"][q]
         for k in range(spans):
             a, b = k * n // spans, (k + 1) * n // spans
             if a == b:
                 continue
-            parts = rep["effect_parts"][q]
             mass = {key: float(np.abs(v[a:b]).sum()) for key, v in parts.items()}
             total = sum(mass.values()) or 1.0
             rows.append({"steps": [a, b - 1], "effect_abs_median": float(np.median(np.abs(eff[a:b]))),

@@ -40,6 +40,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .specs import SECOND_MOMENTS
+
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[Any], Any]
@@ -197,7 +199,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         self.loss(t).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else math.sqrt(_dot(grads, grads))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else _norm(grads)
         if t == len(self.norms):
             self.norms.append(norm)
         for g in self.opt.param_groups:
@@ -219,7 +221,7 @@ class Stepper:
         self.model.zero_grad(set_to_none=True)
         g = self.train_grad(t)
         gd = [x.detach() for x in g]
-        norm = math.sqrt(_dot(gd, gd))
+        norm = _norm(gd)
         coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 else 1.0
         lr, k = self.lrs[t], t + 1
         a_g_all = {}
@@ -300,9 +302,6 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
     files = -(-n // outer) + 1 + (outer // every - 1 if outer > every else 0)  # outer checkpoints, the end, one block's inner ones
     return {"every": every, "outer": outer, "states_in_memory": every + 1, "files_on_disk": files,
             "disk_bytes": files * state_bytes, "memory_bytes": (every + 1) * state_bytes}
-
-
-SECOND_MOMENTS = ("exact", "fixed")
 
 
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
