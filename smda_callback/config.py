@@ -17,6 +17,9 @@ Encode = Literal["sae", "dense"]
 Credit = Literal["optimizer", "step"]
 CreditMeasure = Literal["deconvolve", "ghost"]
 
+SECOND_MOMENTS = ("exact", "fixed")
+"""The replay's models of Adam's second moment (credit/replay.py): as the run moves it, or held at the recorded one."""
+
 DEFAULT_REFUSALS: tuple[str, ...] = (
     "I can't",
     "I cannot",

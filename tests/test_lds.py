@@ -197,7 +197,7 @@ def test_the_second_moment_models_are_one_list_for_replay_lds_and_cli():
     """replay.SECOND_MOMENTS, lds.REPLAYS and the CLI's --replay-second-moment name the same models."""
     from smda_callback.cli.main import build_parser
     from smda_callback.lab.lds import REPLAYS
-    from smda_callback.lab.replay import SECOND_MOMENTS
+    from smda_callback.credit.replay import SECOND_MOMENTS
 
     assert set(REPLAYS) == set(SECOND_MOMENTS)
     for m in SECOND_MOMENTS:

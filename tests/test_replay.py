@@ -272,7 +272,7 @@ def test_checkpoint_plan_counts_and_refusals(smol_tokenizer, tmp_path, monkeypat
         checkpoint_plan(318, one, 0)
     import shutil
 
-    from smda_callback.lab import replay as rp
+    from smda_callback.credit import replay as rp
 
     real = shutil.disk_usage
     monkeypatch.setattr(rp.shutil, "disk_usage", lambda path: real(path)._replace(free=10))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import SECOND_MOMENTS  # noqa: F401  (the CLI reads it here, torch-free)
+
 PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Attribution methods from other projects that `smda benchmark-poison` scores beside SMDA."""
-SECOND_MOMENTS = ("exact", "fixed")
-"""The replay's models of Adam's second moment (lab/replay.py): as the run moves it, or held at the recorded one."""
 
 
 def poison_train_seed(seed: int, order_seed: int | None) -> int:

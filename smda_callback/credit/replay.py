@@ -1,0 +1,492 @@
+"""Replay: each pair's effect carried through the rest of a recorded run.
+
+Two users: `smda benchmark-lds --replay` (lab/replay.py: a whole demo run, stepped again from its trainer) and
+the callback's `SMDAConfig(replay_last_steps=K)` (the last K steps of the user's own run, recorded while it
+trains and replayed after the last step: `Steps` takes the recorded batches, lrs and starting state).
+
+The in-run credit is local: it credits a pair with the change its own step makes. Retraining without the
+pair also changes every later step, which answers that change. The replay measures that answer after
+the fact, by reverse mode through the recorded training run (in the spirit of REPLAY / MAGIC, arXiv
+2504.16430; our own derivation, written for the one-pair-per-step runs of the demo):
+
+- the state after optimizer step t is S_t = (θ_{t+1}, m_t, v_t): weights, Adam's first and second moments;
+- removing the pair of step t (its step skipped, the rest kept in order) perturbs S_t by the exact finite
+  difference δ_t = S_{t-1} − S_t; the rest of the run carries δ_t to the end, and the probe quantity f
+  moves by ≈ A_t · δ_t, where A_t = ∂f(θ_T)/∂S_t is the adjoint of the state;
+- one reverse pass gives every A_t: A_{t-1} = J_tᵀ A_t, J_t being the Jacobian of step t. Adam's moments
+  and update are elementwise, the gradient clipping's global norm is a rank-one term, and the gradient's
+  dependence on θ is one Hessian-vector product of pair t's loss (double backward).
+
+States are recomputed from checkpoints kept on disk every `outer` steps (default: `every`); a block of `outer`
+steps is recomputed once more to leave checkpoints every `every` steps, from which each inner block is recomputed
+into memory. So memory holds `every + 1` states, disk about n/outer + outer/every of them, and the forward steps
+run twice (`outer == every`) or three times (a longer run on the same disk). The reverse pass saves its adjoints
+at block starts and resumes from them. Exact for torch AdamW (fused or not, decoupled weight decay, no amsgrad)
+with a recorded lr per step and clipping by global norm; any other optimizer is refused with the fix. The
+prediction is first order in δ_t: a removal set's predicted change is the sum of its pairs'.
+
+`second_moment="fixed"` linearises another model of the run: Adam's second moment v_t is the recorded one, a fixed
+per-step preconditioner that no perturbation moves (no adjoint of v, and δ_t's v part dropped). It is exact for that
+model, not for the run, and tells whether a blow-up of the exact linearisation comes through the 1/√v path.
+Both record per step the norm of each part of the adjoint and each part's share of the removal effect, which show
+where a linearisation blows up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..config import SECOND_MOMENTS
+
+logger = logging.getLogger(__name__)
+
+Objective = Callable[[Any], Any]
+"""Model -> a scalar tensor, or an iterable of scalar tensors whose sum is the objective (one backward each,
+so that a probe set's graphs are never held at once); gradients are taken for the trainable parameters."""
+
+
+def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
+    name = type(opt).__name__
+    if name not in ("AdamW", "Adam"):
+        raise ValueError(f"replay: the run's optimizer is {name}; the replay models torch AdamW/Adam only. "
+                         "Train the replayed run with optim='adamw_torch' or 'adamw_torch_fused'.")
+    if len({g.get("initial_lr", g["lr"]) for g in opt.param_groups}) > 1:
+        raise ValueError("replay: the optimizer's parameter groups have different learning rates; the replay records "
+                         "one lr per step. Train the replayed run with one learning rate for every group.")
+    groups = []
+    for g in opt.param_groups:
+        if g.get("amsgrad") or g.get("maximize"):
+            raise ValueError("replay: amsgrad/maximize AdamW is not modelled; train the replayed run without them.")
+        if name == "Adam" and g.get("weight_decay", 0.0):
+            raise ValueError("replay: Adam with L2 weight decay is not modelled; use AdamW (decoupled decay).")
+        groups.append({"betas": g["betas"], "eps": g["eps"], "wd": g.get("weight_decay", 0.0), "params": g["params"]})
+    return groups
+
+
+class State:
+    """θ, m, v of every trainable parameter, as detached copies on the parameters' device."""
+
+    def __init__(self, theta: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int) -> None:
+        self.theta, self.m, self.v, self.step = theta, m, v, step
+
+    @classmethod
+    def read(cls, params: Sequence[torch.Tensor], opt: Any, step: int) -> "State":
+        def st(p: torch.Tensor, key: str) -> torch.Tensor:
+            s = opt.state.get(p, {})
+            return s[key].detach().clone() if key in s else torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        return cls([p.detach().clone() for p in params], [st(p, "exp_avg") for p in params],
+                   [st(p, "exp_avg_sq") for p in params], step)
+
+    def write(self, params: Sequence[torch.Tensor], opt: Any, weights_only: bool = False) -> None:
+        """Into the model's parameters and (unless `weights_only`) the optimizer's moments and step count."""
+        with torch.no_grad():
+            for p, th, m, v in zip(params, self.theta, self.m, self.v):
+                p.copy_(th)
+                if weights_only:
+                    continue
+                if self.step == 0:
+                    opt.state.pop(p, None)
+                    continue
+                s = opt.state[p]
+                if "exp_avg" not in s:
+                    s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    # fused and capturable Adam keep the step count on the parameter's device, the others on the host
+                    on_dev = opt.defaults.get("fused") or opt.defaults.get("capturable")
+                    s["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if on_dev else "cpu")
+                s["exp_avg"].copy_(m)
+                s["exp_avg_sq"].copy_(v)
+                s["step"].fill_(float(self.step))
+
+    def save(self, path: Path) -> None:
+        torch.save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        d = torch.load(path, weights_only=True)
+        return cls(d["theta"], d["m"], d["v"], int(d["step"]))
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
+
+
+def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = obj(model)
+    total, acc = 0.0, [torch.zeros_like(p) for p in params]
+    for part in ([out] if torch.is_tensor(out) else out):
+        grads = torch.autograd.grad(part, list(params), allow_unused=True)
+        total += float(part.detach())
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a += g
+    return total, acc
+
+
+class Steps:
+    """Steps [start, start + len(batches)) of a recorded run, taken again: its loss, clipping and optimizer on its
+    batches in order. Local step t is the run's step start + t (Adam's bias correction counts start + t + 1).
+
+    `loss(model, batch)`: the training loss as the Trainer computes it (`trainer.compute_loss`); `lrs`: each step's
+    lr, or empty to read them from the optimizer as the steps are taken (stepping `sched` after each, as the Trainer
+    does); `prev_lr`: the lr of step start − 1 (a step run one place earlier takes it); `clip`: max_grad_norm.
+    """
+
+    def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any]], loss: Callable[[Any, dict], Any],
+                 clip: float, lrs: Sequence[float] = (), start: int = 0, prev_lr: float | None = None,
+                 sched: Any = None) -> None:
+        self.model, self.opt, self.sched = model, getattr(optimizer, "optimizer", optimizer), sched
+        self.model.train()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.batches, self._loss = list(batches), loss
+        groups = _check_optimizer(self.opt)
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        missing = [n for n, p in named if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"replay: {len(missing)} trainable parameters are not in the optimizer (e.g. {missing[0]}); "
+                             "freeze them (requires_grad=False) or give them to the optimizer.")
+        self.hp = [group_of[id(p)] for p in self.params]
+        self.clip = float(clip or 0.0)
+        self.lrs: list[float] = list(lrs)
+        self.norms: list[float] = []
+        self.start, self.prev_lr = int(start), prev_lr
+        if self.start > 0 and prev_lr is None:
+            raise ValueError("replay: steps from the middle of a run need the lr of the step before (prev_lr).")
+
+    def tail(self, s: int) -> "Steps":
+        """The steps from local step s on, as their own run (the optimizer and schedule shared; take steps 0..s−1
+        first, so that the weights, moments and schedule are where step s starts)."""
+        return Steps(self.model, self.opt, self.batches[s:], self._loss, self.clip, self.lrs[s:], self.start + s,
+                     self.lrs[s - 1] if s > 0 else self.prev_lr, self.sched)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def loss(self, t: int) -> torch.Tensor:
+        return self._loss(self.model, dict(self.batches[t]))
+
+    def train_grad(self, t: int) -> list[torch.Tensor]:
+        """Step t's gradient as training computes it, as a differentiable expression of the weights.
+
+        The loss is written with plain ops (TRL's fused head has no double backward): the mean token
+        cross-entropy over the batch's label tokens. An nn.Embedding with `padding_idx` gives that row no
+        gradient from the input side, so the training gradient is not the loss's true gradient; the lookup is
+        written out and that part subtracted here, because torch's double backward of the embedding keeps it
+        (measured on a tiny Llama: ⟨Jᵀv, w⟩ by double backward −103 against −130 and −98 by finite
+        differences of the training gradient, which is not symmetric).
+        """
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        batch = dict(self.batches[t])
+        labels, ids = batch.pop("labels"), batch.pop("input_ids")
+        emb = self.model.get_input_embeddings()
+        x = F.embedding(ids, emb.weight)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+            logits = self.model(inputs_embeds=x, **batch, use_cache=False).logits[:, :-1]
+        tgt = labels[:, 1:]
+        mask = tgt != -100
+        lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        loss = -(lp * mask).sum() / mask.sum().clamp(min=1)
+        pad = emb.padding_idx
+        at = pad is not None and bool((ids == pad).any())
+        grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=True, allow_unused=True)
+        g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
+        if at:
+            i = next(k for k, p in enumerate(self.params) if p is emb.weight)
+            row = grads[-1][ids == pad].sum(0)
+            onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype, device=row.device)
+            onehot[pad] = 1
+            g[i] = g[i] - onehot * row.unsqueeze(0)
+        return g
+
+    def step(self, t: int) -> None:
+        """Step t as the Trainer takes it (its lr read from the schedule the first time, then reused)."""
+        fresh = t == len(self.lrs)
+        if fresh:
+            self.lrs.append(float(self.opt.param_groups[0]["lr"]))
+        elif t > len(self.lrs):
+            raise ValueError(f"replay: step {t} taken before step {len(self.lrs)}; take the steps in order the first time.")
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(t).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else _norm(grads)
+        if t == len(self.norms):
+            self.norms.append(norm)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lrs[t]
+        self.opt.step()
+        if fresh and self.sched is not None:
+            self.sched.step()
+
+    def state(self, t: int) -> State:
+        """The state before local step t (weights and moments as they are now)."""
+        return State.read(self.params, self.opt, self.start + t)
+
+    def load(self, st: State, weights_only: bool = False) -> None:
+        st.write(self.params, self.opt, weights_only)
+
+    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False) -> None:
+        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded).
+        `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v")."""
+        params = self.params
+        self.model.zero_grad(set_to_none=True)
+        g = self.train_grad(t)
+        gd = [x.detach() for x in g]
+        norm = _norm(gd)
+        coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 else 1.0
+        lr, k = self.lrs[t], self.start + t + 1
+        a_g_all = {}
+        for name, A in adjoints.items():
+            a_gc = []
+            for i in range(len(params)):  # in place, one parameter at a time: no second copy of the adjoints
+                (b1, b2), eps, wd = self.hp[i]["betas"], self.hp[i]["eps"], self.hp[i]["wd"]
+                bc1, bc2s = 1 - b1 ** k, math.sqrt(1 - b2 ** k)
+                sq = post.v[i].sqrt()
+                D = sq / bc2s + eps
+                # θ' = θ(1 − lr·wd) − (lr/bc1)·m'/D,  m' = β1 m + (1−β1) gc,  v' = β2 v + (1−β2) gc²
+                am = A["m"][i] - A["theta"][i] * (lr / bc1) / D
+                if fixed_v:
+                    del D, sq
+                    a_gc.append((1 - b1) * am)
+                    A["m"][i] = am.mul_(b1)
+                else:
+                    dv = torch.where(sq > 0, (lr / bc1) * post.m[i] / (D * D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
+                    av = A["v"][i] + A["theta"][i] * dv
+                    del D, dv, sq
+                    a_gc.append((1 - b1) * am + 2 * (1 - b2) * (coef * gd[i]) * av)
+                    A["m"][i], A["v"][i] = am.mul_(b1), av.mul_(b2)
+                if wd:
+                    A["theta"][i] = A["theta"][i] * (1 - lr * wd)
+            if coef < 1.0:  # gc = clip·g/(|g| + 1e-6): the clipping's rank-one term
+                proj = _dot(gd, a_gc) / (norm * (norm + 1e-6))
+                for a, x in zip(a_gc, gd):
+                    a.sub_(proj * x).mul_(coef)
+            a_g_all[name] = a_gc
+        names = list(adjoints)
+        for j, name in enumerate(names):  # θ's own path: one Hessian-vector product of pair t's loss (double backward)
+            hv = torch.autograd.grad(g, params, grad_outputs=a_g_all[name], retain_graph=j < len(names) - 1, allow_unused=True)
+            adjoints[name]["theta"] = [a if h is None else a + h.detach() for a, h in zip(adjoints[name]["theta"], hv)]
+
+
+def shift_effect(run: Steps, t: int, pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
+    """First-order change of the objective when step t runs one place earlier in the order, as it does once any
+    earlier pair is dropped in place: Adam's bias correction counts t instead of t + 1 and the lr is the
+    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A."""
+    k = run.start + t + 1
+    if k == 1:
+        return 0.0
+    lr0, lr1 = run.lrs[t], run.lrs[t - 1] if t > 0 else run.prev_lr
+    total = 0.0
+    for i, a in enumerate(A["theta"]):
+        (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+        sq = post.v[i].sqrt()
+
+        def update(lr: float, kk: int) -> torch.Tensor:
+            return -pre.theta[i] * (lr * wd) - (lr / (1 - b1 ** kk)) * post.m[i] / (sq / math.sqrt(1 - b2 ** kk) + eps)
+
+        total += float(torch.dot(a.reshape(-1).double(), (update(lr1, k - 1) - update(lr0, k)).reshape(-1).double()))
+    return total
+
+
+def effect_parts(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The removal effect's part through each piece of the state the adjoint `A` carries (θ, m, and v unless fixed)."""
+    return {key: _dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v") if key in A}
+
+
+def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
+    """First-order change of the objective when step t is skipped: A_t · (S_{t-1} − S_t)."""
+    return sum(effect_parts(pre, post, A).values())
+
+
+def _norm(x: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(_dot(x, x))
+
+
+def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = None) -> dict[str, int]:
+    """What a replay of `n` steps holds: states in memory and checkpoint files on disk at most, and their bytes.
+    Refuses spacings that cannot work, with the fix."""
+    outer = every if outer is None else outer
+    if every < 1 or outer < 1:
+        raise ValueError(f"replay: checkpoint spacing must be ≥ 1 (got every={every}, outer={outer}).")
+    if outer % every:
+        raise ValueError(f"replay: the disk spacing (outer {outer}: --replay-outer, SMDAConfig.replay_outer) must be a "
+                         f"multiple of the memory spacing (every {every}: --replay-every, SMDAConfig.replay_every); "
+                         f"e.g. outer {every * max(1, round(outer / every))}.")
+    files = -(-n // outer) + 1 + (outer // every - 1 if outer > every else 0)  # outer checkpoints, the end, one block's inner ones
+    return {"every": every, "outer": outer, "states_in_memory": every + 1, "files_on_disk": files,
+            "disk_bytes": files * state_bytes, "memory_bytes": (every + 1) * state_bytes}
+
+
+def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
+                 progress: Callable[[str], None] | None = None, outer: int | None = None,
+                 resume_every: int = 16, second_moment: str = "exact", start_state: State | None = None) -> dict[str, Any]:
+    """Every step's predicted effect of its removal on each objective at the end of `run`'s steps.
+
+    `start_state`: the weights and moments before the first of them, loaded first (default: as the model and
+    optimizer are now). Per-step lists are indexed by local step (global step = "first_step" + index).
+
+    Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
+    step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
+    later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
+    "seconds", "second_moment", and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and "effect_parts"
+    {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
+    docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
+    results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
+    after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
+    """
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
+    fixed_v = second_moment == "fixed"
+    parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
+    say = progress or logger.info
+    t0 = time.perf_counter()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    n = len(run)
+    if n < 1:
+        raise ValueError("replay: no steps to replay.")
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in run.params)
+    plan = checkpoint_plan(n, state_bytes, every, outer)
+    outer = plan["outer"]
+    # the reverse pass is resumable: after every outer block its adjoints and results are written here
+    resume_file = work / "resume.pt"
+    r = torch.load(resume_file, weights_only=True) if resume_file.exists() else None
+    if r is not None and "adj_norms" not in r:
+        raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
+                         "to start this one afresh.")
+    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0))
+                          != (n, every, outer, sorted(objectives), second_moment, run.start)):
+        raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps from {r.get('start', 0)}, every {r['every']}, outer "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}); "
+                         f"remove {work} to start this one afresh.")
+    need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
+    free = shutil.disk_usage(work).free
+    if r is None and need > free:
+        raise ValueError(
+            f"replay: {n} steps with a checkpoint every {outer} steps need ≈ {need / 2**30:.1f} GiB on disk "
+            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB and the adjoints), "
+            f"{free / 2**30:.1f} GiB are free. Space the disk checkpoints further apart (--replay-outer / "
+            f"SMDAConfig.replay_outer, a multiple of the memory spacing; the forward steps then run three times instead "
+            f"of twice), replay fewer steps, or free disk.")
+    say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
+        f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
+    if r is None:
+        if start_state is not None:
+            run.load(start_state)
+        for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
+            if t % outer == 0:
+                run.state(t).save(work / f"s{t:05d}.pt")
+            run.step(t)
+            if (t + 1) % 16 == 0:
+                say(f"replay: forward step {t + 1}/{n}")
+        run.state(n).save(work / "end.pt")
+        final, adj = {}, {}
+        for name, obj in objectives.items():
+            final[name], gT = _grad_of(obj, run.model, run.params)
+            adj[name] = {"theta": gT, **{key: [torch.zeros_like(p) for p in run.params] for key in parts[1:]}}
+        effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+        shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
+        norms = {name: {key: [0.0] * n for key in parts} for name in objectives}
+        shares = {name: {key: [0.0] * n for key in parts} for name in objectives}
+        gap, below, spent = float("nan"), n, 0.0
+        say(f"replay: objectives at the end {final}; reverse pass over {n} steps")
+    else:
+        run.lrs[:], run.norms[:] = r["lrs"], r["norms"]
+        final, adj, effect, shift, norms, shares = r["final"], r["adj"], r["effect"], r["shift"], r["adj_norms"], r["shares"]
+        gap, below, spent = r["gap"], r["below"], r["seconds"]
+        say(f"replay: resumed from {resume_file}: the reverse pass continues below step {below} of {n}")
+        del r
+
+    def save_resume(below: int) -> None:
+        tmp = resume_file.with_suffix(".tmp")
+        torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
+                    "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
+                    "second_moment": second_moment, "start": run.start,
+                    "seconds": spent + time.perf_counter() - t0}, tmp)
+        tmp.replace(resume_file)
+
+    saved = [below]
+
+    def blocks():  # lazily: an outer block's inner checkpoints are written once the later block's are gone
+        for S in reversed(range(0, n, outer)):
+            E = min(S + outer, n)
+            if E > below:
+                continue  # done before a resume
+            if E < below and saved[0] - E >= resume_every:
+                save_resume(E)  # every step from E on is done: a stop from here on resumes at this block
+                saved[0] = E
+                for k in range(E, n, outer):  # the finished blocks' own checkpoints are no longer needed
+                    (work / f"s{k:05d}.pt").unlink(missing_ok=True)
+            if outer > every:  # recompute the outer block once more, leaving its inner checkpoints on disk
+                run.load(State.load(work / f"s{S:05d}.pt"))
+                for t in range(S, E):
+                    if t > S and (t - S) % every == 0:
+                        run.state(t).save(work / f"s{t:05d}.pt")
+                    run.step(t)
+            yield from reversed(range(S, E, every))
+
+    for s in blocks():  # 2. reverse, block by block, each block recomputed from its checkpoint into memory
+        e = min(s + every, n)
+        states = [State.load(work / f"s{s:05d}.pt")]
+        run.load(states[0])
+        for t in range(s, e):
+            run.step(t)
+            states.append(run.state(t + 1))
+        if e == n:
+            end = State.load(work / "end.pt")
+            gap = max(float((a - b).abs().max()) for a, b in zip(states[-1].theta, end.theta))
+            del end
+        for t in range(e - 1, s - 1, -1):
+            pre, post = states[t - s], states[t - s + 1]
+            for name, A in adj.items():
+                for key, x in effect_parts(pre, post, A).items():
+                    shares[name][key][t] = x
+                    norms[name][key][t] = _norm(A[key])
+                effect[name][t] = sum(shares[name][key][t] for key in parts)
+                shift[name][t] = shift_effect(run, t, pre, post, A)
+            run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
+            run.vjp(t, post, adj, fixed_v)
+        if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
+            (work / f"s{s:05d}.pt").unlink(missing_ok=True)
+        say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
+    run.load(State.load(work / "end.pt"))
+    shutil.rmtree(work, ignore_errors=True)
+    # a pair dropped in place also moves every later step one place earlier
+    in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
+    return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
+            "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
+            "checkpoints": plan, "second_moment": second_moment, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "seconds": round(spent + time.perf_counter() - t0, 1)}
+
+
+def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
+    """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them (one unpadded forward per
+    probe). The embedding lookup is written out, so that the gradient is the true one: an nn.Embedding with
+    `padding_idx` drops that row's input-side gradient, and the chat template's end token is often the pad."""
+    import torch.nn.functional as F
+
+    idx = list(indices)
+    if not idx:
+        raise ValueError("probe_objective: no probes selected")
+
+    def parts(model: Any) -> Any:
+        emb = model.get_input_embeddings()
+        for i in idx:
+            ids = torch.tensor([snap.tp.input_ids[i]], device=emb.weight.device)
+            logits = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=False, logits_to_keep=1).logits[:, -1]
+            yield snap.scorer.score(model, logits, None, torch.ones_like(ids))[0] / len(idx)
+
+    return parts
