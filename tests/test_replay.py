@@ -232,6 +232,25 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     assert sorted(errs)[len(errs) // 2] < 0.12 and max(errs) < 0.3
 
 
+def test_a_replay_of_the_last_steps_equals_the_whole_replay_there(smol_tokenizer, tmp_path):
+    """Replaying only the run's last K steps (from the state before them, its lrs continued, Adam counting from
+    the run's step) gives the whole run's replay of those steps: the same adjoints reach them from the end. Warmup
+    (lrs change across the boundary), clipping and weight decay on, so the shift of a step one place earlier at the
+    boundary needs the lr before it."""
+    f = _objective(smol_tokenizer)
+    whole = replay(_trainer(smol_tokenizer, tmp_path / "a", 1e-2, 0.1), {"f": f}, tmp_path / "wa", every=2)
+    tail = replay(_trainer(smol_tokenizer, tmp_path / "b", 1e-2, 0.1), {"f": f}, tmp_path / "wb", every=2, last=3)
+    n = len(whole["lr"])
+    assert (n, len(tail["lr"]), tail["first_step"], whole["first_step"]) == (6, 3, 3, 0)
+    assert tail["lr"] == whole["lr"][3:] and tail["final"]["f"] == pytest.approx(whole["final"]["f"], rel=1e-12)
+    for key in ("removal_effect", "weight_zero_effect"):
+        assert all(abs(x) > 1e-9 for x in tail[key]["f"])
+        assert tail[key]["f"] == pytest.approx(whole[key]["f"][3:], rel=1e-8, abs=1e-14)
+    assert whole["removal_effect"]["f"][3] != pytest.approx(whole["weight_zero_effect"]["f"][3], rel=1e-6)  # the shift counts
+    with pytest.raises(ValueError, match="choose 1..6"):
+        replay(_trainer(smol_tokenizer, tmp_path / "c", 1e-2, 0.1), {"f": f}, tmp_path / "wc", last=7)
+
+
 def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_row(smol_tokenizer):
     """The differentiable objective equals the snapshot's batched refusal mean (same scorer, same prompts), and
     its gradient is the true one: the chat template's end token is the pad, and the written-out lookup gives

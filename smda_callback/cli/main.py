@@ -253,7 +253,7 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _lds(a: argparse.Namespace) -> int:
-    from ..lab.lds import REPLAYS, LDSSettings, format_score, peer_jobs, replay_job, run_jobs, score
+    from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, replay_reader, run_jobs, score
     from ..lab.retrain import parse_shard
 
     _check_replay_spacing(a)
@@ -261,8 +261,11 @@ def _lds(a: argparse.Namespace) -> int:
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out))
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
-    if a.replay and not Path(a.out, REPLAYS[a.replay_second_moment][1]).exists():
-        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment)
+    if a.replay_last is not None and a.replay_last < 1:
+        raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
+    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last)[1]).exists():
+        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
+                   last=a.replay_last)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -458,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-second-moment", choices=list(SECOND_MOMENTS), default="exact",
                     help="exact: Adam's second moment answers each removal as in the run (replay.json); fixed: it is the "
                          "recorded one at every step, a fixed preconditioner (replay_fixed_v.json); both are scored when present")
+    ld.add_argument("--replay-last", type=int, default=None, metavar="K",
+                    help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
+                         "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--json", action="store_true")

@@ -70,6 +70,13 @@ REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "rep
 """Per second-moment model (lab/replay.py): the replay reader's name and the file under --out it is written to."""
 
 
+def replay_reader(second_moment: str = "exact", last: int | None = None) -> tuple[str, str]:
+    """The replay reader's name and file: the whole run's (`REPLAYS`), or over its last `last` steps only (what the
+    callback's `replay_last_steps` computes on the user's run; earlier pairs read 0)."""
+    name, file = REPLAYS[second_moment]
+    return (name, file) if not last else (f"{name}, last {last} steps", file.replace(".json", f"_last{last}.json"))
+
+
 def records_order(run_dir: Path) -> list[str]:
     """Pair ids in the order the ranking run trained them (one pair per step)."""
     from ..ledger import load_records
@@ -195,10 +202,12 @@ def _snapshotter(tok: Any, model: Any) -> Any:
 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
-                    every: int = 4, outer: int | None = None, second_moment: str = "exact") -> dict[str, Any]:
+                    every: int = 4, outer: int | None = None, second_moment: str = "exact",
+                    last: int | None = None) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
-    harmful and of the harmless probes, carried through the rest of the run (the caller writes it down)."""
+    harmful and of the harmless probes, carried through the rest of the run (the caller writes it down). `last`: only
+    the last `last` steps are replayed; the per-step lists keep the run's length, 0 before them."""
     from .replay import probe_objective, replay
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
@@ -206,19 +215,26 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     harmful = np.asarray(probes.is_harmful)
     objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
                   for q in ("harmful", "harmless")}
-    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer, second_moment=second_moment)
-    res["order"] = order
+    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer,
+                 second_moment=second_moment, last=last)
+    if last:
+        before = len(order) - len(res["lr"])
+        for key in ("removal_effect", "weight_zero_effect"):
+            res[key] = {q: [0.0] * before + list(v) for q, v in res[key].items()}
+        for key in ("adjoint_norm", "effect_parts"):
+            res[key] = {q: {part: [0.0] * before + list(v) for part, v in d.items()} for q, d in res[key].items()}
+    res["order"], res["reader"] = order, replay_reader(second_moment, last)[0]
     return res
 
 
 def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
-               second_moment: str = "exact") -> dict[str, Any]:
+               second_moment: str = "exact", last: int | None = None) -> dict[str, Any]:
     """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment)
-    path = out / REPLAYS[second_moment][1]
+    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment, last)
+    path = out / replay_reader(second_moment, last)[1]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res), encoding="utf-8")
     tmp.replace(path)
@@ -272,9 +288,12 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
 
 
 def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The readers computed after the run: the replays that ran, by reader name ("replay", "replay, fixed v"), and
-    peers/<name>.json by name."""
+    """The readers computed after the run: the replays that ran, by reader name ("replay", "replay, fixed v",
+    "replay, last 90 steps"), and peers/<name>.json by name."""
     reps = {name: json.loads((out / file).read_text()) for name, file in REPLAYS.values() if (out / file).exists()}
+    for path in sorted(out.glob("replay*_last*.json")):
+        rep = json.loads(path.read_text())
+        reps[rep["reader"]] = rep
     peers = {p.stem: json.loads(p.read_text()) for p in sorted((out / "peers").glob("*.json"))}
     return reps, peers
 
@@ -365,6 +384,8 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
         for rname, rep in (reps or {}).items():  # a pair's score is the change it makes when trained: minus its removal's effect
             for name, key in ((f"{rname} (dropped in place)", "removal_effect"), (f"{rname} (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
+            if rep.get("first_step", 0):
+                continue  # a replay of the run's last steps only is read as it is
             start = replay_trusted_from(rep["removal_effect"][q])
             out.setdefault(f"{rname}, trusted span", {})[q] = {
                 i: (-float(e) if k >= start else 0.0) for k, (i, e) in enumerate(zip(rep["order"], rep["removal_effect"][q]))}
@@ -459,7 +480,8 @@ def score(out: str | Path) -> dict[str, Any]:
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
     scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps else None
     vs_replay = against_replay(scores, meta["order"], meta["settings"]) if scores is not None else None
-    profiles = {rname: prof for rname, rep in reps.items() if (prof := replay_profile(rep)) is not None}
+    profiles = {rname: prof for rname, rep in reps.items()
+                if not rep.get("first_step", 0) and (prof := replay_profile(rep)) is not None}
     if not fulls:
         return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {}),
                 **({"replay_profile": profiles} if profiles else {})}
@@ -483,7 +505,7 @@ def score(out: str | Path) -> dict[str, Any]:
         res["replay_profile"] = profiles
     if reps:
         res["replay_trusted_from"] = {rname: {q: replay_trusted_from(rep["removal_effect"][q]) for q in ref}
-                                      for rname, rep in reps.items()}
+                                      for rname, rep in reps.items() if not rep.get("first_step", 0)}
     for name, r in {**reps, **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
