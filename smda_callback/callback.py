@@ -25,6 +25,7 @@ from .probes import ProbeSet
 from .sae import base_model, fve_warning, load_feature_labels, load_sae, resolve_hook, sae_identity
 from .sinks import RunSinks, wants_tensorboard
 from .snapshot import Snapshotter, gather_lists, rank_world
+from .tail import ReplayTail
 from .tracker import LocalRow, RunTracker, StepResult
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class SMDACallback(TrainerCallback):
         self._sharded = self._kernel.kind != "step" and bool(self._warn(sharding_check(self._optimizer, self.config.credit_measure)))
         self.capture.keep_inputs = self._kernel.kind != "step" and not self._sharded
         self.capture.install(model, hook)
+        ReplayTail.attach(self, args, state, model)  # SMDAConfig(replay_last_steps=K): refused here, before any step
         if state.global_step > 0:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if self._restore(RunTracker.load(ckpt, self.probes, self.config, self.all_labels, self.cards), state.global_step):
@@ -241,10 +243,8 @@ class SMDACallback(TrainerCallback):
         if run is None:
             return False
         if run.kernel != self._kernel:
-            self._warn("the optimizer differs from the checkpoint's (%s vs %s); credit continues with the checkpoint's "
-                       "kernel", self._kernel, run.kernel)
+            self._warn("the optimizer differs from the checkpoint's (%s vs %s); credit goes on with its kernel", self._kernel, run.kernel)
             self._kernel = run.kernel
         self.run, self._snap.features = run, run.features
-        if self._main:
-            self._sinks.ledger.truncate_after(step)
+        self._sinks.resume(step)
         return True

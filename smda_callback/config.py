@@ -139,6 +139,20 @@ class SMDAConfig:
     min_sae_fve: float = 0.5
     """Warn at train begin when the SAE explains less of the probes' hook activations than this."""
 
+    # --- carried through the rest of the run (after the last step) ------------
+    replay_last_steps: int = 0
+    """After the last step, replay the run's last n optimizer steps in reverse mode (credit/replay.py): each step's
+    predicted effect of dropping it, carried through the steps after it, on mean refusal of the harmful and of the
+    harmless probes at the end; written to smda/replay.json. 0: off. The in-run credit is local (a pair's own step);
+    this reader is what predicts retraining without a set of late pairs (docs/validation.md §9). Needs
+    `callback.bind(trainer)`, AdamW/Adam, one batch per optimizer step and one process; refused at train begin
+    otherwise. While training it keeps one state (weights and both Adam moments) on disk; after it, a double
+    backward per replayed step (docs/credit.md)."""
+    replay_every: int = 2
+    """The replay's states in memory (`replay_every` + 1 at once): the spacing of the in-memory recomputation."""
+    replay_outer: int = 16
+    """The replay's checkpoint spacing on disk, a multiple of `replay_every` (files ≈ n/outer + outer/every states)."""
+
     def __post_init__(self) -> None:
         self.refusal_openings = tuple(self.refusal_openings)
         self.feature_kinds = tuple(self.feature_kinds)
@@ -170,6 +184,8 @@ class SMDAConfig:
             raise ValueError("SMDAConfig.n_features must be >= 1 (or pass `features=[...]`).")
         if self.every_n_steps < 1 or self.patience < 1 or self.prefix_tokens < 1:
             raise ValueError("every_n_steps, patience and prefix_tokens must be >= 1.")
+        if self.replay_last_steps < 0 or self.replay_every < 1 or self.replay_outer < 1:
+            raise ValueError("SMDAConfig.replay_last_steps must be >= 0 (0: off) and replay_every, replay_outer >= 1.")
         if self.ridge_lambda is not None and self.ridge_lambda <= 0:
             raise ValueError("ridge_lambda must be > 0 (or None for GCV).")
         if self.credit_measure == "ghost" and self.every_n_steps > 1:

@@ -1,4 +1,4 @@
-"""The one place that writes the shape of each record: a ledger step, `policy.json`, `credits.json`.
+"""The one place that writes the shape of each record: a ledger step, `policy.json`, `credits.json`, `replay.json`.
 
 Both protocols (the callback's in-training run and the counterfactual `smda attribute`) build
 their records here, so `smda report`, `validation.agreement` and `load_ledger` read one format.
@@ -93,3 +93,29 @@ def credit_summary(engine: CreditEngine, layout: CreditLayout, rule: str, kernel
     return {"top_pairs_by_total_abs_delta_beta": [{"hash": h, "delta_beta": v} for h, v in top_pairs],
             "credit": {"rule": rule, "kernel": kernel.to_dict(), "measure": engine.measure, "residual_total_d": res["d"],
                        "residual_total_refusal": [res["refusal_harmful"], res["refusal_harmless"]]}}
+
+
+def replay_record(res: dict[str, Any], start: int, rows: Sequence[Sequence[str]], index: dict[str, list[int]],
+                  meta: Any, quantities: dict[str, int]) -> dict[str, Any]:
+    """`replay.json`: the callback's replay of the run's last steps (`credit.replay.TailRecorder`). Per replayed
+    step (1-based, as the ledger numbers them) its pairs and the predicted change of each quantity at the end of
+    training had the step been dropped; `quantities`: each one's number of probes."""
+    steps = []
+    for i, hashes in enumerate(rows):
+        pairs = []
+        for h in hashes:
+            idx = index.get(h, [])
+            extra = meta(idx[0]) if idx and meta is not None else {}
+            pairs.append({"hash": h, "index": idx[0] if idx else None,
+                          **{k: (v[:PROMPT_CHARS] if k == "prompt" else v) for k, v in extra.items() if v is not None}})
+        steps.append({"step": start + i + 1, "lr": res["lr"][i], "pairs": pairs,
+                      "removal_effect": {q: float(v[i]) for q, v in res["removal_effect"].items()},
+                      "weight_zero_effect": {q: float(v[i]) for q, v in res["weight_zero_effect"].items()}})
+    return {"protocol": "replay of the run's last steps", "first_step": start + 1, "last_step": start + len(rows),
+            "quantities": {q: f"mean refusal score of the {n} {q} probes" for q, n in quantities.items()},
+            "reading": "removal_effect: the predicted change of the quantity at the end of training had the step's pairs "
+                       "been dropped, the later steps moved one place earlier (weight_zero_effect: kept in place); a "
+                       "pair's contribution when trained is minus it. First order in each step: a set's is the sum.",
+            "final": res["final"], "steps": steps, "recompute_gap": res["recompute_gap"],
+            "recompute_gap_to_run": res["recompute_gap_to_run"], "seconds": res["seconds"],
+            "peak_rss_mb": res["peak_rss_mb"], "checkpoints": res["checkpoints"]}

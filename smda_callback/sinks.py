@@ -373,6 +373,11 @@ class RunSinks:
                 and (step % max(int(logging_steps or 1), 1) == 0 or last or record.get("halted"))):
             self.trainer.log(tracker_scalars(record, run.labels, run.alerts.n_alerts, self.top_beta))
 
+    def resume(self, step: int) -> None:
+        """A run resumed at `step`: the ledger keeps the records up to it."""
+        if self.main:
+            self.ledger.truncate_after(step)
+
     def close(self, run: Any, policy: dict[str, Any], step: int) -> None:
         if not self.main:
             return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -251,7 +254,8 @@ def test_a_replay_of_the_last_steps_equals_the_whole_replay_there(smol_tokenizer
         replay(_trainer(smol_tokenizer, tmp_path / "c", 1e-2, 0.1), {"f": f}, tmp_path / "wc", last=7)
 
 
-def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_row(smol_tokenizer):
+@pytest.mark.parametrize("scorer", ["first_token", "prefix"])
+def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_row(smol_tokenizer, scorer):
     """The differentiable objective equals the snapshot's batched refusal mean (same scorer, same prompts), and
     its gradient is the true one: the chat template's end token is the pad, and the written-out lookup gives
     that embedding row its input-side gradient (nn.Embedding's padding_idx would drop it)."""
@@ -262,7 +266,7 @@ def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_r
 
     model, sae = tiny_model(), tiny_sae()
     probes = ProbeSet.from_records(probe_records())
-    snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token"))
+    snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), SMDAConfig(scorer=scorer))
     Y = snap.take(model, full=True).Y
     harmful = [i for i, h in enumerate(probes.is_harmful) if h]
     obj = probe_objective(snap, harmful)
@@ -306,3 +310,107 @@ def test_cli_refuses_a_replay_spacing_that_does_not_nest_before_any_work(tmp_pat
     assert main(["benchmark-lds", "-o", str(out), "--replay", "--replay-every", "4", "--replay-outer", "6"]) == 2
     assert "multiple of the memory spacing" in capsys.readouterr().err
     assert not out.exists()
+
+
+class _Grab:
+    """A callback keeping the weights and Adam moments as the last optimizer step left them."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        grab = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+                if state.global_step == state.max_steps:
+                    opt = getattr(optimizer, "optimizer", optimizer)
+                    grab.theta = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+                    grab.m = [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p.requires_grad]
+
+        self.cb = CB()
+
+    def same(self, model, optimizer) -> bool:
+        opt = getattr(optimizer, "optimizer", optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (all(torch.equal(p.detach(), q) for p, q in zip(params, self.theta))
+                and all(torch.equal(opt.state[p]["exp_avg"], q) for p, q in zip(params, self.m)))
+
+
+SFT_REPLAY = dict(max_steps=5, learning_rate=3e-3, weight_decay=0.1, max_grad_norm=0.05, lr_scheduler_type="cosine",
+                  warmup_steps=2, train_sampling_strategy="sequential", report_to=[], bf16=False)  # SFTConfig defaults to bf16 autocast; the lab steps in fp32
+
+
+def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_path, smol_tokenizer):
+    """SMDAConfig(replay_last_steps=3) records the run's last 3 steps (state before them, batches as the model saw
+    them, lrs) and replays them after training: replay.json's effects equal the lab replay of the same run (its
+    trainer stepped again from the start, the same probe objectives), every step names its pair, and the model and
+    Adam moments are put back bitwise as training left them."""
+    from helpers import pair_records, probe_records, run_sft, tiny_model, tiny_sae
+    from trl import SFTConfig, SFTTrainer
+
+    from smda_callback import ProbeSet, SMDAConfig, resolve_hook
+    from smda_callback.lab.replay import probe_objective
+    from smda_callback.snapshot import Snapshotter
+    from datasets import Dataset
+
+    # log refusal mass: a random tiny model's refusal mass is ~1e-9, its log moves by O(0.01) per step
+    config = SMDAConfig(n_features=8, replay_last_steps=3, replay_every=1, replay_outer=2, target="log_refusal")
+    grab, sae = _Grab(), tiny_sae()
+    trainer, cb, _ = run_sft(tmp_path / "cb", tiny_model(), smol_tokenizer, sae, config, pairs=5, callbacks_extra=[grab.cb],
+                             **SFT_REPLAY)
+    assert grab.same(trainer.model, trainer.optimizer)
+    assert not (tmp_path / "cb" / "_smda_replay").exists()
+    rec = json.loads((tmp_path / "cb" / "smda" / "replay.json").read_text())
+    assert (rec["first_step"], rec["last_step"], [s["step"] for s in rec["steps"]]) == (3, 5, [3, 4, 5])
+    assert rec["recompute_gap_to_run"] < 1e-6 and set(rec["quantities"]) == {"harmful", "harmless"}
+    pairs = pair_records(5)  # one epoch of 5 steps: the lab's trainer steps its whole dataloader
+    assert [[p["index"] for p in s["pairs"]] for s in rec["steps"]] == [[2], [3], [4]]  # sequential order
+    assert [s["pairs"][0]["label"] for s in rec["steps"]] == [pairs[i]["label"] for i in (2, 3, 4)]
+
+    model = tiny_model()
+    args = {k: v for k, v in SFT_REPLAY.items()}
+    lab = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "lab"), per_device_train_batch_size=1,
+                                                 use_cpu=True, max_length=128, seed=0, save_strategy="no", **args),
+                     train_dataset=Dataset.from_list(pairs), processing_class=smol_tokenizer)
+    probes = ProbeSet.from_records(probe_records())
+    snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), config)
+    harmful = np.asarray(probes.is_harmful)
+    objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
+                  for q in ("harmful", "harmless")}
+    res = replay(lab, objectives, tmp_path / "w", every=1)
+    for q in objectives:
+        assert rec["final"][q] == pytest.approx(res["final"][q], rel=1e-6)
+        for key in ("removal_effect", "weight_zero_effect"):
+            got = [s[key][q] for s in rec["steps"]]
+            assert all(abs(x) > 1e-5 for x in got)
+            assert got == pytest.approx(res[key][q][2:], rel=1e-5, abs=1e-9)
+
+
+def test_the_callback_refuses_a_run_it_cannot_replay_and_survives_a_failed_replay(tmp_path, smol_tokenizer, caplog,
+                                                                                   monkeypatch):
+    """Gradient accumulation is refused at train begin with the fix, before any step. A replay that fails after
+    training is logged; the model and moments are put back as trained, and the other outputs are written."""
+    from helpers import run_sft, tiny_model, tiny_sae
+
+    from smda_callback import SMDAConfig
+    from smda_callback.credit import replay as rp
+
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2.*set gradient_accumulation_steps=1"):
+        run_sft(tmp_path / "ga", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, replay_last_steps=2),
+                gradient_accumulation_steps=2, **SFT_REPLAY)
+    assert not (tmp_path / "ga" / "smda" / "attribution.jsonl").exists()
+
+    def broken(run, objectives, workdir, every, progress, outer, start_state=None, **kw):
+        run.load(start_state)  # the weights moved, then it fails
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(rp, "replay_steps", broken)
+    grab = _Grab()
+    with caplog.at_level("ERROR"):
+        trainer, _, _ = run_sft(tmp_path / "f", tiny_model(), smol_tokenizer, tiny_sae(),
+                                SMDAConfig(n_features=8, replay_last_steps=2), callbacks_extra=[grab.cb], **SFT_REPLAY)
+    assert "replay of the last steps did not run (out of memory (simulated))" in caplog.text
+    assert grab.same(trainer.model, trainer.optimizer)
+    smda = tmp_path / "f" / "smda"
+    assert (smda / "policy.json").exists() and not (smda / "replay.json").exists()
+    assert not (tmp_path / "f" / "_smda_replay").exists()

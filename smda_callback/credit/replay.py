@@ -143,7 +143,7 @@ class Steps:
 
     def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any]], loss: Callable[[Any, dict], Any],
                  clip: float, lrs: Sequence[float] = (), start: int = 0, prev_lr: float | None = None,
-                 sched: Any = None) -> None:
+                 sched: Any = None, checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         self.model, self.opt, self.sched = model, getattr(optimizer, "optimizer", optimizer), sched
         self.model.train()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -160,6 +160,8 @@ class Steps:
         self.lrs: list[float] = list(lrs)
         self.norms: list[float] = []
         self.start, self.prev_lr = int(start), prev_lr
+        self.checkpointing_kwargs = checkpointing_kwargs
+        """What gradient checkpointing is re-enabled with after a replay that turned it off (the Trainer's own)."""
         if self.start > 0 and prev_lr is None:
             raise ValueError("replay: steps from the middle of a run need the lr of the step before (prev_lr).")
 
@@ -167,7 +169,7 @@ class Steps:
         """The steps from local step s on, as their own run (the optimizer and schedule shared; take steps 0..s−1
         first, so that the weights, moments and schedule are where step s starts)."""
         return Steps(self.model, self.opt, self.batches[s:], self._loss, self.clip, self.lrs[s:], self.start + s,
-                     self.lrs[s - 1] if s > 0 else self.prev_lr, self.sched)
+                     self.lrs[s - 1] if s > 0 else self.prev_lr, self.sched, self.checkpointing_kwargs)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -348,6 +350,21 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     """
     if second_moment not in SECOND_MOMENTS:
         raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
+    # gradient checkpointing recomputes the forward in backward, outside the double backward's attention kernel:
+    # off for the replay (the same values, more memory), back on after it as the run had it
+    checkpointed = bool(getattr(run.model, "is_gradient_checkpointing", False))
+    if checkpointed:
+        run.model.gradient_checkpointing_disable()
+    try:
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, start_state)
+    finally:
+        if checkpointed:
+            run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=run.checkpointing_kwargs)
+
+
+def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
+                  progress: Callable[[str], None] | None, outer: int | None, resume_every: int, second_moment: str,
+                  start_state: State | None) -> dict[str, Any]:
     fixed_v = second_moment == "fixed"
     parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
@@ -474,19 +491,163 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
     """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them (one unpadded forward per
-    probe). The embedding lookup is written out, so that the gradient is the true one: an nn.Embedding with
-    `padding_idx` drops that row's input-side gradient, and the chat template's end token is often the pad."""
+    probe; the prefix scorer's trie continues from that forward's cache). The embedding lookup is written out, so
+    that the gradient is the true one: an nn.Embedding with `padding_idx` drops that row's input-side gradient, and
+    the chat template's end token is often the pad."""
     import torch.nn.functional as F
 
     idx = list(indices)
     if not idx:
         raise ValueError("probe_objective: no probes selected")
+    cache = bool(getattr(snap.scorer, "needs_cache", False))
 
     def parts(model: Any) -> Any:
         emb = model.get_input_embeddings()
-        for i in idx:
-            ids = torch.tensor([snap.tp.input_ids[i]], device=emb.weight.device)
-            logits = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=False, logits_to_keep=1).logits[:, -1]
-            yield snap.scorer.score(model, logits, None, torch.ones_like(ids))[0] / len(idx)
+        was = model.training
+        model.eval()  # as the snapshot measures it (in train mode gradient checkpointing turns the cache off)
+        try:
+            for i in idx:
+                ids = torch.tensor([snap.tp.input_ids[i]], device=emb.weight.device)
+                out = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=cache, logits_to_keep=1)
+                yield snap.scorer.score(model, out.logits[:, -1], out.past_key_values if cache else None,
+                                        torch.ones_like(ids))[0] / len(idx)
+        finally:
+            model.train(was)
 
     return parts
+
+
+class TailRecorder:
+    """The callback's `SMDAConfig(replay_last_steps=K)`: the last K steps of the user's run, kept while it trains
+    and replayed once after the last step.
+
+    Kept: the weights and Adam moments before the first of them (one state file under `workdir`), each step's batch
+    as the model's forward received it, its lr, and the lr of the step before. After training, `run` replays those
+    steps (`replay_steps`) and puts the model and optimizer back as training left them, whatever happens.
+    """
+
+    def __init__(self, steps: int, workdir: str | Path, every: int = 2, outer: int = 16) -> None:
+        self.k, self.work, self.every, self.outer = int(steps), Path(workdir), int(every), int(outer)
+        self.start: int | None = None
+        """The run's 0-based index of the first recorded step (global_step when it begins)."""
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
+        self.rows: list[list[str]] = []
+        """Per recorded step, the content hashes of its training rows (the callback's pair capture)."""
+        self.prev_lr: float | None = None
+        self.recording = self.done = False
+        self.broken: str | None = None
+        self._forwards: list[dict[str, torch.Tensor]] = []
+        self._handle: Any = None
+
+    @staticmethod
+    def check(k: int, args: Any, trainer: Any, optimizer: Any, world: int, every: int, outer: int) -> None:
+        """Refuse, before any training, a run whose steps the replay cannot take again exactly, with the fix."""
+        checkpoint_plan(max(k, 1), 0, every, outer)
+        fix = f"; or set SMDAConfig(replay_last_steps=0) to train without the replay"
+        problems = []
+        if trainer is None:
+            problems.append("it needs the trainer's loss: call callback.bind(trainer) after building the trainer")
+        elif getattr(trainer, "compute_loss_func", None) is not None:
+            problems.append("the trainer has a custom compute_loss_func; the replay differentiates the mean token "
+                            "cross-entropy of the labels, so train with the trainer's own loss")
+        if int(getattr(args, "gradient_accumulation_steps", 1) or 1) != 1:
+            problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}; the replay takes one batch "
+                            "per optimizer step, so set gradient_accumulation_steps=1 (a larger per_device_train_batch_size "
+                            "gives the same batch)")
+        if world > 1:
+            problems.append(f"the run has {world} processes; the replay steps one process's model, so train on one device")
+        if getattr(args, "fp16", False):
+            problems.append("fp16 mixed precision scales and skips steps; use bf16 or float32")
+        if float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) > 0:
+            problems.append("label smoothing is not the loss the replay differentiates; set label_smoothing_factor=0")
+        if getattr(args, "loss_type", None) not in (None, "nll"):
+            problems.append(f"loss_type={args.loss_type!r}; the replay differentiates the plain token cross-entropy ('nll')")
+        if optimizer is not None:
+            try:
+                _check_optimizer(getattr(optimizer, "optimizer", optimizer))
+            except ValueError as e:
+                problems.append(str(e).removeprefix("replay: "))
+        if problems:
+            raise ValueError(f"SMDAConfig(replay_last_steps={k}): " + "; ".join(problems) + fix + ".")
+
+    def plan(self, max_steps: int) -> int:
+        """The first step to record, from the run's planned length."""
+        self.start = max(0, int(max_steps) - self.k)
+        return self.start
+
+    def install(self, model: Any) -> None:
+        self._handle = model.register_forward_pre_hook(self._forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if not (self.recording and module.training and torch.is_grad_enabled()):
+            return
+        batch = {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v) and k != "num_items_in_batch"}
+        if args and torch.is_tensor(args[0]):
+            batch.setdefault("input_ids", args[0].detach().clone())
+        self._forwards.append(batch)
+
+    def step_begin(self, global_step: int, model: Any, optimizer: Any) -> None:
+        """A step begins (`global_step` steps done): at the tail's first step, keep the state before it on disk."""
+        if self.start is None or self.broken or self.recording:
+            return
+        if global_step > self.start:
+            self.broken = (f"the run resumed at step {global_step}, after the replay's first step {self.start}; "
+                           "the state before it was not kept")
+            return
+        if global_step == self.start:
+            self.work.mkdir(parents=True, exist_ok=True)
+            params = [p for p in model.parameters() if p.requires_grad]
+            State.read(params, getattr(optimizer, "optimizer", optimizer), self.start).save(self.work / "start.pt")
+            self.recording = True
+
+    def step_end(self, index: int, lr: float, rows: Sequence[str]) -> None:
+        """Optimizer step `index` (0-based) is applied with `lr`; its training rows are `rows` (hashes)."""
+        if self.start is not None and index == self.start - 1:
+            self.prev_lr = lr
+        if not self.recording or self.broken:
+            self._forwards = []
+            return
+        with_labels = [b for b in self._forwards if "labels" in b]
+        self._forwards = []
+        if len(with_labels) != 1:
+            self.broken = (f"step {index + 1} ran {len(with_labels)} training forwards with labels; the replay needs "
+                           "exactly one batch per optimizer step")
+            return
+        self.batches.append(with_labels[0])
+        self.lrs.append(float(lr))
+        self.rows.append(list(rows))
+
+    def run(self, model: Any, optimizer: Any, loss: Callable[[Any, dict], Any], clip: float,
+            objectives: dict[str, Objective], progress: Callable[[str], None] | None = None,
+            checkpointing_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Replay the recorded steps; the model and optimizer are put back as training left them (also on error).
+        Returns `replay_steps`' result and "recompute_gap_to_run": max |θ_T recomputed − θ_T trained|."""
+        self.recording, self.done = False, True
+        self.remove()
+        if self.broken:
+            raise ValueError(self.broken)
+        if not self.batches:
+            raise ValueError("no step was recorded (the run ended before the replay's first step)")
+        opt = getattr(optimizer, "optimizer", optimizer)
+        was_training = model.training
+        run = Steps(model, opt, self.batches, loss, clip, self.lrs, self.start, self.prev_lr,
+                    checkpointing_kwargs=checkpointing_kwargs)
+        end_path = self.work / "trained_end.pt"
+        run.state(len(run)).save(end_path)  # on disk, not a second copy in memory
+        try:
+            res = replay_steps(run, objectives, self.work / "checkpoints", self.every, progress, self.outer,
+                               start_state=State.load(self.work / "start.pt"))
+            end = State.load(end_path)
+            res["recompute_gap_to_run"] = max(float((p.detach() - q).abs().max()) for p, q in zip(run.params, end.theta))
+            return res
+        finally:
+            run.load(State.load(end_path))
+            model.train(was_training)
+            model.zero_grad(set_to_none=True)
+            shutil.rmtree(self.work, ignore_errors=True)

@@ -7,11 +7,14 @@ in the same order with a sequential sampler, same optimizer arguments), whose `.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from ..credit.replay import (Objective, State, Steps, checkpoint_plan, effect_parts, probe_objective, removal_effect,
                              replay_steps)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Objective", "State", "Stepper", "checkpoint_plan", "effect_parts", "probe_objective", "removal_effect", "replay"]
 
@@ -25,7 +28,7 @@ class Stepper(Steps):
         batches = list(trainer.get_train_dataloader())
         trainer.create_optimizer_and_scheduler(num_training_steps=len(batches))
         super().__init__(trainer.model, trainer.optimizer, batches, trainer.compute_loss, trainer.args.max_grad_norm,
-                         sched=trainer.lr_scheduler)
+                         sched=trainer.lr_scheduler, checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
 
 
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
@@ -42,5 +45,7 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
         s = len(run) - last
         for t in range(s):
             run.step(t)
+            if (t + 1) % 16 == 0:
+                (progress or logger.info)(f"replay: plain step {t + 1}/{s} before the replayed ones")
         start_state, run = run.state(s), run.tail(s)
     return replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, start_state)
