@@ -23,6 +23,7 @@ _EXPORTS = {
     "SMDAConfig": "config",
     "CreditEngine": "credit", "OptimizerKernel": "credit",
     "load_credits": "ledger", "load_ledger": "ledger", "load_policy": "ledger", "load_records": "ledger",
+    "load_replay": "ledger",
     "RidgePolicy": "policy", "auroc": "policy", "select_features": "policy",
     "Probe": "probes", "ProbeFileError": "probes", "ProbeSet": "probes",
     "embedded_sae_dir": "sae", "load_sae": "sae", "resolve_hook": "sae",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .sinks import CREDITS, LEDGER, POLICY, join_prompts, read_ledger_lines
+from .sinks import CREDITS, LEDGER, POLICY, REPLAY, join_prompts, read_ledger_lines
 
 
 def smda_dir(run_dir: str | Path) -> Path:
@@ -34,6 +34,13 @@ def load_credits(run_dir: str | Path) -> dict[str, Any] | None:
     """Per-pair credits (credits.json) of an in-training run; None for ledgers that have none (counterfactual)."""
     d = smda_dir(run_dir)
     path = d / CREDITS
+    return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
+
+
+def load_replay(run_dir: str | Path) -> dict[str, Any] | None:
+    """The replay of the run's last steps (replay.json, `SMDAConfig(replay_last_steps=K)`); None when it did not run."""
+    d = smda_dir(run_dir)
+    path = d / REPLAY
     return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
 
 

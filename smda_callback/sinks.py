@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 LEDGER = "attribution.jsonl"
 POLICY = "policy.json"
 CREDITS = "credits.json"
+REPLAY = "replay.json"
+"""The replay of the run's last steps (SMDAConfig.replay_last_steps; schema.replay_record)."""
 
 
 def _jsonable(obj: Any) -> Any:

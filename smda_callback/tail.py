@@ -22,11 +22,10 @@ from .capture import row_meta
 from .credit import optimizer_step_count
 from .credit.replay import TailRecorder, probe_objective
 from .schema import replay_record
+from .sinks import REPLAY
 from .snapshot import rank_world
 
 logger = logging.getLogger(__name__)
-
-REPLAY = "replay.json"
 
 
 class ReplayTail(TrainerCallback):

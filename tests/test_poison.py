@@ -105,7 +105,9 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "end"]) == 0
     assert "--read end: each score times (1 - κ)" in capsys.readouterr().out
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "end"]) == 2
-    assert "carries the two refusal means only" in capsys.readouterr().err
+    assert "reads the two refusal means only" in capsys.readouterr().err
+    assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "replay"]) == 2
+    assert "train with SMDAConfig(replay_last_steps=K)" in capsys.readouterr().err
 
 
 def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):

@@ -340,7 +340,7 @@ SFT_REPLAY = dict(max_steps=5, learning_rate=3e-3, weight_decay=0.1, max_grad_no
                   warmup_steps=2, train_sampling_strategy="sequential", report_to=[], bf16=False)  # SFTConfig defaults to bf16 autocast; the lab steps in fp32
 
 
-def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_path, smol_tokenizer):
+def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_path, smol_tokenizer, capsys):
     """SMDAConfig(replay_last_steps=3) records the run's last 3 steps (state before them, batches as the model saw
     them, lrs) and replays them after training: replay.json's effects equal the lab replay of the same run (its
     trainer stepped again from the start, the same probe objectives), every step names its pair, and the model and
@@ -366,6 +366,15 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
     pairs = pair_records(5)  # one epoch of 5 steps: the lab's trainer steps its whole dataloader
     assert [[p["index"] for p in s["pairs"]] for s in rec["steps"]] == [[2], [3], [4]]  # sequential order
     assert [s["pairs"][0]["label"] for s in rec["steps"]] == [pairs[i]["label"] for i in (2, 3, 4)]
+    # `smda suspects --read replay` ranks the replayed pairs by the change of final refusal they carried
+    from smda_callback.cli.main import main
+
+    capsys.readouterr()  # what training printed
+    assert main(["suspects", str(tmp_path / "cb"), "--target", "over-refusal", "--read", "replay", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    want = sorted(rec["steps"], key=lambda s: s["removal_effect"]["harmless"])  # dropping it lowers harmless refusal most
+    assert [r["index"] for r in ranked] == [s["pairs"][0]["index"] for s in want]
+    assert [r["score"] for r in ranked] == pytest.approx([-s["removal_effect"]["harmless"] for s in want])
 
     model = tiny_model()
     args = {k: v for k, v in SFT_REPLAY.items()}

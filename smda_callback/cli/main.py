@@ -69,18 +69,24 @@ def _report(a: argparse.Namespace) -> int:
 
 def _suspects(a: argparse.Namespace) -> int:
     from ..lab.analysis import CREDIT_READS, suspects
-    from ..ledger import load_credits, load_policy, load_records
+    from ..ledger import load_credits, load_policy, load_records, load_replay
 
     credits = load_credits(a.run_dir)
     if credits is None:
         raise ValueError(f"{a.run_dir}: no credits.json (a counterfactual ledger or a run from before per-pair credit); "
                          "suspects needs an in-training run of SMDACallback.")
-    df = suspects(load_records(a.run_dir), load_policy(a.run_dir), credits, a.target, a.top, read=a.read)
+    df = suspects(load_records(a.run_dir), load_policy(a.run_dir), credits, a.target, a.top, read=a.read,
+                  replay=load_replay(a.run_dir) if a.read == "replay" else None)
     if a.json:
         print(json.dumps(df.drop(columns=["hash"]).to_dict("records"), indent=1, default=float))
         return 0
     print(f"pairs ranked by {a.target} (credit rule {credits['rule']}, kernel {credits['kernel']['kind']}, "
           f"measure {credits['measure']}); score = credited change, most suspect first.\n{CREDIT_READS}")
+    rp = df.attrs.get("replay")
+    if rp:
+        print(f"--read replay: steps {rp['first_step']}-{rp['last_step']} replayed after training (replay.json); score = "
+              f"the change of final {rp['quantity']} refusal the pair's step made, carried through the rest of the run "
+              "(signed so that higher is more suspect); earlier pairs are not ranked.")
     fg = df.attrs.get("forgetting")
     if fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
@@ -283,7 +289,7 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import KINDS, SMDAConfig
-    from ..lab.specs import PEERS, SECOND_MOMENTS, SAETrainSpec
+    from ..lab.specs import PEERS, SECOND_MOMENTS, SUSPECT_READS, SAETrainSpec
 
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -323,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("run_dir")
     su.add_argument("--target", required=True, help="over-refusal | compliance | off-target | a probe category name")
     su.add_argument("--top", type=int, default=20)
-    su.add_argument("--read", choices=("trained", "end"), default="trained",
+    su.add_argument("--read", choices=SUSPECT_READS, default="trained",
                     help="trained: what the pair's own steps did when applied (default); end: that, carried to the end "
-                         "of the run by the run's forgetting rate (over-refusal and compliance only; docs/credit.md)")
+                         "of the run by the run's forgetting rate; replay: the run's replay of its last steps "
+                         "(SMDAConfig(replay_last_steps=K), replay.json); end and replay: over-refusal and compliance only")
     su.add_argument("--json", action="store_true", help="a JSON list, most suspect first")
     su.set_defaults(fn=_suspects)
 

@@ -13,6 +13,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu, spearmanr
 
 from ..ledger import load_credits, load_records
+from .specs import SUSPECT_READS
 
 
 def bh_fdr(p: np.ndarray) -> np.ndarray:
@@ -88,25 +89,38 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
-SUSPECT_READS = ("trained", "end")
-"""`trained`: what a pair's own steps did when applied; `end`: that, times what the run's forgetting rate leaves
-of it at the end of the run (carry.py; over-refusal and compliance only)."""
+
 
 
 def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any], target: str,
-             top: int | None = None, read: str = "trained") -> pd.DataFrame:
+             top: int | None = None, read: str = "trained", replay: dict[str, Any] | None = None) -> pd.DataFrame:
     """Pairs ranked by what their credit did to a behaviour, most suspect first.
 
     over-refusal: raised measured refusal on harmless probes; compliance: lowered it on harmful
     probes; a probe category: moved that category the wrong way (down for a harmful category, up
     for a harmless one); off-target: |Δβ| on features outside the pair's intended ones. With
     `read="end"` the over-refusal and compliance scores are carried to the end of the run by its
-    forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`)."""
+    forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`); with `read="replay"` they are the
+    run's replay of its last steps (`replay`, replay.json): the predicted change of final refusal each step's
+    pairs made, carried through the rest of the run (a step with several pairs gives each of them its whole effect)."""
     if read not in SUSPECT_READS:
         raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
-    if read == "end" and target not in ("over-refusal", "compliance"):
-        raise ValueError(f"--read end carries the two refusal means only (over-refusal, compliance), not {target!r}: "
-                         "the run's forgetting rate is read for those two quantities (lab/carry.py)")
+    if read in ("end", "replay") and target not in ("over-refusal", "compliance"):
+        raise ValueError(f"--read {read} reads the two refusal means only (over-refusal, compliance), not {target!r}: "
+                         "the forgetting rate and the replay are measured on those two quantities")
+    if read == "replay":
+        if replay is None:
+            raise ValueError("--read replay needs the run's replay.json: train with SMDAConfig(replay_last_steps=K) "
+                             "(the last K steps are replayed after training)")
+        q, sign = ("harmless", -1.0) if target == "over-refusal" else ("harmful", 1.0)
+        df = pd.DataFrame([{"id": p.get("id"), "index": p.get("index"), "label": p.get("label"), "category": p.get("category"),
+                            "score": sign * float(s["removal_effect"][q]), "prompt": p.get("prompt"), "step": s["step"],
+                            "hash": p["hash"]} for s in replay["steps"] for p in s["pairs"]])
+        df.attrs["replay"] = {"first_step": replay["first_step"], "last_step": replay["last_step"], "quantity": q}
+        if df.empty:
+            return df
+        df = df.sort_values("score", ascending=False, kind="mergesort").reset_index(drop=True)
+        return df.head(top) if top else df
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])

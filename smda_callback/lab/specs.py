@@ -9,6 +9,12 @@ from ..config import SECOND_MOMENTS  # noqa: F401  (the CLI reads it here, torch
 PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Attribution methods from other projects that `smda benchmark-poison` scores beside SMDA."""
 
+SUSPECT_READS = ("trained", "end", "replay")
+"""`trained`: what a pair's own steps did when applied; `end`: that, times what the run's forgetting rate leaves
+of it at the end of the run (carry.py); `replay`: the run's replay of its last steps (replay.json,
+SMDAConfig.replay_last_steps), each pair's step carried through the rest of the run (pairs before it unranked).
+`end` and `replay` read over-refusal and compliance only."""
+
 
 def poison_train_seed(seed: int, order_seed: int | None) -> int:
     """The Trainer seed (data order) of a `smda benchmark-poison` run: its --order-seed, else its planting --seed.
