@@ -4,7 +4,8 @@ A validation experiment, not part of the package; numpy only, on the files `smda
     python experiments/replay_cutoff.py runs/lds318
 
 1. Cut-off: the replay's dropped-in-place effects summed only over the removed pairs at or after a cut-off step
-   (earlier ones read 0, as the trusted span does), LDS against the retrains for a grid of cut-offs.
+   (earlier ones read 0, as the trusted span does), LDS against the retrains for a grid of cut-offs; and the same
+   counted from the end (the last K steps: what `SMDAConfig(replay_last_steps=K)` gives in the run).
 2. Removal size: the same LDS within one removal size, at the trusted span's own start.
 3. Early pairs: the residual of the measured change after a linear fit on the trusted span's prediction,
    correlated with the number of harmful and of harmless pairs removed before the span's start.
@@ -23,6 +24,7 @@ from smda_callback.lab.analysis import spearman
 from smda_callback.lab.lds import replay_trusted_from
 
 CUTOFFS = (0, 50, 100, 130, 140, 150, 155, 160, 170, 180, 200, 230, 260, 290)
+LAST = (8, 16, 32, 64, 90, 128, 160)
 
 
 def main() -> None:
@@ -46,7 +48,9 @@ def main() -> None:
         def pred(cut: int) -> np.ndarray:
             return np.asarray([sum(e[place[i]] for i in j["dropped"] if place[i] >= cut) for j in subs])
 
-        print(f"{q}: LDS by cut-off  " + "  ".join(f"{c}: {spearman(pred(c), meas):+.2f}" for c in CUTOFFS))
+        n = len(e)
+        print(f"{q}: LDS by cut-off  " + "  ".join(f"{c}: {spearman(pred(c), meas):+.2f}" for c in CUTOFFS if c < n))
+        print(f"  by the last K steps  " + "  ".join(f"{k}: {spearman(pred(n - k), meas):+.2f}" for k in LAST if k <= n))
         start = replay_trusted_from(list(e))
         p = pred(start)
         print(f"  trusted span from step {start}: LDS {spearman(p, meas):+.2f}; by removal size "

@@ -544,7 +544,7 @@ class TailRecorder:
     def check(k: int, args: Any, trainer: Any, optimizer: Any, world: int, every: int, outer: int) -> None:
         """Refuse, before any training, a run whose steps the replay cannot take again exactly, with the fix."""
         checkpoint_plan(max(k, 1), 0, every, outer)
-        fix = f"; or set SMDAConfig(replay_last_steps=0) to train without the replay"
+        fix = "; or set SMDAConfig(replay_last_steps=0) to train without the replay"
         problems = []
         if trainer is None:
             problems.append("it needs the trainer's loss: call callback.bind(trainer) after building the trainer")
@@ -599,11 +599,17 @@ class TailRecorder:
         if global_step > self.start:
             self.broken = (f"the run resumed at step {global_step}, after the replay's first step {self.start}; "
                            "the state before it was not kept")
+            logger.warning("smda: no replay after this run: %s", self.broken)
             return
         if global_step == self.start:
-            self.work.mkdir(parents=True, exist_ok=True)
-            params = [p for p in model.parameters() if p.requires_grad]
-            State.read(params, getattr(optimizer, "optimizer", optimizer), self.start).save(self.work / "start.pt")
+            try:  # a full disk costs the replay, never the training
+                self.work.mkdir(parents=True, exist_ok=True)
+                params = [p for p in model.parameters() if p.requires_grad]
+                State.read(params, getattr(optimizer, "optimizer", optimizer), self.start).save(self.work / "start.pt")
+            except OSError as exc:
+                self.broken = f"could not keep the state before step {self.start + 1} under {self.work} ({exc})"
+                logger.error("smda: no replay after this run: %s; training continues.", self.broken)
+                return
             self.recording = True
 
     def step_end(self, index: int, lr: float, rows: Sequence[str]) -> None:

@@ -38,6 +38,9 @@ class DemoSettings:
     """The demo scores refusal from the first assistant token: on a 2-core CPU without AVX-512 the
     prefix scorer's extra trie tokens cost ~1.5x per snapshot (benchmarks/); the library default stays `prefix`."""
     every_n_steps: int = 1
+    replay_last_steps: int = 0
+    """SMDAConfig.replay_last_steps: replay the run's last n steps after training (smda/replay.json; off by default:
+    its reverse pass costs many training steps per replayed step, benchmarks/bench_replay.py)."""
     check_answers: bool = True
     """Greedy answers to the probes and the held-out set before and after training (≈1 min each here)."""
 
@@ -127,7 +130,7 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")} if st.check_answers else {}
     behaviour_0 = behaviour(model, tok, sets)
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
-                                  on_alert=st.on_alert)
+                                  on_alert=st.on_alert, replay_last_steps=st.replay_last_steps)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config)
     heldout = ProbeSet.from_jsonl(DATA / "heldout.jsonl")
     held_0 = _heldout_codes(cb, model, tok, heldout, config)  # prompts the policy never sees, on the base model

@@ -1,0 +1,83 @@
+"""What `SMDAConfig(replay_last_steps=K)` costs on the embedded model, side by side in one run.
+
+Each configuration trains the same demo pairs (batch 1, one optimizer step each) with SMDACallback in its own
+process, so that each peak memory is its own; configurations alternate round by round so machine noise hits all
+alike. `off`: the default callback; `replay K`: the same with the last K steps replayed after training.
+Reported: training seconds per step (SFT + callback, the replay excluded), the replay's seconds per replayed step,
+both as ratios to `off`'s training step, and each process's peak RSS. Writes benchmarks/replay_results.json.
+Usage: python benchmarks/bench_replay.py [--steps 12] [--last 6] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from trl import SFTTrainer
+from smda_callback import SMDACallback, SMDAConfig, embedded_sae_dir
+from smda_callback.lab.demo import DATA, DemoSettings, load_pairs, sft_config, to_dataset
+from smda_callback.lab.models import load_model
+from smda_callback.probes import ProbeSet
+
+out, steps, last = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+model, tok = load_model()
+args = sft_config(out, DemoSettings())
+args.max_steps, args.disable_tqdm, args.report_to = steps, True, []
+cfg = SMDAConfig(scorer="first_token", probe_batch_size=16, replay_last_steps=last)
+cb = SMDACallback(ProbeSet.from_jsonl(DATA / "probes.jsonl"), embedded_sae_dir(), cfg)
+pairs = load_pairs(DATA / "pairs.jsonl")[:steps]
+tr = SFTTrainer(model=model, args=args, train_dataset=to_dataset(pairs), processing_class=tok, callbacks=[cb])
+cb.bind(tr)
+t0 = time.perf_counter()
+tr.train()
+wall = time.perf_counter() - t0
+rep = out / "smda" / "replay.json"
+replay = json.loads(rep.read_text())["seconds"] if rep.exists() else 0.0
+print("RESULT " + json.dumps({"train_per_step": (wall - replay) / steps, "replay": replay,
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def one(out: Path, steps: int, last: int) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(steps), str(last)], capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        raise SystemExit(f"bench_replay: the run with replay_last_steps={last} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--last", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=1)
+    a = ap.parse_args()
+    res: dict[str, list[dict[str, float]]] = {"off": [], f"replay {a.last}": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(a.rounds):
+            for name, last in (("off", 0), (f"replay {a.last}", a.last)):
+                res[name].append(one(Path(tmp) / f"{rnd}-{last}", a.steps, last))
+    base = statistics.median(r["train_per_step"] for r in res["off"])
+    table = {}
+    print(f"{'config':12s} {'train s/step':>13} {'ratio':>6} {'replay s/replayed step':>23} {'ratio':>6} {'peak RSS MB':>12}")
+    for name, runs in res.items():
+        train = statistics.median(r["train_per_step"] for r in runs)
+        per = statistics.median(r["replay"] for r in runs) / a.last if name != "off" else 0.0
+        rss = max(r["peak_rss_mb"] for r in runs)
+        table[name] = {"train_s_per_step": train, "train_ratio": train / base, "replay_s_per_replayed_step": per,
+                       "replay_step_ratio": per / base, "peak_rss_mb": rss}
+        print(f"{name:12s} {train:13.2f} {train / base:6.2f} {per:23.2f} {per / base:6.2f} {rss:12.0f}")
+    out = {"steps": a.steps, "last": a.last, "rounds": a.rounds, "table": table, "runs": res}
+    Path(__file__).with_name("replay_results.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
