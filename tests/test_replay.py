@@ -409,8 +409,8 @@ def test_the_callback_refuses_a_run_it_cannot_replay_and_survives_a_failed_repla
                 gradient_accumulation_steps=2, **SFT_REPLAY)
     assert not (tmp_path / "ga" / "smda" / "attribution.jsonl").exists()
 
-    def broken(run, objectives, workdir, every, progress, outer, start_state=None, **kw):
-        run.load(start_state)  # the weights moved, then it fails
+    def broken(run, objectives, workdir, every, progress, outer, **kw):
+        run.step(0)  # the weights and moments move, then it fails
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(rp, "replay_steps", broken)

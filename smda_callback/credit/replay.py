@@ -332,11 +332,10 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
-                 resume_every: int = 16, second_moment: str = "exact", start_state: State | None = None) -> dict[str, Any]:
-    """Every step's predicted effect of its removal on each objective at the end of `run`'s steps.
-
-    `start_state`: the weights and moments before the first of them, loaded first (default: as the model and
-    optimizer are now). Per-step lists are indexed by local step (global step = "first_step" + index).
+                 resume_every: int = 16, second_moment: str = "exact") -> dict[str, Any]:
+    """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
+    weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
+    "first_step" + index).
 
     Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
     step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
@@ -356,15 +355,15 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     if checkpointed:
         run.model.gradient_checkpointing_disable()
     try:
-        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, start_state)
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment)
     finally:
         if checkpointed:
             run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=run.checkpointing_kwargs)
 
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
-                  progress: Callable[[str], None] | None, outer: int | None, resume_every: int, second_moment: str,
-                  start_state: State | None) -> dict[str, Any]:
+                  progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
+                  second_moment: str) -> dict[str, Any]:
     fixed_v = second_moment == "fixed"
     parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
@@ -400,8 +399,6 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
         f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
     if r is None:
-        if start_state is not None:
-            run.load(start_state)
         for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
             if t % outer == 0:
                 run.state(t).save(work / f"s{t:05d}.pt")
@@ -647,8 +644,8 @@ class TailRecorder:
         end_path = self.work / "trained_end.pt"
         run.state(len(run)).save(end_path)  # on disk, not a second copy in memory
         try:
-            res = replay_steps(run, objectives, self.work / "checkpoints", self.every, progress, self.outer,
-                               start_state=State.load(self.work / "start.pt"))
+            run.load(State.load(self.work / "start.pt"))  # the state before the first replayed step (no copy kept)
+            res = replay_steps(run, objectives, self.work / "checkpoints", self.every, progress, self.outer)
             end = State.load(end_path)
             res["recompute_gap_to_run"] = max(float((p.detach() - q).abs().max()) for p, q in zip(run.params, end.theta))
             return res

@@ -38,7 +38,6 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
     steps before are taken plainly first, as the callback's `replay_last_steps` sees them. The trainer's model is
     left at the final weights."""
     run = Stepper(trainer)
-    start_state = None
     if last is not None:
         if not 0 < last <= len(run):
             raise ValueError(f"replay: last={last} steps of a {len(run)}-step run; choose 1..{len(run)}.")
@@ -47,5 +46,5 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             run.step(t)
             if (t + 1) % 16 == 0:
                 (progress or logger.info)(f"replay: plain step {t + 1}/{s} before the replayed ones")
-        start_state, run = run.state(s), run.tail(s)
-    return replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, start_state)
+        run = run.tail(s)  # the model and optimizer are where step s starts
+    return replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment)
