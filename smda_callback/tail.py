@@ -83,8 +83,7 @@ class ReplayTail(TrainerCallback):
         try:
             res = rec.run(model, optimizer or smda._optimizer, smda._trainer.compute_loss,
                           float(smda._trainer.args.max_grad_norm or 0.0),
-                          {q: probe_objective(snap, idx) for q, idx in groups.items()}, progress=logger.info,
-                          checkpointing_kwargs=smda._trainer.args.gradient_checkpointing_kwargs)
+                          {q: probe_objective(snap, idx) for q, idx in groups.items()}, progress=logger.info)
         except (ValueError, RuntimeError, OSError) as exc:
             logger.debug("smda: the replay's failure", exc_info=True)
             logger.error("smda: the replay of the last steps did not run (%s); smda/%s is not written. The trained "

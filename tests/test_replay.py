@@ -359,6 +359,7 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
     trainer, cb, _ = run_sft(tmp_path / "cb", tiny_model(), smol_tokenizer, sae, config, pairs=5, callbacks_extra=[grab.cb],
                              **SFT_REPLAY)
     assert grab.same(trainer.model, trainer.optimizer)
+    assert trainer.model.is_activation_checkpointing  # SFTConfig's default: off for the replay, on again after it
     assert not (tmp_path / "cb" / "_smda_replay").exists()
     rec = json.loads((tmp_path / "cb" / "smda" / "replay.json").read_text())
     assert (rec["first_step"], rec["last_step"], [s["step"] for s in rec["steps"]]) == (3, 5, [3, 4, 5])

@@ -143,7 +143,7 @@ class Steps:
 
     def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any]], loss: Callable[[Any, dict], Any],
                  clip: float, lrs: Sequence[float] = (), start: int = 0, prev_lr: float | None = None,
-                 sched: Any = None, checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+                 sched: Any = None) -> None:
         self.model, self.opt, self.sched = model, getattr(optimizer, "optimizer", optimizer), sched
         self.model.train()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -160,8 +160,6 @@ class Steps:
         self.lrs: list[float] = list(lrs)
         self.norms: list[float] = []
         self.start, self.prev_lr = int(start), prev_lr
-        self.checkpointing_kwargs = checkpointing_kwargs
-        """What gradient checkpointing is re-enabled with after a replay that turned it off (the Trainer's own)."""
         if self.start > 0 and prev_lr is None:
             raise ValueError("replay: steps from the middle of a run need the lr of the step before (prev_lr).")
 
@@ -169,7 +167,7 @@ class Steps:
         """The steps from local step s on, as their own run (the optimizer and schedule shared; take steps 0..s−1
         first, so that the weights, moments and schedule are where step s starts)."""
         return Steps(self.model, self.opt, self.batches[s:], self._loss, self.clip, self.lrs[s:], self.start + s,
-                     self.lrs[s - 1] if s > 0 else self.prev_lr, self.sched, self.checkpointing_kwargs)
+                     self.lrs[s - 1] if s > 0 else self.prev_lr, self.sched)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -349,16 +347,16 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     """
     if second_moment not in SECOND_MOMENTS:
         raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
-    # gradient checkpointing recomputes the forward in backward, outside the double backward's attention kernel:
-    # off for the replay (the same values, more memory), back on after it as the run had it
-    checkpointed = bool(getattr(run.model, "is_gradient_checkpointing", False))
-    if checkpointed:
-        run.model.gradient_checkpointing_disable()
+    # activation checkpointing recomputes the forward in backward, outside the double backward's attention kernel:
+    # off for the replay (the same values, more memory), then on again in exactly the layers that had it
+    checkpointed = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in checkpointed:
+        m.gradient_checkpointing = False
     try:
         return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment)
     finally:
-        if checkpointed:
-            run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=run.checkpointing_kwargs)
+        for m in checkpointed:
+            m.gradient_checkpointing = True
 
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
@@ -627,8 +625,7 @@ class TailRecorder:
         self.rows.append(list(rows))
 
     def run(self, model: Any, optimizer: Any, loss: Callable[[Any, dict], Any], clip: float,
-            objectives: dict[str, Objective], progress: Callable[[str], None] | None = None,
-            checkpointing_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+            objectives: dict[str, Objective], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Replay the recorded steps; the model and optimizer are put back as training left them (also on error).
         Returns `replay_steps`' result and "recompute_gap_to_run": max |θ_T recomputed − θ_T trained|."""
         self.recording, self.done = False, True
@@ -639,8 +636,7 @@ class TailRecorder:
             raise ValueError("no step was recorded (the run ended before the replay's first step)")
         opt = getattr(optimizer, "optimizer", optimizer)
         was_training = model.training
-        run = Steps(model, opt, self.batches, loss, clip, self.lrs, self.start, self.prev_lr,
-                    checkpointing_kwargs=checkpointing_kwargs)
+        run = Steps(model, opt, self.batches, loss, clip, self.lrs, self.start, self.prev_lr)
         end_path = self.work / "trained_end.pt"
         run.state(len(run)).save(end_path)  # on disk, not a second copy in memory
         try:

@@ -67,8 +67,11 @@ class InterimFindings(TrainerCallback):
             return
         per = (time.perf_counter() - self._t0) / max(step, 1)
         if step == self.first:
+            k = min(self.smda.config.replay_last_steps, total)
             self.say(f"[step {step}/{total}] measured {per:.1f} s per step on this machine → about "
-                     f"{per * (total - step) / 60:.0f} more minutes")
+                     f"{per * (total - step) / 60:.0f} more minutes"
+                     + (f", then the replay of the last {k} steps (each replayed step costs several training steps; "
+                        "its progress is logged)" if k else ""))
         if step % self.every and step != total:
             return
         f = self.smda.findings()

@@ -28,7 +28,7 @@ class Stepper(Steps):
         batches = list(trainer.get_train_dataloader())
         trainer.create_optimizer_and_scheduler(num_training_steps=len(batches))
         super().__init__(trainer.model, trainer.optimizer, batches, trainer.compute_loss, trainer.args.max_grad_norm,
-                         sched=trainer.lr_scheduler, checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+                         sched=trainer.lr_scheduler)
 
 
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
