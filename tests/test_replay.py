@@ -376,6 +376,11 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
     want = sorted(rec["steps"], key=lambda s: s["removal_effect"]["harmless"])  # dropping it lowers harmless refusal most
     assert [r["index"] for r in ranked] == [s["pairs"][0]["index"] for s in want]
     assert [r["score"] for r in ranked] == pytest.approx([-s["removal_effect"]["harmless"] for s in want])
+    # and the HTML report shows the same ranking in its own section
+    from smda_callback.lab.report import build_html
+
+    page = build_html(tmp_path / "cb")
+    assert "Carried to the end: the replay of steps 3–5" in page and "over-refusal, carried to the end" in page
 
     model = tiny_model()
     args = {k: v for k, v in SFT_REPLAY.items()}

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .analysis import (CREDIT_READS, category_gaps, category_movers, interference_table, pair_rows, pathway_by_label, suspects,
                        top_pairs)
-from ..ledger import smda_dir, load_credits, load_policy, load_records
+from ..ledger import smda_dir, load_credits, load_policy, load_records, load_replay
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}
@@ -249,6 +249,7 @@ def build_html(run_dir: str | Path) -> str:
             sus = suspects(records, policy, credits, target, top=10)
             parts.append(f"<div class='card'><b>{_e(target)}</b>"
                          f"{_table(sus[['index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
+        parts += replay_section(records, policy, credits, load_replay(run_dir))
     cards = policy.get("feature_cards") or {}
     if cards:
         beta = np.asarray(policy["beta_final"])
@@ -277,6 +278,26 @@ def build_html(run_dir: str | Path) -> str:
     return "\n".join(parts)
 
 
+def replay_section(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any],
+                   replay: dict[str, Any] | None) -> list[str]:
+    """The run's replay of its last steps (replay.json), ranked as `smda suspects --read replay` ranks it; nothing
+    when the run had no replay."""
+    if replay is None:
+        return []
+    out = [f"<h3 id='replay'>Carried to the end: the replay of steps {replay['first_step']}–{replay['last_step']}</h3>",
+           "<p class='note'>SMDAConfig(replay_last_steps=K): reverse mode through the run's last steps after training "
+           "(docs/credit.md). Score = the change of final mean refusal the pair's step made, carried through every later "
+           "step (over-refusal: on the harmless probes; compliance: minus that on the harmful ones). Pairs trained before "
+           f"step {replay['first_step']} are not ranked here. Same ranking as <code>smda suspects RUN --target T --read "
+           "replay</code>. On the 318-pair demo run the last 90 steps predict retraining with LDS +0.78 / +0.74 (harmful / "
+           "harmless refusal; docs/validation.md §9).</p>"]
+    for target in ("over-refusal", "compliance"):
+        sus = suspects(records, policy, credits, target, top=10, read="replay", replay=replay)
+        out.append(f"<div class='card'><b>{_e(target)}, carried to the end</b>"
+                   f"{_table(sus[['step', 'index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
+    return out
+
+
 def forgetting_note(records: list[dict[str, Any]], policy: dict[str, Any]) -> str:
     """The run's forgetting rate per refusal mean (carry.py) in words, or why it cannot be read."""
     from .carry import baseline_means, run_forgetting
@@ -300,6 +321,7 @@ def forgetting_note(records: list[dict[str, Any]], policy: dict[str, Any]) -> st
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     out = Path(output) if output else smda_dir(run_dir) / "report.html"
     text = build_html(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)  # `smda report RUN -o new/dir/report.html`
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
