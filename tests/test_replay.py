@@ -429,3 +429,24 @@ def test_the_callback_refuses_a_run_it_cannot_replay_and_survives_a_failed_repla
     smda = tmp_path / "f" / "smda"
     assert (smda / "policy.json").exists() and not (smda / "replay.json").exists()
     assert not (tmp_path / "f" / "_smda_replay").exists()
+
+
+def test_the_callback_replays_a_lora_run_with_padded_batches(tmp_path, smol_tokenizer):
+    """Adapters (the embedding frozen, so no padding-row term) and batches of 2 padded rows: the replay runs on the
+    trainable adapter weights only, its recomputation reproduces the trained adapters exactly, and each step names both
+    of its pairs."""
+    from helpers import run_sft, tiny_model, tiny_sae
+    from peft import LoraConfig
+
+    from smda_callback import SMDAConfig, load_replay
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, replay_last_steps=2,
+            target="log_refusal"), pairs=8, max_steps=4, learning_rate=5e-2, report_to=[], per_device_train_batch_size=2,
+            trainer_kwargs={"peft_config": lora})
+    rec = load_replay(tmp_path)
+    assert rec is not None and rec["recompute_gap_to_run"] < 1e-6
+    assert [len(s["pairs"]) for s in rec["steps"]] == [2, 2]
+    assert len({p["index"] for s in rec["steps"] for p in s["pairs"]}) == 4
+    for s in rec["steps"]:
+        assert all(np.isfinite(v) and abs(v) > 1e-6 for v in s["removal_effect"].values())

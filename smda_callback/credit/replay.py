@@ -198,8 +198,8 @@ class Steps:
         mask = tgt != -100
         lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         loss = -(lp * mask).sum() / mask.sum().clamp(min=1)
-        pad = emb.padding_idx
-        at = pad is not None and bool((ids == pad).any())
+        pad = emb.padding_idx  # (only where the embedding trains: adapters leave it frozen)
+        at = pad is not None and any(p is emb.weight for p in self.params) and bool((ids == pad).any())
         grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
         if at:
