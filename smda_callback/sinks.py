@@ -173,6 +173,10 @@ class LedgerWriter:
                 fh.flush()
         self._guard(str(self.path), do)
 
+    def remove(self, name: str) -> None:
+        """Remove an output of an earlier run in this folder (a missing file is fine)."""
+        self._guard(name, lambda: (self.dir / name).unlink(missing_ok=True))
+
     def write_json(self, name: str, obj: Any) -> None:
         """Atomic write (temp file + rename) so readers never see half a file."""
         def do() -> None:
@@ -347,6 +351,7 @@ class RunSinks:
         if not self.main:
             return
         self.ledger.reset()
+        self.ledger.remove(REPLAY)  # written at train end, by this run's replay only
         self.policy(run, policy)
         if self.tb is not None:
             self.tb.start(run.labels, run.categories, run.policy_text(run.beta0, run.b0), step)
@@ -379,6 +384,7 @@ class RunSinks:
         """A run resumed at `step`: the ledger keeps the records up to it."""
         if self.main:
             self.ledger.truncate_after(step)
+            self.ledger.remove(REPLAY)
 
     def close(self, run: Any, policy: dict[str, Any], step: int) -> None:
         if not self.main:

@@ -450,3 +450,29 @@ def test_the_callback_replays_a_lora_run_with_padded_batches(tmp_path, smol_toke
     assert len({p["index"] for s in rec["steps"] for p in s["pairs"]}) == 4
     for s in rec["steps"]:
         assert all(np.isfinite(v) and abs(v) > 1e-6 for v in s["removal_effect"].values())
+
+
+@pytest.mark.parametrize("last,replayed", [(1, True), (2, False), (3, False)])
+def test_a_resumed_run_replays_only_what_it_saw(tmp_path, smol_tokenizer, caplog, last, replayed):
+    """Resumed from checkpoint-2 of 4 steps: the last step alone (from step 4) is recorded after the resume and
+    replayed; a replay from step 3 (the resume point: the lr before it was not seen) or from step 2 (before it) is
+    not, with a warning that says why. The finished first run's replay.json never survives into the resumed one."""
+    import shutil
+
+    from helpers import run_sft, tiny_model, tiny_sae
+
+    from smda_callback import SMDAConfig, load_replay
+
+    cfg = SMDAConfig(n_features=8, replay_last_steps=last)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, report_to=[], pairs=8)
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), cfg, **kw)
+    assert load_replay(tmp_path)["first_step"] == 5 - last
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), cfg, resume=True, **kw)
+    rec = load_replay(tmp_path)
+    if replayed:
+        assert rec["first_step"] == 4 and [s["step"] for s in rec["steps"]] == [4]
+    else:
+        assert rec is None and "no replay after this run: the run resumed at step" in caplog.text
+    assert (tmp_path / "smda" / "policy.json").exists() and not (tmp_path / "_smda_replay").exists()

@@ -596,6 +596,11 @@ class TailRecorder:
                            "the state before it was not kept")
             logger.warning("smda: no replay after this run: %s", self.broken)
             return
+        if global_step == self.start and self.start > 0 and self.prev_lr is None:
+            self.broken = (f"the run resumed at step {global_step + 1}, the replay's first step, so the lr of the step "
+                           "before it was not seen; resume from an earlier checkpoint or replay one step fewer")
+            logger.warning("smda: no replay after this run: %s", self.broken)
+            return
         if global_step == self.start:
             try:  # a full disk costs the replay, never the training
                 self.work.mkdir(parents=True, exist_ok=True)
@@ -630,10 +635,9 @@ class TailRecorder:
         Returns `replay_steps`' result and "recompute_gap_to_run": max |θ_T recomputed − θ_T trained|."""
         self.recording, self.done = False, True
         self.remove()
-        if self.broken:
-            raise ValueError(self.broken)
-        if not self.batches:
-            raise ValueError("no step was recorded (the run ended before the replay's first step)")
+        if self.broken or not self.batches:
+            shutil.rmtree(self.work, ignore_errors=True)  # e.g. a start state left by a run killed after it
+            raise ValueError(self.broken or "no step was recorded (the run ended before the replay's first step)")
         opt = getattr(optimizer, "optimizer", optimizer)
         was_training = model.training
         run = Steps(model, opt, self.batches, loss, clip, self.lrs, self.start, self.prev_lr)
