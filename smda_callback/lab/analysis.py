@@ -84,12 +84,10 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "can undo or reverse it (on a planted run, dropping one of three top-ranked over-refusal plants moved final "
                 "harmless refusal by -0.052, -0.012 and +0.007; §10). `--read end` carries each score by the run's own "
                 "forgetting rate (lab/carry.py): a little better at that (rank agreement +0.34 / +0.46 on the 64-pair run, "
-                "+0.34 / +0.26 on a planted one) at no cost. To predict it well, replay the run after training "
-                "(lab/replay.py; rank agreement 0.8-0.96 on the 64-pair run's set removals).")
+                "+0.34 / +0.26 on a planted one) at no cost. To predict it, replay the run's last steps inside it "
+                "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
+                "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
-
-
-
 
 
 def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any], target: str,
