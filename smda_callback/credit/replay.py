@@ -2,7 +2,8 @@
 
 Two users: `smda benchmark-lds --replay` (lab/replay.py: a whole demo run, stepped again from its trainer) and
 the callback's `SMDAConfig(replay_last_steps=K)` (the last K steps of the user's own run, recorded while it
-trains and replayed after the last step: `Steps` takes the recorded batches, lrs and starting state).
+trains and replayed after the last step: `Steps` takes the recorded batches and lrs, from the state the model
+and optimizer are put in before the first of them).
 
 The in-run credit is local: it credits a pair with the change its own step makes. Retraining without the
 pair also changes every later step, which answers that change. The replay measures that answer after
