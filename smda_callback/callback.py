@@ -17,9 +17,9 @@ import torch
 from transformers import TrainerCallback
 
 from .attribution import AlertEvent
-from .capture import PairCapture, check_packing, index_dataset, index_unpacked, is_packed, row_meta
+from .capture import PairCapture, check_packing, index_dataset, index_unpacked, is_packed, row_meta_of
 from .config import SMDAConfig
-from .credit import measure_step, optimizer_step_count, read_kernel, sharding_check, trainable_params
+from .credit import inner_optimizer, measure_step, optimizer_step_count, read_kernel, sharding_check, trainable_params
 from .features import load_cards
 from .probes import ProbeSet
 from .sae import base_model, fve_warning, load_feature_labels, load_sae, resolve_hook, sae_identity
@@ -166,7 +166,7 @@ class SMDACallback(TrainerCallback):
         t0 = time.perf_counter()
         try:
             t = optimizer_step_count(optimizer) or state.global_step + 1
-            self.run.engine.lr(t, float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]))
+            self.run.engine.lr(t, float(inner_optimizer(optimizer).param_groups[0]["lr"]))
             rows = self.capture.tag(t)
             if self._base is not None:
                 batches = [r.inputs for r in rows if r.inputs is not None]
@@ -197,7 +197,7 @@ class SMDACallback(TrainerCallback):
         window = self.capture.close(step)
         t0 = time.perf_counter()
         rows, losses = self._local_rows()
-        meta = (lambda i: row_meta(self.train_dataset, i)) if self.train_dataset is not None else None
+        meta = row_meta_of(self.train_dataset)
         snap, ghost, self._ghost = self._snap.take(model), self._ghost, None
         res = self.run.step(step, window, state.epoch, rows, self.run.pairs_of(rows, self._index, meta),
                             float(np.mean(losses)) if losses else None, snap.X, snap.Y, snap.finite,

@@ -95,6 +95,11 @@ def segments(position_ids: torch.Tensor | None, n: int) -> list[tuple[int, int]]
     return list(zip(starts, starts[1:] + [n]))
 
 
+def row_meta_of(dataset: Any) -> Any:
+    """`row_meta` bound to `dataset`, the per-pair metadata the records carry (None without a dataset)."""
+    return (lambda i: row_meta(dataset, i)) if dataset is not None else None
+
+
 def row_meta(dataset: Any, i: int) -> dict[str, Any]:
     """label / category / id / the user's prompt text of a dataset row, best effort (the hash and index are the record)."""
     try:

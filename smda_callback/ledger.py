@@ -30,18 +30,21 @@ def load_policy(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((smda_dir(run_dir) / POLICY).read_text())
 
 
+def _load_pairs_json(run_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """A JSON output that names pairs, their prompt text joined back (SMDAConfig.prompt_text); None when absent."""
+    d = smda_dir(run_dir)
+    path = d / name
+    return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
+
+
 def load_credits(run_dir: str | Path) -> dict[str, Any] | None:
     """Per-pair credits (credits.json) of an in-training run; None for ledgers that have none (counterfactual)."""
-    d = smda_dir(run_dir)
-    path = d / CREDITS
-    return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
+    return _load_pairs_json(run_dir, CREDITS)
 
 
 def load_replay(run_dir: str | Path) -> dict[str, Any] | None:
     """The replay of the run's last steps (replay.json, `SMDAConfig(replay_last_steps=K)`); None when it did not run."""
-    d = smda_dir(run_dir)
-    path = d / REPLAY
-    return join_prompts(json.loads(path.read_text()), d) if path.exists() else None
+    return _load_pairs_json(run_dir, REPLAY)
 
 
 def load_ledger(run_dir: str | Path) -> pd.DataFrame:

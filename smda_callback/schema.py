@@ -32,9 +32,10 @@ def decomposition_fields(dec: Any, cats: dict[str, Any], refusal_by_category: di
             "intended_features": [int(features[j]) for j in intended]}
 
 
-def pair_entry(hash_: str, index: int | None, credit: float, **meta: Any) -> dict[str, Any]:
-    """One pair in a step record (`prompt` cut to PROMPT_CHARS; the ledger writer moves it out of smda/)."""
-    out: dict[str, Any] = {"hash": hash_, "index": index, "credit": float(credit)}
+def pair_entry(hash_: str, index: int | None, credit: float | None, **meta: Any) -> dict[str, Any]:
+    """One pair in a step record (`prompt` cut to PROMPT_CHARS; the ledger writer moves it out of smda/); `credit`
+    None: a record that credits no share (replay.json: a step's effect is its whole pairs' together)."""
+    out: dict[str, Any] = {"hash": hash_, "index": index, **({"credit": float(credit)} if credit is not None else {})}
     for k, v in meta.items():
         if v is not None:
             out[k] = v[:PROMPT_CHARS] if k == "prompt" and isinstance(v, str) else v
@@ -95,6 +96,16 @@ def credit_summary(engine: CreditEngine, layout: CreditLayout, rule: str, kernel
                        "residual_total_refusal": [res["refusal_harmful"], res["refusal_harmless"]]}}
 
 
+def indexed_pair(hash_: str, index: dict[str, list[int]], meta: Any, credit: float | None) -> dict[str, Any]:
+    """`pair_entry` of a captured row: its dataset index (the first row with its content) and that row's metadata
+    (`meta(i)`), or `unmatched` when no dataset row has its content."""
+    idx = index.get(hash_, [])
+    rec = pair_entry(hash_, idx[0] if idx else None, credit, **(meta(idx[0]) if idx and meta is not None else {}))
+    if not idx:
+        rec["unmatched"] = True
+    return rec
+
+
 def replay_record(res: dict[str, Any], start: int, rows: Sequence[Sequence[str]], index: dict[str, list[int]],
                   meta: Any, quantities: dict[str, int]) -> dict[str, Any]:
     """`replay.json`: the callback's replay of the run's last steps (`credit.replay.TailRecorder`). Per replayed
@@ -102,12 +113,7 @@ def replay_record(res: dict[str, Any], start: int, rows: Sequence[Sequence[str]]
     training had the step been dropped; `quantities`: each one's number of probes."""
     steps = []
     for i, hashes in enumerate(rows):
-        pairs = []
-        for h in hashes:
-            idx = index.get(h, [])
-            extra = meta(idx[0]) if idx and meta is not None else {}
-            pairs.append({"hash": h, "index": idx[0] if idx else None,
-                          **{k: (v[:PROMPT_CHARS] if k == "prompt" else v) for k, v in extra.items() if v is not None}})
+        pairs = [indexed_pair(h, index, meta, None) for h in hashes]
         steps.append({"step": start + i + 1, "lr": res["lr"][i], "pairs": pairs,
                       "removal_effect": {q: float(v[i]) for q, v in res["removal_effect"].items()},
                       "weight_zero_effect": {q: float(v[i]) for q, v in res["weight_zero_effect"].items()}})

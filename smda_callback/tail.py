@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers import TrainerCallback
 
-from .capture import row_meta
-from .credit import optimizer_step_count
-from .credit.replay import TailRecorder, probe_objective
+from .capture import row_meta_of
+from .credit import inner_optimizer, optimizer_step_count
+from .credit.replay import TailRecorder, refusal_groups, refusal_objectives
 from .schema import replay_record
 from .sinks import REPLAY
 from .snapshot import rank_world
@@ -65,7 +64,7 @@ class ReplayTail(TrainerCallback):
         if optimizer is None:
             return
         t = optimizer_step_count(optimizer) or state.global_step + 1
-        lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
+        lr = float(inner_optimizer(optimizer).param_groups[0]["lr"])
         self.rec.step_end(t - 1, lr, [r.hash for r in self.smda.capture.rows if r.step == t])
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -75,22 +74,20 @@ class ReplayTail(TrainerCallback):
         if snap is None or sinks is None or rec.done:
             rec.remove()
             return
-        harmful = np.asarray(smda.probes.is_harmful)
-        groups = {q: np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist() for q in ("harmful", "harmless")}
-        groups = {q: idx for q, idx in groups.items() if idx}
+        groups = refusal_groups(smda.probes)
         t0 = time.perf_counter()
         logger.info("smda: replaying the last %d steps (reverse mode through the run)", len(rec.batches))
         try:
             res = rec.run(model, optimizer or smda._optimizer, smda._trainer.compute_loss,
                           float(smda._trainer.args.max_grad_norm or 0.0),
-                          {q: probe_objective(snap, idx) for q, idx in groups.items()}, progress=logger.info)
+                          refusal_objectives(snap, groups), progress=logger.info)
         except (ValueError, RuntimeError, OSError) as exc:
             logger.debug("smda: the replay's failure", exc_info=True)
             logger.error("smda: the replay of the last steps did not run (%s); smda/%s is not written. The trained "
                          "model and the other outputs are unaffected.", exc, REPLAY)
             return
-        meta = (lambda i: row_meta(smda.train_dataset, i)) if smda.train_dataset is not None else None
-        record = replay_record(res, rec.start, rec.rows, smda._index, meta, {q: len(idx) for q, idx in groups.items()})
+        record = replay_record(res, rec.start, rec.rows, smda._index, row_meta_of(smda.train_dataset),
+                               {q: len(idx) for q, idx in groups.items()})
         sinks.ledger.write_json(REPLAY, record)
         for q in groups:
             top = sorted(record["steps"], key=lambda s: -abs(s["removal_effect"][q]))[:3]

@@ -21,7 +21,7 @@ from .config import SMDAConfig
 from .credit import CreditEngine, CreditLayout, OptimizerKernel, shares_from_slopes, with_decayed_weights
 from .policy import RidgePolicy
 from .probes import ProbeSet
-from .schema import credit_summary, credits_record, decomposition_fields, pair_entry, policy_record
+from .schema import credit_summary, credits_record, decomposition_fields, indexed_pair, policy_record
 
 PAIR_META = ("index", "id", "label", "category", "prompt")
 STATE_JSON = "smda_state.json"
@@ -155,13 +155,7 @@ class RunTracker:
             shares[:] = 1.0 / max(len(rows), 1)
         pairs = []
         for r, share in zip(rows, shares):
-            idx = index.get(r.hash, [])
-            extra = meta(idx[0]) if idx and meta is not None else {}
-            rec = pair_entry(r.hash, idx[0] if idx else None, share, **extra)
-            rec["step"] = r.step
-            if not idx:
-                rec["unmatched"] = True
-            pairs.append(rec)
+            pairs.append({**indexed_pair(r.hash, index, meta, share), "step": r.step})
         return pairs
 
     def step(self, step: int, window: Sequence[int], epoch: float | None, rows: Sequence[LocalRow],

@@ -349,7 +349,7 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
     from trl import SFTConfig, SFTTrainer
 
     from smda_callback import ProbeSet, SMDAConfig, resolve_hook
-    from smda_callback.lab.replay import probe_objective
+    from smda_callback.lab.replay import refusal_groups, refusal_objectives
     from smda_callback.snapshot import Snapshotter
     from datasets import Dataset
 
@@ -383,15 +383,12 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
     assert "Carried to the end: the replay of steps 3–5" in page and "over-refusal, carried to the end" in page
 
     model = tiny_model()
-    args = {k: v for k, v in SFT_REPLAY.items()}
     lab = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "lab"), per_device_train_batch_size=1,
-                                                 use_cpu=True, max_length=128, seed=0, save_strategy="no", **args),
+                                                 use_cpu=True, max_length=128, seed=0, save_strategy="no", **SFT_REPLAY),
                      train_dataset=Dataset.from_list(pairs), processing_class=smol_tokenizer)
     probes = ProbeSet.from_records(probe_records())
     snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), config)
-    harmful = np.asarray(probes.is_harmful)
-    objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
-                  for q in ("harmful", "harmless")}
+    objectives = refusal_objectives(snap, refusal_groups(probes))
     res = replay(lab, objectives, tmp_path / "w", every=1)
     for q in objectives:
         assert rec["final"][q] == pytest.approx(res["final"][q], rel=1e-6)

@@ -14,12 +14,13 @@ import torch
 from .engine import OptimizerKernel
 
 # ---------------------------------------------------------------- torch side: the newest gradient's part
-def _inner(optimizer: Any) -> Any:
+def inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's wrapper (or the optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
 def trainable_params(optimizer: Any) -> list[torch.nn.Parameter]:
-    return [p for g in _inner(optimizer).param_groups for p in g["params"] if p.requires_grad]
+    return [p for g in inner_optimizer(optimizer).param_groups for p in g["params"] if p.requires_grad]
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -42,7 +43,7 @@ def sharding_check(optimizer: Any, measure: str) -> str | None:
 
 def optimizer_step_count(optimizer: Any) -> int | None:
     """The optimizer's own step counter after its step (Adam keeps one; SGD does not)."""
-    opt = _inner(optimizer)
+    opt = inner_optimizer(optimizer)
     for p in trainable_params(optimizer):
         st = opt.state.get(p, {})
         if "step" in st:
@@ -60,7 +61,7 @@ def newest_update(optimizer: Any, kernel: OptimizerKernel, t: int) -> list[torch
     """The part of optimizer step t's update that is the newest gradient's: −D_t·c(t, t)·g_t per
     trainable parameter, read after `optimizer.step()` and before `zero_grad()` (p.grad is the
     clipped gradient the optimizer used). Weight decay and the momentum carry are left out."""
-    opt = _inner(optimizer)
+    opt = inner_optimizer(optimizer)
     out = []
     for group in opt.param_groups:
         lr = float(group["lr"])
@@ -140,7 +141,7 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]])
 def with_decayed_weights(optimizer: Any, eps: float, fn: Callable[[], Any]) -> Any:
     """Run `fn` with the weight-decayed trainable parameters scaled by (1 − eps), then restore them bitwise:
     what one unit of decay does to the probes (groups with weight_decay 0, such as biases and norms, are left)."""
-    params = [p for g in _inner(optimizer).param_groups if float(g.get("weight_decay", 0.0)) > 0
+    params = [p for g in inner_optimizer(optimizer).param_groups if float(g.get("weight_decay", 0.0)) > 0
               for p in g["params"] if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     try:

@@ -43,9 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..config import SECOND_MOMENTS
+from .params import inner_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ class Steps:
     def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any]], loss: Callable[[Any, dict], Any],
                  clip: float, lrs: Sequence[float] = (), start: int = 0, prev_lr: float | None = None,
                  sched: Any = None) -> None:
-        self.model, self.opt, self.sched = model, getattr(optimizer, "optimizer", optimizer), sched
+        self.model, self.opt, self.sched = model, inner_optimizer(optimizer), sched
         self.model.train()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
@@ -513,6 +515,19 @@ def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
     return parts
 
 
+def refusal_groups(probes: Any) -> dict[str, list[int]]:
+    """The probe indices of the replay's two quantities, mean refusal on the harmful and on the harmless probes
+    (a label with no probes is left out)."""
+    harmful = np.asarray(probes.is_harmful, dtype=bool)
+    groups = {"harmful": np.flatnonzero(harmful).tolist(), "harmless": np.flatnonzero(~harmful).tolist()}
+    return {q: idx for q, idx in groups.items() if idx}
+
+
+def refusal_objectives(snap: Any, groups: dict[str, list[int]]) -> dict[str, Objective]:
+    """`probe_objective` of each of `refusal_groups`, scored as the snapshot `snap` scores them."""
+    return {q: probe_objective(snap, idx) for q, idx in groups.items()}
+
+
 class TailRecorder:
     """The callback's `SMDAConfig(replay_last_steps=K)`: the last K steps of the user's run, kept while it trains
     and replayed once after the last step.
@@ -561,7 +576,7 @@ class TailRecorder:
             problems.append(f"loss_type={args.loss_type!r}; the replay differentiates the plain token cross-entropy ('nll')")
         if optimizer is not None:
             try:
-                _check_optimizer(getattr(optimizer, "optimizer", optimizer))
+                _check_optimizer(inner_optimizer(optimizer))
             except ValueError as e:
                 problems.append(str(e).removeprefix("replay: "))
         if problems:
@@ -606,7 +621,7 @@ class TailRecorder:
             try:  # a full disk costs the replay, never the training
                 self.work.mkdir(parents=True, exist_ok=True)
                 params = [p for p in model.parameters() if p.requires_grad]
-                State.read(params, getattr(optimizer, "optimizer", optimizer), self.start).save(self.work / "start.pt")
+                State.read(params, inner_optimizer(optimizer), self.start).save(self.work / "start.pt")
             except OSError as exc:
                 self.broken = f"could not keep the state before step {self.start + 1} under {self.work} ({exc})"
                 logger.error("smda: no replay after this run: %s; training continues.", self.broken)
@@ -639,11 +654,11 @@ class TailRecorder:
         if self.broken or not self.batches:
             shutil.rmtree(self.work, ignore_errors=True)  # e.g. a start state left by a run killed after it
             raise ValueError(self.broken or "no step was recorded (the run ended before the replay's first step)")
-        opt = getattr(optimizer, "optimizer", optimizer)
         was_training = model.training
-        run = Steps(model, opt, self.batches, loss, clip, self.lrs, self.start, self.prev_lr)
+        run = Steps(model, optimizer, self.batches, loss, clip, self.lrs, self.start, self.prev_lr)
         end_path = self.work / "trained_end.pt"
         run.state(len(run)).save(end_path)  # on disk, not a second copy in memory
+        end = None
         try:
             run.load(State.load(self.work / "start.pt"))  # the state before the first replayed step (no copy kept)
             res = replay_steps(run, objectives, self.work / "checkpoints", self.every, progress, self.outer)
@@ -651,7 +666,7 @@ class TailRecorder:
             res["recompute_gap_to_run"] = max(float((p.detach() - q).abs().max()) for p, q in zip(run.params, end.theta))
             return res
         finally:
-            run.load(State.load(end_path))
+            run.load(end if end is not None else State.load(end_path))  # read from disk once either way
             model.train(was_training)
             model.zero_grad(set_to_none=True)
             shutil.rmtree(self.work, ignore_errors=True)

@@ -115,10 +115,7 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
                             "score": sign * float(s["removal_effect"][q]), "prompt": p.get("prompt"), "step": s["step"],
                             "hash": p["hash"]} for s in replay["steps"] for p in s["pairs"]])
         df.attrs["replay"] = {"first_step": replay["first_step"], "last_step": replay["last_step"], "quantity": q}
-        if df.empty:
-            return df
-        df = df.sort_values("score", ascending=False, kind="mergesort").reset_index(drop=True)
-        return df.head(top) if top else df
+        return _ranked(df, top)
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
@@ -153,6 +150,11 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
                        for r, sc in zip(rows, score)])
     if forgetting is not None:
         df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows}
+    return _ranked(df, top)
+
+
+def _ranked(df: pd.DataFrame, top: int | None) -> pd.DataFrame:
+    """Most suspect first (ties in the frame's order), the first `top` rows."""
     if df.empty:
         return df
     df = df.sort_values("score", ascending=False, kind="mergesort").reset_index(drop=True)

@@ -208,14 +208,11 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down). `last`: only
     the last `last` steps are replayed; the per-step lists keep the run's length, 0 before them."""
-    from .replay import probe_objective, replay
+    from .replay import refusal_groups, refusal_objectives, replay
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model)
-    harmful = np.asarray(probes.is_harmful)
-    objectives = {q: probe_objective(snap, np.flatnonzero(harmful if q == "harmful" else ~harmful).tolist())
-                  for q in ("harmful", "harmless")}
-    res = replay(trainer, objectives, out / "tmp_replay" / "checkpoints", every=every, outer=outer,
+    res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), out / "tmp_replay" / "checkpoints", every=every, outer=outer,
                  second_moment=second_moment, last=last)
     if last:
         before = len(order) - len(res["lr"])

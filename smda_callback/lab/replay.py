@@ -11,12 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..credit.replay import (Objective, State, Steps, checkpoint_plan, effect_parts, probe_objective, removal_effect,
-                             replay_steps)
+from ..credit.replay import (Objective, State, Steps, checkpoint_plan, effect_parts, probe_objective, refusal_groups,
+                             refusal_objectives, removal_effect, replay_steps)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Objective", "State", "Stepper", "checkpoint_plan", "effect_parts", "probe_objective", "removal_effect", "replay"]
+__all__ = ["Objective", "State", "Stepper", "checkpoint_plan", "effect_parts", "probe_objective", "refusal_groups",
+           "refusal_objectives", "removal_effect", "replay"]
 
 
 class Stepper(Steps):
