@@ -151,6 +151,63 @@ def test_fixed_second_moment_adjoint_is_the_derivative_of_the_run_with_v_held(sm
     assert "v" not in adj["f"]
 
 
+def test_no_curvature_adjoint_is_the_derivative_of_the_run_with_gradients_held(smol_tokenizer, tmp_path):
+    """curvature=False: the adjoint of a run whose every gradient is the recorded one (no θ dependence: no Hessian).
+    Checked by finite differences of exactly that run (AdamW written out, gradients and clipping factors read from
+    the recording), perturbing θ, m and v at every step; clipping (binding) and weight decay on."""
+    import math
+
+    f, run, states = _recorded(smol_tokenizer, tmp_path, 1e-2, 0.1)
+    n = len(run)
+    recorded = []
+    for u in range(n):  # each step's clipped gradient at the weights it was taken at
+        run.load(states[u])
+        run.model.zero_grad(set_to_none=True)
+        run.loss(u).backward()
+        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in run.params]
+        norm = math.sqrt(sum(float((x * x).sum()) for x in g))
+        recorded.append([x * min(1.0, run.clip / (norm + 1e-6)) for x in g])
+
+    def held_g_run(theta, m, v, start):
+        th, m, v = [x.clone() for x in theta], [x.clone() for x in m], [x.clone() for x in v]
+        for u in range(start, n):
+            lr, k = run.lrs[u], u + 1
+            for i in range(len(th)):
+                (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+                m[i] = b1 * m[i] + (1 - b1) * recorded[u][i]
+                v[i] = b2 * v[i] + (1 - b2) * recorded[u][i] ** 2
+                th[i] = th[i] * (1 - lr * wd) - (lr / (1 - b1 ** k)) * m[i] / (v[i].sqrt() / math.sqrt(1 - b2 ** k) + eps)
+        with torch.no_grad():
+            for p, x in zip(run.params, th):
+                p.copy_(x)
+        return float(f(run.model))
+
+    run.load(states[n])
+    base = float(f(run.model))
+    assert held_g_run(states[1].theta, states[1].m, states[1].v, 1) == pytest.approx(base, rel=1e-9)  # nothing differs
+    run.load(states[n])
+    adj = {"f": {"theta": list(torch.autograd.grad(f(run.model), run.params)),
+                 **{key: [torch.zeros_like(p) for p in run.params] for key in ("m", "v")}}}
+    gen = torch.Generator().manual_seed(2)
+    for t in range(n - 1, -1, -1):
+        post = states[t + 1]
+        d = State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-3) for p in post.theta],
+                  [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-9) for p in post.m],
+                  [torch.rand(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * p for p in post.v], post.step)
+        zero = State(*[[torch.zeros_like(p) for p in post.theta] for _ in range(3)], post.step)
+        predicted = -removal_effect(zero, d, adj["f"])
+        moved = [held_g_run(*[[a + sg * x for a, x in zip(getattr(post, key), getattr(d, key))] for key in ("theta", "m", "v")], t + 1)
+                 for sg in (1.0, -1.0)]
+        measured = (moved[0] - moved[1]) / 2
+        assert abs(measured) > 1e-9
+        assert predicted == pytest.approx(measured, rel=5e-3), (t, predicted, measured)  # FD error ≈ 2e-3 at this scale
+        run.load(states[t])
+        before = [a.clone() for a in adj["f"]["theta"]]
+        run.vjp(t, post, adj, curvature=False)
+        # no Hessian: θ's adjoint only shrinks by the weight decay (where its group has one)
+        assert all(torch.allclose(a, b * (1 - run.lrs[t] * run.hp[i]["wd"])) for i, (a, b) in enumerate(zip(adj["f"]["theta"], before)))
+
+
 def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     """The full replay (checkpoints every 2 steps, recomputed) gives the same effects as the one-block pass, and its
     first-order prediction of dropping one pair in place is close to really retraining without it."""

@@ -226,7 +226,8 @@ def _policy_check(a: argparse.Namespace) -> int:
     from ..probes import ProbeSet
     from ..sae import embedded_sae_dir
 
-    cfg = SMDAConfig(scorer=a.scorer, feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection)
+    cfg = SMDAConfig(scorer=a.scorer, feature_kinds=tuple(a.kinds), n_features=a.n_features, selection=a.selection,
+                     pooling=a.pooling)
     if a.select_model and not a.select_on:
         raise ValueError("--select-model needs --select-on: it names the model that reads the --select-on prompts.")
     model, tok = load_model(a.model)
@@ -269,9 +270,10 @@ def _lds(a: argparse.Namespace) -> int:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay_last is not None and a.replay_last < 1:
         raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
-    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last)[1]).exists():
+    curvature = not a.replay_no_curvature
+    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last, curvature)[1]).exists():
         replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
-                   last=a.replay_last)
+                   last=a.replay_last, curvature=curvature)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -419,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent kinds the policy may use (default: the callback's)")
     pc.add_argument("--n-features", type=int, default=SMDAConfig.n_features, help="policy features (default: the callback's)")
     pc.add_argument("--selection", choices=["score", "stable"], default=SMDAConfig.selection)
+    pc.add_argument("--pooling", choices=["mean", "max", "last", "eot"], default=SMDAConfig.pooling,
+                    help="how a prompt's per-token codes become one row of X (default: the callback's)")
     pc.add_argument("--fold-seeds", type=int, default=3, help="fold splits the nested estimate is averaged over")
     pc.add_argument("--scorer", choices=["first_token", "prefix"], default="first_token",
                     help="refusal scorer: the demo's first_token (default here) or the library default prefix")
@@ -471,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-second-moment", choices=list(SECOND_MOMENTS), default="exact",
                     help="exact: Adam's second moment answers each removal as in the run (replay.json); fixed: it is the "
                          "recorded one at every step, a fixed preconditioner (replay_fixed_v.json); both are scored when present")
+    ld.add_argument("--replay-no-curvature", action="store_true",
+                    help="the replay without Hessian-vector products: every step's gradient held at the recorded one "
+                         "(one plain backward per replayed step instead of a double one; *_nocurv*.json)")
     ld.add_argument("--replay-last", type=int, default=None, metavar="K",
                     help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")

@@ -178,7 +178,7 @@ class Steps:
     def loss(self, t: int) -> torch.Tensor:
         return self._loss(self.model, dict(self.batches[t]))
 
-    def train_grad(self, t: int) -> list[torch.Tensor]:
+    def train_grad(self, t: int, create_graph: bool = True) -> list[torch.Tensor]:
         """Step t's gradient as training computes it, as a differentiable expression of the weights.
 
         The loss is written with plain ops (TRL's fused head has no double backward): the mean token
@@ -203,7 +203,7 @@ class Steps:
         loss = -(lp * mask).sum() / mask.sum().clamp(min=1)
         pad = emb.padding_idx  # (only where the embedding trains: adapters leave it frozen)
         at = pad is not None and any(p is emb.weight for p in self.params) and bool((ids == pad).any())
-        grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=create_graph, allow_unused=True)
         g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
         if at:
             i = next(k for k, p in enumerate(self.params) if p is emb.weight)
@@ -239,12 +239,14 @@ class Steps:
     def load(self, st: State, weights_only: bool = False) -> None:
         st.write(self.params, self.opt, weights_only)
 
-    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False) -> None:
+    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False,
+            curvature: bool = True) -> None:
         """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded).
-        `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v")."""
+        `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v").
+        `curvature=False`: step t's gradient is the recorded one, not a function of θ (no Hessian-vector product)."""
         params = self.params
         self.model.zero_grad(set_to_none=True)
-        g = self.train_grad(t)
+        g = self.train_grad(t, create_graph=curvature)
         gd = [x.detach() for x in g]
         norm = _norm(gd)
         coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 else 1.0
@@ -276,6 +278,8 @@ class Steps:
                 for a, x in zip(a_gc, gd):
                     a.sub_(proj * x).mul_(coef)
             a_g_all[name] = a_gc
+        if not curvature:
+            return
         names = list(adjoints)
         for j, name in enumerate(names):  # θ's own path: one Hessian-vector product of pair t's loss (double backward)
             hv = torch.autograd.grad(g, params, grad_outputs=a_g_all[name], retain_graph=j < len(names) - 1, allow_unused=True)
@@ -333,7 +337,7 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
-                 resume_every: int = 16, second_moment: str = "exact") -> dict[str, Any]:
+                 resume_every: int = 16, second_moment: str = "exact", curvature: bool = True) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
     weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
     "first_step" + index).
@@ -343,7 +347,8 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
     "seconds", "second_moment", and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and "effect_parts"
     {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
-    docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    docstring). `curvature=False`: every step's gradient is held at the recorded one (no Hessian-vector products:
+    the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
@@ -356,7 +361,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     for m in checkpointed:
         m.gradient_checkpointing = False
     try:
-        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment)
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, curvature)
     finally:
         for m in checkpointed:
             m.gradient_checkpointing = True
@@ -364,7 +369,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
                   progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
-                  second_moment: str) -> dict[str, Any]:
+                  second_moment: str, curvature: bool) -> dict[str, Any]:
     fixed_v = second_moment == "fixed"
     parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
@@ -383,10 +388,11 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     if r is not None and "adj_norms" not in r:
         raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
                          "to start this one afresh.")
-    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0))
-                          != (n, every, outer, sorted(objectives), second_moment, run.start)):
+    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0),
+                           r.get("curvature", True))
+                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps from {r.get('start', 0)}, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}); "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}); "
                          f"remove {work} to start this one afresh.")
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
@@ -428,7 +434,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         tmp = resume_file.with_suffix(".tmp")
         torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
                     "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
-                    "second_moment": second_moment, "start": run.start,
+                    "second_moment": second_moment, "start": run.start, "curvature": curvature,
                     "seconds": spent + time.perf_counter() - t0}, tmp)
         tmp.replace(resume_file)
 
@@ -472,7 +478,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre, post, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
-            run.vjp(t, post, adj, fixed_v)
+            run.vjp(t, post, adj, fixed_v, curvature)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
@@ -482,7 +488,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan, "second_moment": second_moment, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
