@@ -206,6 +206,31 @@ def test_the_second_moment_models_are_one_list_for_replay_lds_and_cli():
         build_parser().parse_args(["benchmark-lds", "--replay-second-moment", "frozen"])
 
 
+def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
+    """`--replay-no-curvature` writes replay_nocurv.json (whole run) or replay_nocurv_last<K>.json; each is scored as its
+    own reader beside the exact replay, by the name the file records; the CLI passes the flag through."""
+    from smda_callback.cli.main import build_parser
+    from smda_callback.lab.lds import replay_reader
+
+    assert replay_reader("exact", None, curvature=False) == ("replay, no curvature", "replay_nocurv.json")
+    assert replay_reader("exact", 4, curvature=False) == ("replay, no curvature, last 4 steps", "replay_nocurv_last4.json")
+    assert replay_reader("exact", 4) == ("replay, last 4 steps", "replay_last4.json")
+    assert build_parser().parse_args(["benchmark-lds", "--replay-no-curvature"]).replay_no_curvature
+    ids, sets = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = [-{c["id"]: c["refusal_harmful"] for c in credits}[i] for i in ids]
+    n = len(ids)
+    for last, sign in ((None, 1.0), (4, -1.0)):
+        name, file = replay_reader("exact", last, curvature=False)
+        e = [sign * x if last is None or k >= n - last else 0.0 for k, x in enumerate(eff)]
+        (tmp_path / file).write_text(json.dumps({"order": ids, "reader": name, "removal_effect": {"harmful": e, "harmless": e},
+                                                 "weight_zero_effect": {"harmful": e, "harmless": e}}))
+    s = score(tmp_path)["readers"]
+    assert s["replay, no curvature (dropped in place)"]["harmful"]["lds"] > 0.999  # the credits' own effects
+    last4 = [k for k in s if k.startswith("replay, no curvature, last 4 steps")]
+    assert last4 and s[last4[0]]["harmful"]["lds"] < 0.999  # only 4 pairs read, with the wrong sign
+
+
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):
     """Before any retrain has finished, the readers are already scored against the replay (and said to be)."""
     ids, sets = _fake(tmp_path)
