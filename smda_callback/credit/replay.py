@@ -118,8 +118,30 @@ class State:
         return cls(d["theta"], d["m"], d["v"], int(d["step"]))
 
 
+_CHUNK = 1 << 16
+"""Elements per slice of the float64 sums below: a slice's float64 copies stay in cache, where whole-tensor copies
+of 135M weights cost a pass over memory each (≈ 15× slower, measured)."""
+
+
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)))
+    """Σ a·b over lists of tensors, accumulated in float64 slice by slice."""
+    total = 0.0
+    for x, y in zip(a, b):
+        x, y = x.reshape(-1), y.reshape(-1)
+        for i in range(0, x.numel(), _CHUNK):
+            total += float(torch.dot(x[i:i + _CHUNK].double(), y[i:i + _CHUNK].double()))
+    return total
+
+
+def _dot_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], c: Sequence[torch.Tensor]) -> float:
+    """Σ a·(b − c), the difference taken slice by slice (no full-size temporary)."""
+    total = 0.0
+    for x, y, z in zip(a, b, c):
+        x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
+        for i in range(0, x.numel(), _CHUNK):
+            j = slice(i, i + _CHUNK)
+            total += float(torch.dot(x[j].double(), y[j].double() - z[j].double()))
+    return total
 
 
 def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
@@ -297,18 +319,21 @@ def shift_effect(run: Steps, t: int, pre: State, post: State, A: dict[str, list[
     total = 0.0
     for i, a in enumerate(A["theta"]):
         (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
-        sq = post.v[i].sqrt()
+        a, th, m, v = a.reshape(-1), pre.theta[i].reshape(-1), post.m[i].reshape(-1), post.v[i].reshape(-1)
+        for c in range(0, a.numel(), _CHUNK):  # slice by slice, as _dot
+            j = slice(c, c + _CHUNK)
+            sq = v[j].sqrt()
 
-        def update(lr: float, kk: int) -> torch.Tensor:
-            return -pre.theta[i] * (lr * wd) - (lr / (1 - b1 ** kk)) * post.m[i] / (sq / math.sqrt(1 - b2 ** kk) + eps)
+            def update(lr: float, kk: int) -> torch.Tensor:
+                return -th[j] * (lr * wd) - (lr / (1 - b1 ** kk)) * m[j] / (sq / math.sqrt(1 - b2 ** kk) + eps)
 
-        total += float(torch.dot(a.reshape(-1).double(), (update(lr1, k - 1) - update(lr0, k)).reshape(-1).double()))
+            total += float(torch.dot(a[j].double(), (update(lr1, k - 1) - update(lr0, k)).double()))
     return total
 
 
 def effect_parts(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """The removal effect's part through each piece of the state the adjoint `A` carries (θ, m, and v unless fixed)."""
-    return {key: _dot(A[key], [a - b for a, b in zip(getattr(pre, key), getattr(post, key))]) for key in ("theta", "m", "v") if key in A}
+    return {key: _dot_diff(A[key], getattr(pre, key), getattr(post, key)) for key in ("theta", "m", "v") if key in A}
 
 
 def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
