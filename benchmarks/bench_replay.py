@@ -5,7 +5,9 @@ process, so that each peak memory is its own; configurations alternate round by 
 alike. `off`: the default callback; `replay K`: the same with the last K steps replayed after training.
 Reported: training seconds per step (SFT + callback, the replay excluded), the replay's seconds per replayed step,
 both as ratios to `off`'s training step, and each process's peak RSS. Writes benchmarks/replay_results.json.
-Usage: python benchmarks/bench_replay.py [--steps 12] [--last 6] [--rounds 1]
+Usage: python benchmarks/bench_replay.py [--steps 12] [--last 6] [--rounds 1] [--checkout DIR ...]
+`--checkout DIR` (a checkout of another commit, e.g. `git worktree add /tmp/old <commit>`) also runs the replay
+configuration with that checkout's package, in the same rounds: a before/after comparison measured side by side.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ print("RESULT " + json.dumps({"train_per_step": (wall - replay) / steps, "replay
 """
 
 
-def one(out: Path, steps: int, last: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(steps), str(last)], capture_output=True, text=True)
+def one(out: Path, steps: int, last: int, checkout: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(steps), str(last)], capture_output=True, text=True,
+                          cwd=checkout)  # `python -c` imports the package from its working directory
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode or line is None:
         raise SystemExit(f"bench_replay: the run with replay_last_steps={last} failed:\n{done.stderr[-3000:]}")
@@ -59,24 +62,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--last", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--checkout", nargs="*", default=[], metavar="DIR", help="also replay with these checkouts' package")
     a = ap.parse_args()
-    res: dict[str, list[dict[str, float]]] = {"off": [], f"replay {a.last}": []}
+    here = Path(__file__).resolve().parents[1]
+
+    def commit(d: Path) -> str:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d, capture_output=True, text=True).stdout.strip()
+
+    configs = [("off", 0, here), (f"replay {a.last}", a.last, here)]
+    configs += [(f"replay {a.last} @ {commit(Path(d))}", a.last, Path(d).resolve()) for d in a.checkout]
+    res: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.rounds):
-            for name, last in (("off", 0), (f"replay {a.last}", a.last)):
-                res[name].append(one(Path(tmp) / f"{rnd}-{last}", a.steps, last))
+            for k, (name, last, checkout) in enumerate(configs):
+                res[name].append(one(Path(tmp) / f"{rnd}-{k}", a.steps, last, checkout))
     base = statistics.median(r["train_per_step"] for r in res["off"])
     table = {}
-    print(f"{'config':12s} {'train s/step':>13} {'ratio':>6} {'replay s/replayed step':>23} {'ratio':>6} {'peak RSS MB':>12}")
+    print(f"package at {commit(here)}")
+    print(f"{'config':24s} {'train s/step':>13} {'ratio':>6} {'replay s/replayed step':>23} {'ratio':>6} {'peak RSS MB':>12}")
     for name, runs in res.items():
         train = statistics.median(r["train_per_step"] for r in runs)
         per = statistics.median(r["replay"] for r in runs) / a.last if name != "off" else 0.0
         rss = max(r["peak_rss_mb"] for r in runs)
         table[name] = {"train_s_per_step": train, "train_ratio": train / base, "replay_s_per_replayed_step": per,
                        "replay_step_ratio": per / base, "peak_rss_mb": rss}
-        print(f"{name:12s} {train:13.2f} {train / base:6.2f} {per:23.2f} {per / base:6.2f} {rss:12.0f}")
-    out = {"steps": a.steps, "last": a.last, "rounds": a.rounds, "table": table, "runs": res}
-    Path(__file__).with_name("replay_results.json").write_text(json.dumps(out, indent=1))
+        print(f"{name:24s} {train:13.2f} {train / base:6.2f} {per:23.2f} {per / base:6.2f} {rss:12.0f}")
+    out = {"commit": commit(here), "steps": a.steps, "last": a.last, "rounds": a.rounds, "table": table, "runs": res}
+    path = Path(__file__).with_name("replay_results.json")  # every run kept, newest last
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    kept["command"] = "python benchmarks/bench_replay.py --steps S --last K --rounds R [--checkout DIR] (each run alone)"
+    kept["runs"] = [*kept.get("runs", []), {**out, "args": sys.argv[1:]}]
+    path.write_text(json.dumps(kept, indent=1))
 
 
 if __name__ == "__main__":
