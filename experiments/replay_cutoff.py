@@ -38,7 +38,8 @@ def main() -> None:
     subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
     rep = json.loads((out / a.replay).read_text())
     place = {i: k for k, i in enumerate(rep["order"])}
-    label = {d["id"]: d["label"] for d in map(json.loads, (DATA / "pairs.jsonl").read_text().splitlines())}
+    label = {d["id"]: d["label"] for f in ("pairs.jsonl", "plants.jsonl")  # a planted run trains plants too
+             for d in map(json.loads, (DATA / f).read_text().splitlines())}
     size = np.asarray([len(j["dropped"]) for j in subs])
     print(f"{out}: {len(subs)} subsets, {a.replay}")
     for q in ("harmful", "harmless"):
