@@ -11,8 +11,8 @@ recomputed states), scaled by the clipping factor the step really had:
   carry_t = Σ_{s ≥ t} lr_s (1 − β1) β1^{s−t} / bc1_s, what g_t moves θ by through the momentum over the rest of the run.
 
 Each is written in the replay's file format (`removal_effect` per step, dropped-in-place = weight zero here) under the
-LDS directory, so that `python experiments/replay_cutoff.py DIR --replay FILE` scores it by the last K steps against
-the retrains, and `smda benchmark-lds -o DIR --score-only` beside every reader.
+LDS directory as endgrad_<reader>.json, so that `python experiments/replay_cutoff.py DIR --replay FILE` scores it, whole
+and by the last K steps, against the retrains (`smda benchmark-lds --score-only` does not read these files).
 
     python experiments/end_gradient.py runs/lds318                     # the ranking run of `make lds-full`
     python experiments/end_gradient.py runs/lds_p2_o2 --ranking-run runs/poison_p2_o2 --seed 2
