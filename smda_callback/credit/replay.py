@@ -124,25 +124,22 @@ cost a pass over memory each (one dot of 81M float32 weights: 1.07 s whole, 0.07
 machine; a replayed step of the 135M model 7 % faster, benchmarks/bench_replay.py)."""
 
 
-def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """Σ a·b over lists of tensors, accumulated in float64 slice by slice."""
-    total = 0.0
-    for x, y in zip(a, b):
-        x, y = x.reshape(-1), y.reshape(-1)
-        for i in range(0, x.numel(), _CHUNK):
-            total += float(torch.dot(x[i:i + _CHUNK].double(), y[i:i + _CHUNK].double()))
-    return total
+def _slices(*tensors: torch.Tensor) -> Any:
+    """Aligned flat slices of equally shaped tensors, `_CHUNK` elements at a time."""
+    flat = [x.reshape(-1) for x in tensors]
+    for i in range(0, flat[0].numel(), _CHUNK):
+        yield [x[i:i + _CHUNK] for x in flat]
 
 
-def _dot_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], c: Sequence[torch.Tensor]) -> float:
-    """Σ a·(b − c), the difference taken slice by slice (no full-size temporary)."""
-    total = 0.0
-    for x, y, z in zip(a, b, c):
-        x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
-        for i in range(0, x.numel(), _CHUNK):
-            j = slice(i, i + _CHUNK)
-            total += float(torch.dot(x[j].double(), y[j].double() - z[j].double()))
-    return total
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], minus: Sequence[torch.Tensor] | None = None) -> float:
+    """Σ a·b (or Σ a·(b − minus)) over lists of tensors, in float64 slice by slice; the sum stays on the tensors'
+    device until the end (one synchronisation per call, not per slice)."""
+    total = None
+    for i, (x, y) in enumerate(zip(a, b)):
+        for sl in _slices(x, y) if minus is None else _slices(x, y, minus[i]):
+            d = torch.dot(sl[0].double(), sl[1].double() if minus is None else sl[1].double() - sl[2].double())
+            total = d if total is None else total + d
+    return 0.0 if total is None else float(total)
 
 
 def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
@@ -317,24 +314,23 @@ def shift_effect(run: Steps, t: int, pre: State, post: State, A: dict[str, list[
     if k == 1:
         return 0.0
     lr0, lr1 = run.lrs[t], run.lrs[t - 1] if t > 0 else run.prev_lr
-    total = 0.0
+    total = None
     for i, a in enumerate(A["theta"]):
         (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
-        a, th, m, v = a.reshape(-1), pre.theta[i].reshape(-1), post.m[i].reshape(-1), post.v[i].reshape(-1)
-        for c in range(0, a.numel(), _CHUNK):  # slice by slice, as _dot
-            j = slice(c, c + _CHUNK)
-            sq = v[j].sqrt()
+        for a_, th, m, v in _slices(a, pre.theta[i], post.m[i], post.v[i]):  # slice by slice, as _dot
+            sq = v.sqrt()
 
             def update(lr: float, kk: int) -> torch.Tensor:
-                return -th[j] * (lr * wd) - (lr / (1 - b1 ** kk)) * m[j] / (sq / math.sqrt(1 - b2 ** kk) + eps)
+                return -th * (lr * wd) - (lr / (1 - b1 ** kk)) * m / (sq / math.sqrt(1 - b2 ** kk) + eps)
 
-            total += float(torch.dot(a[j].double(), (update(lr1, k - 1) - update(lr0, k)).double()))
-    return total
+            d = torch.dot(a_.double(), (update(lr1, k - 1) - update(lr0, k)).double())
+            total = d if total is None else total + d
+    return 0.0 if total is None else float(total)
 
 
 def effect_parts(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """The removal effect's part through each piece of the state the adjoint `A` carries (θ, m, and v unless fixed)."""
-    return {key: _dot_diff(A[key], getattr(pre, key), getattr(post, key)) for key in ("theta", "m", "v") if key in A}
+    return {key: _dot(A[key], getattr(pre, key), minus=getattr(post, key)) for key in ("theta", "m", "v") if key in A}
 
 
 def removal_effect(pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
