@@ -530,3 +530,38 @@ def test_a_resumed_run_replays_only_what_it_saw(tmp_path, smol_tokenizer, caplog
     else:
         assert rec is None and "no replay after this run: the run resumed at step" in caplog.text
     assert (tmp_path / "smda" / "policy.json").exists() and not (tmp_path / "_smda_replay").exists()
+
+
+def test_a_state_is_read_and_loaded_into_the_same_memory_and_saved_without_changing_torch_options(smol_tokenizer, tmp_path):
+    """The reverse pass reuses its states' memory block after block: `read(into=)` and `load(into=)` fill the given
+    tensors (same storage, same values as a fresh copy); `copy=False` is the live tensors; `save` leaves torch's
+    process-wide CRC-32 option as the caller set it, and its file loads back exactly."""
+    run = Stepper(_trainer(smol_tokenizer, tmp_path, 1.0, 0.1))
+    run.step(0)
+    run.step(1)
+    fresh = run.state(2)
+    live = run.state(2, copy=False)
+    assert all(x.data_ptr() == p.data_ptr() for x, p in zip(live.theta, run.params))
+    assert all(x.data_ptr() != p.data_ptr() for x, p in zip(fresh.theta, run.params))
+    buf = State([torch.zeros_like(x) for x in fresh.theta], [torch.zeros_like(x) for x in fresh.m],
+                [torch.zeros_like(x) for x in fresh.v], 0)
+    ptrs = [x.data_ptr() for x in buf.theta + buf.m + buf.v]
+    got = run.state(2, into=buf)
+    assert got is buf and buf.step == fresh.step == 2
+    assert [x.data_ptr() for x in buf.theta + buf.m + buf.v] == ptrs
+    for key in ("theta", "m", "v"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(buf, key), getattr(fresh, key)))
+    assert any(float(x.abs().max()) > 0 for x in buf.v)  # the moments were read, not left at zero
+    ser = torch.serialization
+    for crc in (False, True):
+        ser.set_crc32_options(crc)
+        fresh.save(tmp_path / "s.pt")
+        assert ser.get_crc32_options() is crc
+    run.step(2)  # move on, then load the saved state back into the buffer
+    run.state(3, into=buf)
+    State.load(tmp_path / "s.pt", into=buf)
+    assert [x.data_ptr() for x in buf.theta + buf.m + buf.v] == ptrs and buf.step == 2
+    plain = State.load(tmp_path / "s.pt")
+    for key in ("theta", "m", "v"):
+        assert all(torch.equal(a, b) and torch.equal(a, c)
+                   for a, b, c in zip(getattr(buf, key), getattr(fresh, key), getattr(plain, key)))
