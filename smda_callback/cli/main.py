@@ -271,9 +271,11 @@ def _lds(a: argparse.Namespace) -> int:
     if a.replay_last is not None and a.replay_last < 1:
         raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
     curvature = not a.replay_no_curvature
-    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last, curvature)[1]).exists():
+    if a.replay_eps < 0:
+        raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
+    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last, curvature, a.replay_eps)[1]).exists():
         replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
-                   last=a.replay_last, curvature=curvature)
+                   last=a.replay_last, curvature=curvature, reverse_eps=a.replay_eps)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -478,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-no-curvature", action="store_true",
                     help="the replay without Hessian-vector products: every step's gradient held at the recorded one "
                          "(one plain backward per replayed step instead of a double one; *_nocurv*.json)")
+    ld.add_argument("--replay-eps", type=float, default=0.0, metavar="EPS",
+                    help="the damped replay: its reverse pass linearises AdamW with ε raised to EPS where the run's is "
+                         "smaller (the steps are taken as trained; *_eps<EPS>*.json). 0: the exact replay")
     ld.add_argument("--replay-last", type=int, default=None, metavar="K",
                     help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")

@@ -292,10 +292,13 @@ class Steps:
         st.write(self.params, self.opt, weights_only)
 
     def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False,
-            curvature: bool = True) -> None:
+            curvature: bool = True, reverse_eps: float = 0.0) -> None:
         """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded).
         `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v").
-        `curvature=False`: step t's gradient is the recorded one, not a function of θ (no Hessian-vector product)."""
+        `curvature=False`: step t's gradient is the recorded one, not a function of θ (no Hessian-vector product).
+        `reverse_eps`: the step's Jacobian is AdamW's with ε = max(ε, reverse_eps) (the steps themselves are not
+        changed): a damped model of the run, in which a coordinate whose √v̂ is far below reverse_eps no longer
+        multiplies its adjoint by lr/ε."""
         params = self.params
         self.model.zero_grad(set_to_none=True)
         g = self.train_grad(t, create_graph=curvature)
@@ -308,7 +311,7 @@ class Steps:
         # one parameter at a time, the step's own factors once for all objectives, the adjoints updated in place
         with torch.no_grad():
             for i in range(len(params)):
-                (b1, b2), eps, wd = self.hp[i]["betas"], self.hp[i]["eps"], self.hp[i]["wd"]
+                (b1, b2), eps, wd = self.hp[i]["betas"], max(self.hp[i]["eps"], reverse_eps), self.hp[i]["wd"]
                 bc1, bc2s = 1 - b1 ** k, math.sqrt(1 - b2 ** k)
                 sq = post.v[i].sqrt()
                 D = sq / bc2s + eps
@@ -398,7 +401,8 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
-                 resume_every: int = 16, second_moment: str = "exact", curvature: bool = True) -> dict[str, Any]:
+                 resume_every: int = 16, second_moment: str = "exact", curvature: bool = True,
+                 reverse_eps: float = 0.0) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
     weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
     "first_step" + index).
@@ -409,7 +413,8 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     "seconds", "second_moment", and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and "effect_parts"
     {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
     docstring). `curvature=False`: every step's gradient is held at the recorded one (no Hessian-vector products:
-    the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step).
+    `reverse_eps` > 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (`Steps.vjp`; a damped model). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
@@ -422,7 +427,8 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     for m in checkpointed:
         m.gradient_checkpointing = False
     try:
-        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, curvature)
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, curvature,
+                             reverse_eps)
     finally:
         for m in checkpointed:
             m.gradient_checkpointing = True
@@ -430,7 +436,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
                   progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
-                  second_moment: str, curvature: bool) -> dict[str, Any]:
+                  second_moment: str, curvature: bool, reverse_eps: float) -> dict[str, Any]:
     fixed_v = second_moment == "fixed"
     parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
@@ -450,10 +456,10 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
                          "to start this one afresh.")
     if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0),
-                           r.get("curvature", True))
-                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature)):
+                           r.get("curvature", True), r.get("reverse_eps", 0.0))
+                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature, reverse_eps)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps from {r.get('start', 0)}, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}); "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}, reverse ε {r.get('reverse_eps', 0.0)}); "
                          f"remove {work} to start this one afresh.")
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
@@ -495,7 +501,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         tmp = resume_file.with_suffix(".tmp")
         torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
                     "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
-                    "second_moment": second_moment, "start": run.start, "curvature": curvature,
+                    "second_moment": second_moment, "start": run.start, "curvature": curvature, "reverse_eps": reverse_eps,
                     "seconds": spent + time.perf_counter() - t0}, tmp)
         tmp.replace(resume_file)
 
@@ -545,7 +551,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre, post, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
-            run.vjp(t, post, adj, fixed_v, curvature)
+            run.vjp(t, post, adj, fixed_v, curvature, reverse_eps)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
@@ -555,7 +561,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "reverse_eps": reverse_eps, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
