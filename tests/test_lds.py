@@ -216,12 +216,15 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     assert replay_reader("exact", 4, curvature=False) == ("replay, no curvature, last 4 steps", "replay_nocurv_last4.json")
     assert replay_reader("exact", 4) == ("replay, last 4 steps", "replay_last4.json")
     assert build_parser().parse_args(["benchmark-lds", "--replay-no-curvature"]).replay_no_curvature
+    assert replay_reader("exact", 90, reverse_eps=1e-6) == ("replay, reverse ε 1e-06, last 90 steps", "replay_eps1e-06_last90.json")
+    assert replay_reader("exact", None, reverse_eps=1e-6)[1] == "replay_eps1e-06.json"
+    assert build_parser().parse_args(["benchmark-lds", "--replay-eps", "1e-6"]).replay_eps == 1e-6
     ids, sets = _fake(tmp_path)
     credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
     eff = [-{c["id"]: c["refusal_harmful"] for c in credits}[i] for i in ids]
     n = len(ids)
-    for last, sign in ((None, 1.0), (4, -1.0)):
-        name, file = replay_reader("exact", last, curvature=False)
+    for last, sign, eps in ((None, 1.0, 0.0), (4, -1.0, 0.0), (None, 1.0, 1e-6)):
+        name, file = replay_reader("exact", last, curvature=False, reverse_eps=eps)
         e = [sign * x if last is None or k >= n - last else 0.0 for k, x in enumerate(eff)]
         (tmp_path / file).write_text(json.dumps({"order": ids, "reader": name, "removal_effect": {"harmful": e, "harmless": e},
                                                  "weight_zero_effect": {"harmful": e, "harmless": e}}))
@@ -229,6 +232,7 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     assert s["replay, no curvature (dropped in place)"]["harmful"]["lds"] > 0.999  # the credits' own effects
     last4 = [k for k in s if k.startswith("replay, no curvature, last 4 steps")]
     assert last4 and s[last4[0]]["harmful"]["lds"] < 0.999  # only 4 pairs read, with the wrong sign
+    assert s["replay, no curvature, reverse ε 1e-06 (dropped in place)"]["harmful"]["lds"] > 0.999  # the damped file, its own reader
 
 
 def test_the_replay_yardstick_needs_no_retrain(tmp_path):

@@ -565,3 +565,17 @@ def test_a_state_is_read_and_loaded_into_the_same_memory_and_saved_without_chang
     for key in ("theta", "m", "v"):
         assert all(torch.equal(a, b) and torch.equal(a, c)
                    for a, b, c in zip(getattr(buf, key), getattr(fresh, key), getattr(plain, key)))
+
+
+def test_the_damped_replay_is_the_exact_one_below_adams_eps_and_quiets_the_moment_path_above(smol_tokenizer, tmp_path):
+    """`reverse_eps` raises AdamW's ε in the reverse pass only: below the run's ε (1e-8) the replay is the exact one,
+    bitwise; far above every √v̂ the adjoint of m, which reaches θ through lr/(√v̂ + ε), nearly vanishes, and the
+    effects change. The steps are taken as trained either way (the same final objective, no recompute gap)."""
+    f = _objective(smol_tokenizer)
+    exact = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2)
+    below = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2, reverse_eps=1e-12)
+    assert below["removal_effect"] == exact["removal_effect"] and below["adjoint_norm"] == exact["adjoint_norm"]
+    damped = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2, reverse_eps=10.0)
+    assert damped["final"] == exact["final"] and damped["recompute_gap"] == 0.0 and damped["reverse_eps"] == 10.0
+    assert max(damped["adjoint_norm"]["f"]["m"]) < 1e-2 * max(exact["adjoint_norm"]["f"]["m"])
+    assert damped["removal_effect"]["f"] != pytest.approx(exact["removal_effect"]["f"], rel=1e-3)
