@@ -95,11 +95,15 @@ class State:
             return live
         if into is None:
             return cls(*([x.clone() for x in xs] for xs in (live.theta, live.m, live.v)), step)
+        return live.copy_to(into)
+
+    def copy_to(self, into: "State") -> "State":
+        """This state's values in `into`'s tensors (no new memory); returns `into`."""
         with torch.no_grad():
-            for dst, src in zip((into.theta, into.m, into.v), (live.theta, live.m, live.v)):
+            for dst, src in zip((into.theta, into.m, into.v), (self.theta, self.m, self.v)):
                 for d, x in zip(dst, src):
                     d.copy_(x)
-        into.step = step
+        into.step = self.step
         return into
 
     def write(self, params: Sequence[torch.Tensor], opt: Any, weights_only: bool = False) -> None:
@@ -142,12 +146,7 @@ class State:
             d = torch.load(path, weights_only=True)
             return cls(d["theta"], d["m"], d["v"], int(d["step"]))
         d = torch.load(path, weights_only=True, mmap=True)
-        with torch.no_grad():
-            for key in ("theta", "m", "v"):
-                for dst, src in zip(getattr(into, key), d[key]):
-                    dst.copy_(src)
-        into.step = int(d["step"])
-        return into
+        return cls(d["theta"], d["m"], d["v"], int(d["step"])).copy_to(into)
 
 
 _CHUNK = 1 << 16
