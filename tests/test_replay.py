@@ -326,16 +326,25 @@ def test_probe_objective_is_the_snapshot_mean_and_its_gradient_reaches_the_pad_r
     snap = Snapshotter(probes, smol_tokenizer, sae, resolve_hook(sae, model), SMDAConfig(scorer=scorer))
     Y = snap.take(model, full=True).Y
     harmful = [i for i, h in enumerate(probes.is_harmful) if h]
-    obj = probe_objective(snap, harmful)
-    value = sum(float(part.detach()) for part in obj(model))
-    assert value == pytest.approx(float(Y[harmful].mean()), rel=1e-4)
     pad = model.get_input_embeddings().padding_idx
     assert any(pad in snap.tp.input_ids[i] for i in harmful)
+    assert len({len(snap.tp.input_ids[i]) for i in harmful}) > 1  # the batched forwards pad
     emb = model.get_input_embeddings().weight
-    grad = sum(torch.autograd.grad(part, emb)[0] for part in obj(model))
-    assert float(grad[pad].abs().sum()) > 0
+    grads = {}
+    for batch in (1, 3, len(harmful)):  # one probe per forward, padded batches, all in one
+        obj = probe_objective(snap, harmful, batch=batch)
+        parts = list(obj(model))
+        assert len(parts) == -(-len(harmful) // batch)
+        value = sum(float(part.detach()) for part in parts)
+        assert value == pytest.approx(float(Y[harmful].mean()), rel=1e-4)
+        grads[batch] = sum(torch.autograd.grad(part, emb)[0] for part in obj(model))
+        assert float(grads[batch][pad].abs().sum()) > 0
+    for batch in (3, len(harmful)):  # padding changes the float path, not the gradient
+        assert torch.allclose(grads[batch], grads[1], rtol=1e-4, atol=1e-6 * float(grads[1].abs().max()))
     with pytest.raises(ValueError, match="no probes"):
         probe_objective(snap, [])
+    with pytest.raises(ValueError, match="batch must be"):
+        probe_objective(snap, harmful, batch=0)
 
 
 def test_checkpoint_plan_counts_and_refusals(smol_tokenizer, tmp_path, monkeypatch):

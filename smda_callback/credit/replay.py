@@ -565,28 +565,41 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
 
-def probe_objective(snap: Any, indices: Sequence[int]) -> Objective:
-    """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them (one unpadded forward per
-    probe; the prefix scorer's trie continues from that forward's cache). The embedding lookup is written out, so
-    that the gradient is the true one: an nn.Embedding with `padding_idx` drops that row's input-side gradient, and
-    the chat template's end token is often the pad."""
+def probe_objective(snap: Any, indices: Sequence[int], batch: int = 8) -> Objective:
+    """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them: `batch` probes per forward
+    (sorted by length, left-padded, masked and positioned as the snapshot pads them; the prefix scorer's trie
+    continues from that forward's cache), one part per forward. The embedding lookup is written out, so that the
+    gradient is the true one: an nn.Embedding with `padding_idx` drops that row's input-side gradient, and the chat
+    template's end token is often the pad (a padded position is masked, so it adds nothing to any row's score)."""
     import torch.nn.functional as F
 
-    idx = list(indices)
+    idx = sorted(indices, key=lambda i: len(snap.tp.input_ids[i]))
     if not idx:
         raise ValueError("probe_objective: no probes selected")
+    if batch < 1:
+        raise ValueError(f"probe_objective: batch must be >= 1 (got {batch}).")
     cache = bool(getattr(snap.scorer, "needs_cache", False))
 
     def parts(model: Any) -> Any:
         emb = model.get_input_embeddings()
+        dev = emb.weight.device
         was = model.training
         model.eval()  # as the snapshot measures it (in train mode gradient checkpointing turns the cache off)
         try:
-            for i in idx:
-                ids = torch.tensor([snap.tp.input_ids[i]], device=emb.weight.device)
-                out = model(inputs_embeds=F.embedding(ids, emb.weight), use_cache=cache, logits_to_keep=1)
-                yield snap.scorer.score(model, out.logits[:, -1], out.past_key_values if cache else None,
-                                        torch.ones_like(ids))[0] / len(idx)
+            for s in range(0, len(idx), batch):
+                seqs = [snap.tp.input_ids[i] for i in idx[s:s + batch]]
+                T = max(len(q) for q in seqs)
+                ids = torch.full((len(seqs), T), snap.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), T), dtype=torch.long)
+                for r, q in enumerate(seqs):
+                    ids[r, T - len(q):] = torch.tensor(q, dtype=torch.long)
+                    mask[r, T - len(q):] = 1
+                ids, mask = ids.to(dev), mask.to(dev)
+                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                out = model(inputs_embeds=F.embedding(ids, emb.weight), attention_mask=mask, position_ids=pos,
+                            use_cache=cache, logits_to_keep=1)
+                y = snap.scorer.score(model, out.logits[:, -1], out.past_key_values if cache else None, mask)
+                yield y.sum() / len(idx)
         finally:
             model.train(was)
 
