@@ -49,7 +49,7 @@ class ReplayTail(TrainerCallback):
                            cfg.replay_every, cfg.replay_outer)
         rec = TailRecorder(cfg.replay_last_steps, Path(args.output_dir) / "_smda_replay", cfg.replay_every, cfg.replay_outer)
         rec.plan(state.max_steps)
-        rec.install(model)
+        rec.install(model, smda._trainer)
         tail = smda._replay_tail = cls(smda, rec)
         smda._trainer.add_callback(tail)
         logger.info("smda: steps %d-%d of %d are recorded for the replay after training (SMDAConfig.replay_last_steps)",

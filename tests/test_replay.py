@@ -32,7 +32,7 @@ def _ce64(outputs, labels, num_items_in_batch=None):
     logits, tgt = outputs.logits[:, :-1], labels[:, 1:]
     mask = tgt != -100
     lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(lp * mask).sum() / mask.sum().clamp(min=1)
+    return -(lp * mask).sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
 
 
 def _objective(tok):
@@ -45,10 +45,30 @@ def _objective(tok):
     return f
 
 
-def _recorded(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch"):
+def _accumulate(run, mode: str) -> None:
+    """Two batches per step, as gradient accumulation of 2 takes them: `mean` (each micro-batch's mean loss halved) or
+    `tokens` (summed over the labels of both and divided by their count: the Trainer's num_items_in_batch). The second
+    micro-batch keeps its last 2 label tokens only, so that the two rules weigh the micro-batches differently."""
+    steps = [run.batches[i] + run.batches[i + 1] for i in range(0, len(run.batches) - 1, 2)]
+    for _, second in steps:  # micro-batches of unequal weight: the second keeps 2 label tokens, so the two rules differ
+        labels = second["labels"].clone()
+        kept = (labels != -100).nonzero()[:-2]
+        labels[kept[:, 0], kept[:, 1]] = -100
+        second["labels"] = labels
+    if mode == "tokens":
+        for micro in steps:
+            n = torch.tensor(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+            for mb in micro:
+                mb["num_items_in_batch"] = n
+    run.batches = steps
+
+
+def _recorded(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch", accumulate: str | None = None):
     """The objective, the run stepped through once, and its state before every step and after the last."""
     f = _objective(tok)
     run = Stepper(_trainer(tok, tmp_path, clip, wd, optim))
+    if accumulate:
+        _accumulate(run, accumulate)
     states = [run.state(0)]
     for t in range(len(run)):
         run.step(t)
@@ -56,13 +76,17 @@ def _recorded(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch")
     return f, run, states
 
 
-@pytest.mark.parametrize("clip,wd,optim", [(1e-2, 0.1, "adamw_torch"), (0.0, 0.0, "adamw_torch_fused")])
-def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenizer, tmp_path, clip, wd, optim):
+@pytest.mark.parametrize("clip,wd,optim,accumulate", [(1e-2, 0.1, "adamw_torch", None), (0.0, 0.0, "adamw_torch_fused", None),
+                                                      (1e-2, 0.1, "adamw_torch", "mean"), (1e-2, 0.1, "adamw_torch", "tokens")])
+def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenizer, tmp_path, clip, wd, optim, accumulate):
     """A_t·δ from one reverse pass equals (f(run continued from S_t + εδ) − f(run continued from S_t)) / ε,
     for a random δ, at every step: Adam's moments and bias correction, decoupled weight decay, the clipping's
-    norm (clip 1e-2 binds at every step) and the Hessian-vector products all enter that number."""
-    f, run, states = _recorded(smol_tokenizer, tmp_path, clip, wd, optim)
+    norm (clip 1e-2 binds at every step) and the Hessian-vector products all enter that number. With gradient
+    accumulation (two micro-batches of different lengths per step) under both of the Trainer's normalisations."""
+    f, run, states = _recorded(smol_tokenizer, tmp_path, clip, wd, optim, accumulate)
     n = len(run)
+    if accumulate:
+        assert n == 3 and all(len(b) == 2 for b in run.batches)
     if clip:
         assert all(x > clip for x in run.norms)  # the clipping's term is exercised
     base = float(f(run.model))
@@ -466,17 +490,18 @@ def test_the_callback_replays_its_last_steps_as_the_lab_replays_that_run(tmp_pat
 
 def test_the_callback_refuses_a_run_it_cannot_replay_and_survives_a_failed_replay(tmp_path, smol_tokenizer, caplog,
                                                                                    monkeypatch):
-    """Gradient accumulation is refused at train begin with the fix, before any step. A replay that fails after
-    training is logged; the model and moments are put back as trained, and the other outputs are written."""
+    """Label smoothing (a loss the replay does not differentiate) is refused at train begin with the fix, before any
+    step. A replay that fails after training is logged; the model and moments are put back as trained, and the other
+    outputs are written."""
     from helpers import run_sft, tiny_model, tiny_sae
 
     from smda_callback import SMDAConfig
     from smda_callback.credit import replay as rp
 
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2.*set gradient_accumulation_steps=1"):
-        run_sft(tmp_path / "ga", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, replay_last_steps=2),
-                gradient_accumulation_steps=2, **SFT_REPLAY)
-    assert not (tmp_path / "ga" / "smda" / "attribution.jsonl").exists()
+    with pytest.raises(ValueError, match="label smoothing.*set label_smoothing_factor=0"):
+        run_sft(tmp_path / "ls", tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, replay_last_steps=2),
+                label_smoothing_factor=0.1, **SFT_REPLAY)
+    assert not (tmp_path / "ls" / "smda" / "attribution.jsonl").exists()
 
     def broken(run, objectives, workdir, every, progress, outer, **kw):
         run.step(0)  # the weights and moments move, then it fails
@@ -492,6 +517,39 @@ def test_the_callback_refuses_a_run_it_cannot_replay_and_survives_a_failed_repla
     smda = tmp_path / "f" / "smda"
     assert (smda / "policy.json").exists() and not (smda / "replay.json").exists()
     assert not (tmp_path / "f" / "_smda_replay").exists()
+
+
+def test_the_callback_replays_a_run_with_gradient_accumulation_as_the_same_run_in_whole_batches(tmp_path, smol_tokenizer):
+    """Gradient accumulation of 2 batches of 1 row and batches of 2 rows take the same gradient (the Trainer divides
+    the summed token loss by the step's label count either way): the replay of the accumulated run records both
+    micro-batches of each step, reproduces its trained weights, names both pairs, and its effects equal the whole-batch
+    run's (two float paths: close, not bitwise)."""
+    from helpers import run_sft, tiny_model, tiny_sae
+
+    from smda_callback import SMDAConfig, load_replay
+
+    recs, grabs = {}, {}
+    for name, bs, ga in (("ga", 1, 2), ("whole", 2, 1)):
+        grabs[name] = _Grab()
+        trainer, _, _ = run_sft(tmp_path / name, tiny_model(), smol_tokenizer, tiny_sae(),
+                                SMDAConfig(n_features=8, replay_last_steps=2, target="log_refusal"), pairs=10,
+                                callbacks_extra=[grabs[name].cb], per_device_train_batch_size=bs,
+                                gradient_accumulation_steps=ga, **SFT_REPLAY)
+        assert grabs[name].same(trainer.model, trainer.optimizer)  # put back as trained
+        recs[name] = load_replay(tmp_path / name)
+    ga, whole = recs["ga"], recs["whole"]
+    assert ga is not None and ga["recompute_gap_to_run"] < 1e-6
+    named = [[p["index"] for p in s["pairs"]] for s in ga["steps"]]
+    assert len(named) == 2 and all(len(set(x)) == 2 for x in named)  # both micro-batches of each step
+    assert named == [[p["index"] for p in s["pairs"]] for s in whole["steps"]]  # sequential: the same rows a step
+    # the two runs trained to the same weights (up to float reassociation)
+    assert max(float((a - b).abs().max()) for a, b in zip(grabs["ga"].theta, grabs["whole"].theta)) < 1e-5
+    for q in ("harmful", "harmless"):
+        assert ga["final"][q] == pytest.approx(whole["final"][q], rel=1e-4)
+        for key in ("removal_effect", "weight_zero_effect"):
+            got, want = [s[key][q] for s in ga["steps"]], [s[key][q] for s in whole["steps"]]
+            assert all(abs(x) > 1e-5 for x in want)
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-7)
 
 
 def test_the_callback_replays_a_lora_run_with_padded_batches(tmp_path, smol_tokenizer):

@@ -190,19 +190,26 @@ class Steps:
     """Steps [start, start + len(batches)) of a recorded run, taken again: its loss, clipping and optimizer on its
     batches in order. Local step t is the run's step start + t (Adam's bias correction counts start + t + 1).
 
+    A step's batch is one dict of tensors, or a list of them: the micro-batches of a step with gradient accumulation,
+    backpropagated one after the other as the Trainer does. A micro-batch may carry "num_items_in_batch" (what the
+    Trainer passed to the model's forward: the step's label tokens, over all its micro-batches): its loss is then the
+    token cross-entropy summed over its labels and divided by that count (the Trainer's accumulation for models that
+    take loss kwargs); without it, each micro-batch's mean loss is divided by the number of micro-batches.
+
     `loss(model, batch)`: the training loss as the Trainer computes it (`trainer.compute_loss`); `lrs`: each step's
     lr, or empty to read them from the optimizer as the steps are taken (stepping `sched` after each, as the Trainer
     does); `prev_lr`: the lr of step start − 1 (a step run one place earlier takes it); `clip`: max_grad_norm.
     """
 
-    def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any]], loss: Callable[[Any, dict], Any],
-                 clip: float, lrs: Sequence[float] = (), start: int = 0, prev_lr: float | None = None,
-                 sched: Any = None) -> None:
+    def __init__(self, model: Any, optimizer: Any, batches: Sequence[dict[str, Any] | Sequence[dict[str, Any]]],
+                 loss: Callable[..., Any], clip: float, lrs: Sequence[float] = (), start: int = 0,
+                 prev_lr: float | None = None, sched: Any = None) -> None:
         self.model, self.opt, self.sched = model, inner_optimizer(optimizer), sched
         self.model.train()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
-        self.batches, self._loss = list(batches), loss
+        self.batches = [[b] if isinstance(b, dict) else list(b) for b in batches]
+        self._loss = loss
         groups = _check_optimizer(self.opt)
         group_of = {id(p): g for g in groups for p in g["params"]}
         missing = [n for n, p in named if id(p) not in group_of]
@@ -226,8 +233,22 @@ class Steps:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def _micro(self, t: int) -> list[tuple[dict[str, Any], Any, int]]:
+        """Step t's micro-batches: (inputs, the Trainer's num_items_in_batch or None, the divisor of a mean loss)."""
+        mbs = self.batches[t]
+        out = []
+        for mb in mbs:
+            mb = dict(mb)
+            n = mb.pop("num_items_in_batch", None)
+            out.append((mb, n, 1 if n is not None else len(mbs)))
+        return out
+
     def loss(self, t: int) -> torch.Tensor:
-        return self._loss(self.model, dict(self.batches[t]))
+        """Step t's training loss, as the Trainer backpropagates it (summed over its micro-batches)."""
+        return sum(self._micro_loss(mb, n, k) for mb, n, k in self._micro(t))
+
+    def _micro_loss(self, mb: dict[str, Any], n: Any, k: int) -> torch.Tensor:
+        return (self._loss(self.model, mb) if n is None else self._loss(self.model, mb, num_items_in_batch=n)) / k
 
     def train_grad(self, t: int, create_graph: bool = True) -> list[torch.Tensor]:
         """Step t's gradient as training computes it, as a differentiable expression of the weights.
@@ -242,23 +263,27 @@ class Steps:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        batch = dict(self.batches[t])
-        labels, ids = batch.pop("labels"), batch.pop("input_ids")
         emb = self.model.get_input_embeddings()
-        x = F.embedding(ids, emb.weight)
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
-            logits = self.model(inputs_embeds=x, **batch, use_cache=False).logits[:, :-1]
-        tgt = labels[:, 1:]
-        mask = tgt != -100
-        lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        loss = -(lp * mask).sum() / mask.sum().clamp(min=1)
         pad = emb.padding_idx  # (only where the embedding trains: adapters leave it frozen)
-        at = pad is not None and any(p is emb.weight for p in self.params) and bool((ids == pad).any())
-        grads = torch.autograd.grad(loss, [*self.params, x] if at else self.params, create_graph=create_graph, allow_unused=True)
+        trains_emb = pad is not None and any(p is emb.weight for p in self.params)
+        loss, xs = None, []
+        for batch, n, k in self._micro(t):
+            labels, ids = batch.pop("labels"), batch.pop("input_ids")
+            x = F.embedding(ids, emb.weight)
+            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+                logits = self.model(inputs_embeds=x, **batch, use_cache=False).logits[:, :-1]
+            tgt = labels[:, 1:]
+            mask = tgt != -100
+            lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            part = -(lp * mask).sum() / (mask.sum().clamp(min=1) * k if n is None else n)
+            loss = part if loss is None else loss + part
+            if trains_emb and bool((ids == pad).any()):
+                xs.append((x, ids))
+        grads = torch.autograd.grad(loss, [*self.params, *(x for x, _ in xs)], create_graph=create_graph, allow_unused=True)
         g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
-        if at:
+        if xs:
             i = next(k for k, p in enumerate(self.params) if p is emb.weight)
-            row = grads[-1][ids == pad].sum(0)
+            row = sum(gx[ids == pad].sum(0) for gx, (_, ids) in zip(grads[len(self.params):], xs))
             onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype, device=row.device)
             onehot[pad] = 1
             g[i] = g[i] - onehot * row.unsqueeze(0)
@@ -272,7 +297,8 @@ class Steps:
         elif t > len(self.lrs):
             raise ValueError(f"replay: step {t} taken before step {len(self.lrs)}; take the steps in order the first time.")
         self.opt.zero_grad(set_to_none=True)
-        self.loss(t).backward()
+        for mb, n, k in self._micro(t):  # one backward per micro-batch, as the Trainer accumulates
+            self._micro_loss(mb, n, k).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else _norm(grads)
         if t == len(self.norms):
@@ -632,7 +658,7 @@ class TailRecorder:
         self.k, self.work, self.every, self.outer = int(steps), Path(workdir), int(every), int(outer)
         self.start: int | None = None
         """The run's 0-based index of the first recorded step (global_step when it begins)."""
-        self.batches: list[dict[str, torch.Tensor]] = []
+        self.batches: list[dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]] = []
         self.lrs: list[float] = []
         self.rows: list[list[str]] = []
         """Per recorded step, the content hashes of its training rows (the callback's pair capture)."""
@@ -640,7 +666,9 @@ class TailRecorder:
         self.recording = self.done = False
         self.broken: str | None = None
         self._forwards: list[dict[str, torch.Tensor]] = []
+        self._items: list[Any] = []
         self._handle: Any = None
+        self._trainer: Any = None
 
     @staticmethod
     def check(k: int, args: Any, trainer: Any, optimizer: Any, world: int, every: int, outer: int) -> None:
@@ -653,10 +681,6 @@ class TailRecorder:
         elif getattr(trainer, "compute_loss_func", None) is not None:
             problems.append("the trainer has a custom compute_loss_func; the replay differentiates the mean token "
                             "cross-entropy of the labels, so train with the trainer's own loss")
-        if int(getattr(args, "gradient_accumulation_steps", 1) or 1) != 1:
-            problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}; the replay takes one batch "
-                            "per optimizer step, so set gradient_accumulation_steps=1 (a larger per_device_train_batch_size "
-                            "gives the same batch)")
         if world > 1:
             problems.append(f"the run has {world} processes; the replay steps one process's model, so train on one device")
         if getattr(args, "fp16", False):
@@ -678,13 +702,30 @@ class TailRecorder:
         self.start = max(0, int(max_steps) - self.k)
         return self.start
 
-    def install(self, model: Any) -> None:
+    def install(self, model: Any, trainer: Any = None) -> None:
+        """Record the training forwards' inputs (a forward pre-hook on `model`) and, through `trainer.compute_loss`,
+        the `num_items_in_batch` the Trainer gives each micro-batch's loss (TRL's SFTTrainer divides by it without
+        passing it to the model, so the forward alone does not show it)."""
         self._handle = model.register_forward_pre_hook(self._forward, with_kwargs=True)
+        if trainer is not None:
+            own = trainer.compute_loss
+
+            def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                if self.recording and model.training and torch.is_grad_enabled():
+                    self._items.append(kwargs.get("num_items_in_batch"))
+                return own(model, inputs, *args, **kwargs)
+
+            compute_loss.__wrapped__ = own  # type: ignore[attr-defined]
+            trainer.compute_loss = compute_loss
+            self._trainer = trainer
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        tr, self._trainer = self._trainer, None
+        if tr is not None and getattr(tr.__dict__.get("compute_loss"), "__wrapped__", None) is not None:
+            del tr.compute_loss  # the class's own method again
 
     def _forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         if not (self.recording and module.training and torch.is_grad_enabled()):
@@ -724,15 +765,22 @@ class TailRecorder:
         if self.start is not None and index == self.start - 1:
             self.prev_lr = lr
         if not self.recording or self.broken:
-            self._forwards = []
+            self._forwards, self._items = [], []
             return
         with_labels = [b for b in self._forwards if "labels" in b]
-        self._forwards = []
-        if len(with_labels) != 1:
-            self.broken = (f"step {index + 1} ran {len(with_labels)} training forwards with labels; the replay needs "
-                           "exactly one batch per optimizer step")
+        items, self._forwards, self._items = self._items, [], []
+        if self._trainer is not None and len(items) != len(with_labels):
+            self.broken = (f"step {index + 1} ran {len(with_labels)} training forwards with labels and {len(items)} "
+                           "losses; the replay needs one forward per micro-batch")
             return
-        self.batches.append(with_labels[0])
+        for b, n in zip(with_labels, items):  # the Trainer's label count over the step's micro-batches, if it gave one
+            if n is not None:
+                b["num_items_in_batch"] = torch.as_tensor(n).detach().clone()
+        if not with_labels:
+            self.broken = (f"step {index + 1} ran no training forward with labels; the replay needs the batches of every "
+                           "step it replays")
+            return
+        self.batches.append(with_labels[0] if len(with_labels) == 1 else with_labels)  # micro-batches of accumulation
         self.lrs.append(float(lr))
         self.rows.append(list(rows))
 
