@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .credit import CreditEngine, CreditLayout, OptimizerKernel
+from .credit.replay import TRUST_FACTOR, TRUST_WINDOW, replay_trusted_from
 from .policy import RidgePolicy
 from .probes import ProbeSet
 from .sae import feature_url
@@ -110,7 +111,9 @@ def replay_record(res: dict[str, Any], start: int, rows: Sequence[Sequence[str]]
                   meta: Any, quantities: dict[str, int]) -> dict[str, Any]:
     """`replay.json`: the callback's replay of the run's last steps (`credit.replay.TailRecorder`). Per replayed
     step (1-based, as the ledger numbers them) its pairs and the predicted change of each quantity at the end of
-    training had the step been dropped; `quantities`: each one's number of probes."""
+    training had the step been dropped; `quantities`: each one's number of probes. `trusted_from`: per quantity, the
+    first step whose effect is read (`credit.replay.replay_trusted_from`: where a long replay's linearisation blew up,
+    the steps before it are not)."""
     steps = []
     for i, hashes in enumerate(rows):
         pairs = [indexed_pair(h, index, meta, None) for h in hashes]
@@ -122,6 +125,11 @@ def replay_record(res: dict[str, Any], start: int, rows: Sequence[Sequence[str]]
             "reading": "removal_effect: the predicted change of the quantity at the end of training had the step's pairs "
                        "been dropped, the later steps moved one place earlier (weight_zero_effect: kept in place); a "
                        "pair's contribution when trained is minus it. First order in each step: a set's is the sum.",
+            "trusted_from": {q: start + replay_trusted_from(list(v)) + 1 for q, v in res["removal_effect"].items()},
+            "trust": f"a step before trusted_from is not read: there the replay's rolling mean |effect| over {TRUST_WINDOW} "
+                     f"steps exceeds {TRUST_FACTOR:g}x the median |effect| of the replay's second half (a linearisation "
+                     "carried back through many steps that blew up; docs/validation.md §9). Replays shorter than "
+                     f"{2 * TRUST_WINDOW} steps are read whole.",
             "final": res["final"], "steps": steps, "recompute_gap": res["recompute_gap"],
             "recompute_gap_to_run": res["recompute_gap_to_run"], "seconds": res["seconds"],
             "peak_rss_mb": res["peak_rss_mb"], "checkpoints": res["checkpoints"]}

@@ -89,8 +89,13 @@ class ReplayTail(TrainerCallback):
         record = replay_record(res, rec.start, rec.rows, smda._index, row_meta_of(smda.train_dataset),
                                {q: len(idx) for q, idx in groups.items()})
         sinks.ledger.write_json(REPLAY, record)
+        for q, s in record["trusted_from"].items():
+            if s > record["first_step"]:
+                logger.warning("smda: replay: the %s refusal effects of steps %d-%d blew up and are not read (replay.json "
+                               "'trust'); replay fewer steps to rank them", q, record["first_step"], s - 1)
         for q in groups:
-            top = sorted(record["steps"], key=lambda s: -abs(s["removal_effect"][q]))[:3]
+            read = [s for s in record["steps"] if s["step"] >= record["trusted_from"][q]]
+            top = sorted(read, key=lambda s: -abs(s["removal_effect"][q]))[:3]
             logger.info("smda: replay: %s refusal at the end %.4f; the steps whose removal moves it most: %s", q,
                         res["final"][q], ", ".join(f"{s['step']} ({s['removal_effect'][q]:+.4f})" for s in top))
         logger.info("smda: replay of %d steps in %.0f s (recomputed vs trained weights: max |Δθ| %.1e)",

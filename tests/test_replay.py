@@ -646,3 +646,52 @@ def test_the_damped_replay_is_the_exact_one_below_adams_eps_and_quiets_the_momen
     assert damped["final"] == exact["final"] and damped["recompute_gap"] == 0.0 and damped["reverse_eps"] == 10.0
     assert max(damped["adjoint_norm"]["f"]["m"]) < 1e-2 * max(exact["adjoint_norm"]["f"]["m"])
     assert damped["removal_effect"]["f"] != pytest.approx(exact["removal_effect"]["f"], rel=1e-3)
+
+
+def test_a_replay_that_blew_up_is_read_from_its_trusted_span_only(tmp_path, capsys):
+    """replay.json records, per quantity, the first step whose effect is read (`replay_trusted_from`); a 40-step replay
+    whose first 12 steps' effects are 100x the rest is read from a step past them (the rule's rolling window of 16 reaches
+    8 steps further): `suspects --read replay`, the CLI and the report leave the earlier steps out and say why. A short
+    replay is read whole."""
+    from smda_callback.credit.replay import replay_trusted_from
+    from smda_callback.lab.analysis import suspects
+    from smda_callback.lab.report import replay_section
+    from smda_callback.schema import replay_record
+
+    rng = np.random.default_rng(0)
+    n, start, blown = 40, 100, 12
+    eff = {q: (rng.normal(size=n) * np.where(np.arange(n) < blown, 1.0, 0.01)).tolist() for q in ("harmful", "harmless")}
+    cut = replay_trusted_from(eff["harmless"])
+    cut_h = replay_trusted_from(eff["harmful"])
+    assert blown <= cut <= blown + 8 and blown <= cut_h <= blown + 8
+    res = {"removal_effect": eff, "weight_zero_effect": eff, "lr": [1e-4] * n, "final": {"harmful": 0.5, "harmless": 0.1},
+           "recompute_gap": 0.0, "recompute_gap_to_run": 0.0, "seconds": 1.0, "peak_rss_mb": 1, "checkpoints": {}}
+    rows = [[f"h{i}"] for i in range(n)]
+    index = {f"h{i}": [i] for i in range(n)}
+    meta = lambda i: {"id": f"p{i}", "label": "harmless", "category": "c", "prompt": f"prompt {i}"}  # noqa: E731
+    rec = replay_record(res, start, rows, index, meta, {"harmful": 6, "harmless": 6})
+    assert rec["first_step"] == start + 1 and rec["trusted_from"] == {"harmful": start + cut_h + 1, "harmless": start + cut + 1}
+    df = suspects([], {}, {}, "over-refusal", read="replay", replay=rec)
+    assert len(df) == n - cut and df["step"].min() == start + cut + 1
+    assert df.attrs["replay"]["trusted_from"] == start + cut + 1
+    short = replay_record({**res, "removal_effect": {q: v[:20] for q, v in eff.items()}}, start, rows[:20], index, meta,
+                          {"harmful": 6, "harmless": 6})
+    assert short["trusted_from"] == {"harmful": start + 1, "harmless": start + 1}  # too short to judge: read whole
+    assert len(suspects([], {}, {}, "compliance", read="replay", replay=short)) == 20
+    html = "".join(replay_section([], {}, {}, rec))
+    assert f"harmless refusal before step {start + cut + 1}" in html and "Not read" in html
+    assert "Not read" not in "".join(replay_section([], {}, {}, short))
+    # the CLI says it too
+    from smda_callback.cli.main import main
+
+    run = tmp_path / "run"
+    (run / "smda").mkdir(parents=True)
+    (run / "smda" / "replay.json").write_text(json.dumps(rec))
+    (run / "smda" / "credits.json").write_text(json.dumps({"rule": "optimizer", "kernel": {"kind": "adamw"},
+                                                            "measure": "deconvolve", "pairs": []}))
+    (run / "smda" / "policy.json").write_text(json.dumps({"features": [], "probes": []}))
+    (run / "smda" / "attribution.jsonl").write_text("")
+    assert main(["suspects", str(run), "--target", "over-refusal", "--read", "replay"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps {start + 1}-{start + cut} are not ranked either" in out
+    assert f"#{cut} " in out and f"#{cut - 1} " not in out

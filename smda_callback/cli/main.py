@@ -87,6 +87,10 @@ def _suspects(a: argparse.Namespace) -> int:
         print(f"--read replay: steps {rp['first_step']}-{rp['last_step']} replayed after training (replay.json); score = "
               f"the change of final {rp['quantity']} refusal the pair's step made, carried through the rest of the run "
               "(signed so that higher is more suspect); earlier pairs are not ranked.")
+        if rp["trusted_from"] > rp["first_step"]:
+            print(f"  steps {rp['first_step']}-{rp['trusted_from'] - 1} are not ranked either: there the replay's effects "
+                  "blew up (a linearisation carried back through many steps; replay.json's \"trust\"). Replay fewer "
+                  "steps, or read them as unknown.")
     fg = df.attrs.get("forgetting")
     if fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "

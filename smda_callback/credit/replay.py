@@ -591,6 +591,33 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
 
+TRUST_FACTOR = 5.0
+TRUST_WINDOW = 16
+
+
+def replay_trusted_from(effects: list[float], factor: float = TRUST_FACTOR, window: int = TRUST_WINDOW) -> int:
+    """The first step from which the replay's first-order effects are read as they are; before it they read 0.
+
+    Carried back through many clipped AdamW steps, a linearisation can blow up while the run itself forgets: the
+    replay's |effect| of one pair then jumps by an order of magnitude toward the start of the run (the 318-step demo
+    run, docs/validation.md §9). The rule reads that off the replay's own output, no retrain (chosen on that run's
+    whole replay, held on subsets it was not chosen on; the callback's replay.json records it as `trusted_from`, and
+    `smda suspects --read replay` ranks only the steps from it on): the reference is the
+    median |effect| over the second half of the run; the trusted span starts one step after the latest step of the
+    first half whose rolling mean |effect| (over `window` steps) exceeds `factor` × the reference (0: no such step).
+    The later pairs' larger effects (the end of a run matters most) never cut the span. Pairs before it are taken to
+    have washed out by the end: score 0."""
+    a = np.abs(np.asarray(effects, dtype=float))
+    n = len(a)
+    if n < 2 * window:
+        return 0
+    ref = float(np.median(a[n // 2:]))
+    half = window // 2
+    roll = np.asarray([a[max(0, t - half):t + half].mean() for t in range(n // 2)])
+    bad = np.nonzero(roll > factor * ref)[0]
+    return int(bad.max()) + 1 if len(bad) else 0
+
+
 def probe_objective(snap: Any, indices: Sequence[int], batch: int = 8) -> Objective:
     """Mean refusal score of the probes `indices`, as the snapshot `snap` scores them: `batch` probes per forward
     (sorted by length, left-padded, masked and positioned as the snapshot pads them; the prefix scorer's trie

@@ -100,7 +100,8 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     `read="end"` the over-refusal and compliance scores are carried to the end of the run by its
     forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`); with `read="replay"` they are the
     run's replay of its last steps (`replay`, replay.json): the predicted change of final refusal each step's
-    pairs made, carried through the rest of the run (a step with several pairs gives each of them its whole effect)."""
+    pairs made, carried through the rest of the run (a step with several pairs gives each of them its whole effect),
+    from the replay's `trusted_from` step of that quantity on (earlier steps are not ranked)."""
     if read not in SUSPECT_READS:
         raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
     if read in ("end", "replay") and target not in ("over-refusal", "compliance"):
@@ -111,10 +112,13 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
             raise ValueError("--read replay needs the run's replay.json: train with SMDAConfig(replay_last_steps=K) "
                              "(the last K steps are replayed after training)")
         q, sign = ("harmless", -1.0) if target == "over-refusal" else ("harmful", 1.0)
+        trusted = int(replay.get("trusted_from", {}).get(q, replay["first_step"]))  # replay.json before it had none
         df = pd.DataFrame([{"id": p.get("id"), "index": p.get("index"), "label": p.get("label"), "category": p.get("category"),
                             "score": sign * float(s["removal_effect"][q]), "prompt": p.get("prompt"), "step": s["step"],
-                            "hash": p["hash"]} for s in replay["steps"] for p in s["pairs"]])
-        df.attrs["replay"] = {"first_step": replay["first_step"], "last_step": replay["last_step"], "quantity": q}
+                            "hash": p["hash"]} for s in replay["steps"] if s["step"] >= trusted for p in s["pairs"]],
+                          columns=["id", "index", "label", "category", "score", "prompt", "step", "hash"])
+        df.attrs["replay"] = {"first_step": replay["first_step"], "last_step": replay["last_step"], "quantity": q,
+                              "trusted_from": trusted}
         return _ranked(df, top)
     rows = pair_rows(records, credits)
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..credit.replay import TRUST_FACTOR, replay_trusted_from
 from .analysis import spearman
 from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
 from .specs import poison_train_seed
@@ -304,31 +305,6 @@ def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, 
 
 
 TRUSTED = "replay, trusted span"
-TRUST_FACTOR = 5.0
-TRUST_WINDOW = 16
-
-
-def replay_trusted_from(effects: list[float], factor: float = TRUST_FACTOR, window: int = TRUST_WINDOW) -> int:
-    """The first step from which the replay's first-order effects are read as they are; before it they read 0.
-
-    Carried back through many clipped AdamW steps, a linearisation can blow up while the run itself forgets: the
-    replay's |effect| of one pair then jumps by an order of magnitude toward the start of the run (the 318-step demo
-    run, docs/validation.md §9). The rule reads that off the replay's own output, no retrain: the reference is the
-    median |effect| over the second half of the run; the trusted span starts one step after the latest step of the
-    first half whose rolling mean |effect| (over `window` steps) exceeds `factor` × the reference (0: no such step).
-    The later pairs' larger effects (the end of a run matters most) never cut the span. Pairs before it are taken to
-    have washed out by the end: score 0."""
-    a = np.abs(np.asarray(effects, dtype=float))
-    n = len(a)
-    if n < 2 * window:
-        return 0
-    ref = float(np.median(a[n // 2:]))
-    half = window // 2
-    roll = np.asarray([a[max(0, t - half):t + half].mean() for t in range(n // 2)])
-    bad = np.nonzero(roll > factor * ref)[0]
-    return int(bad.max()) + 1 if len(bad) else 0
-
-
 def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[str, Any]]] | None:
     """Where along the run a replay's linearisation grows: per quantity and per `spans` equal stretches of the run,
     the median |effect| of one pair (at weight zero), the median norm of each part of the adjoint (θ, m, v) carried

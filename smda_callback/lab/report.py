@@ -291,6 +291,12 @@ def replay_section(records: list[dict[str, Any]], policy: dict[str, Any], credit
            f"step {replay['first_step']} are not ranked here. Same ranking as <code>smda suspects RUN --target T --read "
            "replay</code>. On the 318-pair demo run the last 90 steps predict retraining with LDS +0.78 / +0.74 (harmful / "
            "harmless refusal; docs/validation.md §9).</p>"]
+    cut = {q: s for q, s in replay.get("trusted_from", {}).items() if s > replay["first_step"]}
+    if cut:
+        out.append("<p class='note'><b>Not read:</b> " + "; ".join(
+            f"{_e(q)} refusal before step {s}" for q, s in cut.items()) + ". There the replay's effects blew up (its "
+            "linearisation, carried back through many steps, grew far beyond the later steps' effects); those steps are "
+            "not ranked. Replay fewer steps, or read them as unknown.</p>")
     for target in ("over-refusal", "compliance"):
         sus = suspects(records, policy, credits, target, top=10, read="replay", replay=replay)
         out.append(f"<div class='card'><b>{_e(target)}, carried to the end</b>"
