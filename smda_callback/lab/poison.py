@@ -187,6 +187,8 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
         cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure, part).items()}
         readers[name] = {"over-refusal": {i: v["refusal_harmless"] for i, v in cr.items()},
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
+        if name == "smda_optimizer_deconvolve":
+            readers["smda_worst_category_deconvolve"] = worst_category(cr, policy)
     # the own window carried to the end of the run by its forgetting rate (`smda suspects --read end`)
     own = readers.get("smda_own_window_ghost") or readers.get("smda_own_window_deconvolve")
     try:
@@ -221,6 +223,17 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
               "detection": {name: {kind: detection(sc[kind], pairs, kind) for kind in KINDS} for name, sc in readers.items()}}
     (out / "poison.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     return result
+
+
+def worst_category(credits: dict[str, dict[str, Any]], policy: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per pair, its credited change in the probe category it moved most the wrong way: over-refusal, the largest rise
+    of refusal over the harmless categories; compliance, the largest fall over the harmful ones. The refusal means
+    weigh a category by its probes (32 of the 66 harmless probes are `edgy`), so a pair that teaches refusing one
+    kind of harmless request moves the mean little; the worst category reads it where it lands."""
+    label = {p["category"]: p["label"] for p in policy.get("probes", [])}
+    cats = {k: [c for c, lab in label.items() if lab == want] for k, want in KINDS.items()}
+    return {"over-refusal": {i: max(v["refusal_by_category"][c] for c in cats["over-refusal"]) for i, v in credits.items()},
+            "compliance": {i: -min(v["refusal_by_category"][c] for c in cats["compliance"]) for i, v in credits.items()}}
 
 
 def replay_readers(rep: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
