@@ -536,6 +536,7 @@ def test_the_callback_replays_a_run_with_gradient_accumulation_as_the_same_run_i
                                 callbacks_extra=[grabs[name].cb], per_device_train_batch_size=bs,
                                 gradient_accumulation_steps=ga, **SFT_REPLAY)
         assert grabs[name].same(trainer.model, trainer.optimizer)  # put back as trained
+        assert "compute_loss" not in trainer.__dict__  # the recorder's pass-through is gone after training
         recs[name] = load_replay(tmp_path / name)
     ga, whole = recs["ga"], recs["whole"]
     assert ga is not None and ga["recompute_gap_to_run"] < 1e-6

@@ -696,6 +696,7 @@ class TailRecorder:
         self._items: list[Any] = []
         self._handle: Any = None
         self._trainer: Any = None
+        self._wrapper: Any = None
 
     @staticmethod
     def check(k: int, args: Any, trainer: Any, optimizer: Any, world: int, every: int, outer: int) -> None:
@@ -742,8 +743,7 @@ class TailRecorder:
                     self._items.append(kwargs.get("num_items_in_batch"))
                 return own(model, inputs, *args, **kwargs)
 
-            compute_loss.__wrapped__ = own  # type: ignore[attr-defined]
-            trainer.compute_loss = compute_loss
+            trainer.compute_loss = self._wrapper = compute_loss
             self._trainer = trainer
 
     def remove(self) -> None:
@@ -751,8 +751,8 @@ class TailRecorder:
             self._handle.remove()
             self._handle = None
         tr, self._trainer = self._trainer, None
-        if tr is not None and getattr(tr.__dict__.get("compute_loss"), "__wrapped__", None) is not None:
-            del tr.compute_loss  # the class's own method again
+        if tr is not None and tr.__dict__.get("compute_loss") is self._wrapper:
+            del tr.compute_loss  # the class's own method again (a wrapper put on top of ours since is left alone)
 
     def _forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         if not (self.recording and module.training and torch.is_grad_enabled()):

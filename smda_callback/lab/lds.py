@@ -305,6 +305,8 @@ def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, 
 
 
 TRUSTED = "replay, trusted span"
+
+
 def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[str, Any]]] | None:
     """Where along the run a replay's linearisation grows: per quantity and per `spans` equal stretches of the run,
     the median |effect| of one pair (at weight zero), the median norm of each part of the adjoint (θ, m, v) carried
