@@ -108,6 +108,18 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert "reads the two refusal means only" in capsys.readouterr().err
     assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "replay"]) == 2
     assert "train with SMDAConfig(replay_last_steps=K)" in capsys.readouterr().err
+    # --read category: the pair's credited change in the harmless category it raised most, that category named
+    cat = suspects(records, policy, load_credits(tmp_path), "over-refusal", read="category")
+    harmless = [p["category"] for p in policy["probes"] if p["label"] == "harmless"]
+    by_hash = {c["hash"]: c["refusal_by_category"] for c in load_credits(tmp_path)["pairs"]}
+    assert len(cat) == len(by_hash) and list(cat["score"]) == sorted(cat["score"], reverse=True)
+    for r in cat.itertuples():
+        assert r.score == pytest.approx(max(by_hash[r.hash][c] for c in harmless), rel=1e-12)
+        assert r.worst_category in harmless and by_hash[r.hash][r.worst_category] == pytest.approx(r.score, rel=1e-12)
+    assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--read", "category"]) == 0
+    assert "--read category: score = " in capsys.readouterr().out
+    assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "category"]) == 2
+    assert "reads the two refusal means only" in capsys.readouterr().err
 
 
 def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):

@@ -91,13 +91,19 @@ def _suspects(a: argparse.Namespace) -> int:
             print(f"  steps {rp['first_step']}-{rp['trusted_from'] - 1} are not ranked either: there the replay's effects "
                   "blew up (a linearisation carried back through many steps; replay.json's \"trust\"). Replay fewer "
                   "steps, or read them as unknown.")
+    if df.attrs.get("category"):
+        print("--read category: score = the pair's credited change of refusal in the probe category it moved most the "
+              "wrong way (over-refusal: the largest rise over the harmless categories; compliance: the largest fall over "
+              "the harmful ones), that category in brackets: planted bad pairs are found a little more reliably this way "
+              "(docs/validation.md §10), sizes are per category, not the refusal mean.")
     fg = df.attrs.get("forgetting")
     if fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
               f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
               "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
     for r in df.itertuples():
-        print(f"{r.score:+.4f}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
+        worst = f" (in {r.worst_category})" if "worst_category" in df.columns else ""
+        print(f"{r.score:+.4f}{worst}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
     return 0
 
 
@@ -343,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--read", choices=SUSPECT_READS, default="trained",
                     help="trained: what the pair's own steps did when applied (default); end: that, carried to the end "
                          "of the run by the run's forgetting rate; replay: the run's replay of its last steps "
-                         "(SMDAConfig(replay_last_steps=K), replay.json); end and replay: over-refusal and compliance only")
+                         "(SMDAConfig(replay_last_steps=K), replay.json); category: the pair's credited change in the "
+                         "probe category it moved most the wrong way (named in the output); end, replay and category: "
+                         "over-refusal and compliance only")
     su.add_argument("--json", action="store_true", help="a JSON list, most suspect first")
     su.set_defaults(fn=_suspects)
 

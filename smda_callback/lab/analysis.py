@@ -76,9 +76,21 @@ def _credit_rows(records: list[dict[str, Any]], credits: dict[str, Any]) -> list
 SUSPECT_TARGETS = ("over-refusal", "compliance", "off-target")
 
 
+def worst_category(measured: dict[str, float], labels: dict[str, str], target: str) -> tuple[str, float]:
+    """The probe category a pair's credited change moved most the wrong way, and that change signed so that higher is
+    worse: over-refusal, the largest rise of refusal over the harmless categories; compliance, the largest fall over
+    the harmful ones. The two refusal means weigh a category by its probes (32 of the shipped 66 harmless probes are
+    `edgy`), so a pair that teaches refusing one kind of harmless request moves the mean little; this reads it where it
+    lands (planted pairs, pooled over 8 runs: over-refusal AUROC 0.971 against the own window's 0.955, compliance
+    0.947 for both; docs/validation.md §10)."""
+    want, sign = ("harmless", 1.0) if target == "over-refusal" else ("harmful", -1.0)
+    cat = max((c for c, lab in labels.items() if lab == want and c in measured), key=lambda c: sign * measured[c])
+    return cat, sign * float(measured[cat])
+
+
 CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window credit (`own` in credits.json): the "
                 "change of refusal its own steps made when they were applied (category and off-target scores: the total "
-                "credit). They rank outliers (planted bad pairs, pooled AUROC 0.95 / 0.97) and their sizes were calibrated "
+                "credit). They rank outliers (planted bad pairs, pooled AUROC 0.955 / 0.947 over 8 runs) and their sizes were calibrated "
                 "against retraining on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
                 "docs/validation.md §9). They do not say what dropping a pair changes at the end of the run: later pairs "
                 "can undo or reverse it (on a planted run, dropping one of three top-ranked over-refusal plants moved final "
@@ -86,7 +98,9 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "forgetting rate (lab/carry.py): a little better at that (rank agreement +0.34 / +0.46 on the 64-pair run, "
                 "+0.34 / +0.26 on a planted one) at no cost. To predict it, replay the run's last steps inside it "
                 "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
-                "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py).")
+                "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
+                "`--read category` ranks by the probe category a pair moved most the wrong way (the total credit): "
+                "planted pairs pooled over 8 runs 0.971 / 0.947 against the own window's 0.955 / 0.947.")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
@@ -104,7 +118,7 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     from the replay's `trusted_from` step of that quantity on (earlier steps are not ranked)."""
     if read not in SUSPECT_READS:
         raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
-    if read in ("end", "replay") and target not in ("over-refusal", "compliance"):
+    if read in ("end", "replay", "category") and target not in ("over-refusal", "compliance"):
         raise ValueError(f"--read {read} reads the two refusal means only (over-refusal, compliance), not {target!r}: "
                          "the forgetting rate and the replay are measured on those two quantities")
     if read == "replay":
@@ -124,8 +138,15 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
     # over-refusal / compliance read the pair's own-window credit where the ledger has it: on planted pairs it ranks
-    # as the total does (pooled over 3 plantings 0.951 / 0.975 vs 0.952 / 0.970), on random removal sets it predicts
+    # as the total does (pooled over 8 runs 0.955 / 0.947 vs 0.952 / 0.947), on random removal sets it predicts
     # retraining better (LDS +0.33 / +0.40 vs +0.24 / +0.32) and its size is calibrated (slope 0.9 vs 0.08)
+    if read == "category":
+        worst = [worst_category(r["measured"], cat_label, target) for r in rows]
+        df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
+                            "score": sc, "worst_category": cat, "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
+                           for r, (cat, sc) in zip(rows, worst)])
+        df.attrs["category"] = True
+        return _ranked(df, top)
     if target == "over-refusal":
         score = [(r.get("own") or r)["refusal_harmless"] for r in rows]
     elif target == "compliance":

@@ -226,14 +226,12 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
 
 
 def worst_category(credits: dict[str, dict[str, Any]], policy: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per pair, its credited change in the probe category it moved most the wrong way: over-refusal, the largest rise
-    of refusal over the harmless categories; compliance, the largest fall over the harmful ones. The refusal means
-    weigh a category by its probes (32 of the 66 harmless probes are `edgy`), so a pair that teaches refusing one
-    kind of harmless request moves the mean little; the worst category reads it where it lands."""
+    """Per pair and kind, `analysis.worst_category` of its credited change by probe category (`smda suspects --read
+    category`)."""
+    from .analysis import worst_category as worst
+
     label = {p["category"]: p["label"] for p in policy.get("probes", [])}
-    cats = {k: [c for c, lab in label.items() if lab == want] for k, want in KINDS.items()}
-    return {"over-refusal": {i: max(v["refusal_by_category"][c] for c in cats["over-refusal"]) for i, v in credits.items()},
-            "compliance": {i: -min(v["refusal_by_category"][c] for c in cats["compliance"]) for i, v in credits.items()}}
+    return {kind: {i: worst(v["refusal_by_category"], label, kind)[1] for i, v in credits.items()} for kind in KINDS}
 
 
 def replay_readers(rep: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:

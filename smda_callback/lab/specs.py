@@ -9,7 +9,7 @@ from ..config import SECOND_MOMENTS  # noqa: F401  (the CLI reads it here, torch
 PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Attribution methods from other projects that `smda benchmark-poison` scores beside SMDA."""
 
-SUSPECT_READS = ("trained", "end", "replay")
+SUSPECT_READS = ("trained", "end", "replay", "category")
 """`trained`: what a pair's own steps did when applied; `end`: that, times what the run's forgetting rate leaves
 of it at the end of the run (carry.py); `replay`: the run's replay of its last steps (replay.json,
 SMDAConfig.replay_last_steps), each pair's step carried through the rest of the run (pairs before it unranked).
