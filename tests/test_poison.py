@@ -204,3 +204,5 @@ def test_worst_category_reads_the_category_a_pair_moved_most_the_wrong_way():
     got = worst_category(credits, policy)
     assert got["over-refusal"] == {"a": 0.20, "b": 0.05}
     assert got["compliance"] == {"a": 0.30, "b": -0.02}
+    with pytest.raises(ValueError, match="no harmless category"):
+        worst_category(credits, {"probes": [{"category": "drugs", "label": "harmful"}]})

@@ -84,7 +84,11 @@ def worst_category(measured: dict[str, float], labels: dict[str, str], target: s
     lands (planted pairs, pooled over 8 runs: over-refusal AUROC 0.971 against the own window's 0.955, compliance
     0.947 for both; docs/validation.md §10)."""
     want, sign = ("harmless", 1.0) if target == "over-refusal" else ("harmful", -1.0)
-    cat = max((c for c, lab in labels.items() if lab == want and c in measured), key=lambda c: sign * measured[c])
+    cats = [c for c, lab in labels.items() if lab == want and c in measured]
+    if not cats:
+        raise ValueError(f"--read category for {target}: the run's probes have no {want} category; add {want} probes "
+                         "to the probe set, or read the refusal means (--read trained)")
+    cat = max(cats, key=lambda c: sign * measured[c])
     return cat, sign * float(measured[cat])
 
 
