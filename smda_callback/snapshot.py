@@ -128,6 +128,23 @@ class Snapshotter:
             c += 1
         return c if c >= 4 else 0
 
+    def left_padded(self, seqs: Sequence[Sequence[int]], device: Any, prefix: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Token rows left-padded to one length, so that every row's last position is its own: ids [B, T], the
+        attention mask [B, prefix + T] (the first `prefix` columns a cached prefix every row shares), the position
+        ids of the T new positions, and each row's pad count. Built on the host in one go, then one copy each to
+        `device`."""
+        T = max(len(s) for s in seqs)
+        pads = [T - len(s) for s in seqs]
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(seqs), prefix + T), dtype=torch.long, device="cpu")
+        mask[:, :prefix] = 1
+        for r, (s, p) in enumerate(zip(seqs, pads)):
+            ids[r, p:] = torch.tensor(s, dtype=torch.long, device="cpu")
+            mask[r, prefix + p:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)[:, prefix:], pads
+
     @torch.no_grad()
     def _run(self, model: Any, indices: Sequence[int], full: bool) -> tuple[np.ndarray, np.ndarray]:
         order = sorted(indices, key=lambda i: len(self.tp.input_ids[i]))
@@ -144,18 +161,8 @@ class Snapshotter:
             bs = self.cfg.probe_batch_size
             for start in range(0, len(order), bs):
                 rows = order[start : start + bs]
-                seqs = [self.tp.input_ids[i][C:] for i in rows]
-                T = max(len(s) for s in seqs)
-                pads = [T - len(s) for s in seqs]
-                # built on the host in one go, then one copy each to the model's device
-                ids_h = torch.full((len(rows), T), self.pad_id, dtype=torch.long, device="cpu")
-                mask_h = torch.zeros((len(rows), C + T), dtype=torch.long, device="cpu")
-                mask_h[:, :C] = 1
-                for r, (s, p) in enumerate(zip(seqs, pads)):
-                    ids_h[r, p:] = torch.tensor(s, dtype=torch.long, device="cpu")
-                    mask_h[r, C + p :] = 1
-                ids, mask = ids_h.to(dev), mask_h.to(dev)
-                pos = (mask.cumsum(1) - 1).clamp(min=0)[:, C:]
+                ids, mask, pos, pads = self.left_padded([self.tp.input_ids[i][C:] for i in rows], dev, C)
+                T = ids.shape[1]
                 kw: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
                 if C:
                     cache = copy.deepcopy(prefix_cache)

@@ -640,15 +640,7 @@ def probe_objective(snap: Any, indices: Sequence[int], batch: int = 8) -> Object
         model.eval()  # as the snapshot measures it (in train mode gradient checkpointing turns the cache off)
         try:
             for s in range(0, len(idx), batch):
-                seqs = [snap.tp.input_ids[i] for i in idx[s:s + batch]]
-                T = max(len(q) for q in seqs)
-                ids = torch.full((len(seqs), T), snap.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), T), dtype=torch.long)
-                for r, q in enumerate(seqs):
-                    ids[r, T - len(q):] = torch.tensor(q, dtype=torch.long)
-                    mask[r, T - len(q):] = 1
-                ids, mask = ids.to(dev), mask.to(dev)
-                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                ids, mask, pos, _ = snap.left_padded([snap.tp.input_ids[i] for i in idx[s:s + batch]], dev)
                 out = model(inputs_embeds=F.embedding(ids, emb.weight), attention_mask=mask, position_ids=pos,
                             use_cache=cache, logits_to_keep=1)
                 y = snap.scorer.score(model, out.logits[:, -1], out.past_key_values if cache else None, mask)

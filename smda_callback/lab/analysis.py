@@ -145,13 +145,9 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     # as the total does (pooled over 8 runs 0.955 / 0.947 vs 0.952 / 0.947), on random removal sets it predicts
     # retraining better (LDS +0.33 / +0.40 vs +0.24 / +0.32) and its size is calibrated (slope 0.9 vs 0.08)
     if read == "category":
-        worst = [worst_category(r["measured"], cat_label, target) for r in rows]
-        df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
-                            "score": sc, "worst_category": cat, "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
-                           for r, (cat, sc) in zip(rows, worst)])
-        df.attrs["category"] = True
-        return _ranked(df, top)
-    if target == "over-refusal":
+        picks = [worst_category(r["measured"], cat_label, target) for r in rows]
+        score = [sc for _, sc in picks]
+    elif target == "over-refusal":
         score = [(r.get("own") or r)["refusal_harmless"] for r in rows]
     elif target == "compliance":
         score = [-(r.get("own") or r)["refusal_harmful"] for r in rows]
@@ -177,6 +173,9 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
                         "score": float(sc), "prompt": r["prompt"], "step": r["step"], "hash": r["hash"]}
                        for r, sc in zip(rows, score)])
+    if read == "category":
+        df["worst_category"] = [cat for cat, _ in picks]
+        df.attrs["category"] = True
     if forgetting is not None:
         df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows}
     return _ranked(df, top)
