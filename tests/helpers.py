@@ -65,7 +65,7 @@ def pair_records(n: int = 8) -> list[dict[str, Any]]:
 
 def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = None, pairs: int = 8, record_rows: bool = False,
             callback_kwargs: dict | None = None, trainer_kwargs: dict | None = None, resume: bool = False,
-            callbacks_extra: list | None = None, **args: Any) -> tuple[Any, Any, list]:
+            callbacks_extra: list | None = None, trainer_cls: Any = None, **args: Any) -> tuple[Any, Any, list]:
     """Train `model` with SFTTrainer + SMDACallback; optionally record the rows each training forward saw."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -80,7 +80,7 @@ def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = N
     data = Dataset.from_list(pair_records(pairs))
     if defaults.get("eval_strategy", "no") != "no":
         trainer_kwargs = {**(trainer_kwargs or {}), "eval_dataset": data}
-    trainer = SFTTrainer(model=model, args=SFTConfig(**defaults), train_dataset=data,
+    trainer = (trainer_cls or SFTTrainer)(model=model, args=SFTConfig(**defaults), train_dataset=data,
                          processing_class=tokenizer, callbacks=[cb, *(callbacks_extra or [])], **(trainer_kwargs or {}))
     cb.bind(trainer)
     seen: list = []

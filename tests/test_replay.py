@@ -553,6 +553,29 @@ def test_the_callback_replays_a_run_with_gradient_accumulation_as_the_same_run_i
             assert got == pytest.approx(want, rel=1e-3, abs=1e-7)
 
 
+def test_the_replay_divides_each_loss_as_the_trainer_did(tmp_path, smol_tokenizer):
+    """A trainer that sets `loss_is_scaled_for_ga = False` divides its loss, already normalised by the step's label
+    count, once more by the step's number of micro-batches. With 5 pairs and accumulation of 2 the steps hold 2, 2 and
+    1 micro-batches, so they train at scales that Adam does not undo (no clipping here to even them out): the replay
+    reproduces the trained weights only if it divides each loss as that trainer did."""
+    from helpers import run_sft, tiny_model, tiny_sae
+    from trl import SFTTrainer
+
+    from smda_callback import SMDAConfig, load_replay
+    from smda_callback.credit.replay import loss_is_scaled_for_ga
+
+    class Halving(SFTTrainer):
+        loss_is_scaled_for_ga = False
+
+    assert not loss_is_scaled_for_ga(Halving, 7) and loss_is_scaled_for_ga(SFTTrainer, None) is False
+    run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, replay_last_steps=2,
+            target="log_refusal"), pairs=5, trainer_cls=Halving, gradient_accumulation_steps=2,
+            **{**SFT_REPLAY, "max_steps": 3, "max_grad_norm": 0.0})
+    rec = load_replay(tmp_path)
+    assert rec is not None and [len(s["pairs"]) for s in rec["steps"]] == [2, 1]
+    assert rec["recompute_gap_to_run"] < 1e-6
+
+
 def test_the_callback_replays_a_lora_run_with_padded_batches(tmp_path, smol_tokenizer):
     """Adapters (the embedding frozen, so no padding-row term) and batches of 2 padded rows: the replay runs on the
     trainable adapter weights only, its recomputation reproduces the trained adapters exactly, and each step names both

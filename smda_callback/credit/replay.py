@@ -56,6 +56,17 @@ Objective = Callable[[Any], Any]
 so that a probe set's graphs are never held at once); gradients are taken for the trainable parameters."""
 
 
+def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether `trainer.training_step` takes `compute_loss`'s value as already scaled for gradient accumulation, or
+    divides it by the step's number of micro-batches: the Trainer's own rule (its `loss_is_scaled_for_ga` where a
+    trainer sets it, else scaled when the loss was normalised by `num_items_in_batch` or by `compute_loss_func`)."""
+    own = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if own is not None:
+        return bool(own)
+    return bool((getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                or getattr(trainer, "compute_loss_func", None) is not None)
+
+
 def _check_optimizer(opt: Any) -> list[dict[str, Any]]:
     name = type(opt).__name__
     if name not in ("AdamW", "Adam"):
@@ -194,7 +205,10 @@ class Steps:
     backpropagated one after the other as the Trainer does. A micro-batch may carry "num_items_in_batch" (what the
     Trainer passed to the model's forward: the step's label tokens, over all its micro-batches): its loss is then the
     token cross-entropy summed over its labels and divided by that count (the Trainer's accumulation for models that
-    take loss kwargs); without it, each micro-batch's mean loss is divided by the number of micro-batches.
+    take loss kwargs); without it, each micro-batch's mean loss is divided by the number of micro-batches. A micro-batch
+    may also carry "loss_divisor", what the Trainer divided that loss by afterwards (1 where it counts the loss as
+    scaled for accumulation, the number of micro-batches where not: `Trainer.loss_is_scaled_for_ga`); without it, 1
+    with "num_items_in_batch" and the number of micro-batches without.
 
     `loss(model, batch)`: the training loss as the Trainer computes it (`trainer.compute_loss`); `lrs`: each step's
     lr, or empty to read them from the optimizer as the steps are taken (stepping `sched` after each, as the Trainer
@@ -234,13 +248,14 @@ class Steps:
         return len(self.batches)
 
     def _micro(self, t: int) -> list[tuple[dict[str, Any], Any, int]]:
-        """Step t's micro-batches: (inputs, the Trainer's num_items_in_batch or None, the divisor of a mean loss)."""
+        """Step t's micro-batches: (inputs, the Trainer's num_items_in_batch or None, what the loss is divided by after)."""
         mbs = self.batches[t]
         out = []
         for mb in mbs:
             mb = dict(mb)
             n = mb.pop("num_items_in_batch", None)
-            out.append((mb, n, 1 if n is not None else len(mbs)))
+            k = mb.pop("loss_divisor", None)
+            out.append((mb, n, int(k) if k is not None else 1 if n is not None else len(mbs)))
         return out
 
     def loss(self, t: int) -> torch.Tensor:
@@ -275,7 +290,7 @@ class Steps:
             tgt = labels[:, 1:]
             mask = tgt != -100
             lp = F.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            part = -(lp * mask).sum() / (mask.sum().clamp(min=1) * k if n is None else n)
+            part = -(lp * mask).sum() / ((mask.sum().clamp(min=1) if n is None else n) * k)
             loss = part if loss is None else loss + part
             if trains_emb and bool((ids == pad).any()):
                 xs.append((x, ids))
@@ -732,7 +747,8 @@ class TailRecorder:
 
             def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
                 if self.recording and model.training and torch.is_grad_enabled():
-                    self._items.append(kwargs.get("num_items_in_batch"))
+                    n = kwargs.get("num_items_in_batch")
+                    self._items.append((n, loss_is_scaled_for_ga(trainer, n)))
                 return own(model, inputs, *args, **kwargs)
 
             trainer.compute_loss = self._wrapper = compute_loss
@@ -792,9 +808,10 @@ class TailRecorder:
             self.broken = (f"step {index + 1} ran {len(with_labels)} training forwards with labels and {len(items)} "
                            "losses; the replay needs one forward per micro-batch")
             return
-        for b, n in zip(with_labels, items):  # the Trainer's label count over the step's micro-batches, if it gave one
+        for b, (n, scaled) in zip(with_labels, items):  # the Trainer's label count over the step's micro-batches, if any
             if n is not None:
                 b["num_items_in_batch"] = torch.as_tensor(n).detach().clone()
+            b["loss_divisor"] = 1 if scaled else len(with_labels)  # what training_step divided this loss by
         if not with_labels:
             self.broken = (f"step {index + 1} ran no training forward with labels; the replay needs the batches of every "
                            "step it replays")
