@@ -94,6 +94,9 @@ class PoisonSettings:
     """Seed of the training run (the Trainer's shuffle of the pairs): another data order of the same planting.
     None: `seed`, so that one seed names one planting and its first order."""
     peers: tuple[str, ...] = PEERS
+    every: int = 1
+    """The live run's `SMDAConfig.every_n_steps`: one probe pass per this many steps (a window's change is split among
+    its pairs through the optimizer's kernel). Training is the same whatever it is; the callback's cost falls with it."""
     replay: bool = False
     """Also the replay reader (lab/replay.py) after training: reverse mode through the run's recorded order."""
     replay_every: int = 4
@@ -122,7 +125,7 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
         demo = DemoSettings(check_answers=False, seed=st.train_seed)
-        cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure)
+        cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure, every_n_steps=st.every)
         t0 = time.perf_counter()
         run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
         timing = {"train_with_smda": {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb())}}
@@ -202,7 +205,8 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
             for kind, q in (("over-refusal", "harmless"), ("compliance", "harmful"))}
     loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
             if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None}
-    readers["training_loss_at_step"] = {"over-refusal": loss, "compliance": loss}
+    if loss:  # (a window of several pairs has no one pair's loss)
+        readers["training_loss_at_step"] = {"over-refusal": loss, "compliance": loss}
     # the random reader: its own draw per data order (the first order keeps the draw of the planting's seed)
     rng = np.random.default_rng(st.seed + 1 if st.order_seed in (None, st.seed) else [st.seed + 1, st.order_seed])
     rand = {p["id"]: float(rng.random()) for p in pairs}
