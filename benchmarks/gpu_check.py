@@ -15,6 +15,9 @@ Prints, side by side in one run (same seed, same initial weights, same batches):
   step s (bare / with SMDA), callback s per step and its ratio to the bare step, peak device memory with and
   without the callback, the credit's telescoping error, whether the trained weights are bitwise identical
   with and without the callback, and X/Y agreement of a probe pass in the training dtype with an fp32 one.
+  With --replay K (default 4; 2 in --smoke; 0 or --fsdp: off) a third run with SMDAConfig(replay_last_steps=K):
+  the replay's seconds per replayed step against the bare step, its peak device memory, how far its recomputation
+  lands from the trained weights, whether the weights are left as trained, and the error if it failed.
 """
 
 from __future__ import annotations
@@ -194,6 +197,44 @@ def train(args: argparse.Namespace, tok: Any, rows: list, init: dict, dtype: tor
     return trainer.model, timer, peak_memory(device)
 
 
+def replay_run(args: argparse.Namespace, tok: Any, rows: list, init: dict, dtype: torch.dtype, device: torch.device,
+               tmp: Path, make_sae: Any, probes: list, bare_w: dict) -> dict[str, Any]:
+    """The same training with SMDAConfig(replay_last_steps=K): what the replay of the last K steps costs here and
+    whether it reproduces and restores the trained weights (the callback logs a failed replay; it is caught here)."""
+    import logging
+
+    from smda_callback import ProbeSet, SMDACallback, SMDAConfig
+
+    if not args.replay or args.fsdp:
+        return {"replay": "off" if not args.replay else "not with --fsdp (the replay steps one process's model)"}
+    errors: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage())
+
+    grab = Grab(logging.ERROR)
+    logging.getLogger("smda_callback").addHandler(grab)
+    try:
+        smda = SMDACallback(ProbeSet.from_records(probes), make_sae(), SMDAConfig(
+            n_features=48, scorer="first_token", replay_last_steps=args.replay, replay_every=1), output_dir=tmp / "replay_run")
+        model, _, mem = train(args, tok, rows, init, dtype, device, tmp / "replay", smda)
+    finally:
+        logging.getLogger("smda_callback").removeHandler(grab)
+    path = tmp / "replay_run" / "smda" / "replay.json"
+    rep = json.loads(path.read_text()) if path.exists() else None
+    out: dict[str, Any] = {
+        "replay": f"last {args.replay} steps" if rep else "failed: " + (" | ".join(errors) or "no replay.json"),
+        "replay_weights_left_as_trained": all(torch.equal(bare_w[k], v.detach().cpu())
+                                              for k, v in model.state_dict().items()),
+        "peak_mem_replay_gib": mem}
+    if rep:
+        out.update(replay_s_per_step=rep["seconds"] / len(rep["steps"]),
+                   replay_recompute_gap_to_run=rep["recompute_gap_to_run"],
+                   replay_effects_finite=bool(all(np.isfinite(v) for s in rep["steps"] for v in s["removal_effect"].values())))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
@@ -206,11 +247,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fsdp", action="store_true", help="FSDP full_shard through accelerate (launch with torchrun)")
     ap.add_argument("--fp32", action="store_true", help="train in fp32 even where bf16 is supported")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, 3 steps, batch 2, 12 probes: checks the script runs")
+    ap.add_argument("--replay", type=int, default=4, metavar="K",
+                    help="also a run with SMDAConfig(replay_last_steps=K) (0: not; one process only, so not with --fsdp)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.shape, args.steps, args.batch, args.probes, args.d_sae = "tiny", 3, 2, 12, 256
+        args.replay = min(args.replay, 2)
+    if args.replay < 0 or args.replay > args.steps:
+        ap.error(f"--replay {args.replay}: replay between 0 and --steps ({args.steps}) steps")
 
     from smda_callback import ProbeSet, SMDACallback, SMDAConfig
     from smda_callback._resources import data_path
@@ -263,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dx = float(np.abs(a.X - b.X).max() / max(np.abs(b.X).max(), 1e-12))
         dy = float(np.abs(a.Y - b.Y).max())
         step_dx = float(np.median([np.abs(r["delta_beta_x"]).sum() for r in recs if "delta_beta_x" in r]))
+        del smda_model, ref_model
+        replay = replay_run(args, tok, rows, init, dtype, device, Path(tmp), make_sae, probes, bare_w)
 
     bare_step = float(np.median(bare_t.times[1:] or bare_t.times))
     smda_step = float(np.median(smda_t.times[1:] or smda_t.times))
@@ -277,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "telescoping_error": tele, "weights_bitwise_identical": bool(same),
         "x_rel_err_vs_fp32": dx, "y_abs_err_vs_fp32": dy, "median_step_abs_delta_beta_x": step_dx,
     }
+    if replay:
+        replay["replay_s_per_step_over_bare_step"] = replay.pop("replay_s_per_step", float("nan")) / bare_step
+        res.update(replay)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         width = max(len(k) for k in res)
