@@ -15,9 +15,10 @@ Prints, side by side in one run (same seed, same initial weights, same batches):
   step s (bare / with SMDA), callback s per step and its ratio to the bare step, peak device memory with and
   without the callback, the credit's telescoping error, whether the trained weights are bitwise identical
   with and without the callback, and X/Y agreement of a probe pass in the training dtype with an fp32 one.
-  With --replay K (default 4; 2 in --smoke; 0 or --fsdp: off) a third run with SMDAConfig(replay_last_steps=K):
-  the replay's seconds per replayed step against the bare step, its peak device memory, how far its recomputation
-  lands from the trained weights, whether the weights are left as trained, and the error if it failed.
+  With --replay K (default 4; 2 in --smoke; off for 0, --fsdp or several processes) a third run with
+  SMDAConfig(replay_last_steps=K): the replay's seconds per replayed step against the bare step, its peak device
+  memory, how far its recomputation lands from the trained weights, whether the weights are left as trained, and
+  the error if it failed.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def replay_run(args: argparse.Namespace, tok: Any, rows: list, init: dict, dtype
 
     from smda_callback import ProbeSet, SMDACallback, SMDAConfig
 
-    if not args.replay or args.fsdp:
-        return {"replay": "off" if not args.replay else "not with --fsdp (the replay steps one process's model)"}
+    if not args.replay or args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"replay": "off" if not args.replay else "not with several processes (the replay steps one process's model)"}
     errors: list[str] = []
 
     class Grab(logging.Handler):
