@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "telescoping_error": tele, "weights_bitwise_identical": bool(same),
         "x_rel_err_vs_fp32": dx, "y_abs_err_vs_fp32": dy, "median_step_abs_delta_beta_x": step_dx,
     }
-    if replay:
-        replay["replay_s_per_step_over_bare_step"] = replay.pop("replay_s_per_step", float("nan")) / bare_step
-        res.update(replay)
+    if "replay_s_per_step" in replay:  # the replay ran
+        replay["replay_s_per_step_over_bare_step"] = replay.pop("replay_s_per_step") / bare_step
+    res.update(replay)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         width = max(len(k) for k in res)
