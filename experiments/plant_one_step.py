@@ -18,6 +18,7 @@ import torch
 
 from smda_callback import ProbeSet, SMDAConfig, embedded_sae_dir, load_sae, resolve_hook
 from smda_callback._resources import DATA
+from smda_callback.lab.counterfactual import pair_batch
 from smda_callback.lab.models import load_model
 from smda_callback.snapshot import Snapshotter
 
@@ -41,11 +42,8 @@ def main() -> None:
             continue
         model.load_state_dict(state)
         model.train()
-        prompt = tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True)
-        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tok(prompt + p["response"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]])
-        labels = ids.clone()
-        labels[:, :n] = -100
+        ids, labels = pair_batch(tok, p, 512)
+        n = int((labels[0] == -100).sum())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
