@@ -9,21 +9,19 @@ of the package.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from smda_callback.lab.demo import load_pairs
+from smda_callback.ledger import load_credits, load_records
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="finished `smda benchmark-poison --out DIR` folders (one pair per step)")
     for d in map(Path, ap.parse_args().runs):
-        recs = lines(d / "run" / "smda" / "attribution.jsonl")
-        pairs = {p["id"]: p for p in lines(d / "pairs.jsonl")}
-        credits = json.loads((d / "run" / "smda" / "credits.json").read_text())
+        recs = load_records(d / "run")
+        pairs = {p["id"]: p for p in load_pairs(d / "pairs.jsonl")}
+        credits = load_credits(d / "run")
         id_of = {p["hash"]: p.get("id") for r in recs for p in r.get("pairs", [])}
         step_of = {p.get("id"): i for i, r in enumerate(recs) for p in r.get("pairs", [])}
         own = {id_of[c["hash"]]: c["own"] for c in credits["pairs"] if c["hash"] in id_of}
