@@ -154,21 +154,22 @@ def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auro
 
 def test_order_seed_keeps_the_planting_and_changes_only_the_training_seed(tmp_path, monkeypatch):
     """`--order-seed` trains the same pairs file under another Trainer seed (its shuffle); without it the seed
-    of the planting is the training seed, as before. `--every N` changes only the callback's probe spacing."""
+    of the planting is the training seed, as before. `--every N` changes only the callback's probe spacing and
+    `--scorer` only the callback's refusal scorer."""
     import smda_callback.lab.demo as demo
     import smda_callback.lab.poison as poison
 
     seen = []
     monkeypatch.setattr(demo, "run_demo", lambda out, pairs_file, settings, config: seen.append(
-        (settings.seed, config.every_n_steps)))
+        (settings.seed, config.every_n_steps, config.scorer)))
     monkeypatch.setattr(poison, "score_poison", lambda out, st: {})
     texts = []
-    for order_seed, every in ((None, 1), (7, 1), (7, 3)):
+    for order_seed, every, scorer in ((None, 1, None), (7, 1, None), (7, 3, "prefix")):
         out = tmp_path / f"{order_seed}_{every}"
         poison.run_poison(out, poison.PoisonSettings(n_base=20, seed=2, order_seed=order_seed, peers=(), every=every,
-                                                          measure="deconvolve"))
+                                                          measure="deconvolve", scorer=scorer))
         texts.append((out / "pairs.jsonl").read_text())
-    assert seen == [(2, 1), (7, 1), (7, 3)]
+    assert seen == [(2, 1, "first_token"), (7, 1, "first_token"), (7, 3, "prefix")]
     assert texts[0] == texts[1] == texts[2]
 
 

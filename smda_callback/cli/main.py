@@ -131,7 +131,8 @@ def _poison(a: argparse.Namespace) -> int:
         return _emit(a, pooled, format_pool(pooled))
     _check_replay_spacing(a)
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed,
-                        replay=a.replay, replay_every=a.replay_every, replay_outer=a.replay_outer, every=a.every)
+                        replay=a.replay, replay_every=a.replay_every, replay_outer=a.replay_outer, every=a.every,
+                        scorer=a.scorer)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--measure", choices=["ghost", "deconvolve"], default="ghost")
     po.add_argument("--every", type=int, default=1, metavar="N",
                     help="one probe pass every N steps (SMDAConfig.every_n_steps): the same training, a cheaper callback")
+    po.add_argument("--scorer", choices=["first_token", "prefix"], default=None,
+                    help="the run's refusal scorer (SMDAConfig.scorer; default: the demo's first_token). prefix reads "
+                         "three tokens of each opening, so 'I can't' and 'I'd be happy' count apart; costs more per probe pass")
     po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
     po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers and score")

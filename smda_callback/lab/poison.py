@@ -97,6 +97,9 @@ class PoisonSettings:
     every: int = 1
     """The live run's `SMDAConfig.every_n_steps`: one probe pass per this many steps (a window's change is split among
     its pairs through the optimizer's kernel). Training is the same whatever it is; the callback's cost falls with it."""
+    scorer: str | None = None
+    """The live run's refusal scorer (`SMDAConfig.scorer`): None keeps the demo's (`first_token`); `prefix` scores
+    three teacher-forced tokens of each opening, so "I can't" and "I'd be happy" are told apart."""
     replay: bool = False
     """Also the replay reader (lab/replay.py) after training: reverse mode through the run's recorded order."""
     replay_every: int = 4
@@ -125,6 +128,8 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
         demo = DemoSettings(check_answers=False, seed=st.train_seed)
+        if st.scorer is not None:
+            demo.scorer = st.scorer
         cfg = SMDAConfig(scorer=demo.scorer, probe_batch_size=16, credit_measure=st.measure, every_n_steps=st.every)
         t0 = time.perf_counter()
         run_demo(out / "run", out / "pairs.jsonl", settings=demo, config=cfg)
