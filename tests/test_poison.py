@@ -105,7 +105,8 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "end"]) == 0
     assert "--read end: each score times (1 - κ)" in capsys.readouterr().out
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "end"]) == 2
-    assert "reads the two refusal means only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ranks over-refusal or compliance only, not 'weapons'" in err and "forgetting rate" in err
     assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "replay"]) == 2
     assert "train with SMDAConfig(replay_last_steps=K)" in capsys.readouterr().err
     # --read category: the pair's credited change in the harmless category it raised most, that category named
@@ -119,7 +120,8 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--read", "category"]) == 0
     assert "--read category: score = " in capsys.readouterr().out
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "category"]) == 2
-    assert "reads the two refusal means only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not 'weapons'" in err and "category moved most" in err and "use the default --read trained" in err
 
 
 def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auroc(tmp_path):

@@ -123,8 +123,11 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     if read not in SUSPECT_READS:
         raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
     if read in ("end", "replay", "category") and target not in ("over-refusal", "compliance"):
-        raise ValueError(f"--read {read} reads the two refusal means only (over-refusal, compliance), not {target!r}: "
-                         "the forgetting rate and the replay are measured on those two quantities")
+        why = {"end": "the forgetting rate is measured on the two refusal means only",
+               "replay": "the replay carries the two refusal means only",
+               "category": "it picks, per pair, the harmless (over-refusal) or harmful (compliance) category moved most"}[read]
+        raise ValueError(f"--read {read} ranks over-refusal or compliance only, not {target!r}: {why}; "
+                         f"for {target!r} use the default --read trained")
     if read == "replay":
         if replay is None:
             raise ValueError("--read replay needs the run's replay.json: train with SMDAConfig(replay_last_steps=K) "
