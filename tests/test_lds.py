@@ -368,3 +368,26 @@ def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
     assert carried["lds"] > 0.95 and carried["lds"] > raw["lds"] + 0.2
     assert 0.8 < carried["slope"] < 1.25  # the size too, since κ was read back
     assert "forgetting rate κ" in format_score(s)
+
+
+def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeypatch, smol_tokenizer):
+    """A run recorded with the prefix scorer is retrained and measured with the prefix scorer (its openings too), so
+    that measured changes and the run's credits are one quantity; a run without a recorded config uses the demo's."""
+    import smda_callback.lab.lds as lds
+    from smda_callback.refusal import FirstTokenScorer, PrefixScorer
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    cfg = {"scorer": "prefix", "refusal_openings": ["Sorry, but", "I can't"], "compliance_openings": ["Sure"],
+           "prefix_tokens": 2, "target": "mass", "every_n_steps": 1}
+    (src / "run" / "smda" / "policy.json").write_text(json.dumps({"config": cfg}))
+    seen = []
+    monkeypatch.setattr(lds, "retrain_measure", lambda kept, tmp, st, scorer=None: seen.append(scorer) or {"Y": []})
+    lds.run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("a",), replicas=1, subsets=0))
+    want = {k: cfg[k] for k in lds.SCORER_KEYS}
+    assert seen == [want, want]  # full0 and loo-a
+    monkeypatch.setattr("smda_callback.sae.resolve_hook", lambda sae, model: None)  # no model: only the scorer is read
+    _, snap = lds._snapshotter(smol_tokenizer, None, want)
+    assert isinstance(snap.scorer, PrefixScorer) and len(snap.scorer.r) == 2 and all(len(r) <= 2 for r in snap.scorer.r)
+    (src / "run" / "smda" / "policy.json").write_text(json.dumps({}))  # a ledger from before the config was written
+    assert lds.run_scorer(src / "run") == {"scorer": "first_token"}
+    assert isinstance(lds._snapshotter(smol_tokenizer, None, None)[1].scorer, FirstTokenScorer)

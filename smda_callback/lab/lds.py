@@ -164,8 +164,10 @@ def ranking_run(out: Path, st: LDSSettings) -> Path:
     return run_dir
 
 
-def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -> dict[str, Any]:
-    """The demo's SFT on `ordered` in that order (no callback), then one probe pass: Y per probe."""
+def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings,
+                    scorer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo's SFT on `ordered` in that order (no callback), then one probe pass with the ranking run's refusal
+    scorer (`run_scorer`): Y per probe."""
     trainer = _trainer_for(ordered, tmp, st.seed) if ordered else None
     if trainer is not None:
         trainer.train()
@@ -175,7 +177,7 @@ def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings) -
 
         model, tok = load_model()
     model.eval()
-    probes, snap = _snapshotter(tok, model)
+    probes, snap = _snapshotter(tok, model, scorer)
     Y = snap.take(model).Y
     harmful = np.asarray(probes.is_harmful)
     return {"Y": Y.tolist(), "refusal_harmful": float(Y[harmful].mean()), "refusal_harmless": float(Y[~harmful].mean()),
@@ -195,7 +197,22 @@ def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int) -> Any:
     return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
 
 
-def _snapshotter(tok: Any, model: Any) -> Any:
+SCORER_KEYS = ("scorer", "refusal_openings", "compliance_openings", "prefix_tokens", "target")
+"""The SMDAConfig fields that define the refusal a probe pass measures."""
+
+
+def run_scorer(run_dir: str | Path | None) -> dict[str, Any]:
+    """The refusal scorer a recorded run measured with (its policy.json's config), so that a retrain of it measures
+    the same quantity; the demo's first-token scorer where there is no run or its ledger predates the config."""
+    from ..ledger import POLICY, smda_dir
+
+    path = smda_dir(run_dir) / POLICY if run_dir is not None else None
+    cfg = json.loads(path.read_text()).get("config", {}) if path is not None and path.exists() else {}
+    return {k: cfg[k] for k in SCORER_KEYS if k in cfg} or {"scorer": "first_token"}
+
+
+def _snapshotter(tok: Any, model: Any, scorer: dict[str, Any] | None = None) -> Any:
+    """The demo's probe pass on `model`, with the refusal scorer `scorer` (`run_scorer`; default the first-token one)."""
     from ..config import SMDAConfig
     from ..probes import ProbeSet
     from ..sae import embedded_sae_dir, load_sae, resolve_hook
@@ -204,7 +221,8 @@ def _snapshotter(tok: Any, model: Any) -> Any:
 
     probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
     sae = load_sae(str(embedded_sae_dir()))
-    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token", probe_batch_size=16))
+    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model),
+                       SMDAConfig(**(scorer or {"scorer": "first_token"}), probe_batch_size=16))
     snap.features = np.arange(8)
     return probes, snap
 
@@ -219,7 +237,7 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     from .replay import refusal_groups, refusal_objectives, replay
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
-    probes, snap = _snapshotter(trainer.processing_class, trainer.model)
+    probes, snap = _snapshotter(trainer.processing_class, trainer.model, run_scorer(out / "run"))
     res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), out / "tmp_replay" / "checkpoints", every=every, outer=outer,
                  second_moment=second_moment, last=last, curvature=curvature, reverse_eps=reverse_eps)
     if last:
@@ -275,6 +293,7 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     unknown = [i for i in st.leave_out if i not in pairs]
     if unknown:
         raise ValueError(f"--leave-out {unknown}: not pairs of the ranking run; ids are in {run_dir / 'smda' / 'credits.json'}")
+    scorer = run_scorer(run_dir)
     todo = [(f"full{r}", []) for r in range(st.replicas)] + [(f"loo-{i}", [i]) for i in st.leave_out] + list(sets.items())
     written = []
     for name, drop in todo[shard[0]::shard[1]]:
@@ -284,7 +303,7 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
         kept = [pairs[i] for i in order if i not in set(drop)]
         logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
         t0 = time.perf_counter()
-        res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st),
+        res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer),
                "seconds": round(time.perf_counter() - t0, 1)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res), encoding="utf-8")
