@@ -391,3 +391,47 @@ def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeyp
     (src / "run" / "smda" / "policy.json").write_text(json.dumps({}))  # a ledger from before the config was written
     assert lds.run_scorer(src / "run") == {"scorer": "first_token"}
     assert isinstance(lds._snapshotter(smol_tokenizer, None, None)[1].scorer, FirstTokenScorer)
+
+
+def _lrs(trainer, n):
+    trainer.create_optimizer_and_scheduler(num_training_steps=n)
+    out = []
+    for _ in range(n):
+        out.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()  # no gradients: only the scheduler's order of calls matters here
+        trainer.lr_scheduler.step()
+    return out
+
+
+def test_keep_schedule_trains_each_kept_pair_at_the_rate_of_its_place(tmp_path):
+    """Dropping warm-up pairs in place moves every later pair to an earlier (lower) warm-up rate; with keep_schedule
+    each kept pair keeps its full-run rate, and keeping all pairs gives the demo's schedule exactly."""
+    from smda_callback.lab.lds import _trainer_for
+
+    pairs = [{"id": f"p{i}", "prompt": f"Question {i}?", "response": f"Answer {i}.", "label": "harmless",
+              "category": "general"} for i in range(14)]
+    full = _lrs(_trainer_for(pairs, tmp_path / "a", 0), 14)
+    assert full[0] == 0.0 and full[3] == pytest.approx(3e-5) and full[12] == pytest.approx(1e-4)  # 10 warm-up steps
+    same = _lrs(_trainer_for(pairs, tmp_path / "b", 0, (list(range(14)), 14)), 14)
+    assert same == full
+    kept = [k for k in range(14) if k not in (0, 3)]
+    shifted = _lrs(_trainer_for([pairs[k] for k in kept], tmp_path / "c", 0), 12)
+    held = _lrs(_trainer_for([pairs[k] for k in kept], tmp_path / "d", 0, (kept, 14)), 12)
+    assert held == [full[k] for k in kept]
+    assert shifted != held and shifted[0] == 0.0 and held[0] == full[1]
+    with pytest.raises(ValueError, match="must rise"):
+        _trainer_for(pairs[:2], tmp_path / "e", 0, ([1, 0], 14))
+
+
+def test_retrains_with_and_without_keep_schedule_are_not_mixed(tmp_path, monkeypatch):
+    import smda_callback.lab.lds as lds
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    seen = []
+    monkeypatch.setattr(lds, "retrain_measure", lambda kept, tmp, st, scorer=None, places=None: seen.append(places) or {"Y": []})
+    out = tmp_path / "lds"
+    lds.run_jobs(out, LDSSettings(seed=7, ranking_run=str(src), leave_out=("b",), replicas=1, subsets=0, keep_schedule=True))
+    order = json.loads((out / "subsets.json").read_text())["order"]
+    assert seen == [([0, 1, 2], 3), ([k for k, i in enumerate(order) if i != "b"], 3)]
+    with pytest.raises(ValueError, match="with --keep-schedule"):
+        lds.run_jobs(out, LDSSettings(seed=7, ranking_run=str(src), leave_out=("b",), replicas=1, subsets=0))

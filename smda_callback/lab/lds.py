@@ -59,6 +59,10 @@ class LDSSettings:
     leave_out: tuple[str, ...] = ()
     """Pairs retrained without, one at a time (jobs `loo-<id>`, run right after the full replays): the exact
     single-pair counterfactual of this data order, set beside every reader's prediction for that pair."""
+    keep_schedule: bool = False
+    """Each kept pair trains at the learning rate it had in the full run (its place's), instead of the rate of the place
+    it moves up to. Dropping a pair in place otherwise also changes the rate of every later warm-up step (the demo
+    warms up over 10 steps), an effect that is the schedule's, not the pair's; the replay's removals keep the rates."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,10 +169,11 @@ def ranking_run(out: Path, st: LDSSettings) -> Path:
 
 
 def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings,
-                    scorer: dict[str, Any] | None = None) -> dict[str, Any]:
+                    scorer: dict[str, Any] | None = None, places: tuple[list[int], int] | None = None) -> dict[str, Any]:
     """The demo's SFT on `ordered` in that order (no callback), then one probe pass with the ranking run's refusal
-    scorer (`run_scorer`): Y per probe."""
-    trainer = _trainer_for(ordered, tmp, st.seed) if ordered else None
+    scorer (`run_scorer`): Y per probe. `places`: each kept pair's place in the full run and the full run's length,
+    to train each at its place's learning rate (`LDSSettings.keep_schedule`)."""
+    trainer = _trainer_for(ordered, tmp, st.seed, places) if ordered else None
     if trainer is not None:
         trainer.train()
         model, tok = trainer.model, trainer.processing_class
@@ -184,8 +189,9 @@ def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings,
             "by_category": {c: float(Y[i].mean()) for c, i in probes.category_index().items()}}
 
 
-def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int) -> Any:
-    """The demo's SFT on `ordered` in that order, without the callback: what every retrain runs."""
+def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int, places: tuple[list[int], int] | None = None) -> Any:
+    """The demo's SFT on `ordered` in that order, without the callback: what every retrain runs. `places` (each
+    pair's place in the full run, the full run's length): step k runs at the full run's rate of place places[k]."""
     from trl import SFTTrainer
 
     from .demo import DemoSettings, sft_config, to_dataset
@@ -194,7 +200,53 @@ def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int) -> Any:
     model, tok = load_model()
     args = sft_config(tmp, DemoSettings(seed=seed))
     args.report_to, args.train_sampling_strategy = [], "sequential"
-    return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
+    if places is None:
+        return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
+    if len(places[0]) != len(ordered) or list(places[0]) != sorted(set(places[0])) or max(places[0]) >= places[1]:
+        raise ValueError(f"places {places[0]} must rise, one per pair ({len(ordered)}), each below the full run's {places[1]}")
+    return _KeptScheduleSFT(list(places[0]), places[1], model=model, args=args, train_dataset=to_dataset(ordered),
+                            processing_class=tok)
+
+
+def _kept_schedule_trainer_class() -> type:
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+    from trl import SFTTrainer
+
+    class KeptScheduleSFT(SFTTrainer):
+        """SFT whose step k uses the full run's learning-rate factor at place places[k] (the full run's own schedule,
+        built for its length), so that dropping pairs changes no kept pair's rate."""
+
+        def __init__(self, places: list[int], n_full: int, **kw: Any) -> None:
+            self.places, self.n_full = places, n_full
+            super().__init__(**kw)
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                opt = optimizer if optimizer is not None else self.optimizer
+                full = get_scheduler(self.args.lr_scheduler_type, optimizer=opt,
+                                     num_warmup_steps=self.args.get_warmup_steps(self.n_full),
+                                     num_training_steps=self.n_full, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+                if not isinstance(full, LambdaLR):
+                    raise ValueError(f"keep_schedule needs a LambdaLR schedule; lr_scheduler_type="
+                                     f"{self.args.lr_scheduler_type!r} gives {type(full).__name__}")
+                places = self.places
+                self.lr_scheduler = LambdaLR(opt, [lambda s, f=f: f(places[min(s, len(places) - 1)]) for f in full.lr_lambdas])
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return KeptScheduleSFT
+
+
+def _KeptScheduleSFT(*a: Any, **kw: Any) -> Any:
+    """Built on first use, so that importing this module does not import TRL."""
+    global _KEPT
+    if _KEPT is None:
+        _KEPT = _kept_schedule_trainer_class()
+    return _KEPT(*a, **kw)
+
+
+_KEPT: type | None = None
 
 
 SCORER_KEYS = ("scorer", "refusal_openings", "compliance_openings", "prefix_tokens", "target")
@@ -289,6 +341,11 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     order, pairs = ranked_pairs(run_dir, st)
     sets = subsets(order, st)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
+    if (out / "subsets.json").exists() and any((out / "jobs").glob("*.json")):
+        before = bool(json.loads((out / "subsets.json").read_text())["settings"].get("keep_schedule", False))
+        if before != st.keep_schedule:
+            raise ValueError(f"{out} holds retrains made {'with' if before else 'without'} --keep-schedule; the two are "
+                             "different counterfactuals and are not scored together: use another --out")
     (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
     unknown = [i for i in st.leave_out if i not in pairs]
     if unknown:
@@ -301,9 +358,10 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
         if path.exists():
             continue
         kept = [pairs[i] for i in order if i not in set(drop)]
+        places = ([k for k, i in enumerate(order) if i not in set(drop)], len(order)) if st.keep_schedule else None
         logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
         t0 = time.perf_counter()
-        res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer),
+        res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer, places),
                "seconds": round(time.perf_counter() - t0, 1)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res), encoding="utf-8")
