@@ -204,7 +204,7 @@ def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int, places: tu
         return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
     if len(places[0]) != len(ordered) or list(places[0]) != sorted(set(places[0])) or max(places[0]) >= places[1]:
         raise ValueError(f"places {places[0]} must rise, one per pair ({len(ordered)}), each below the full run's {places[1]}")
-    return _KeptScheduleSFT(list(places[0]), places[1], model=model, args=args, train_dataset=to_dataset(ordered),
+    return _kept_schedule_sft(list(places[0]), places[1], model=model, args=args, train_dataset=to_dataset(ordered),
                             processing_class=tok)
 
 
@@ -238,7 +238,7 @@ def _kept_schedule_trainer_class() -> type:
     return KeptScheduleSFT
 
 
-def _KeptScheduleSFT(*a: Any, **kw: Any) -> Any:
+def _kept_schedule_sft(*a: Any, **kw: Any) -> Any:
     """Built on first use, so that importing this module does not import TRL."""
     global _KEPT
     if _KEPT is None:
