@@ -381,7 +381,7 @@ def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeyp
            "prefix_tokens": 2, "target": "mass", "every_n_steps": 1}
     (src / "run" / "smda" / "policy.json").write_text(json.dumps({"config": cfg}))
     seen = []
-    monkeypatch.setattr(lds, "retrain_measure", lambda kept, tmp, st, scorer=None: seen.append(scorer) or {"Y": []})
+    monkeypatch.setattr(lds, "retrain_measure", lambda kept, tmp, st, scorer=None, places=None: seen.append(scorer) or {"Y": []})
     lds.run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("a",), replicas=1, subsets=0))
     want = {k: cfg[k] for k in lds.SCORER_KEYS}
     assert seen == [want, want]  # full0 and loo-a
