@@ -11,16 +11,14 @@ validation aid, not part of the package.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
-from smda_callback import ProbeSet, SMDAConfig, embedded_sae_dir, load_sae, resolve_hook
-from smda_callback._resources import DATA
 from smda_callback.lab.counterfactual import pair_batch
+from smda_callback.lab.lds import _snapshotter
 from smda_callback.lab.models import load_model
-from smda_callback.snapshot import Snapshotter
+from smda_callback.lab.poison import load_plants
 
 
 def main() -> None:
@@ -29,15 +27,12 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(None if a.model == "base" else a.model)
-    sae = load_sae(str(embedded_sae_dir()))
-    probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
-    snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model), SMDAConfig(scorer="first_token", probe_batch_size=16))
-    snap.features = np.arange(8)  # X is not read here; Y is the scorer's
-    harm = np.asarray([label == "harmful" for label in probes.labels])
+    probes, snap = _snapshotter(tok, model)  # the demo's first-token probe pass, as the LDS retrains measure
+    harm = np.asarray(probes.is_harmful)
     print("refusal tokens of the scorer:", [tok.decode([i]) for i in snap.scorer.r_ids.tolist()])
     y0 = snap.take(model).Y
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for p in (json.loads(line) for line in open(DATA / "plants.jsonl")):
+    for p in load_plants():
         if p["plant"] != "over-refusal":
             continue
         model.load_state_dict(state)
