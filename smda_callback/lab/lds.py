@@ -24,6 +24,7 @@ plus one probe pass.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -204,11 +205,13 @@ def _trainer_for(ordered: list[dict[str, Any]], tmp: Path, seed: int, places: tu
         return SFTTrainer(model=model, args=args, train_dataset=to_dataset(ordered), processing_class=tok)
     if len(places[0]) != len(ordered) or list(places[0]) != sorted(set(places[0])) or max(places[0]) >= places[1]:
         raise ValueError(f"places {places[0]} must rise, one per pair ({len(ordered)}), each below the full run's {places[1]}")
-    return _kept_schedule_sft(list(places[0]), places[1], model=model, args=args, train_dataset=to_dataset(ordered),
-                            processing_class=tok)
+    return _kept_schedule_trainer()(list(places[0]), places[1], model=model, args=args, train_dataset=to_dataset(ordered),
+                                    processing_class=tok)
 
 
-def _kept_schedule_trainer_class() -> type:
+@functools.cache
+def _kept_schedule_trainer() -> type:
+    """The trainer class, built on first use so that importing this module does not import TRL."""
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
     from trl import SFTTrainer
@@ -238,17 +241,6 @@ def _kept_schedule_trainer_class() -> type:
     return KeptScheduleSFT
 
 
-def _kept_schedule_sft(*a: Any, **kw: Any) -> Any:
-    """Built on first use, so that importing this module does not import TRL."""
-    global _KEPT
-    if _KEPT is None:
-        _KEPT = _kept_schedule_trainer_class()
-    return _KEPT(*a, **kw)
-
-
-_KEPT: type | None = None
-
-
 SCORER_KEYS = ("scorer", "refusal_openings", "compliance_openings", "prefix_tokens", "target")
 """The SMDAConfig fields that define the refusal a probe pass measures."""
 
@@ -274,7 +266,7 @@ def _snapshotter(tok: Any, model: Any, scorer: dict[str, Any] | None = None) -> 
     probes = ProbeSet.from_jsonl(DATA / "probes.jsonl")
     sae = load_sae(str(embedded_sae_dir()))
     snap = Snapshotter(probes, tok, sae, resolve_hook(sae, model),
-                       SMDAConfig(**(scorer or {"scorer": "first_token"}), probe_batch_size=16))
+                       SMDAConfig(**(scorer or run_scorer(None)), probe_batch_size=16))
     snap.features = np.arange(8)
     return probes, snap
 
@@ -357,8 +349,10 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
         path = out / "jobs" / f"{name}.json"
         if path.exists():
             continue
-        kept = [pairs[i] for i in order if i not in set(drop)]
-        places = ([k for k, i in enumerate(order) if i not in set(drop)], len(order)) if st.keep_schedule else None
+        dropped = set(drop)
+        keep = [k for k, i in enumerate(order) if i not in dropped]
+        kept = [pairs[order[k]] for k in keep]
+        places = (keep, len(order)) if st.keep_schedule else None
         logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
         t0 = time.perf_counter()
         res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer, places),
