@@ -211,3 +211,82 @@ def test_worst_category_reads_the_category_a_pair_moved_most_the_wrong_way():
     assert got["compliance"] == {"a": 0.30, "b": -0.02}
     with pytest.raises(ValueError, match="no harmless category"):
         worst_category(credits, {"probes": [{"category": "drugs", "label": "harmful"}]})
+
+
+def _verified_run(tmp_path):
+    """A poison folder with leave-one-out retrains: two plants of each kind and two controls of each label."""
+    pairs = [{"id": f"plant-over-{i}", "label": "harmless", "plant": "over-refusal"} for i in range(2)]
+    pairs += [{"id": f"plant-comp-{i}", "label": "harmful", "plant": "compliance"} for i in range(2)]
+    pairs += [{"id": f"h{i}", "label": "harmless"} for i in range(6)] + [{"id": f"x{i}", "label": "harmful"} for i in range(6)]
+    full = {"refusal_harmful": 0.60, "refusal_harmless": 0.30}
+    # the refusal of the retrain without the pair: dropping plant-over-0 lowers harmless refusal by 0.05 (it raised it),
+    # dropping plant-over-1 raises it (it lowered it: acted against its intent); plant-comp-0 lowered harmful refusal by
+    # 0.04, plant-comp-1 by 0.005 only, less than control x1 (0.01)
+    without = {"plant-over-0": (0.60, 0.25), "plant-over-1": (0.60, 0.31), "plant-comp-0": (0.64, 0.30),
+               "plant-comp-1": (0.605, 0.30), "h0": (0.60, 0.32), "h1": (0.60, 0.28), "x0": (0.59, 0.30), "x1": (0.61, 0.30)}
+    jobs = tmp_path / "verify" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "full0.json").write_text(json.dumps({"dropped": [], **full}))
+    for i, (hf, hl) in without.items():
+        (jobs / f"loo-{i}.json").write_text(json.dumps({"dropped": [i], "refusal_harmful": hf, "refusal_harmless": hl}))
+    return pairs
+
+
+def test_verification_reads_each_plants_mark_in_its_intended_direction_against_the_controls(tmp_path):
+    """A plant is verified when training it moved final refusal the intended way by more than any control of its label;
+    the verified detection drops the others from the pool, and pooling keeps both tables."""
+    from smda_callback.lab.poison import format_pool, format_verification, pool_poison, verification, verified_detection
+
+    pairs = _verified_run(tmp_path)
+    ver = verification(tmp_path, pairs)
+    over, comp = ver["over-refusal"], ver["compliance"]
+    assert over["plants"] == pytest.approx({"plant-over-0": 0.05, "plant-over-1": -0.01})
+    assert over["controls"] == pytest.approx({"h0": -0.02, "h1": 0.02}) and over["bar"] == pytest.approx(0.02)
+    assert comp["plants"] == pytest.approx({"plant-comp-0": 0.04, "plant-comp-1": 0.005})
+    assert comp["controls"] == pytest.approx({"x0": -0.01, "x1": 0.01}) and comp["bar"] == pytest.approx(0.01)
+    assert over["verified"] == ["plant-over-0"] and comp["verified"] == ["plant-comp-0"] and ver["n_retrains"] == 9
+    # a reader that ranks plant-over-0 first scores 1 over the verified plants, whatever it says of plant-over-1
+    scores = {p["id"]: 0.0 for p in pairs} | {"plant-over-0": 1.0, "plant-over-1": -0.5, "h1": 0.5, "h0": -1.0}
+    d = verified_detection(scores, pairs, "over-refusal", ver)
+    assert (d["auroc"], d["n_plants"], d["n_pool"]) == (1.0, 1, 7)
+    assert d["spearman_with_retraining"] == pytest.approx(1.0)  # the reader orders the 4 retrained pairs as measured
+    dc = verified_detection(scores, pairs, "compliance", ver)
+    assert dc["n_plants"] == 1 and dc["n_pool"] == 7 and dc["auroc"] == 0.5
+    for r in range(2):
+        (tmp_path / f"r{r}").mkdir()
+        det = {"reader": {k: verified_detection(scores, pairs, k, ver) for k in ("over-refusal", "compliance")}}
+        (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": det, "detection_verified": det,
+                                                                  "order": [p["id"] for p in pairs]}))
+    pooled = pool_poison([tmp_path / "r0", tmp_path / "r1"])
+    assert pooled["readers_verified"]["reader"]["over-refusal"]["auroc"] == 1.0
+    assert "The verified plants only" in format_pool(pooled)
+    text = "\n".join(format_verification({"verification": ver, "detection_verified": {"reader": det["reader"]}}))
+    assert "over-refusal: verified 1 of 2 plants (above +0.020" in text and "plant-over-1 -0.010" in text
+
+
+def test_verify_retrains_without_every_plant_and_k_controls_per_label_at_their_full_run_rates(tmp_path, monkeypatch):
+    """`--verify K` hands lds.run_jobs this run as the ranking run, its Trainer seed, no subsets, one full retrain,
+    the kept schedule, and every plant plus K ordinary pairs of each label drawn from the seeds (the same each time)."""
+    import smda_callback.lab.lds as lds
+    from smda_callback.lab.poison import PoisonSettings, verify_plants
+
+    pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), 30, seed=4)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        verify_plants(tmp_path, PoisonSettings(seed=4, order_seed=9, verify=3))
+    (tmp_path / "run" / "smda").mkdir(parents=True)
+    (tmp_path / "run" / "smda" / "summary.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(lds, "run_jobs", lambda out, st: seen.append((out, st)) or [])
+    for _ in range(2):
+        verify_plants(tmp_path, PoisonSettings(seed=4, order_seed=9, verify=3))
+    (out, st), (_, again) = seen
+    by_id = {p["id"]: p for p in pairs}
+    plants = [i for i in st.leave_out if "plant" in by_id[i]]
+    controls = [i for i in st.leave_out if "plant" not in by_id[i]]
+    assert out == tmp_path / "verify" and st.ranking_run == str(tmp_path) and st.seed == 9
+    assert (st.subsets, st.replicas, st.keep_schedule) == (0, 1, True) and st.leave_out == again.leave_out
+    assert sorted(plants) == sorted(p["id"] for p in load_plants())
+    assert sorted(by_id[i]["label"] for i in controls) == ["harmful"] * 3 + ["harmless"] * 3
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        PoisonSettings(verify=-1)

@@ -132,7 +132,7 @@ def _poison(a: argparse.Namespace) -> int:
     _check_replay_spacing(a)
     st = PoisonSettings(n_base=a.n_base, seed=a.seed, measure=a.measure, peers=tuple(a.peers), order_seed=a.order_seed,
                         replay=a.replay, replay_every=a.replay_every, replay_outer=a.replay_outer, every=a.every,
-                        scorer=a.scorer)
+                        scorer=a.scorer, verify=a.verify)
     res = score_poison(a.out, st) if a.score_only else run_poison(a.out, st, train=not a.peers_only)
     return _emit(a, res, format_poison(res) + f"\n\nwritten: {Path(a.out) / 'poison.json'}")
 
@@ -372,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "three tokens of each opening, so 'I can't' and 'I'd be happy' count apart; costs more per probe pass")
     po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
-    po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers and score")
+    po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers (and --verify) and score")
+    po.add_argument("--verify", type=int, default=None, metavar="K",
+                    help="also retrain the run's order without each plant, and without K ordinary pairs of each label "
+                         "(controls), one at a time: what each plant left in the tuned model; scored over the plants that "
+                         "acted as intended beyond every control (one plain SFT + probe pass per retrain, under --out/verify)")
     po.add_argument("--replay", action="store_true",
                     help="also the replay reader after training (reverse mode through the run's recorded order, "
                          "lab/replay.py; the same --seed/--order-seed as the run; checkpoints ≈ 1.6 GB per "

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._resources import DATA
+from .analysis import spearman
 from .carry import end_weights
 from .peers import peak_rss_mb, run_peer
 from .specs import PEERS, poison_train_seed
@@ -107,6 +108,15 @@ class PoisonSettings:
     replay_outer: int | None = None
     """The replay's disk checkpoint spacing, a multiple of `replay_every` (None: the same; larger: less disk, one more
     forward pass)."""
+    verify: int | None = None
+    """Also check what each plant left in the tuned model: retrain the run's order without each plant, and without
+    `verify` ordinary pairs of each label (the controls, drawn from the seeds), one at a time (`verify_plants`,
+    under `verify/`). None: no retrains."""
+
+    def __post_init__(self) -> None:
+        if self.verify is not None and self.verify < 0:
+            raise ValueError(f"--verify {self.verify}: the number of ordinary pairs per label retrained without as controls "
+                             "must be 0 or more (0: the plants only, verified by sign)")
 
     @property
     def train_seed(self) -> int:
@@ -141,7 +151,92 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         run_peer(out, name)
     if st.replay and not (out / "replay.json").exists():
         replay_poison(out, st)
+    if st.verify is not None:
+        verify_plants(out, st)
     return score_poison(out, st)
+
+
+VERIFY = "verify"
+"""The folder under a poison run that holds its leave-one-out retrains (`verify_plants`)."""
+
+
+def verify_controls(pairs: Sequence[dict[str, Any]], st: PoisonSettings) -> list[str]:
+    """`st.verify` ordinary pairs of each label, drawn from the planting and order seeds: the plants' yardstick."""
+    rng = np.random.default_rng([st.seed, st.train_seed, 0x7e71f])
+    out = []
+    for label in sorted(set(KINDS.values())):
+        ids = sorted(p["id"] for p in pairs if p["label"] == label and "plant" not in p)
+        if st.verify > len(ids):
+            raise ValueError(f"--verify {st.verify}: the run has only {len(ids)} ordinary {label} pairs to draw controls from")
+        out += sorted(rng.choice(ids, size=st.verify, replace=False).tolist()) if st.verify else []
+    return out
+
+
+def verify_plants(out: str | Path, settings: PoisonSettings | None = None) -> list[Path]:
+    """Retrain the finished run's order (without the callback) once on all pairs, and once without each plant and each
+    control (`verify_controls`), each kept pair at its full-run learning rate (`LDSSettings.keep_schedule`: dropping a
+    warm-up pair moves no other pair's rate); then one probe pass each. Jobs in `verify/jobs/`, resumable like
+    `smda benchmark-lds`'s; `score_poison` reads them (`verification`)."""
+    from .demo import load_pairs
+    from .lds import LDSSettings, run_jobs
+
+    st = settings or PoisonSettings()
+    out = Path(out)
+    if st.verify is None:
+        raise ValueError("verify=None: give the number of ordinary pairs per label to retrain without (0: the plants only)")
+    if not (out / "run" / "smda" / "summary.json").exists():
+        raise FileNotFoundError(f"{out / 'run'} holds no finished run: run without --peers-only first to train")
+    pairs = load_pairs(out / "pairs.jsonl")
+    leave = [p["id"] for p in pairs if "plant" in p] + verify_controls(pairs, st)
+    logger.info("poison: verify %s: %d retrains without one pair each (plants and %d controls per label)",
+                out, len(leave), st.verify)
+    return run_jobs(out / VERIFY, LDSSettings(ranking_run=str(out), seed=st.train_seed, subsets=0, replicas=1,
+                                              leave_out=tuple(leave), keep_schedule=True))
+
+
+def intent_effect(measured: dict[str, float], kind: str) -> float:
+    """A measured change of final refusal read in the direction a plant of `kind` intends: over-refusal plants
+    mean to raise harmless refusal, compliance plants to lower harmful refusal."""
+    return measured["harmless"] if kind == "over-refusal" else -measured["harmful"]
+
+
+def verification(out: Path, pairs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """What each plant left in the tuned model, from `verify/jobs`: per kind, the change of final refusal that training
+    the plant made (the full retrain minus the one without it), read in its intended direction; the same for the
+    controls of its label; and the plants verified: those that moved refusal the intended way by more than every
+    control did (by more than 0 without controls). None when there are no retrains."""
+    jobs_dir = out / VERIFY / "jobs"
+    if not (jobs_dir / "full0.json").exists():
+        return None
+    full = json.loads((jobs_dir / "full0.json").read_text())
+    made = {}  # pair id -> the change of final refusal its training made
+    for path in sorted(jobs_dir.glob("loo-*.json")):
+        j = json.loads(path.read_text())
+        made[j["dropped"][0]] = {q: full[f"refusal_{q}"] - j[f"refusal_{q}"] for q in ("harmful", "harmless")}
+    by_id = {p["id"]: p for p in pairs}
+    res: dict[str, Any] = {"n_retrains": len(made) + 1}
+    for kind, label in KINDS.items():
+        plants = {i: intent_effect(m, kind) for i, m in made.items() if by_id[i].get("plant") == kind}
+        controls = {i: intent_effect(m, kind) for i, m in made.items() if by_id[i]["label"] == label and "plant" not in by_id[i]}
+        bar = max([0.0, *controls.values()])
+        missing = sorted(p["id"] for p in pairs if p.get("plant") == kind and p["id"] not in made)
+        res[kind] = {"plants": plants, "controls": controls, "bar": bar, "missing": missing,
+                     "verified": sorted(i for i, e in plants.items() if e > bar)}
+    return res
+
+
+def verified_detection(scores: dict[str, float], pairs: Sequence[dict[str, Any]], kind: str,
+                       ver: dict[str, Any]) -> dict[str, Any]:
+    """`detection` with the plants that did not act as intended (`verification`) left out of the pool: the verified
+    plants against the ordinary pairs of their label; plus the reader's Spearman with the measured effect over the
+    pairs retrained without (plants and controls of the label)."""
+    keep = set(ver[kind]["verified"])
+    pool = [p for p in pairs if p.get("plant") != kind or p["id"] in keep]
+    d = detection(scores, pool, kind)
+    measured = {**ver[kind]["plants"], **ver[kind]["controls"]}
+    ids = [i for i in measured if i in scores and np.isfinite(scores[i])]
+    d["spearman_with_retraining"] = spearman([scores[i] for i in ids], [measured[i] for i in ids]) if len(ids) > 2 else None
+    return d
 
 
 def replay_poison(out: str | Path, settings: PoisonSettings | None = None) -> dict[str, Any]:
@@ -230,6 +325,11 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     result = {"settings": asdict(st), "n_pairs": len(pairs), "timing": timing, "steps": len(records), "order": order,
               "plants_alerted": sorted(i for i in alerts if i and i.startswith("plant")), "n_alerts": len(alerts),
               "detection": {name: {kind: detection(sc[kind], pairs, kind) for kind in KINDS} for name, sc in readers.items()}}
+    ver = verification(out, pairs)
+    if ver is not None:
+        result["verification"] = ver
+        result["detection_verified"] = {name: {kind: verified_detection(sc[kind], pairs, kind, ver) for kind in KINDS}
+                                        for name, sc in readers.items()}
     (out / "poison.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     return result
 
@@ -263,24 +363,34 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
     pooled AUROC (mean over every plant of every run of its share of non-plants ranked below it), its 95 %
     bootstrap interval over plants, each run's AUROC and the mean precision@N."""
     runs = [json.loads((Path(d) / "poison.json").read_text()) for d in dirs]
-    readers = sorted(set.intersection(*(set(r["detection"]) for r in runs))) if runs else []
     orders = [tuple(r.get("order") or ()) for r in runs]
     out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {},
                            "plantings": len({frozenset(o) for o in orders}), "data_orders": len(set(orders)),
                            "orders_recorded": all(orders)}
+    out["readers"] = _pool(runs, "detection", boot, seed)
+    if runs and all("detection_verified" in r for r in runs):  # the verified plants, where every run was verified
+        out["readers_verified"] = _pool(runs, "detection_verified", boot, seed)
+    return out
+
+
+def _pool(runs: list[dict[str, Any]], key: str, boot: int, seed: int) -> dict[str, Any]:
+    readers = sorted(set.intersection(*(set(r[key]) for r in runs))) if runs else []
+    pooled: dict[str, Any] = {}
     for name in readers:
         entry = {}
         for k, kind in enumerate(KINDS):
-            per = [r["detection"][name][kind] for r in runs]
+            per = [r[key][name][kind] for r in runs]
             wins = np.asarray([w for d in per for w in plant_wins(d)])
+            if not len(wins):
+                continue
             # each reader and kind its own bootstrap stream: its interval does not move when readers are added
             rng = np.random.default_rng([seed, zlib.crc32(name.encode()), k])
             draws = [wins[rng.integers(0, len(wins), len(wins))].mean() for _ in range(boot)]
             entry[kind] = {"auroc": float(wins.mean()), "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
                            "per_run": [float(d["auroc"]) for d in per], "precision_at_n": float(np.mean([d["precision_at_n"] for d in per])),
                            "n_plants": int(len(wins))}
-        out["readers"][name] = entry
-    return out
+        pooled[name] = entry
+    return pooled
 
 
 def format_pool(res: dict[str, Any]) -> str:
@@ -289,14 +399,24 @@ def format_pool(res: dict[str, Any]) -> str:
     lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", shape, "",
              "| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
              "|---|---|---|---|---|---|---|"]
-    for name, e in res["readers"].items():
+    lines += _pool_rows(res["readers"])
+    if "readers_verified" in res:
+        lines += ["", "The verified plants only (each run's plants that moved final refusal the intended way more than its "
+                  "controls; the others left out of the pool):", "", *lines[3:5], *_pool_rows(res["readers_verified"])]
+    return "\n".join(lines)
+
+
+def _pool_rows(readers: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, e in readers.items():
         cells = []
         for kind in KINDS:
-            k = e[kind]
-            cells.append(f"{k['auroc']:.3f} [{k['ci95'][0]:.2f}, {k['ci95'][1]:.2f}] | {' / '.join(f'{a:.2f}' for a in k['per_run'])} | "
+            k = e.get(kind)
+            cells.append("– | – | –" if k is None else
+                         f"{k['auroc']:.3f} [{k['ci95'][0]:.2f}, {k['ci95'][1]:.2f}] | {' / '.join(f'{a:.2f}' for a in k['per_run'])} | "
                          f"{k['precision_at_n']:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def format_poison(res: dict[str, Any]) -> str:
@@ -307,6 +427,32 @@ def format_poison(res: dict[str, Any]) -> str:
         o, c = d["over-refusal"], d["compliance"]
         lines.append(f"| {name} | {o['auroc']:.3f} | {o['precision_at_n']:.2f} | {c['auroc']:.3f} | {c['precision_at_n']:.2f} | "
                      f"{o['plant_ranks']} of {o['n_pool']} / {c['plant_ranks']} of {c['n_pool']} |")
+    lines += format_verification(res)
     lines += ["", f"plants that raised an interference alert: {res['plants_alerted'] or 'none'} ({res['n_alerts']} alerts in all)",
               "", "timing: " + json.dumps(res["timing"])]
     return "\n".join(lines)
+
+
+def format_verification(res: dict[str, Any]) -> list[str]:
+    """The plants' measured effects and the table over verified plants (empty without `verification`)."""
+    ver = res.get("verification")
+    if not ver:
+        return []
+    lines = ["", f"What the plants left in the tuned model ({ver['n_retrains']} retrains, each kept pair at its full-run rate): "
+             "the change of final refusal their training made, in the intended direction (harmless refusal up / harmful down)"]
+    for kind in KINDS:
+        v = ver[kind]
+        fmt = lambda d: ", ".join(f"{i} {e:+.3f}" for i, e in sorted(d.items(), key=lambda x: -x[1]))
+        lines += [f"  {kind}: verified {len(v['verified'])} of {len(v['plants'])} plants (above {v['bar']:+.3f}, the most "
+                  f"any control moved it); plants: {fmt(v['plants'])}", f"    controls: {fmt(v['controls']) or 'none'}"]
+        if v["missing"]:
+            lines.append(f"    plants not retrained yet: {v['missing']}")
+    lines += ["", "Detection of the verified plants (the others left out of the pool), and Spearman of the reader with the "
+              "measured effect over the pairs retrained without:", "",
+              "| reader | over-refusal AUROC | Spearman | compliance AUROC | Spearman |", "|---|---|---|---|---|"]
+    sp = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:+.2f}"
+    au = lambda d: "–" if not d["n_plants"] else f"{d['auroc']:.3f}"
+    for name, d in res["detection_verified"].items():
+        o, c = d["over-refusal"], d["compliance"]
+        lines.append(f"| {name} | {au(o)} | {sp(o['spearman_with_retraining'])} | {au(c)} | {sp(c['spearman_with_retraining'])} |")
+    return lines
