@@ -262,6 +262,12 @@ def test_verification_reads_each_plants_mark_in_its_intended_direction_against_t
     assert "The verified plants only" in format_pool(pooled)
     text = "\n".join(format_verification({"verification": ver, "detection_verified": {"reader": det["reader"]}}))
     assert "over-refusal: verified 1 of 2 plants (above +0.020" in text and "plant-over-1 -0.010" in text
+    for f in (tmp_path / "verify" / "jobs").glob("loo-[hx]*.json"):
+        f.unlink()  # without controls a plant is verified by its sign, and the text says so
+    ver = verification(tmp_path, pairs)
+    assert ver["compliance"]["verified"] == ["plant-comp-0", "plant-comp-1"] and ver["over-refusal"]["bar"] == 0.0
+    assert "the intended sign only: no control retrained" in "\n".join(format_verification(
+        {"verification": ver, "detection_verified": {"reader": det["reader"]}}))
 
 
 def test_verify_retrains_without_every_plant_and_k_controls_per_label_at_their_full_run_rates(tmp_path, monkeypatch):

@@ -443,8 +443,10 @@ def format_verification(res: dict[str, Any]) -> list[str]:
     for kind in KINDS:
         v = ver[kind]
         fmt = lambda d: ", ".join(f"{i} {e:+.3f}" for i, e in sorted(d.items(), key=lambda x: -x[1]))
-        lines += [f"  {kind}: verified {len(v['verified'])} of {len(v['plants'])} plants (above {v['bar']:+.3f}, the most "
-                  f"any control moved it); plants: {fmt(v['plants'])}", f"    controls: {fmt(v['controls']) or 'none'}"]
+        bar = (f"above {v['bar']:+.3f}, the most any control moved it" if v["controls"] else
+               "above 0, the intended sign only: no control retrained")
+        lines += [f"  {kind}: verified {len(v['verified'])} of {len(v['plants'])} plants ({bar}); plants: {fmt(v['plants'])}",
+                  f"    controls: {fmt(v['controls']) or 'none'}"]
         if v["missing"]:
             lines.append(f"    plants not retrained yet: {v['missing']}")
     lines += ["", "Detection of the verified plants (the others left out of the pool), and Spearman of the reader with the "
