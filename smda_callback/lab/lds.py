@@ -524,11 +524,26 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     return res
 
 
+def load_jobs(out: Path) -> dict[str, dict[str, Any]]:
+    """The finished retrains under `out/jobs`, by job name (`full0`, `loo-<id>`, `s000`, ...)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
+
+
+def removal_changes(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per pair retrained without alone (`loo-<id>` jobs), the change of final mean refusal per quantity that dropping it
+    made, against the mean of the full retrains (bitwise equal where the check holds). Empty without a full retrain."""
+    fulls = [j for n, j in jobs.items() if n.startswith("full")]
+    if not fulls:
+        return {}
+    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
+    return {j["dropped"][0]: {q: j[f"refusal_{q}"] - ref[q] for q in ref} for n, j in sorted(jobs.items()) if n.startswith("loo-")}
+
+
 def score(out: str | Path) -> dict[str, Any]:
     """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran)."""
     out = Path(out)
     meta = json.loads((out / "subsets.json").read_text())
-    jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
+    jobs = load_jobs(out)
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
     reps, peers = post_hoc(out)
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
@@ -568,15 +583,15 @@ def score(out: str | Path) -> dict[str, Any]:
                              for q, f in forgetting(run_dir).items()}
     except ValueError as e:  # a run too short to read κ from: the carried readers are left out, said here
         res["forgetting"] = {"error": str(e)}
-    loos = [j for n, j in sorted(jobs.items()) if n.startswith("loo-")]
+    loos = removal_changes(jobs)
     if len(subs) < 3 and not loos:
         return res
     if scores is None:
         scores = readers(run_dir, meta["order"], meta["settings"]["seed"], reps, peers)
     if loos:  # a pair's predicted removal effect is minus its score
-        res["leave_one_out"] = [{"id": j["dropped"][0], "measured": {q: j[f"refusal_{q}"] - ref[q] for q in ref},
-                                 "predicted": {name: {q: (-per_q[q][j["dropped"][0]] if j["dropped"][0] in per_q[q] else None)
-                                                      for q in ref} for name, per_q in scores.items()}} for j in loos]
+        res["leave_one_out"] = [{"id": i, "measured": measured,
+                                 "predicted": {name: {q: (-per_q[q][i] if i in per_q[q] else None) for q in ref}
+                                               for name, per_q in scores.items()}} for i, measured in loos.items()]
     if len(subs) < 3:
         return res
     dropped = [j["dropped"] for j in subs]

@@ -205,14 +205,13 @@ def verification(out: Path, pairs: Sequence[dict[str, Any]]) -> dict[str, Any] |
     the plant made (the full retrain minus the one without it), read in its intended direction; the same for the
     controls of its label; and the plants verified: those that moved refusal the intended way by more than every
     control did (by more than 0 without controls). None when there are no retrains."""
-    jobs_dir = out / VERIFY / "jobs"
-    if not (jobs_dir / "full0.json").exists():
+    from .lds import load_jobs, removal_changes
+
+    jobs = load_jobs(out / VERIFY)
+    if not any(n.startswith("full") for n in jobs):
         return None
-    full = json.loads((jobs_dir / "full0.json").read_text())
-    made = {}  # pair id -> the change of final refusal its training made
-    for path in sorted(jobs_dir.glob("loo-*.json")):
-        j = json.loads(path.read_text())
-        made[j["dropped"][0]] = {q: full[f"refusal_{q}"] - j[f"refusal_{q}"] for q in ("harmful", "harmless")}
+    # pair id -> the change of final refusal its training made: minus its removal's
+    made = {i: {q: -v for q, v in m.items()} for i, m in removal_changes(jobs).items()}
     by_id = {p["id"]: p for p in pairs}
     res: dict[str, Any] = {"n_retrains": len(made) + 1}
     for kind, label in KINDS.items():
@@ -396,13 +395,13 @@ def _pool(runs: list[dict[str, Any]], key: str, boot: int, seed: int) -> dict[st
 def format_pool(res: dict[str, Any]) -> str:
     shape = (f"{res['plantings']} plantings (distinct pair sets), {res['data_orders']} distinct training orders"
              if res.get("orders_recorded") else "training orders not recorded in every poison.json (re-score with --score-only)")
-    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", shape, "",
-             "| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
-             "|---|---|---|---|---|---|---|"]
-    lines += _pool_rows(res["readers"])
+    head = ["| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
+            "|---|---|---|---|---|---|---|"]
+    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", shape, "", *head,
+             *_pool_rows(res["readers"])]
     if "readers_verified" in res:
         lines += ["", "The verified plants only (each run's plants that moved final refusal the intended way more than its "
-                  "controls; the others left out of the pool):", "", *lines[3:5], *_pool_rows(res["readers_verified"])]
+                  "controls; the others left out of the pool):", "", *head, *_pool_rows(res["readers_verified"])]
     return "\n".join(lines)
 
 
