@@ -435,3 +435,20 @@ def test_retrains_with_and_without_keep_schedule_are_not_mixed(tmp_path, monkeyp
     assert seen == [([0, 1, 2], 3), ([k for k, i in enumerate(order) if i != "b"], 3)]
     with pytest.raises(ValueError, match="with --keep-schedule"):
         lds.run_jobs(out, LDSSettings(seed=7, ranking_run=str(src), leave_out=("b",), replicas=1, subsets=0))
+
+
+def test_retrains_of_another_training_order_are_not_mixed(tmp_path, monkeypatch):
+    """If the ranking run is trained again in another order after retrains were made, resuming refuses: the old
+    retrains dropped pairs at the old places and would be scored against the new run."""
+    import smda_callback.lab.lds as lds
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    monkeypatch.setattr(lds, "retrain_measure", lambda kept, tmp, st, scorer=None, places=None: {"Y": []})
+    out = tmp_path / "lds"
+    st = LDSSettings(seed=7, ranking_run=str(src), leave_out=("b",), replicas=1, subsets=0)
+    assert len(lds.run_jobs(out, st)) == 2
+    assert lds.run_jobs(out, st) == []  # the same order resumes: nothing left to do
+    recs = [{"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}"}]} for t, i in enumerate(["b", "a", "c"])]
+    (src / "run" / "smda" / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="another training order"):
+        lds.run_jobs(out, st)

@@ -296,3 +296,25 @@ def test_verify_retrains_without_every_plant_and_k_controls_per_label_at_their_f
     assert sorted(by_id[i]["label"] for i in controls) == ["harmful"] * 3 + ["harmless"] * 3
     with pytest.raises(ValueError, match="must be 0 or more"):
         PoisonSettings(verify=-1)
+
+
+def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, monkeypatch):
+    """Training into a folder that holds a finished run is refused (its peers, replay and retrains were read from it);
+    --peers-only runs only the peers that have no result there yet."""
+    import smda_callback.lab.demo as demo
+    import smda_callback.lab.poison as poison
+
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("a finished run was trained over"))
+    monkeypatch.setattr(poison, "score_poison", lambda out, st: {})
+    ran = []
+    monkeypatch.setattr(poison, "run_peer", lambda out, name: ran.append(name))
+    (tmp_path / "run" / "smda").mkdir(parents=True)
+    (tmp_path / "run" / "smda" / "summary.json").write_text("{}")
+    (tmp_path / "run" / "model").mkdir()
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "tracin.json").write_text("{}")
+    st = poison.PoisonSettings(peers=("tracin", "kronfluence-middle"))
+    with pytest.raises(FileExistsError, match="--peers-only"):
+        poison.run_poison(tmp_path, st)
+    poison.run_poison(tmp_path, st, train=False)
+    assert ran == ["kronfluence-middle"]

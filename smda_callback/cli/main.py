@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "three tokens of each opening, so 'I can't' and 'I'd be happy' count apart; costs more per probe pass")
     po.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="other readers run after training, each in its own process (kronfluence needs the [bench] extra)")
-    po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers (and --verify) and score")
+    po.add_argument("--peers-only", action="store_true", help="keep the finished run in --out; run the peers not yet in --out (and --verify) and score; without it --out must hold no finished run")
     po.add_argument("--verify", type=int, default=None, metavar="K",
                     help="also retrain the run's order without each plant, and without K ordinary pairs of each label "
                          "(controls), one at a time: what each plant left in the tuned model; scored over the plants that "

@@ -334,10 +334,14 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     sets = subsets(order, st)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     if (out / "subsets.json").exists() and any((out / "jobs").glob("*.json")):
-        before = bool(json.loads((out / "subsets.json").read_text())["settings"].get("keep_schedule", False))
+        made = json.loads((out / "subsets.json").read_text())
+        before = bool(made["settings"].get("keep_schedule", False))
         if before != st.keep_schedule:
             raise ValueError(f"{out} holds retrains made {'with' if before else 'without'} --keep-schedule; the two are "
                              "different counterfactuals and are not scored together: use another --out")
+        if made.get("order", order) != order:
+            raise ValueError(f"{out} holds retrains of another training order than {run_dir}'s (the ranking run was "
+                             "trained again since); they would be scored against the wrong run: use another --out")
     (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
     unknown = [i for i in st.leave_out if i not in pairs]
     if unknown:

@@ -226,5 +226,7 @@ def run_peer(out: str | Path, name: str) -> dict[str, Any]:
         res = pool.submit(_peer_job, name, str(out)).result()
     path = Path(out) / "peers" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res), encoding="utf-8")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res), encoding="utf-8")
+    tmp.replace(path)
     return res

@@ -134,6 +134,9 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if train:
+        if (out / "run" / "smda" / "summary.json").exists():
+            raise FileExistsError(f"{out} holds a finished run, and its peers, replay and retrains were read from it: "
+                                  "add readers to it with --peers-only, or train into another --out")
         pairs = poison_pairs(load_pairs(DATA / "pairs.jsonl"), load_plants(), st.n_base, st.seed)
         (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
@@ -148,7 +151,10 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
     elif not (out / "run" / "model").exists():
         raise FileNotFoundError(f"{out / 'run' / 'model'} does not exist: run without --peers-only first to train")
     for name in st.peers:
-        run_peer(out, name)
+        if (out / "peers" / f"{name}.json").exists():
+            logger.info("poison: peer %s already in %s, kept (delete peers/%s.json to run it again)", name, out, name)
+        else:
+            run_peer(out, name)
     if st.replay and not (out / "replay.json").exists():
         replay_poison(out, st)
     if st.verify is not None:
