@@ -152,6 +152,11 @@ def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auro
         e = pooled["readers"]["reader"][kind]
         assert e["auroc"] == pytest.approx(np.mean(e["per_run"]), abs=1e-12)
         assert e["ci95"][0] <= e["auroc"] <= e["ci95"][1] and e["n_plants"] == (8 if kind == "over-refusal" else 6)
+    kept = tmp_path / "kept_r1.json"  # a run's poison.json kept after its folder is gone pools the same
+    kept.write_bytes((dirs[1] / "poison.json").read_bytes())
+    assert pool_poison([dirs[0], kept])["readers"] == pooled["readers"]
+    with pytest.raises(FileNotFoundError, match="--score-only"):
+        pool_poison([dirs[0], tmp_path / "gone"])
 
 
 def test_order_seed_keeps_the_planting_and_changes_only_the_training_seed(tmp_path, monkeypatch):

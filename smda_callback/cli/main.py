@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     _replay_spacing(po)
     po.add_argument("--score-only", action="store_true", help="re-score a finished run in --out without training")
     po.add_argument("--pool", nargs="+", metavar="DIR", help="only pool finished runs (other plantings / data orders, "
-                                                              "each made with --out DIR --seed S): AUROC over all their plants")
+                                                              "each made with --out DIR --seed S), or their kept poison.json "
+                                                              "files (benchmarks/poison/): AUROC over all their plants")
     po.set_defaults(fn=_poison)
 
     ca = sub.add_parser("causal", help="insert vs omit pairs at their place in the same optimizer; compare with credits")

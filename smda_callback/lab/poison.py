@@ -366,8 +366,14 @@ def plant_wins(d: dict[str, Any]) -> list[float]:
 def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Planted-pair detection pooled over finished runs (plantings / data orders): per reader and kind the
     pooled AUROC (mean over every plant of every run of its share of non-plants ranked below it), its 95 %
-    bootstrap interval over plants, each run's AUROC and the mean precision@N."""
-    runs = [json.loads((Path(d) / "poison.json").read_text()) for d in dirs]
+    bootstrap interval over plants, each run's AUROC and the mean precision@N. A `dirs` entry is a run folder or
+    a poison.json kept from one (`benchmarks/poison/` keeps the scores of runs whose folders are gone)."""
+    files = [Path(d) if Path(d).suffix == ".json" else Path(d) / "poison.json" for d in dirs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--pool: no scores at {', '.join(missing)}; score a finished run with --score-only "
+                                "(same --seed and --order-seed as it was trained with), or give its kept poison.json")
+    runs = [json.loads(f.read_text()) for f in files]
     orders = [tuple(r.get("order") or ()) for r in runs]
     out: dict[str, Any] = {"runs": [str(d) for d in dirs], "readers": {},
                            "plantings": len({frozenset(o) for o in orders}), "data_orders": len(set(orders)),
