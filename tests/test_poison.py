@@ -303,7 +303,7 @@ def test_verify_retrains_without_every_plant_and_k_controls_per_label_at_their_f
         PoisonSettings(verify=-1)
 
 
-def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, monkeypatch):
+def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, monkeypatch, capsys):
     """Training into a folder that holds a finished run is refused (its peers, replay and retrains were read from it);
     --peers-only runs only the peers that have no result there yet."""
     import smda_callback.lab.demo as demo
@@ -321,5 +321,9 @@ def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, m
     st = poison.PoisonSettings(peers=("tracin", "kronfluence-middle"))
     with pytest.raises(FileExistsError, match="--peers-only"):
         poison.run_poison(tmp_path, st)
+    from smda_callback.cli.main import main
+
+    assert main(["benchmark-poison", "--out", str(tmp_path), "--peers"]) == 2  # the CLI says why, no traceback
+    assert "holds a finished run" in capsys.readouterr().err
     poison.run_poison(tmp_path, st, train=False)
     assert ran == ["kronfluence-middle"]
