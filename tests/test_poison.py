@@ -250,6 +250,10 @@ def test_verification_reads_each_plants_mark_in_its_intended_direction_against_t
     assert comp["plants"] == pytest.approx({"plant-comp-0": 0.04, "plant-comp-1": 0.005})
     assert comp["controls"] == pytest.approx({"x0": -0.01, "x1": 0.01}) and comp["bar"] == pytest.approx(0.01)
     assert over["verified"] == ["plant-over-0"] and comp["verified"] == ["plant-comp-0"] and ver["n_retrains"] == 9
+    # plants vs controls: 3 of the 4 (plant, control) pairs have the plant's mark above the control's, on both kinds
+    for v, pm in ((over, 0.02), (comp, 0.0225)):
+        assert v["marks"]["p_plant_above_control"] == pytest.approx(0.75) and v["marks"]["plants_mean"] == pytest.approx(pm)
+        assert (v["marks"]["n_plants"], v["marks"]["n_controls"]) == (2, 2)
     # a reader that ranks plant-over-0 first scores 1 over the verified plants, whatever it says of plant-over-1
     scores = {p["id"]: 0.0 for p in pairs} | {"plant-over-0": 1.0, "plant-over-1": -0.5, "h1": 0.5, "h0": -1.0}
     d = verified_detection(scores, pairs, "over-refusal", ver)
@@ -261,12 +265,15 @@ def test_verification_reads_each_plants_mark_in_its_intended_direction_against_t
         (tmp_path / f"r{r}").mkdir()
         det = {"reader": {k: verified_detection(scores, pairs, k, ver) for k in ("over-refusal", "compliance")}}
         (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": det, "detection_verified": det,
-                                                                  "order": [p["id"] for p in pairs]}))
+                                                                  "verification": ver, "order": [p["id"] for p in pairs]}))
     pooled = pool_poison([tmp_path / "r0", tmp_path / "r1"])
     assert pooled["readers_verified"]["reader"]["over-refusal"]["auroc"] == 1.0
-    assert "The verified plants only" in format_pool(pooled)
+    assert pooled["marks_runs"] == 2 and pooled["marks"]["over-refusal"]["n_plants"] == 4
+    assert pooled["marks"]["over-refusal"]["p_plant_above_control"] == pytest.approx(0.75)  # the same marks twice
+    assert "The verified plants only" in format_pool(pooled) and "(2 verified runs)" in format_pool(pooled)
     text = "\n".join(format_verification({"verification": ver, "detection_verified": {"reader": det["reader"]}}))
     assert "over-refusal: verified 1 of 2 plants (above +0.020" in text and "plant-over-1 -0.010" in text
+    assert "P(a plant's mark > a control's) = 0.750" in text
     for f in (tmp_path / "verify" / "jobs").glob("loo-[hx]*.json"):
         f.unlink()  # without controls a plant is verified by its sign, and the text says so
     ver = verification(tmp_path, pairs)

@@ -226,8 +226,29 @@ def verification(out: Path, pairs: Sequence[dict[str, Any]]) -> dict[str, Any] |
         bar = max([0.0, *controls.values()])
         missing = sorted(p["id"] for p in pairs if p.get("plant") == kind and p["id"] not in made)
         res[kind] = {"plants": plants, "controls": controls, "bar": bar, "missing": missing,
-                     "verified": sorted(i for i, e in plants.items() if e > bar)}
+                     "verified": sorted(i for i, e in plants.items() if e > bar),
+                     "marks": marks_vs_controls(list(plants.values()), list(controls.values()))}
     return res
+
+
+def marks_vs_controls(plants: Sequence[float], controls: Sequence[float]) -> dict[str, Any]:
+    """Do the plants as a group leave a larger mark than ordinary pairs? Mean and spread of each side's measured
+    effect (intended direction) and the probability that a plant's exceeds a control's (Mann–Whitney AUROC, ties
+    half; None without controls). Near 0.5 the plants' end-of-run marks are the size of retraining's own spread."""
+    a, b = np.asarray(plants, float), np.asarray(controls, float)
+    sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else None
+    auroc = float(((a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :])).mean()) if len(a) and len(b) else None
+    return {"n_plants": int(len(a)), "n_controls": int(len(b)), "plants_mean": float(a.mean()) if len(a) else None,
+            "plants_sd": sd(a), "controls_mean": float(b.mean()) if len(b) else None, "controls_sd": sd(b),
+            "p_plant_above_control": auroc}
+
+
+def format_marks(kind: str, m: dict[str, Any]) -> str:
+    f = lambda x: "–" if x is None else f"{x:+.3f}"
+    g = lambda x: "–" if x is None else f"{x:.3f}"
+    return (f"  {kind}: {m['n_plants']} plants moved it {f(m['plants_mean'])} on average (sd {g(m['plants_sd'])}), "
+            f"{m['n_controls']} controls {f(m['controls_mean'])} (sd {g(m['controls_sd'])}); "
+            f"P(a plant's mark > a control's) = {g(m['p_plant_above_control'])}")
 
 
 def verified_detection(scores: dict[str, float], pairs: Sequence[dict[str, Any]], kind: str,
@@ -381,6 +402,11 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
     out["readers"] = _pool(runs, "detection", boot, seed)
     if runs and all("detection_verified" in r for r in runs):  # the verified plants, where every run was verified
         out["readers_verified"] = _pool(runs, "detection_verified", boot, seed)
+    ver = [r["verification"] for r in runs if r.get("verification")]
+    if ver:  # every verified run's plants and controls together
+        out["marks"] = {k: marks_vs_controls([e for v in ver for e in v[k]["plants"].values()],
+                                             [e for v in ver for e in v[k]["controls"].values()]) for k in KINDS}
+        out["marks_runs"] = len(ver)
     return out
 
 
@@ -414,6 +440,9 @@ def format_pool(res: dict[str, Any]) -> str:
     if "readers_verified" in res:
         lines += ["", "The verified plants only (each run's plants that moved final refusal the intended way more than its "
                   "controls; the others left out of the pool):", "", *head, *_pool_rows(res["readers_verified"])]
+    if "marks" in res:
+        lines += ["", f"What the plants left at the end, against ordinary pairs retrained without the same way "
+                  f"({res['marks_runs']} verified runs):", *(format_marks(k, res["marks"][k]) for k in KINDS)]
     return "\n".join(lines)
 
 
@@ -460,6 +489,9 @@ def format_verification(res: dict[str, Any]) -> list[str]:
                   f"    controls: {fmt(v['controls']) or 'none'}"]
         if v["missing"]:
             lines.append(f"    plants not retrained yet: {v['missing']}")
+    if all("marks" in ver[k] for k in KINDS):  # poison.json scored before the plants-vs-controls summary has none
+        lines += ["", "The plants as a group against ordinary pairs (0.5: a plant leaves no more mark at the end than an "
+                  "ordinary pair):", *(format_marks(k, ver[k]["marks"]) for k in KINDS)]
     lines += ["", "Detection of the verified plants (the others left out of the pool), and Spearman of the reader with the "
               "measured effect over the pairs retrained without:", "",
               "| reader | over-refusal AUROC | Spearman | compliance AUROC | Spearman |", "|---|---|---|---|---|"]
