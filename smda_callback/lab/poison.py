@@ -237,10 +237,10 @@ def marks_vs_controls(plants: Sequence[float], controls: Sequence[float]) -> dic
     half; None without controls). Near 0.5 the plants' end-of-run marks are the size of retraining's own spread."""
     a, b = np.asarray(plants, float), np.asarray(controls, float)
     sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else None
-    auroc = float(((a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :])).mean()) if len(a) and len(b) else None
+    above = auroc(np.r_[a, b], np.r_[np.ones(len(a), bool), np.zeros(len(b), bool)]) if len(a) and len(b) else None
     return {"n_plants": int(len(a)), "n_controls": int(len(b)), "plants_mean": float(a.mean()) if len(a) else None,
             "plants_sd": sd(a), "controls_mean": float(b.mean()) if len(b) else None, "controls_sd": sd(b),
-            "p_plant_above_control": auroc}
+            "p_plant_above_control": above}
 
 
 def format_marks(kind: str, m: dict[str, Any]) -> str:
