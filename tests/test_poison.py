@@ -319,7 +319,9 @@ def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, m
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("a finished run was trained over"))
     monkeypatch.setattr(poison, "score_poison", lambda out, st: {})
     ran = []
-    monkeypatch.setattr(poison, "run_peer", lambda out, name: ran.append(name))
+    import smda_callback.lab.peers as peers
+
+    monkeypatch.setattr(peers, "run_peer", lambda out, name: ran.append(name))
     (tmp_path / "run" / "smda").mkdir(parents=True)
     (tmp_path / "run" / "smda" / "summary.json").write_text("{}")
     (tmp_path / "run" / "model").mkdir()

@@ -313,14 +313,14 @@ def peer_jobs(out: str | Path, names: tuple[str, ...], st: LDSSettings | None = 
     """The peers of `peers.py` (TracIn, kronfluence EK-FAC) on the ranking run's final model, each in its own
     process (its time and peak memory recorded), written to `peers/<name>.json` and scored like the others."""
     from .._resources import DATA
-    from .peers import run_peer
+    from .peers import run_missing_peers
 
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
     (out / "pairs.jsonl").write_text("".join(json.dumps(pairs[i]) + "\n" for i in order), encoding="utf-8")
     (out / "probes_at_run.jsonl").write_bytes((DATA / "probes.jsonl").read_bytes())
-    return [run_peer(out, name) for name in names if not (out / "peers" / f"{name}.json").exists()]
+    return run_missing_peers(out, names)
 
 
 def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, int] = (0, 1)) -> list[Path]:

@@ -230,3 +230,15 @@ def run_peer(out: str | Path, name: str) -> dict[str, Any]:
     tmp.write_text(json.dumps(res), encoding="utf-8")
     tmp.replace(path)
     return res
+
+
+def run_missing_peers(out: str | Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    """`run_peer` for each of `names` that has no peers/<name>.json in `out` yet (a finished peer is kept, and said
+    so: delete its file to run it again); the results of those that ran."""
+    done = []
+    for name in names:
+        if (Path(out) / "peers" / f"{name}.json").exists():
+            logger.info("peer reader %s already in %s, kept (delete peers/%s.json to run it again)", name, out, name)
+        else:
+            done.append(run_peer(out, name))
+    return done

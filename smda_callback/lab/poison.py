@@ -28,7 +28,7 @@ import numpy as np
 from .._resources import DATA
 from .analysis import spearman
 from .carry import end_weights
-from .peers import peak_rss_mb, run_peer
+from .peers import peak_rss_mb, run_missing_peers
 from .specs import PEERS, poison_train_seed
 from ..credit import OptimizerKernel, replay_credits
 from ..policy import auroc
@@ -150,11 +150,7 @@ def run_poison(out: str | Path, settings: PoisonSettings | None = None, train: b
         (out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
     elif not (out / "run" / "model").exists():
         raise FileNotFoundError(f"{out / 'run' / 'model'} does not exist: run without --peers-only first to train")
-    for name in st.peers:
-        if (out / "peers" / f"{name}.json").exists():
-            logger.info("poison: peer %s already in %s, kept (delete peers/%s.json to run it again)", name, out, name)
-        else:
-            run_peer(out, name)
+    run_missing_peers(out, st.peers)
     if st.replay and not (out / "replay.json").exists():
         replay_poison(out, st)
     if st.verify is not None:
