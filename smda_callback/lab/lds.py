@@ -38,6 +38,7 @@ import numpy as np
 from ..credit.replay import TRUST_FACTOR, replay_trusted_from
 from .analysis import spearman
 from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
+from .files import write_json
 from .specs import poison_train_seed
 
 logger = logging.getLogger(__name__)
@@ -303,9 +304,7 @@ def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, o
     order, pairs = ranked_pairs(out / "run", st)
     res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment, last, curvature, reverse_eps)
     path = out / replay_reader(second_moment, last, curvature, reverse_eps)[1]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, res)
     return res
 
 
@@ -361,9 +360,7 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
         t0 = time.perf_counter()
         res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer, places),
                "seconds": round(time.perf_counter() - t0, 1)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res), encoding="utf-8")
-        tmp.replace(path)
+        write_json(path, res)
         written.append(path)
     return written
 

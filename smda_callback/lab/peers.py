@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import write_json
 from .specs import PEERS
 
 logger = logging.getLogger(__name__)
@@ -226,9 +227,7 @@ def run_peer(out: str | Path, name: str) -> dict[str, Any]:
         res = pool.submit(_peer_job, name, str(out)).result()
     path = Path(out) / "peers" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, res)
     return res
 
 

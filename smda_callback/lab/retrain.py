@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .files import write_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -167,9 +169,7 @@ def run_jobs(run_dir: str | Path, pairs: list[dict[str, Any]], sets: dict[str, A
         model, tok = train_sft(kept, out / f"tmp_{shard[0]}", DemoSettings(**{**asdict(base), "seed": order}))
         res = {"condition": name, "order": order, "n_train": len(kept), "dropped": sorted(drop),
                "train_seconds": round(time.perf_counter() - t0, 1), **behaviour(model, tok, sets)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, default=float), encoding="utf-8")
-        tmp.replace(path)
+        write_json(path, res, default=float)
         written.append(path)
     return written
 
