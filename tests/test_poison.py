@@ -159,6 +159,58 @@ def test_pooled_detection_is_the_mean_over_plants_and_agrees_with_each_runs_auro
         pool_poison([dirs[0], tmp_path / "gone"])
 
 
+def test_pool_follows_each_plant_across_data_orders(tmp_path):
+    """Per plant: its step and rank in each run. A reader that scores a plant by what it is ranks it the same in
+    both orders (Spearman +1 between orders); one that ranks pairs by when they were trained gives a plant the share
+    of ordinary pairs of its label trained after it (Spearman of share with step negative)."""
+    from smda_callback.lab.poison import KINDS, detection, format_pool, pool_poison
+
+    pairs = [{"id": f"h{i}", "label": "harmless", "plant": "over-refusal" if i < 5 else None} for i in range(30)]
+    pairs += [{"id": f"x{i}", "label": "harmful", "plant": "compliance" if i < 4 else None} for i in range(24)]
+    label = {p["id"]: p["label"] for p in pairs}
+    # plants interleaved with the ordinary pairs of their label, by what the pair is (its id), not by when it trains
+    by_pair = {p["id"]: (0.3 - 0.07 * int(p["id"][1:]) if p["plant"] else 0.01 * int(p["id"][1:])) for p in pairs}
+    rank = {i: 1 + sum(by_pair[j] > by_pair[i] for j in by_pair if label[j] == label[i]) for i in by_pair}
+    dirs, orders = [], []
+    for r in range(2):
+        order = [pairs[k]["id"] for k in np.random.default_rng(r).permutation(len(pairs))]
+        by_step = {i: -float(k) for k, i in enumerate(order)}  # the earlier trained, the more suspect
+        det = {"by_pair": {kind: detection(by_pair, pairs, kind) for kind in KINDS},
+               "by_step": {kind: detection(by_step, pairs, kind) for kind in KINDS}}
+        for d in det["by_pair"].values():
+            assert sorted(d["plant_rank_of"].values()) == d["plant_ranks"] and len(d["plant_rank_of"]) == d["n_plants"]
+        (tmp_path / f"r{r}").mkdir()
+        (tmp_path / f"r{r}" / "poison.json").write_text(json.dumps({"detection": det, "order": order}))
+        dirs.append(tmp_path / f"r{r}")
+        orders.append(order)
+    pooled = pool_poison(dirs)
+    for kind, n in (("over-refusal", 5), ("compliance", 4)):
+        e = pooled["plants"]["by_pair"][kind]
+        assert list(e["plants"]) == sorted(e["plants"]) and len(e["plants"]) == n
+        assert e["between_orders"]["n_pairs"] == n and e["between_orders"]["spearman"] == pytest.approx(1.0)
+        for i, rows in e["plants"].items():
+            assert [x["run"] for x in rows] == [0, 1] and [x["rank"] for x in rows] == [rank[i]] * 2
+            assert [x["step"] for x in rows] == [o.index(i) + 1 for o in orders]
+        s = pooled["plants"]["by_step"][kind]
+        lab = "harmless" if kind == "over-refusal" else "harmful"
+        for i, rows in s["plants"].items():
+            for x, o in zip(rows, orders):
+                later = [j for j in o[x["step"]:] if label[j] == lab and j not in s["plants"]]
+                assert x["share"] == pytest.approx(len(later) / (30 - 5 if lab == "harmless" else 24 - 4))
+        assert s["share_vs_step"]["n"] == 2 * n and s["share_vs_step"]["spearman"] < 0
+    text = format_pool(pooled)
+    assert f"r0 {dirs[0]}" in text and "Each plant in each run" not in text  # neither reader is a default one
+    # a kept poison.json scored before per-plant ranks: the pool still works and says how to get the table
+    old = json.loads((dirs[1] / "poison.json").read_text())
+    for rd in old["detection"].values():
+        for d in rd.values():
+            del d["plant_rank_of"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    pooled_old = pool_poison([dirs[0], tmp_path / "old.json"])
+    assert "plants" not in pooled_old and "re-score a run with --score-only" in format_pool(pooled_old)
+    assert pooled_old["readers"] == pooled["readers"]
+
+
 def test_order_seed_keeps_the_planting_and_changes_only_the_training_seed(tmp_path, monkeypatch):
     """`--order-seed` trains the same pairs file under another Trainer seed (its shuffle); without it the seed
     of the planting is the training seed, as before. `--every N` changes only the callback's probe spacing and

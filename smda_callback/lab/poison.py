@@ -77,7 +77,8 @@ def detection(scores: dict[str, float], pairs: Sequence[dict[str, Any]], kind: s
     ranks[order] = np.arange(1, len(ids) + 1)
     n = int(is_plant.sum())
     return {"auroc": auroc(s, is_plant), "precision_at_n": float(is_plant[order[:n]].mean()) if n else float("nan"),
-            "n_plants": n, "n_pool": len(ids), "plant_ranks": sorted(int(r) for r in ranks[is_plant])}
+            "n_plants": n, "n_pool": len(ids), "plant_ranks": sorted(int(r) for r in ranks[is_plant]),
+            "plant_rank_of": {i: int(r) for i, r, pl in zip(ids, ranks, is_plant) if pl}}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -398,11 +399,47 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
     out["readers"] = _pool(runs, "detection", boot, seed)
     if runs and all("detection_verified" in r for r in runs):  # the verified plants, where every run was verified
         out["readers_verified"] = _pool(runs, "detection_verified", boot, seed)
+    if all("plant_rank_of" in d for r in runs for rd in r["detection"].values() for d in rd.values()):
+        out["plants"] = {name: plants_across_runs(runs, name) for name in out["readers"]}
     ver = [r["verification"] for r in runs if r.get("verification")]
     if ver:  # every verified run's plants and controls together
         out["marks"] = {k: marks_vs_controls([e for v in ver for e in v[k]["plants"].values()],
                                              [e for v in ver for e in v[k]["controls"].values()]) for k in KINDS}
         out["marks_runs"] = len(ver)
+    return out
+
+
+def plants_across_runs(runs: list[dict[str, Any]], reader: str) -> dict[str, Any]:
+    """Each plant in every run that trained it: its step (position in the run's order, 1-based) and its share of
+    the ordinary pairs of its label ranked below it by `reader` (1: ranked above all of them). Every planting mixes
+    the same plants (data/plants.jsonl) into other ordinary pairs, so a plant recurs across runs. Per kind: over every
+    two runs that trained a plant in different orders, the Spearman of its share in one with its share in the other
+    (high: what the reader finds is the pair's own; low: its place in the run), and over every plant in every run, the
+    Spearman of share with step (positive: plants trained early are missed)."""
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        seen: dict[str, list[dict[str, Any]]] = {}
+        for j, r in enumerate(runs):
+            d = r["detection"][reader][kind]
+            step = {i: k + 1 for k, i in enumerate(r.get("order") or ())}
+            n_neg = d["n_pool"] - d["n_plants"]
+            ranks = sorted(d["plant_rank_of"].values())
+            for i, rank in d["plant_rank_of"].items():
+                above = rank - 1 - ranks.index(rank)  # ordinary pairs ranked above it
+                seen.setdefault(i, []).append({"run": j, "order": tuple(r.get("order") or ()), "step": step.get(i),
+                                               "rank": rank, "share": (n_neg - above) / n_neg if n_neg else float("nan")})
+        a, b = [], []
+        for rows in seen.values():
+            for x in range(len(rows)):
+                for y in range(x + 1, len(rows)):
+                    if rows[x]["order"] != rows[y]["order"]:  # both ways round: no run is "first"
+                        a += [rows[x]["share"], rows[y]["share"]]
+                        b += [rows[y]["share"], rows[x]["share"]]
+        flat = [e for rows in seen.values() for e in rows if e["step"] is not None]
+        out[kind] = {"plants": {i: [{k: v for k, v in e.items() if k != "order"} for e in rows] for i, rows in sorted(seen.items())},
+                     "between_orders": {"spearman": spearman(np.asarray(a), np.asarray(b)), "n_pairs": len(a) // 2},
+                     "share_vs_step": {"spearman": spearman(np.asarray([e["share"] for e in flat]),
+                                                            np.asarray([e["step"] for e in flat], float)), "n": len(flat)}}
     return out
 
 
@@ -431,15 +468,47 @@ def format_pool(res: dict[str, Any]) -> str:
              if res.get("orders_recorded") else "training orders not recorded in every poison.json (re-score with --score-only)")
     head = ["| reader | over-refusal AUROC [95 % CI] | per run | P@N | compliance AUROC [95 % CI] | per run | P@N |",
             "|---|---|---|---|---|---|---|"]
-    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {', '.join(res['runs'])}", shape, "", *head,
+    runs = ", ".join(f"r{j} {d}" for j, d in enumerate(res["runs"]))
+    lines = [f"Planted pairs pooled over {len(res['runs'])} runs: {runs}", shape, "", *head,
              *_pool_rows(res["readers"])]
     if "readers_verified" in res:
         lines += ["", "The verified plants only (each run's plants that moved final refusal the intended way more than its "
                   "controls; the others left out of the pool):", "", *head, *_pool_rows(res["readers_verified"])]
+    lines += format_plants(res)
     if "marks" in res:
         lines += ["", f"What the plants left at the end, against ordinary pairs retrained without the same way "
                   f"({res['marks_runs']} verified runs):", *(format_marks(k, res["marks"][k]) for k in KINDS)]
     return "\n".join(lines)
+
+
+PLANT_TABLE_READERS = ("smda_own_window_deconvolve", "smda_own_window_ghost", "smda_own_window_carried")
+"""The readers whose per-plant table `format_pool` prints: the default `smda suspects` reading (the own window, of
+whichever measure the runs have) and the same carried to the end of the run (`--read end`)."""
+
+
+def format_plants(res: dict[str, Any]) -> list[str]:
+    """Per plant, its step and rank in every pooled run, for the readers of PLANT_TABLE_READERS (empty when a
+    kept poison.json predates per-plant ranks)."""
+    if "plants" not in res:
+        return ["", "Per-plant ranks: not in every poison.json (scored before 2026-12-05); re-score a run with --score-only."]
+    lines = []
+    fmt = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:+.2f}"
+    for name in PLANT_TABLE_READERS:
+        if name not in res["plants"]:
+            continue
+        lines += ["", f"Each plant in each run by {name} (step it was trained at → its rank among the pairs of its label; "
+                  "* = ranked below an ordinary pair):"]
+        for kind in KINDS:
+            e = res["plants"][name][kind]
+            bo, sv = e["between_orders"], e["share_vs_step"]
+            lines.append(f"  {kind}: a plant's share of ordinary pairs ranked below it, Spearman between two runs that trained it "
+                         f"in different orders {fmt(bo['spearman'])} ({bo['n_pairs']} plant × run pairs), with its step "
+                         f"{fmt(sv['spearman'])} ({sv['n']} plant-runs)")
+            for i, rows in e["plants"].items():
+                cells = [f"r{x['run']}: step {x['step'] if x['step'] is not None else '?'} → {x['rank']}{'*' if x['share'] < 1 else ''}"
+                         for x in rows]
+                lines.append(f"    {i}: " + "; ".join(cells))
+    return lines
 
 
 def _pool_rows(readers: dict[str, Any]) -> list[str]:
