@@ -198,8 +198,18 @@ def test_pool_follows_each_plant_across_data_orders(tmp_path):
                 later = [j for j in o[x["step"]:] if label[j] == lab and j not in s["plants"]]
                 assert x["share"] == pytest.approx(len(later) / (30 - 5 if lab == "harmless" else 24 - 4))
         assert s["share_vs_step"]["n"] == 2 * n and s["share_vs_step"]["spearman"] < 0
+    # by_pair ranks h0 and x0 above every ordinary pair; by_step ranks a plant above them all only if trained first
+    first = {kind: [i for i in pooled["plants"]["by_pair"][kind]["plants"] if pooled["plants"]["by_pair"][kind]["plants"][i][0]["share"] == 1]
+             for kind in KINDS}
+    assert first == {"over-refusal": ["h0"], "compliance": ["x0"]}
+    for kind in KINDS:
+        missed = pooled["missed_by_every_reader"][kind]
+        assert missed == sorted(set(pooled["plants"]["by_pair"][kind]["plants"]) - set(first[kind]) - {
+            i for i, rows in pooled["plants"]["by_step"][kind]["plants"].items() if any(x["share"] == 1 for x in rows)})
+        assert first[kind][0] not in missed and len(missed) >= 1
     text = format_pool(pooled)
     assert f"r0 {dirs[0]}" in text and "Each plant in each run" not in text  # neither reader is a default one
+    assert "ranks below an ordinary pair in every run: over-refusal " + ", ".join(pooled["missed_by_every_reader"]["over-refusal"]) in text
     # a kept poison.json scored before per-plant ranks: the pool still works and says how to get the table
     old = json.loads((dirs[1] / "poison.json").read_text())
     for rd in old["detection"].values():

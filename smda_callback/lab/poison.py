@@ -401,6 +401,7 @@ def pool_poison(dirs: Sequence[str | Path], boot: int = 2000, seed: int = 0) -> 
         out["readers_verified"] = _pool(runs, "detection_verified", boot, seed)
     if all("plant_rank_of" in d for r in runs for rd in r["detection"].values() for d in rd.values()):
         out["plants"] = {name: plants_across_runs(runs, name) for name in out["readers"]}
+        out["missed_by_every_reader"] = missed_by_every_reader(out["plants"])
     ver = [r["verification"] for r in runs if r.get("verification")]
     if ver:  # every verified run's plants and controls together
         out["marks"] = {k: marks_vs_controls([e for v in ver for e in v[k]["plants"].values()],
@@ -440,6 +441,22 @@ def plants_across_runs(runs: list[dict[str, Any]], reader: str) -> dict[str, Any
                      "between_orders": {"spearman": spearman(np.asarray(a), np.asarray(b)), "n_pairs": len(a) // 2},
                      "share_vs_step": {"spearman": spearman(np.asarray([e["share"] for e in flat]),
                                                             np.asarray([e["step"] for e in flat], float)), "n": len(flat)}}
+    return out
+
+
+NOT_READERS = ("random", "training_loss_at_step")
+"""Baselines, not attribution readers: left out of `missed_by_every_reader`."""
+
+
+def missed_by_every_reader(plants: dict[str, Any]) -> dict[str, list[str]]:
+    """Per kind, the plants that every attribution reader ranks below an ordinary pair of their label in every run
+    (credit, peers, replay alike): plants whose training did not move the scored refusal the intended way, or not
+    more than an ordinary pair, in any order. A miss that is the plant's, not a reader's."""
+    readers = [r for r in plants if r not in NOT_READERS]
+    out: dict[str, list[str]] = {}
+    for kind in KINDS:
+        ids = set.intersection(*(set(plants[r][kind]["plants"]) for r in readers)) if readers else set()
+        out[kind] = sorted(i for i in ids if all(x["share"] < 1 for r in readers for x in plants[r][kind]["plants"][i]))
     return out
 
 
@@ -491,8 +508,10 @@ def format_plants(res: dict[str, Any]) -> list[str]:
     kept poison.json predates per-plant ranks)."""
     if "plants" not in res:
         return ["", "Per-plant ranks: not in every poison.json (scored before 2026-12-05); re-score a run with --score-only."]
-    lines = []
     fmt = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:+.2f}"
+    readers = [r for r in res["plants"] if r not in NOT_READERS]
+    lines = ["", f"Plants every reader ({', '.join(readers)}) ranks below an ordinary pair in every run: "
+             + "; ".join(f"{k} {', '.join(v) or 'none'}" for k, v in res["missed_by_every_reader"].items())]
     for name in PLANT_TABLE_READERS:
         if name not in res["plants"]:
             continue
