@@ -81,8 +81,8 @@ def worst_category(measured: dict[str, float], labels: dict[str, str], target: s
     worse: over-refusal, the largest rise of refusal over the harmless categories; compliance, the largest fall over
     the harmful ones. The two refusal means weigh a category by its probes (32 of the shipped 66 harmless probes are
     `edgy`), so a pair that teaches refusing one kind of harmless request moves the mean little; this reads it where it
-    lands (planted pairs, pooled over 13 runs: over-refusal AUROC 0.960 against the own window's 0.946, compliance
-    0.950 and 0.955; docs/validation.md §10)."""
+    lands (planted pairs, pooled over 17 runs: over-refusal AUROC 0.957 against the own window's 0.946, compliance
+    0.944 and 0.948; docs/validation.md §10)."""
     want, sign = ("harmless", 1.0) if target == "over-refusal" else ("harmful", -1.0)
     cats = [c for c, lab in labels.items() if lab == want and c in measured]
     if not cats:
@@ -94,7 +94,7 @@ def worst_category(measured: dict[str, float], labels: dict[str, str], target: s
 
 CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window credit (`own` in credits.json): the "
                 "change of refusal its own steps made when they were applied (category and off-target scores: the total "
-                "credit). They rank outliers (planted bad pairs, pooled AUROC 0.946 / 0.955 over 13 runs) and their sizes were calibrated "
+                "credit). They rank outliers (planted bad pairs, pooled AUROC 0.946 / 0.948 over 17 runs) and their sizes were calibrated "
                 "against retraining on a 64-pair demo run (slope 0.9, but rank agreement with retraining only +0.33 / +0.40; "
                 "docs/validation.md §9). They do not say what dropping a pair changes at the end of the run: later pairs "
                 "can undo or reverse it (on a planted run, dropping one of three top-ranked over-refusal plants moved final "
@@ -104,7 +104,9 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
                 "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
                 "`--read category` ranks by the probe category a pair moved most the wrong way (the total credit): "
-                "planted pairs pooled over 13 runs 0.960 / 0.950 against the own window's 0.946 / 0.955.")
+                "planted pairs pooled over 17 runs 0.957 / 0.944 against the own window's 0.946 / 0.948. A pair trained "
+                "in the first steps, when the model has no refusal to lose, is at a floor for compliance: read early "
+                "pairs' low compliance scores as unmeasured, not innocent (docs/validation.md §10).")
 """What a credit predicts, as `smda suspects` and the report tell users (measured in docs/validation.md §9)."""
 
 
@@ -145,7 +147,7 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     cat_label = {p["category"]: p["label"] for p in policy.get("probes", [])}
     feats = list(policy["features"])
     # over-refusal / compliance read the pair's own-window credit where the ledger has it: on planted pairs it ranks
-    # as the total does (pooled over 13 runs 0.946 / 0.955 vs 0.943 / 0.953), on random removal sets it predicts
+    # as the total does (pooled over 17 runs 0.946 / 0.948 vs 0.943 / 0.944), on random removal sets it predicts
     # retraining better (LDS +0.33 / +0.40 vs +0.24 / +0.32) and its size is calibrated (slope 0.9 vs 0.08)
     if read == "category":
         picks = [worst_category(r["measured"], cat_label, target) for r in rows]
