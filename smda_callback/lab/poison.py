@@ -423,12 +423,10 @@ def plants_across_runs(runs: list[dict[str, Any]], reader: str) -> dict[str, Any
         for j, r in enumerate(runs):
             d = r["detection"][reader][kind]
             step = {i: k + 1 for k, i in enumerate(r.get("order") or ())}
-            n_neg = d["n_pool"] - d["n_plants"]
-            ranks = sorted(d["plant_rank_of"].values())
+            share = dict(zip(sorted(d["plant_ranks"]), plant_wins(d)))
             for i, rank in d["plant_rank_of"].items():
-                above = rank - 1 - ranks.index(rank)  # ordinary pairs ranked above it
                 seen.setdefault(i, []).append({"run": j, "order": tuple(r.get("order") or ()), "step": step.get(i),
-                                               "rank": rank, "share": (n_neg - above) / n_neg if n_neg else float("nan")})
+                                               "rank": rank, "share": share[rank]})
         a, b = [], []
         for rows in seen.values():
             for x in range(len(rows)):
