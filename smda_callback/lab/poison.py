@@ -417,15 +417,16 @@ def plants_across_runs(runs: list[dict[str, Any]], reader: str) -> dict[str, Any
     two runs that trained a plant in different orders, the Spearman of its share in one with its share in the other
     (high: what the reader finds is the pair's own; low: its place in the run), and over every plant in every run, the
     Spearman of share with step (positive: plants trained early are missed)."""
+    orders = [tuple(r.get("order") or ()) for r in runs]
+    steps = [{i: k + 1 for k, i in enumerate(o)} for o in orders]
     out: dict[str, Any] = {}
     for kind in KINDS:
         seen: dict[str, list[dict[str, Any]]] = {}
         for j, r in enumerate(runs):
             d = r["detection"][reader][kind]
-            step = {i: k + 1 for k, i in enumerate(r.get("order") or ())}
             share = dict(zip(sorted(d["plant_ranks"]), plant_wins(d)))
             for i, rank in d["plant_rank_of"].items():
-                seen.setdefault(i, []).append({"run": j, "order": tuple(r.get("order") or ()), "step": step.get(i),
+                seen.setdefault(i, []).append({"run": j, "order": orders[j], "step": steps[j].get(i),
                                                "rank": rank, "share": share[rank]})
         a, b = [], []
         for rows in seen.values():
