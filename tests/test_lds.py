@@ -452,3 +452,81 @@ def test_retrains_of_another_training_order_are_not_mixed(tmp_path, monkeypatch)
     (src / "run" / "smda" / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ValueError, match="another training order"):
         lds.run_jobs(out, st)
+
+
+def _order_jobs(tmp_path, sets, noise_sd, orders=(1, 2)):
+    """Orders o ≥ 1 of `_fake`'s subsets: each order its own full refusal, the same removal effects plus its own noise."""
+    from smda_callback.lab.analysis import spearman
+
+    effect = {p["id"]: p["refusal_harmful"] for p in json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]}
+    d = np.asarray([sum(effect[i] for i in drop) for drop in sets.values()])
+    measured = {0: -d}
+    for o in orders:
+        ref = 0.5 + 0.1 * o
+        noise = np.random.default_rng(o).normal(scale=noise_sd, size=len(d))
+        measured[o] = -d + noise
+        (tmp_path / "jobs" / f"o{o}-full.json").write_text(json.dumps({"refusal_harmful": ref, "refusal_harmless": 0.2, "dropped": []}))
+        for (name, drop), m in zip(sets.items(), measured[o]):
+            (tmp_path / "jobs" / f"o{o}-{name}.json").write_text(json.dumps(
+                {"refusal_harmful": ref + m, "refusal_harmless": 0.2 - 0.5 * sum(effect[i] for i in drop), "dropped": drop}))
+    return measured, spearman
+
+
+def test_orders_agreeing_exactly_leave_a_ceiling_of_one(tmp_path):
+    """Every order measures the same changes: between-order agreement 1, ceiling 1, the truth reader at its full share."""
+    _, sets = _fake(tmp_path, n=20, k=12)
+    _order_jobs(tmp_path, sets, noise_sd=0.0)
+    a = score(tmp_path)["across_orders"]
+    assert a["orders"] == [0, 1, 2] and a["n_subsets"] == 12
+    for q in ("harmful", "harmless"):
+        assert a["between_orders"][q]["mean"] > 0.999 and abs(a["ceiling"][q] - 1.0) < 1e-9
+        credit = a["readers"]["credit (default)"][q]
+        assert min(credit["lds_by_order"]) > 0.999 and credit["share_of_ceiling"] > 0.999 and abs(credit["slope_mean"] - 1) < 1e-9
+
+
+def test_order_noise_lowers_the_ceiling_and_each_readers_share_is_read_against_it(tmp_path):
+    """Orders that disagree: the between-order Spearman, the Spearman–Brown ceiling and each order's LDS are what
+    one computes by hand from the measured changes; the table prints them."""
+    _, sets = _fake(tmp_path, n=20, k=12)
+    measured, spearman = _order_jobs(tmp_path, sets, noise_sd=1.0)
+    s = score(tmp_path)
+    a = s["across_orders"]["between_orders"]["harmful"]
+    pairs = {"0-1": spearman(measured[0], measured[1]), "0-2": spearman(measured[0], measured[2]),
+             "1-2": spearman(measured[1], measured[2])}
+    assert a["pairs"] == pytest.approx(pairs)
+    r = np.mean(list(pairs.values()))
+    assert 0 < r < 0.99
+    ceiling = np.sqrt(3 * r / (1 + 2 * r))
+    assert s["across_orders"]["ceiling"]["harmful"] == pytest.approx(ceiling)
+    credit = s["across_orders"]["readers"]["credit (default)"]["harmful"]
+    pred = measured[0]  # the credit is the truth: minus the removed pairs' summed effect
+    assert credit["lds_by_order"] == pytest.approx([spearman(pred, measured[o]) for o in (0, 1, 2)])
+    mean = np.mean([measured[o] for o in (0, 1, 2)], axis=0)
+    assert credit["lds_mean"] == pytest.approx(spearman(pred, mean))
+    assert credit["share_of_ceiling"] == pytest.approx(spearman(pred, mean) / ceiling)
+    text = format_score(s)
+    assert "Across data orders" in text and f"noise ceiling √ρ {ceiling:.2f}" in text
+
+
+def test_each_order_retrains_its_own_permutation_with_the_subsets_pairs_dropped_in_place(tmp_path, monkeypatch):
+    import smda_callback.lab.lds as lds
+
+    ids = [f"p{i}" for i in range(10)]
+    src = _poison_dir(tmp_path, ids)
+    seen = {}
+    monkeypatch.setattr(lds, "retrain_measure",
+                        lambda kept, tmp, st, scorer=None, places=None: seen.setdefault(len(seen), [p["id"] for p in kept]) and {"Y": []})
+    out = tmp_path / "lds"
+    st = LDSSettings(seed=7, ranking_run=str(src), replicas=1, subsets=2, drop_fracs=(0.5,), orders=3)
+    names = [p.stem for p in lds.run_jobs(out, st)]
+    assert names == ["full0", "s000", "s001", "o1-full", "o1-s000", "o1-s001", "o2-full", "o2-s000", "o2-s001"]
+    meta = json.loads((out / "subsets.json").read_text())
+    order, sets = meta["order"], meta["subsets"]
+    perm1, perm2 = lds.data_order(order, 1, 7), lds.data_order(order, 2, 7)
+    assert sorted(perm1) == sorted(order) and len({tuple(order), tuple(perm1), tuple(perm2)}) == 3
+    trained = dict(zip(names, seen.values()))
+    assert trained["o1-full"] == perm1 and trained["o2-full"] == perm2
+    assert trained["o1-s001"] == [i for i in perm1 if i not in sets["s001"]] and len(trained["o1-s001"]) == 5
+    assert trained["s000"] == [i for i in order if i not in sets["s000"]]
+    with pytest.raises(ValueError, match="orders=0"):
+        LDSSettings(orders=0)

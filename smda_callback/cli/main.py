@@ -277,7 +277,7 @@ def _lds(a: argparse.Namespace) -> int:
     _check_replay_spacing(a)
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out),
-                     keep_schedule=a.keep_schedule)
+                     keep_schedule=a.keep_schedule, orders=a.orders)
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay_last is not None and a.replay_last < 1:
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each kept pair trains at the learning rate of its place in the full run (dropping a warm-up "
                          "pair then changes no other pair's rate); retrains with and without it need separate --out")
     ld.add_argument("--replicas", type=int, default=2, help="retrains on all pairs (two: the bitwise check; one: the reference only)")
+    ld.add_argument("--orders", type=int, default=1,
+                    help="retrain every subset in this many data orders (0: the ranking run's; others fixed permutations of "
+                         "its pairs), for the noise ceiling across runs; e.g. 3 with --drop-fracs 0.5")
     ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
     ld.add_argument("--replay", action="store_true",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,9 +66,16 @@ class LDSSettings:
     """Each kept pair trains at the learning rate it had in the full run (its place's), instead of the rate of the place
     it moves up to. Dropping a pair in place otherwise also changes the rate of every later warm-up step (the demo
     warms up over 10 steps), an effect that is the schedule's, not the pair's; the replay's removals keep the rates."""
+    orders: int = 1
+    """Data orders every subset is retrained in, for the noise ceiling across runs. Order 0 is the ranking run's; order
+    o ≥ 1 is a fixed permutation of all its pairs (`data_order`), each subset's pairs dropped from it in place, with
+    its own reference retrain on all pairs. Jobs of order o ≥ 1 are named `o<o>-full` and `o<o>-s<k>`."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.orders < 1:
+            raise ValueError(f"LDS orders={self.orders}: give ≥ 1 data orders (1: the ranking run's only; 3 or more for "
+                             "the noise ceiling across runs)")
         if self.replicas < 1:
             raise ValueError(f"LDS replicas={self.replicas}: at least one retrain on all pairs is the reference of every "
                              "measured change; use --replicas 1 (reference only) or 2 (also the bitwise check)")
@@ -110,6 +118,17 @@ def subsets(ids: list[str], st: LDSSettings) -> dict[str, list[str]]:
         rng = np.random.default_rng([st.seed, k])
         out[f"s{k:03d}"] = sorted(rng.choice(ids, size=n, replace=False).tolist())
     return out
+
+
+def data_order(order: list[str], o: int, seed: int) -> list[str]:
+    """Data order o of the pairs: the ranking run's own for o = 0, else a permutation drawn from (seed, o)."""
+    if o == 0:
+        return list(order)
+    return [order[k] for k in np.random.default_rng([seed, o, 0x0de7]).permutation(len(order))]
+
+
+ORDER_JOB = re.compile(r"o(\d+)-(full|s\d+)$")
+"""Job names of the data orders o ≥ 1 (`o2-full`, `o2-s013`); order 0's are `full<r>` and `s<k>`."""
 
 
 def ranked_pairs(run_dir: Path, st: LDSSettings) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -346,16 +365,20 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     if unknown:
         raise ValueError(f"--leave-out {unknown}: not pairs of the ranking run; ids are in {run_dir / 'smda' / 'credits.json'}")
     scorer = run_scorer(run_dir)
-    todo = [(f"full{r}", []) for r in range(st.replicas)] + [(f"loo-{i}", [i]) for i in st.leave_out] + list(sets.items())
+    todo = [(f"full{r}", [], order) for r in range(st.replicas)] + [(f"loo-{i}", [i], order) for i in st.leave_out]
+    todo += [(name, drop, order) for name, drop in sets.items()]
+    for o in range(1, st.orders):
+        perm = data_order(order, o, st.seed)
+        todo += [(f"o{o}-full", [], perm)] + [(f"o{o}-{name}", drop, perm) for name, drop in sets.items()]
     written = []
-    for name, drop in todo[shard[0]::shard[1]]:
+    for name, drop, trained in todo[shard[0]::shard[1]]:
         path = out / "jobs" / f"{name}.json"
         if path.exists():
             continue
         dropped = set(drop)
-        keep = [k for k, i in enumerate(order) if i not in dropped]
-        kept = [pairs[order[k]] for k in keep]
-        places = (keep, len(order)) if st.keep_schedule else None
+        keep = [k for k, i in enumerate(trained) if i not in dropped]
+        kept = [pairs[trained[k]] for k in keep]
+        places = (keep, len(trained)) if st.keep_schedule else None
         logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
         t0 = time.perf_counter()
         res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer, places),
@@ -540,6 +563,51 @@ def removal_changes(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return {j["dropped"][0]: {q: j[f"refusal_{q}"] - ref[q] for q in ref} for n, j in sorted(jobs.items()) if n.startswith("loo-")}
 
 
+def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]], order: list[str],
+                  seed: int) -> dict[str, Any] | None:
+    """The same subsets retrained in several data orders (`LDSSettings.orders`): how far one order's measured changes
+    agree with another's (the noise ceiling across runs), and every reader's LDS against each order and against their
+    mean, as a share of that ceiling. Each order's change is measured from its own full retrain. The ceiling: with
+    r̄ the mean Spearman between two orders' changes over the subsets, the mean of O orders has reliability
+    ρ = O r̄ / (1 + (O − 1) r̄) (Spearman–Brown), and no reader correlates with it above √ρ; r̄ itself is what one
+    order's retraining says about another's. None with fewer than two orders or three subsets finished in all."""
+    found = {int(m.group(1)) for n in jobs if (m := ORDER_JOB.match(n)) and m.group(2) == "full"}
+    fulls0 = [j for n, j in jobs.items() if n.startswith("full")]
+    if not found or not fulls0:
+        return None
+    orders = [0, *sorted(found)]
+    names = [n for n in sorted(jobs) if re.fullmatch(r"s\d+", n) and all(f"o{o}-{n}" in jobs for o in orders[1:])]
+    if len(names) < 3:
+        return None
+    dropped = [jobs[n]["dropped"] for n in names]
+    res: dict[str, Any] = {"orders": orders, "n_subsets": len(names), "subset_sizes": sorted({len(d) for d in dropped}),
+                           "between_orders": {}, "reliability": {}, "ceiling": {}, "chance": {}, "readers": {}}
+    measured = {}
+    for q in QUANTITIES:
+        key = f"refusal_{q}"
+        ref = {0: float(np.mean([f[key] for f in fulls0])), **{o: float(jobs[f"o{o}-full"][key]) for o in orders[1:]}}
+        M = np.asarray([[jobs[n if o == 0 else f"o{o}-{n}"][key] - ref[o] for n in names] for o in orders])
+        pairs = {f"{a}-{b}": spearman(M[i], M[j]) for i, a in enumerate(orders) for j, b in enumerate(orders) if i < j}
+        r = float(np.mean(list(pairs.values())))
+        rho = len(orders) * r / (1 + (len(orders) - 1) * r) if r > 0 else float("nan")
+        res["between_orders"][q] = {"pairs": pairs, "mean": r}
+        res["reliability"][q], res["ceiling"][q] = rho, float(np.sqrt(rho)) if rho > 0 else float("nan")
+        measured[q] = M
+        res["chance"][q] = chance_band(dropped, order, M.mean(0), seed)
+    for name, per_q in scores.items():
+        entry = {}
+        for q in QUANTITIES:
+            M, s = measured[q], per_q[q]
+            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in dropped])
+            mean = M.mean(0)
+            lds = spearman(pred, mean)
+            entry[q] = {"lds_by_order": [spearman(pred, m) for m in M], "lds_mean": lds,
+                        "share_of_ceiling": lds / res["ceiling"][q] if res["ceiling"][q] > 0 else float("nan"),
+                        "slope_mean": float(np.polyfit(pred, mean, 1)[0]) if np.std(pred) > 0 else float("nan")}
+        res["readers"][name] = entry
+    return res
+
+
 def score(out: str | Path) -> dict[str, Any]:
     """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran)."""
     out = Path(out)
@@ -614,6 +682,8 @@ def score(out: str | Path) -> dict[str, Any]:
                         # within one removal size: the number of removed pairs no longer orders the changes
                         "lds_by_size": {int(n): spearman(pred[sizes == n], meas[sizes == n]) for n in sorted(set(sizes))}}
         res["readers"][name] = entry
+    if (ao := across_orders(jobs, scores, meta["order"], meta["settings"]["seed"])) is not None:
+        res["across_orders"] = ao
     return res
 
 
@@ -666,6 +736,29 @@ def format_vs_replay(v: dict[str, Any]) -> list[str]:
     return L
 
 
+def format_across_orders(a: dict[str, Any]) -> list[str]:
+    qs = list(a["ceiling"])
+    L = ["", f"Across data orders: {a['n_subsets']} subsets (dropping {', '.join(map(str, a['subset_sizes']))} pairs) retrained in "
+         f"each of orders {', '.join(map(str, a['orders']))} (0: the ranking run's; the others fixed permutations of its pairs, "
+         "dropped in place), each order's change measured from its own full retrain; the readers are the ranking run's"]
+    for q in qs:
+        b = a["between_orders"][q]
+        L.append(f"{q}: Spearman between two orders' changes " + ", ".join(f"{k} {v:+.2f}" for k, v in b["pairs"].items())
+                 + f" (mean {b['mean']:+.2f}); reliability of the {len(a['orders'])}-order mean {a['reliability'][q]:.2f}, "
+                 f"noise ceiling √ρ {a['ceiling'][q]:.2f}; chance band vs the mean [{a['chance'][q][0]:+.2f}, {a['chance'][q][1]:+.2f}]")
+    L += ["", "| reader | " + " | ".join(f"LDS {q} by order | vs mean of orders (share of ceiling) | slope vs mean" for q in qs) + " |",
+          "|---|" + "---|---|---|" * len(qs)]
+    for name, e in a["readers"].items():
+        cells = []
+        for q in qs:
+            x, band = e[q], a["chance"][q]
+            star = "*" if not band[0] <= x["lds_mean"] <= band[1] else ""
+            cells += [" / ".join(f"{v:+.2f}" for v in x["lds_by_order"]), f"{x['lds_mean']:+.2f}{star} ({x['share_of_ceiling']:.2f})",
+                      f"{x['slope_mean']:.3g}"]
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    return L
+
+
 def format_profiles(profiles: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     L = []
     for rname, per_q in profiles.items():
@@ -710,6 +803,8 @@ def format_score(s: dict[str, Any]) -> str:
               "removed pairs from the first / middle / last third of the run (1 is calibrated; 0, the third's predictions "
               "carry nothing)", "", "| reader | harmful | harmless |", "|---|---|---|"]
         L += [f"| {name} | {f3(e['harmful'])} | {f3(e['harmless'])} |" for name, e in thirds]
+    if s.get("across_orders"):
+        L += format_across_orders(s["across_orders"])
     if s.get("leave_one_out"):
         names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")
                  if n in s["leave_one_out"][0]["predicted"]]
