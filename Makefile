@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench validate poison lds lds-full clean
+.PHONY: setup demo test test-all bench validate poison lds lds-full lds-orders clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ lds: setup
 lds-full: setup
 	nice -n 10 $(BIN)/smda benchmark-lds --out runs/lds318 --n-pairs 318 --subsets 40 --replicas 1 \
 		--replay --replay-every 2 --replay-outer 16
+
+# across runs: 40 subsets that drop half the 64 pairs, each retrained in 3 data orders (the noise ceiling), with the peers
+lds-orders: setup
+	nice -n 10 $(BIN)/smda benchmark-lds --out runs/lds64h --n-pairs 64 --subsets 40 --drop-fracs 0.5 --orders 3 \
+		--peers tracin kronfluence-middle
 
 # planted bad pairs: which reader ranks them first (docs/validation.md, runs/poison/poison.json)
 poison: setup
