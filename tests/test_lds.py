@@ -530,3 +530,32 @@ def test_each_order_retrains_its_own_permutation_with_the_subsets_pairs_dropped_
     assert trained["s000"] == [i for i in order if i not in sets["s000"]]
     with pytest.raises(ValueError, match="orders=0"):
         LDSSettings(orders=0)
+
+
+def test_partial_spearman_holds_the_control_out():
+    """What a reader says beyond the labels: a signal hidden under a label effect reads near 1 once the label count is
+    held, far above its plain Spearman; a reader that only ranks by the control reads NaN."""
+    from smda_callback.lab.analysis import partial_spearman, spearman
+
+    rng = np.random.default_rng(1)
+    count = rng.integers(10, 22, size=40).astype(float)
+    signal = rng.normal(size=40)
+    measured = 0.5 * count + signal
+    plain, held = spearman(signal, measured), partial_spearman(signal, measured, count)
+    assert held > 0.75 and held > plain + 0.3
+    assert np.isnan(partial_spearman(-3 * count + 1, measured, count))
+    assert partial_spearman(measured, measured, count) == pytest.approx(1.0)
+    noise = [partial_spearman(rng.normal(size=40), measured, count) for _ in range(200)]
+    assert abs(np.mean(noise)) < 0.05 and 0.1 < np.std(noise) < 0.25  # no information: centred on 0, spread ≈ 1/√n
+
+
+def test_lds_beyond_label_count_is_scored_with_its_own_chance_band(tmp_path):
+    _fake(tmp_path, n=20, k=12)
+    s = score(tmp_path)
+    for q in ("harmful", "harmless"):
+        assert s["readers"]["credit (default)"][q]["lds_beyond_labels"] == pytest.approx(1.0)  # the truth, per pair
+        assert np.isnan(s["readers"]["label count"][q]["lds_beyond_labels"])
+        lo, hi = s["chance_beyond_labels"][q]
+        assert -1 < lo < 0 < hi < 1
+    text = format_score(s)
+    assert "beyond label count" in text and "| label count |" in text

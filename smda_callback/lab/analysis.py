@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu, spearmanr
+from scipy.stats import mannwhitneyu, rankdata, spearmanr
 
 from ..ledger import load_credits, load_records
 from .specs import SUSPECT_READS
@@ -320,3 +320,20 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(spearmanr(a, b).statistic)
+
+
+def partial_spearman(a: np.ndarray, b: np.ndarray, control: np.ndarray) -> float:
+    """Spearman of a and b with `control` held: the Pearson correlation of a's and b's ranks after each is fitted by
+    least squares on the ranks of the columns of `control` [n, c] with an intercept. What a and b share beyond what the
+    controls explain (e.g. a reader's LDS beyond the removed pairs' label counts); a that ranks as a control does reads
+    NaN. NaN too when a residual is constant or there are too few rows."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    cols = np.asarray(control, dtype=float).reshape(len(a), -1)
+    C = np.column_stack([np.ones(len(a)), *(rankdata(c) for c in cols.T)])
+    if len(a) < C.shape[1] + 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    res = [r - C @ np.linalg.lstsq(C, r, rcond=None)[0] for r in (rankdata(a), rankdata(b))]
+    scale = float(np.linalg.norm(res[0]) * np.linalg.norm(res[1]))
+    if scale < 1e-9 * len(a) ** 2:
+        return float("nan")
+    return float(res[0] @ res[1] / scale)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..credit.replay import TRUST_FACTOR, replay_trusted_from
-from .analysis import spearman
+from .analysis import partial_spearman, spearman
 from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
 from .files import write_json
 from .specs import poison_train_seed
@@ -500,18 +500,29 @@ CHANCE_DRAWS = 200
 
 
 def chance_band(sets: list[list[str]], order: list[str], truth: np.ndarray, seed: int,
-                draws: int = CHANCE_DRAWS) -> list[float]:
+                draws: int = CHANCE_DRAWS, control: np.ndarray | None = None) -> list[float]:
     """The LDS a reader with no information reaches on these subsets: 2.5 and 97.5 percentiles over `draws`
     random per-pair scores (standard normal), summed over each subset as every reader's are. Subsets share
     pairs, so the LDS of a random reader spreads as if there were about as many subsets as pairs, more than a
-    bootstrap over subsets shows; a reader inside this band is not distinguishable from chance."""
+    bootstrap over subsets shows; a reader inside this band is not distinguishable from chance. With `control`
+    (`label_counts`), the band of the LDS beyond it (`partial_spearman`)."""
     rng = np.random.default_rng([seed, 0xc4a7])
     index = {i: k for k, i in enumerate(order)}
     member = np.zeros((len(sets), len(order)))
     for j, d in enumerate(sets):
         member[j, [index[i] for i in d]] = 1.0
-    lds = [spearman(-member @ rng.normal(size=len(order)), truth) for _ in range(draws)]
+    corr = spearman if control is None else (lambda a, b: partial_spearman(a, b, control))
+    lds = [corr(-member @ rng.normal(size=len(order)), truth) for _ in range(draws)]
     return [float(np.nanpercentile(lds, 2.5)), float(np.nanpercentile(lds, 97.5))]
+
+
+def label_counts(sets: list[list[str]], scores: dict[str, dict[str, dict[str, float]]]) -> np.ndarray:
+    """[subsets, 2]: how many harmful and how many other pairs each subset removes (the label-count reader's labels).
+    The control of `partial_spearman`: a reader's LDS beyond it is what its per-pair scores say that the removed
+    pairs' labels do not."""
+    harmful = scores["label count"]["harmful"]
+    n = np.asarray([sum(harmful.get(i, 0.0) for i in d) for d in sets])
+    return np.column_stack([n, [len(d) for d in sets] - n])
 
 
 def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[str], settings: dict[str, Any],
@@ -581,7 +592,9 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
         return None
     dropped = [jobs[n]["dropped"] for n in names]
     res: dict[str, Any] = {"orders": orders, "n_subsets": len(names), "subset_sizes": sorted({len(d) for d in dropped}),
-                           "between_orders": {}, "reliability": {}, "ceiling": {}, "chance": {}, "readers": {}}
+                           "between_orders": {}, "reliability": {}, "ceiling": {}, "chance": {}, "chance_beyond_labels": {},
+                           "readers": {}}
+    labels = label_counts(dropped, scores)
     measured = {}
     for q in QUANTITIES:
         key = f"refusal_{q}"
@@ -594,6 +607,7 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
         res["reliability"][q], res["ceiling"][q] = rho, float(np.sqrt(rho)) if rho > 0 else float("nan")
         measured[q] = M
         res["chance"][q] = chance_band(dropped, order, M.mean(0), seed)
+        res["chance_beyond_labels"][q] = chance_band(dropped, order, M.mean(0), seed, control=labels)
     for name, per_q in scores.items():
         entry = {}
         for q in QUANTITIES:
@@ -602,6 +616,7 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
             mean = M.mean(0)
             lds = spearman(pred, mean)
             entry[q] = {"lds_by_order": [spearman(pred, m) for m in M], "lds_mean": lds,
+                        "lds_mean_beyond_labels": partial_spearman(pred, mean, labels),
                         "share_of_ceiling": lds / res["ceiling"][q] if res["ceiling"][q] > 0 else float("nan"),
                         "slope_mean": float(np.polyfit(pred, mean, 1)[0]) if np.std(pred) > 0 else float("nan")}
         res["readers"][name] = entry
@@ -667,6 +682,9 @@ def score(out: str | Path) -> dict[str, Any]:
     sizes = np.asarray([len(d) for d in dropped])
     measured = {q: np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs]) for q in ref}  # the same for every reader
     res["chance"] = {q: chance_band(dropped, meta["order"], measured[q], meta["settings"]["seed"]) for q in ref}
+    labels = label_counts(dropped, scores)
+    res["chance_beyond_labels"] = {q: chance_band(dropped, meta["order"], measured[q], meta["settings"]["seed"], control=labels)
+                                   for q in ref}
     for name, per_q in scores.items():
         entry = {}
         for q in ("harmful", "harmless"):
@@ -675,7 +693,8 @@ def score(out: str | Path) -> dict[str, Any]:
             slope, intercept = (np.polyfit(pred, meas, 1) if np.std(pred) > 0 else (float("nan"), float("nan")))
             boot = np.random.default_rng(0)
             draws = [spearman(pred[b], meas[b]) for b in (boot.integers(0, len(subs), len(subs)) for _ in range(1000))]
-            entry[q] = {"lds": spearman(pred, meas), "slope": float(slope), "intercept": float(intercept),
+            entry[q] = {"lds": spearman(pred, meas), "lds_beyond_labels": partial_spearman(pred, meas, labels),
+                        "slope": float(slope), "intercept": float(intercept),
                         "slope_by_third": thirds_slopes(s, dropped, meta["order"], meas),
                         "pred_abs_mean": float(np.abs(pred).mean()),
                         "lds_ci95": [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))],
@@ -722,6 +741,14 @@ def _lds(x: dict[str, Any], band: list[float] | None) -> str:
     return f"{x['lds']:+.2f}{'*' if out else ''} {_ci(x)}"
 
 
+def _beyond(x: float | None, band: list[float] | None) -> str:
+    """A partial Spearman beyond label count, starred outside its chance band; – where it is undefined (the label count
+    itself) or was not computed."""
+    if x is None or not np.isfinite(x):
+        return "–"
+    return f"{x:+.2f}{'*' if band is not None and not band[0] <= x <= band[1] else ''}"
+
+
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
     L = ["", f"Against the {v.get('yardstick', REPLAY)} (no retrain: the replay's first-order prediction as the measured change, {v['n_subsets']} "
          "subsets drawn as the retrain subsets are; and Spearman with the replay over single pairs)", "",
@@ -745,16 +772,17 @@ def format_across_orders(a: dict[str, Any]) -> list[str]:
         b = a["between_orders"][q]
         L.append(f"{q}: Spearman between two orders' changes " + ", ".join(f"{k} {v:+.2f}" for k, v in b["pairs"].items())
                  + f" (mean {b['mean']:+.2f}); reliability of the {len(a['orders'])}-order mean {a['reliability'][q]:.2f}, "
-                 f"noise ceiling √ρ {a['ceiling'][q]:.2f}; chance band vs the mean [{a['chance'][q][0]:+.2f}, {a['chance'][q][1]:+.2f}]")
-    L += ["", "| reader | " + " | ".join(f"LDS {q} by order | vs mean of orders (share of ceiling) | slope vs mean" for q in qs) + " |",
-          "|---|" + "---|---|---|" * len(qs)]
+                 f"noise ceiling √ρ {a['ceiling'][q]:.2f}; chance band vs the mean [{a['chance'][q][0]:+.2f}, {a['chance'][q][1]:+.2f}], "
+                 f"beyond label count [{a['chance_beyond_labels'][q][0]:+.2f}, {a['chance_beyond_labels'][q][1]:+.2f}]")
+    L += ["", "| reader | " + " | ".join(f"LDS {q} by order | vs mean of orders (share of ceiling) | beyond label count | slope vs mean"
+                                         for q in qs) + " |", "|---|" + "---|---|---|---|" * len(qs)]
     for name, e in a["readers"].items():
         cells = []
         for q in qs:
             x, band = e[q], a["chance"][q]
             star = "*" if not band[0] <= x["lds_mean"] <= band[1] else ""
             cells += [" / ".join(f"{v:+.2f}" for v in x["lds_by_order"]), f"{x['lds_mean']:+.2f}{star} ({x['share_of_ceiling']:.2f})",
-                      f"{x['slope_mean']:.3g}"]
+                      _beyond(x["lds_mean_beyond_labels"], a["chance_beyond_labels"][q]), f"{x['slope_mean']:.3g}"]
         L.append(f"| {name} | " + " | ".join(cells) + " |")
     return L
 
@@ -789,13 +817,19 @@ def format_score(s: dict[str, Any]) -> str:
            f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)" for rname, starts in s.get("replay_trusted_from", {}).items()],
          *_chance(s.get("chance")), "",
          "| reader | LDS harmful [95 % CI] | LDS harmless [95 % CI] | within one removal size (harmful / harmless) "
-         "| slope harmful | slope harmless | mean |predicted| harmful / harmless |", "|---|---|---|---|---|---|---|"]
-    c = s.get("chance", {})
+         "| beyond label count, harmful / harmless | slope harmful | slope harmless | mean |predicted| harmful / harmless |",
+         "|---|---|---|---|---|---|---|---|"]
+    c, cb = s.get("chance", {}), s.get("chance_beyond_labels", {})
+    if cb:
+        L[-3:-3] = ["beyond label count: the partial Spearman with the removed pairs' label counts held (what a reader's "
+                    "per-pair scores say that counting labels does not); its chance band: "
+                    + ", ".join(f"{q} [{lo:+.2f}, {hi:+.2f}]" for q, (lo, hi) in cb.items())]
     for name, e in s["readers"].items():
         h, n = e["harmful"], e["harmless"]
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
-        L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {by} | {h['slope']:.3g} | {n['slope']:.3g} | "
-                 f"{h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
+        L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {by} | "
+                 f"{_beyond(h.get('lds_beyond_labels'), cb.get('harmful'))} / {_beyond(n.get('lds_beyond_labels'), cb.get('harmless'))} | "
+                 f"{h['slope']:.3g} | {n['slope']:.3g} | {h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     thirds = [(name, e) for name, e in s["readers"].items() if e["harmful"].get("slope_by_third")]
     if thirds:
         f3 = lambda x: " / ".join(f"{b:.3g}" for b in x["slope_by_third"]) if x.get("slope_by_third") else "–"  # noqa: E731
