@@ -741,9 +741,9 @@ def _lds(x: dict[str, Any], band: list[float] | None) -> str:
     return f"{x['lds']:+.2f}{'*' if out else ''} {_ci(x)}"
 
 
-def _beyond(x: float | None, band: list[float] | None) -> str:
-    """A partial Spearman beyond label count, starred outside its chance band; – where it is undefined (the label count
-    itself) or was not computed."""
+def _starred(x: float | None, band: list[float] | None) -> str:
+    """A correlation starred when it lies outside its chance band; – where it is undefined (e.g. the label count's
+    partial Spearman beyond label count) or was not computed."""
     if x is None or not np.isfinite(x):
         return "–"
     return f"{x:+.2f}{'*' if band is not None and not band[0] <= x <= band[1] else ''}"
@@ -779,10 +779,10 @@ def format_across_orders(a: dict[str, Any]) -> list[str]:
     for name, e in a["readers"].items():
         cells = []
         for q in qs:
-            x, band = e[q], a["chance"][q]
-            star = "*" if not band[0] <= x["lds_mean"] <= band[1] else ""
-            cells += [" / ".join(f"{v:+.2f}" for v in x["lds_by_order"]), f"{x['lds_mean']:+.2f}{star} ({x['share_of_ceiling']:.2f})",
-                      _beyond(x["lds_mean_beyond_labels"], a["chance_beyond_labels"][q]), f"{x['slope_mean']:.3g}"]
+            x = e[q]
+            cells += [" / ".join(f"{v:+.2f}" for v in x["lds_by_order"]),
+                      f"{_starred(x['lds_mean'], a['chance'][q])} ({x['share_of_ceiling']:.2f})",
+                      _starred(x["lds_mean_beyond_labels"], a["chance_beyond_labels"][q]), f"{x['slope_mean']:.3g}"]
         L.append(f"| {name} | " + " | ".join(cells) + " |")
     return L
 
@@ -828,7 +828,7 @@ def format_score(s: dict[str, Any]) -> str:
         h, n = e["harmful"], e["harmless"]
         by = "; ".join(f"{k}: {h['lds_by_size'][k]:+.2f} / {n['lds_by_size'][k]:+.2f}" for k in h["lds_by_size"])
         L.append(f"| {name} | {_lds(h, c.get('harmful'))} | {_lds(n, c.get('harmless'))} | {by} | "
-                 f"{_beyond(h.get('lds_beyond_labels'), cb.get('harmful'))} / {_beyond(n.get('lds_beyond_labels'), cb.get('harmless'))} | "
+                 f"{_starred(h.get('lds_beyond_labels'), cb.get('harmful'))} / {_starred(n.get('lds_beyond_labels'), cb.get('harmless'))} | "
                  f"{h['slope']:.3g} | {n['slope']:.3g} | {h['pred_abs_mean']:.3g} / {n['pred_abs_mean']:.3g} |")
     thirds = [(name, e) for name, e in s["readers"].items() if e["harmful"].get("slope_by_third")]
     if thirds:
