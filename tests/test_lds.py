@@ -532,6 +532,16 @@ def test_each_order_retrains_its_own_permutation_with_the_subsets_pairs_dropped_
         LDSSettings(orders=0)
 
 
+def test_cli_refuses_no_data_order_in_one_line_before_any_work(tmp_path, capsys):
+    from smda_callback.cli.main import build_parser, main
+
+    assert build_parser().parse_args(["benchmark-lds", "--orders", "3"]).orders == 3
+    out = tmp_path / "lds"
+    assert main(["benchmark-lds", "-o", str(out), "--orders", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "orders=0" in err and "Traceback" not in err and not out.exists()
+
+
 def test_partial_spearman_holds_the_control_out():
     """What a reader says beyond the labels: a signal hidden under a label effect reads near 1 once the label count is
     held, far above its plain Spearman; a reader that only ranks by the control reads NaN."""
