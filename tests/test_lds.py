@@ -569,3 +569,13 @@ def test_lds_beyond_label_count_is_scored_with_its_own_chance_band(tmp_path):
         assert -1 < lo < 0 < hi < 1
     text = format_score(s)
     assert "beyond label count" in text and "| label count |" in text
+
+
+def test_too_few_subsets_draw_no_chance_band_and_star_nothing():
+    from smda_callback.lab.lds import _starred
+
+    ids = [f"p{i}" for i in range(8)]
+    sets = [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+    band = chance_band(sets, ids, np.asarray([0.1, 0.2, 0.3]), seed=0, control=np.asarray([1, 0, 1]))
+    assert np.isnan(band).all()  # three subsets cannot hold a control out
+    assert _starred(0.9, band) == "+0.90" and _starred(0.9, [-0.5, 0.5]) == "+0.90*" and _starred(float("nan"), band) == "–"

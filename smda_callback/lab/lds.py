@@ -512,7 +512,9 @@ def chance_band(sets: list[list[str]], order: list[str], truth: np.ndarray, seed
     for j, d in enumerate(sets):
         member[j, [index[i] for i in d]] = 1.0
     corr = spearman if control is None else (lambda a, b: partial_spearman(a, b, control))
-    lds = [corr(-member @ rng.normal(size=len(order)), truth) for _ in range(draws)]
+    lds = np.asarray([corr(-member @ rng.normal(size=len(order)), truth) for _ in range(draws)])
+    if np.isnan(lds).all():  # too few subsets for the correlation: no band
+        return [float("nan"), float("nan")]
     return [float(np.nanpercentile(lds, 2.5)), float(np.nanpercentile(lds, 97.5))]
 
 
@@ -581,14 +583,14 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
     mean, as a share of that ceiling. Each order's change is measured from its own full retrain. The ceiling: with
     r̄ the mean Spearman between two orders' changes over the subsets, the mean of O orders has reliability
     ρ = O r̄ / (1 + (O − 1) r̄) (Spearman–Brown), and no reader correlates with it above √ρ; r̄ itself is what one
-    order's retraining says about another's. None with fewer than two orders or three subsets finished in all."""
+    order's retraining says about another's. None with fewer than two orders or six subsets finished in all."""
     found = {int(m.group(1)) for n in jobs if (m := ORDER_JOB.match(n)) and m.group(2) == "full"}
     fulls0 = [j for n, j in jobs.items() if n.startswith("full")]
     if not found or not fulls0:
         return None
     orders = [0, *sorted(found)]
     names = [n for n in sorted(jobs) if re.fullmatch(r"s\d+", n) and all(f"o{o}-{n}" in jobs for o in orders[1:])]
-    if len(names) < 3:
+    if len(names) < 6:
         return None
     dropped = [jobs[n]["dropped"] for n in names]
     res: dict[str, Any] = {"orders": orders, "n_subsets": len(names), "subset_sizes": sorted({len(d) for d in dropped}),
@@ -737,16 +739,16 @@ def _chance(c: dict[str, list[float]] | None) -> list[str]:
 
 def _lds(x: dict[str, Any], band: list[float] | None) -> str:
     """An LDS with its bootstrap interval, starred when it lies outside the chance band."""
-    out = band is not None and not band[0] <= x["lds"] <= band[1]
-    return f"{x['lds']:+.2f}{'*' if out else ''} {_ci(x)}"
+    return f"{_starred(x['lds'], band)} {_ci(x)}"
 
 
 def _starred(x: float | None, band: list[float] | None) -> str:
-    """A correlation starred when it lies outside its chance band; – where it is undefined (e.g. the label count's
-    partial Spearman beyond label count) or was not computed."""
+    """A correlation starred when it lies outside its chance band (none where the band could not be drawn); – where it
+    is undefined (e.g. the label count's partial Spearman beyond label count) or was not computed."""
     if x is None or not np.isfinite(x):
         return "–"
-    return f"{x:+.2f}{'*' if band is not None and not band[0] <= x <= band[1] else ''}"
+    outside = band is not None and bool(np.isfinite(band).all()) and not band[0] <= x <= band[1]
+    return f"{x:+.2f}{'*' if outside else ''}"
 
 
 def format_vs_replay(v: dict[str, Any]) -> list[str]:
