@@ -542,7 +542,7 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     boot = np.random.default_rng([seed, 0xb007])
     draws = [boot.integers(0, len(sets), len(sets)) for _ in range(500)]
     # the yardstick's change per subset, the same for every reader
-    truths = {q: np.asarray([-sum(scores[yard][q].get(i, 0.0) for i in d) for d in sets]) for q in QUANTITIES}
+    truths = {q: predicted(scores[yard][q], sets) for q in QUANTITIES}
     for q in QUANTITIES:
         res["chance"][q] = chance_band(sets, order, truths[q], seed)
     for name, per_q in scores.items():
@@ -551,7 +551,7 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
         entry = {}
         for q in QUANTITIES:
             s, r, truth = per_q[q], scores[yard][q], truths[q]
-            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
+            pred = predicted(s, sets)
             both = [i for i in order if i in s and i in r]
             bs = [spearman(pred[b], truth[b]) for b in draws]
             entry[q] = {"lds": spearman(pred, truth), "lds_ci95": [float(np.nanpercentile(bs, 2.5)), float(np.nanpercentile(bs, 97.5))],
@@ -566,13 +566,25 @@ def load_jobs(out: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
 
 
+def full_refusal(jobs: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """Final mean refusal per quantity of the full retrains in the ranking run's order (`full<r>`, bitwise equal where
+    the check holds): the reference every measured change of that order is taken from. None before one has finished."""
+    fulls = [j for n, j in jobs.items() if n.startswith("full")]
+    return {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in QUANTITIES} if fulls else None
+
+
+def predicted(s: dict[str, float], sets: list[list[str]]) -> np.ndarray:
+    """A reader's predicted change for each removal set: minus the summed scores of the pairs it removes (a pair's score
+    is the change it makes when trained; a pair the reader did not score counts 0)."""
+    return np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
+
+
 def removal_changes(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per pair retrained without alone (`loo-<id>` jobs), the change of final mean refusal per quantity that dropping it
     made, against the mean of the full retrains (bitwise equal where the check holds). Empty without a full retrain."""
-    fulls = [j for n, j in jobs.items() if n.startswith("full")]
-    if not fulls:
+    ref = full_refusal(jobs)
+    if ref is None:
         return {}
-    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
     return {j["dropped"][0]: {q: j[f"refusal_{q}"] - ref[q] for q in ref} for n, j in sorted(jobs.items()) if n.startswith("loo-")}
 
 
@@ -585,8 +597,8 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
     ρ = O r̄ / (1 + (O − 1) r̄) (Spearman–Brown), and no reader correlates with it above √ρ; r̄ itself is what one
     order's retraining says about another's. None with fewer than two orders or six subsets finished in all."""
     found = {int(m.group(1)) for n in jobs if (m := ORDER_JOB.match(n)) and m.group(2) == "full"}
-    fulls0 = [j for n, j in jobs.items() if n.startswith("full")]
-    if not found or not fulls0:
+    ref0 = full_refusal(jobs)
+    if not found or ref0 is None:
         return None
     orders = [0, *sorted(found)]
     names = [n for n in sorted(jobs) if re.fullmatch(r"s\d+", n) and all(f"o{o}-{n}" in jobs for o in orders[1:])]
@@ -597,27 +609,25 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
                            "between_orders": {}, "reliability": {}, "ceiling": {}, "chance": {}, "chance_beyond_labels": {},
                            "readers": {}}
     labels = label_counts(dropped, scores)
-    measured = {}
+    measured, means = {}, {}
     for q in QUANTITIES:
         key = f"refusal_{q}"
-        ref = {0: float(np.mean([f[key] for f in fulls0])), **{o: float(jobs[f"o{o}-full"][key]) for o in orders[1:]}}
+        ref = {0: ref0[q], **{o: float(jobs[f"o{o}-full"][key]) for o in orders[1:]}}
         M = np.asarray([[jobs[n if o == 0 else f"o{o}-{n}"][key] - ref[o] for n in names] for o in orders])
         pairs = {f"{a}-{b}": spearman(M[i], M[j]) for i, a in enumerate(orders) for j, b in enumerate(orders) if i < j}
         r = float(np.mean(list(pairs.values())))
         rho = len(orders) * r / (1 + (len(orders) - 1) * r) if r > 0 else float("nan")
         res["between_orders"][q] = {"pairs": pairs, "mean": r}
         res["reliability"][q], res["ceiling"][q] = rho, float(np.sqrt(rho)) if rho > 0 else float("nan")
-        measured[q] = M
-        res["chance"][q] = chance_band(dropped, order, M.mean(0), seed)
-        res["chance_beyond_labels"][q] = chance_band(dropped, order, M.mean(0), seed, control=labels)
+        measured[q], means[q] = M, M.mean(0)
+        res["chance"][q] = chance_band(dropped, order, means[q], seed)
+        res["chance_beyond_labels"][q] = chance_band(dropped, order, means[q], seed, control=labels)
     for name, per_q in scores.items():
         entry = {}
         for q in QUANTITIES:
-            M, s = measured[q], per_q[q]
-            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in dropped])
-            mean = M.mean(0)
+            pred, mean = predicted(per_q[q], dropped), means[q]
             lds = spearman(pred, mean)
-            entry[q] = {"lds_by_order": [spearman(pred, m) for m in M], "lds_mean": lds,
+            entry[q] = {"lds_by_order": [spearman(pred, m) for m in measured[q]], "lds_mean": lds,
                         "lds_mean_beyond_labels": partial_spearman(pred, mean, labels),
                         "share_of_ceiling": lds / res["ceiling"][q] if res["ceiling"][q] > 0 else float("nan"),
                         "slope_mean": float(np.polyfit(pred, mean, 1)[0]) if np.std(pred) > 0 else float("nan")}
@@ -640,7 +650,7 @@ def score(out: str | Path) -> dict[str, Any]:
     if not fulls:
         return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {}),
                 **({"replay_profile": profiles} if profiles else {})}
-    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
+    ref = full_refusal(jobs)
     replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max()) if len(fulls) > 1 else None)
     run_dir = out / "run"
     from ..ledger import load_policy
@@ -691,7 +701,7 @@ def score(out: str | Path) -> dict[str, Any]:
         entry = {}
         for q in ("harmful", "harmless"):
             s, meas = per_q[q], measured[q]
-            pred = np.asarray([-sum(s.get(i, 0.0) for i in d) for d in dropped])
+            pred = predicted(s, dropped)
             slope, intercept = (np.polyfit(pred, meas, 1) if np.std(pred) > 0 else (float("nan"), float("nan")))
             boot = np.random.default_rng(0)
             draws = [spearman(pred[b], meas[b]) for b in (boot.integers(0, len(subs), len(subs)) for _ in range(1000))]
