@@ -579,3 +579,37 @@ def test_too_few_subsets_draw_no_chance_band_and_star_nothing():
     band = chance_band(sets, ids, np.asarray([0.1, 0.2, 0.3]), seed=0, control=np.asarray([1, 0, 1]))
     assert np.isnan(band).all()  # three subsets cannot hold a control out
     assert _starred(0.9, band) == "+0.90" and _starred(0.9, [-0.5, 0.5]) == "+0.90*" and _starred(float("nan"), band) == "–"
+
+
+def test_the_kept_file_recomputes_every_readers_lds_without_the_run(tmp_path):
+    from scipy.stats import spearmanr
+
+    from smda_callback.lab.lds import keep
+
+    _fake(tmp_path, n=20, k=12)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "p0", "prompt": "PROMPT TEXT", "answer": "ANSWER TEXT"}) + "\n")
+    s = score(tmp_path)
+    kept = json.loads(json.dumps(keep(tmp_path, s, "smda benchmark-lds -o x")))  # what the file holds
+    assert "PROMPT TEXT" not in json.dumps(kept) and all("Y" not in j for j in kept["jobs"].values())
+    full = kept["jobs"]["full0"]
+    for name in ("credit (default)", "own window", "random"):
+        for q in ("harmful", "harmless"):
+            sc = kept["reader_scores"][name][q]
+            subs = [kept["jobs"][n] for n in sorted(kept["subsets"])]
+            pred = [-sum(sc.get(i, 0.0) for i in j["dropped"]) for j in subs]
+            meas = [j[f"refusal_{q}"] - full[f"refusal_{q}"] for j in subs]
+            assert spearmanr(pred, meas)[0] == pytest.approx(kept["score"]["readers"][name][q]["lds"])
+
+
+def test_cli_keeps_the_scored_benchmark_on_request(tmp_path):
+    from smda_callback.cli.main import main
+
+    _fake(tmp_path, n=20, k=12)
+    (tmp_path / "subsets.json").write_text(json.dumps({**json.loads((tmp_path / "subsets.json").read_text()),
+                                                       "settings": LDSSettings(n_pairs=20, subsets=12).__dict__}))
+    kept = tmp_path / "kept.json"
+    assert main(["benchmark-lds", "-o", str(tmp_path), "--n-pairs", "20", "--subsets", "12", "--score-only",
+                 "--keep", str(kept)]) == 0
+    k = json.loads(kept.read_text())
+    assert k["what"].startswith("smda benchmark-lds") and k["score"]["n_subsets"] == 12
+    assert set(k["reader_scores"]) >= {"credit (default)", "label count", "random"}

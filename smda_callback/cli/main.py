@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -271,7 +272,8 @@ def _retrain(a: argparse.Namespace) -> int:
 
 
 def _lds(a: argparse.Namespace) -> int:
-    from ..lab.lds import LDSSettings, format_score, peer_jobs, replay_job, replay_reader, run_jobs, score
+    from ..lab.files import write_json
+    from ..lab.lds import LDSSettings, format_score, keep, peer_jobs, replay_job, replay_reader, run_jobs, score
     from ..lab.retrain import parse_shard
 
     _check_replay_spacing(a)
@@ -292,7 +294,9 @@ def _lds(a: argparse.Namespace) -> int:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
-    return _emit(a, s, format_score(s))
+    if a.keep:
+        write_json(a.keep, keep(a.out, s, a.command))
+    return _emit(a, s, format_score(s) + (f"\n\nkept: {a.keep}" if a.keep else ""))
 
 
 def _train_sae(a: argparse.Namespace) -> int:
@@ -518,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
+    ld.add_argument("--keep", metavar="FILE",
+                    help="also write what the scores were computed from to FILE (settings, order, subsets, each retrain's "
+                         "measured refusal, every reader's per-pair scores, the score; pair ids, no text; benchmarks/lds/)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=_lds)
 
@@ -540,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command = "smda " + " ".join(shlex.quote(x) for x in argv)  # as typed, for the files that record it
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -718,6 +718,20 @@ def score(out: str | Path) -> dict[str, Any]:
     return res
 
 
+def keep(out: str | Path, scored: dict[str, Any], command: str) -> dict[str, Any]:
+    """What `scored` (`score(out)`) was computed from, without the run folder (`--keep FILE`; benchmarks/lds/): the
+    settings, the ranking run's training order, every subset's removed pair ids, every retrain's measured refusal (mean
+    on each probe label and per category; the per-probe values `Y` are left out), every reader's per-pair score as the
+    scorer read it, and the scorer's output. Pair ids only: no prompt or answer text."""
+    out = Path(out)
+    meta = json.loads((out / "subsets.json").read_text())
+    reps, peers = post_hoc(out)
+    return {"what": command, "settings": meta["settings"], "order": meta["order"], "subsets": meta["subsets"],
+            "jobs": {n: {k: v for k, v in j.items() if k != "Y"} for n, j in load_jobs(out).items()},
+            "reader_scores": readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers),
+            "score": scored}
+
+
 def thirds_slopes(s: dict[str, float], dropped: list[list[str]], order: list[str], meas: np.ndarray) -> list[float] | None:
     """Calibration by place in the run: the slopes of one least-squares fit of the measured change on the predicted
     change of the removed pairs from each third of the run (first, middle, last), with an intercept. A reader
