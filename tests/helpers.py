@@ -65,8 +65,10 @@ def pair_records(n: int = 8) -> list[dict[str, Any]]:
 
 def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = None, pairs: int = 8, record_rows: bool = False,
             callback_kwargs: dict | None = None, trainer_kwargs: dict | None = None, resume: bool = False,
-            callbacks_extra: list | None = None, trainer_cls: Any = None, **args: Any) -> tuple[Any, Any, list]:
-    """Train `model` with SFTTrainer + SMDACallback; optionally record the rows each training forward saw."""
+            callbacks_extra: list | None = None, trainer_cls: Any = None, pair_ids: bool = False,
+            **args: Any) -> tuple[Any, Any, list]:
+    """Train `model` with SFTTrainer + SMDACallback; optionally record the rows each training forward saw.
+    `pair_ids`: every pair carries an id (`p<i>`), as the shipped pairs do, so the ledger names pairs by id."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -77,7 +79,7 @@ def run_sft(tmp_path: Any, model: Any, tokenizer: Any, sae: Any, config: Any = N
                     report_to=["tensorboard"], logging_steps=1, save_strategy="no", use_cpu=True, max_length=128,
                     seed=0, disable_tqdm=True)
     defaults.update(args)
-    data = Dataset.from_list(pair_records(pairs))
+    data = Dataset.from_list([{**r, "id": f"p{i}"} if pair_ids else r for i, r in enumerate(pair_records(pairs))])
     if defaults.get("eval_strategy", "no") != "no":
         trainer_kwargs = {**(trainer_kwargs or {}), "eval_dataset": data}
     trainer = (trainer_cls or SFTTrainer)(model=model, args=SFTConfig(**defaults), train_dataset=data,

@@ -613,3 +613,30 @@ def test_cli_keeps_the_scored_benchmark_on_request(tmp_path):
     k = json.loads(kept.read_text())
     assert k["what"].startswith("smda benchmark-lds") and k["score"]["n_subsets"] == 12
     assert set(k["reader_scores"]) >= {"credit (default)", "label count", "random"}
+
+
+def test_a_ghost_ledger_is_read_beside_the_default_credit_replayed_from_it(tmp_path, smol_tokenizer):
+    from helpers import run_sft, tiny_model, tiny_sae
+    from smda_callback import SMDAConfig, load_records
+    from smda_callback.lab.lds import readers
+
+    got = {}
+    for measure in ("deconvolve", "ghost"):
+        run_sft(tmp_path / measure, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8, credit_measure=measure),
+                max_steps=6, report_to=[], pair_ids=True)
+        order = [r["pairs"][0]["id"] for r in sorted(load_records(tmp_path / measure), key=lambda r: r["step"])]
+        got[measure] = readers(tmp_path / measure, order)
+    d, g = got["deconvolve"], got["ghost"]
+    assert "credit, ghost" not in d and {"credit, ghost", "own window, ghost"} <= set(g)
+    for name in ("credit (default)", "own window"):  # the same training, so the replayed default is the live one
+        for q in ("harmful", "harmless"):
+            assert d[name][q].keys() == g[name][q].keys() and len(d[name][q]) == 6
+            np.testing.assert_allclose([g[name][q][i] for i in d[name][q]], list(d[name][q].values()), rtol=1e-9, atol=1e-12)
+    ghost, default = g["credit, ghost"]["harmful"], g["credit (default)"]["harmful"]
+    # another measure, not the default under a new name (the tiny model's refusal is ~1e-10, so relative)
+    assert max(abs(ghost[i] - default[i]) for i in ghost) > 0.01 * max(abs(v) for v in default.values()) > 0
+
+
+def test_lds_measure_is_validated():
+    with pytest.raises(ValueError, match="measure='exact'"):
+        LDSSettings(measure="exact")

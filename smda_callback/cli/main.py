@@ -279,7 +279,7 @@ def _lds(a: argparse.Namespace) -> int:
     _check_replay_spacing(a)
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out),
-                     keep_schedule=a.keep_schedule, orders=a.orders)
+                     keep_schedule=a.keep_schedule, orders=a.orders, measure=a.measure)
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     if a.replay_last is not None and a.replay_last < 1:
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--orders", type=int, default=1,
                     help="retrain every subset in this many data orders (0: the ranking run's; others fixed permutations of "
                          "its pairs), for the noise ceiling across runs; e.g. 3 with --drop-fracs 0.5")
+    ld.add_argument("--measure", choices=["deconvolve", "ghost"], default="deconvolve",
+                    help="the ranking run's credit measure; ghost (one extra probe pass per step) is scored beside the "
+                         "default, which is replayed from its ledger")
     ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
     ld.add_argument("--replay", action="store_true",

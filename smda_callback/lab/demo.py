@@ -41,6 +41,8 @@ class DemoSettings:
     replay_last_steps: int = 0
     """SMDAConfig.replay_last_steps: replay the run's last n steps after training (smda/replay.json; off by default:
     its reverse pass costs many training steps per replayed step, benchmarks/bench_replay.py)."""
+    credit_measure: str = "deconvolve"
+    """SMDAConfig.credit_measure of the run (`ghost`: one extra probe pass per step; `smda benchmark-lds --measure`)."""
     check_answers: bool = True
     """Greedy answers to the probes and the held-out set before and after training (≈1 min each here)."""
 
@@ -133,7 +135,8 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")} if st.check_answers else {}
     behaviour_0 = behaviour(model, tok, sets)
     config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
-                                  on_alert=st.on_alert, replay_last_steps=st.replay_last_steps)
+                                  on_alert=st.on_alert, replay_last_steps=st.replay_last_steps,
+                                  credit_measure=st.credit_measure)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config)
     heldout = ProbeSet.from_jsonl(DATA / "heldout.jsonl")
     held_0 = _heldout_codes(cb, model, tok, heldout, config)  # prompts the policy never sees, on the base model

@@ -70,9 +70,16 @@ class LDSSettings:
     """Data orders every subset is retrained in, for the noise ceiling across runs. Order 0 is the ranking run's; order
     o ≥ 1 is a fixed permutation of all its pairs (`data_order`), each subset's pairs dropped from it in place, with
     its own reference retrain on all pairs. Jobs of order o ≥ 1 are named `o<o>-full` and `o<o>-s<k>`."""
+    measure: str = "deconvolve"
+    """The ranking run's credit measure (SMDAConfig.credit_measure). With `ghost` (one extra probe pass per step) the
+    scorer reads the ghost credit beside the default one, which it replays from the same ledger; the retrains do not
+    depend on it (the callback leaves training bitwise unchanged), so a ghost ranking run can be scored against
+    another run's retrains of the same order and seed."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.measure not in ("deconvolve", "ghost"):
+            raise ValueError(f"LDS measure={self.measure!r}: use 'deconvolve' (the default) or 'ghost'")
         if self.orders < 1:
             raise ValueError(f"LDS orders={self.orders}: give ≥ 1 data orders (1: the ranking run's only; 3 or more for "
                              "the noise ceiling across runs)")
@@ -185,7 +192,7 @@ def ranking_run(out: Path, st: LDSSettings) -> Path:
     if (run_dir / "smda" / "summary.json").exists():
         return run_dir
     logger.info("lds: ranking run on %d pairs (SFT with SMDACallback)", st.n_pairs)
-    run_demo(run_dir, settings=DemoSettings(limit=st.n_pairs, seed=st.seed, check_answers=False))
+    run_demo(run_dir, settings=DemoSettings(limit=st.n_pairs, seed=st.seed, check_answers=False, credit_measure=st.measure))
     return run_dir
 
 
@@ -438,10 +445,21 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
     base = baseline_means(policy)
     out: dict[str, dict[str, dict[str, float]]] = {"credit (default)": {}, "own window": {}, "step change": {},
                                                    "label count": {}, "random": {}}
+    # "credit (default)" and "own window" are always the default measure's (deconvolve). A ghost ledger's own credit
+    # is read beside them as "credit, ghost" / "own window, ghost", and the default is replayed from the same ledger
+    # (replay_credits: equal to a live deconvolve run's credit, tests/test_poison.py), so both read one training
+    ghost = credits.get("measure") == "ghost"
+    deconv = {part: _replayed(records, policy, credits, part) for part in ("total", "own")} if ghost else None
     for q in ("harmful", "harmless"):
         key = f"refusal_{q}"
-        out["credit (default)"][q] = {i: float(by_id[i][key]) for i in order if i in by_id}
-        out["own window"][q] = {i: float(by_id[i]["own"][key]) for i in order if i in by_id}
+        live = {"credit": {i: float(by_id[i][key]) for i in order if i in by_id},
+                "own window": {i: float(by_id[i]["own"][key]) for i in order if i in by_id}}
+        if deconv is None:
+            out["credit (default)"][q], out["own window"][q] = live["credit"], live["own window"]
+        else:
+            out["credit (default)"][q] = {i: float(deconv["total"][i][key]) for i in order if i in deconv["total"]}
+            out["own window"][q] = {i: float(deconv["own"][i][key]) for i in order if i in deconv["own"]}
+            out.setdefault("credit, ghost", {})[q], out.setdefault("own window, ghost", {})[q] = live["credit"], live["own window"]
         prev = base[q]
         step = {}
         for r in records:
@@ -483,9 +501,20 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
     except ValueError as e:
         logger.warning("lds: no carried readers for %s: %s", run_dir, e)
         return out
-    for name in ("credit (default)", "own window", "step change"):
+    for name in ("credit (default)", "own window", "step change", *(("credit, ghost", "own window, ghost") if ghost else ())):
         out[f"{name}, carried"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
     return out
+
+
+def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: dict[str, Any],
+              part: str) -> dict[str, dict[str, float]]:
+    """The default (deconvolve) credit of every pair id, `part` "total" or "own", replayed from a ledger recorded with
+    another measure (the same run: every rule sees the same training)."""
+    from ..credit import OptimizerKernel, replay_credits
+
+    id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
+    got = replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part)
+    return {id_of[h]: v for h, v in got.items() if id_of.get(h) is not None}
 
 
 def forgetting(run_dir: Path) -> dict[str, Forgetting]:
