@@ -232,6 +232,89 @@ def test_no_curvature_adjoint_is_the_derivative_of_the_run_with_gradients_held(s
         assert all(torch.allclose(a, b * (1 - run.lrs[t] * run.hp[i]["wd"])) for i, (a, b) in enumerate(zip(adj["f"]["theta"], before)))
 
 
+def test_a_replay_of_the_last_blocks_is_the_derivative_of_the_run_with_the_rest_pinned(smol_tokenizer, tmp_path):
+    """layers=1: the adjoint of a run in which only the last transformer block and the final norm move with a
+    perturbation, every other parameter (the tied embedding, the first block) following the recorded run, and the
+    clipping's norm moving only through the kept parameters' gradient. Checked by finite differences of exactly that
+    run (AdamW written out on the kept parameters), perturbing their θ, m and v at every step; clipping (binding) and
+    weight decay on. The whole replay with layers=1 gives the same weight-zero effects as this reverse pass."""
+    import math
+
+    f, run, states = _recorded(smol_tokenizer, tmp_path, 1e-2, 0.1)
+    n = len(run)
+    run.restrict(1)
+    kept = [run.names[i] for i in run.sel]
+    assert kept and all(".layers.1." in x or x == "model.norm.weight" for x in kept) and "model.norm.weight" in kept
+    assert not any("embed" in x or ".layers.0." in x for x in kept)
+    out = set(range(len(run.params))) - set(run.sel)
+    recorded_sq = []  # each step's squared gradient norm over the parameters left out, at the recorded weights
+    for u in range(n):
+        run.load(states[u])
+        run.model.zero_grad(set_to_none=True)
+        run.loss(u).backward()
+        recorded_sq.append(sum(float((run.params[i].grad ** 2).sum()) for i in out if run.params[i].grad is not None))
+
+    def pinned_run(theta, m, v, start):  # the kept parameters from the state S_start on, the others as recorded
+        th, m, v = [x.clone() for x in theta], [x.clone() for x in m], [x.clone() for x in v]
+        for u in range(start, n):
+            run.load(states[u], weights_only=True)
+            with torch.no_grad():
+                for j, i in enumerate(run.sel):
+                    run.params[i].copy_(th[j])
+            run.model.zero_grad(set_to_none=True)
+            run.loss(u).backward()
+            g = [run.params[i].grad for i in run.sel]
+            norm = math.sqrt(sum(float((x * x).sum()) for x in g) + recorded_sq[u])
+            coef = min(1.0, run.clip / (norm + 1e-6))
+            lr, k = run.lrs[u], u + 1
+            for j, i in enumerate(run.sel):
+                (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+                m[j] = b1 * m[j] + (1 - b1) * coef * g[j]
+                v[j] = b2 * v[j] + (1 - b2) * (coef * g[j]) ** 2
+                th[j] = th[j] * (1 - lr * wd) - (lr / (1 - b1 ** k)) * m[j] / (v[j].sqrt() / math.sqrt(1 - b2 ** k) + eps)
+        run.load(states[n], weights_only=True)
+        with torch.no_grad():
+            for j, i in enumerate(run.sel):
+                run.params[i].copy_(th[j])
+        return float(f(run.model))
+
+    part = [run.kept(st) for st in states]
+    run.load(states[n])
+    base = float(f(run.model))
+    assert pinned_run(part[1].theta, part[1].m, part[1].v, 1) == pytest.approx(base, rel=1e-9)  # nothing differs
+    run.load(states[n])
+    kept_params = [run.params[i] for i in run.sel]
+    adj = {"f": {"theta": list(torch.autograd.grad(f(run.model), kept_params)),
+                 **{key: [torch.zeros_like(p) for p in kept_params] for key in ("m", "v")}}}
+    gen = torch.Generator().manual_seed(3)
+    weight_zero = [0.0] * n
+    # 10× the other tests' perturbation: Llama's RMSNorm computes in float32, and a perturbation of the last block
+    # alone moves f by ~1e-6, where that rounding would show at 1e-4 (the central difference's own error stays < 1e-3)
+    for t in range(n - 1, -1, -1):
+        post = part[t + 1]
+        d = State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * (p.abs().mean() + 1e-3) for p in post.theta],
+                  [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * (p.abs().mean() + 1e-9) for p in post.m],
+                  [torch.rand(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * p for p in post.v], post.step)
+        zero = State(*[[torch.zeros_like(p) for p in post.theta] for _ in range(3)], post.step)
+        predicted = -removal_effect(zero, d, adj["f"])
+        moved = [pinned_run(*[[a + sg * x for a, x in zip(getattr(post, key), getattr(d, key))] for key in ("theta", "m", "v")], t + 1)
+                 for sg in (1.0, -1.0)]
+        measured = (moved[0] - moved[1]) / 2
+        assert abs(measured) > 1e-9
+        assert predicted == pytest.approx(measured, rel=2e-3), (t, predicted, measured)
+        weight_zero[t] = removal_effect(part[t], part[t + 1], adj["f"])
+        run.load(states[t])
+        run.vjp(t, states[t + 1], adj)
+    res = replay(_trainer(smol_tokenizer, tmp_path / "r", 1e-2, 0.1), {"f": f}, tmp_path / "w", every=2, layers=1)
+    assert res["layers"] == 1 and res["linearised_parameters"] == sum(p.numel() for p in kept_params)
+    assert res["weight_zero_effect"]["f"] == pytest.approx(weight_zero, rel=1e-9, abs=1e-15)
+    whole = replay(_trainer(smol_tokenizer, tmp_path / "r2", 1e-2, 0.1), {"f": f}, tmp_path / "w2", every=2)
+    assert res["weight_zero_effect"]["f"][1] != pytest.approx(whole["weight_zero_effect"]["f"][1], rel=1e-3)
+    for bad, match in ((3, r"in 2 transformer blocks .* 1\.\.2"), (-1, r"1\.\.2")):
+        with pytest.raises(ValueError, match=match):
+            replay(_trainer(smol_tokenizer, tmp_path / "r3", 1e-2, 0.1), {"f": f}, tmp_path / "w3", layers=bad)
+
+
 def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     """The full replay (checkpoints every 2 steps, recomputed) gives the same effects as the one-block pass, and its
     first-order prediction of dropping one pair in place is close to really retraining without it."""

@@ -287,9 +287,12 @@ def _lds(a: argparse.Namespace) -> int:
     curvature = not a.replay_no_curvature
     if a.replay_eps < 0:
         raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
-    if a.replay and not Path(a.out, replay_reader(a.replay_second_moment, a.replay_last, curvature, a.replay_eps)[1]).exists():
+    if a.replay_layers < 0:
+        raise ValueError(f"--replay-layers {a.replay_layers}: give a number of transformer blocks ≥ 1 (0: every parameter).")
+    model = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
+    if a.replay and not Path(a.out, replay_reader(*model)[1]).exists():
         replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
-                   last=a.replay_last, curvature=curvature, reverse_eps=a.replay_eps)
+                   last=a.replay_last, curvature=curvature, reverse_eps=a.replay_eps, layers=a.replay_layers)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)
@@ -520,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-eps", type=float, default=0.0, metavar="EPS",
                     help="the damped replay: its reverse pass linearises AdamW with ε raised to EPS where the run's is "
                          "smaller (the steps are taken as trained; *_eps<EPS>*.json). 0: the exact replay")
+    ld.add_argument("--replay-layers", type=int, default=0, metavar="L",
+                    help="the replay linearised in the model's last L transformer blocks only (and the final norm; "
+                         "the embedding and the rest follow the recorded run): its double backward stops there "
+                         "(*_layers<L>*.json). 0: every parameter")
     ld.add_argument("--replay-last", type=int, default=None, metavar="K",
                     help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")

@@ -31,12 +31,19 @@ per-step preconditioner that no perturbation moves (no adjoint of v, and δ_t's 
 model, not for the run, and tells whether a blow-up of the exact linearisation comes through the 1/√v path.
 Both record per step the norm of each part of the adjoint and each part's share of the removal effect, which show
 where a linearisation blows up.
+
+`layers=K` linearises the run in its last K transformer blocks only (`last_layers`: those blocks and the parameters
+outside every block except the input and output embeddings, e.g. the final norm): a removal's change to the other
+parameters is dropped, and so are the Jacobian's blocks that couple them (the other parameters follow the recorded run;
+the clipping's norm moves only through the kept parameters' gradient). Exact for that model of the run, not for the run;
+the reverse pass's double backward then stops at the first kept block, and the adjoints hold the kept parameters only.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import resource
 import shutil
 import time
@@ -197,6 +204,32 @@ def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tupl
     return total, acc
 
 
+_BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+"""A transformer block's index in a parameter name (Llama/Qwen/Mistral/Gemma `model.layers.N.`, GPT-2 `transformer.h.N.`,
+PEFT adapters inside them)."""
+
+
+def last_layers(model: Any, names: Sequence[str], params: Sequence[torch.Tensor], k: int) -> list[int]:
+    """Indices into `params` of what a replay restricted to the model's last `k` transformer blocks linearises: those
+    blocks' parameters and the trainable ones outside every block that are neither the input nor the output embedding
+    (the final norm); `k` = 0: every parameter. Refuses a `k` the model cannot give, with the fix."""
+    if k == 0:
+        return list(range(len(params)))
+    at = [int(m.group(1)) if (m := _BLOCK.search(n)) else None for n in names]
+    blocks = sorted({i for i in at if i is not None})
+    if k < 0 or not blocks or k > len(blocks):
+        raise ValueError(f"replay: layers={k}, but the trainable parameters are in {len(blocks)} transformer blocks "
+                         f"(named like 'model.layers.N.'); give 0 (every parameter) or 1..{len(blocks)}." if blocks else
+                         f"replay: layers={k}, but no trainable parameter is named as a transformer block's "
+                         "('model.layers.N.', 'transformer.h.N.'); replay every parameter (layers=0).")
+    keep = set(blocks[-k:])
+    emb = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        emb.add(id(out.weight))
+    return [j for j, (i, p) in enumerate(zip(at, params)) if i in keep or (i is None and id(p) not in emb)]
+
+
 class Steps:
     """Steps [start, start + len(batches)) of a recorded run, taken again: its loss, clipping and optimizer on its
     batches in order. Local step t is the run's step start + t (Adam's bias correction counts start + t + 1).
@@ -232,6 +265,8 @@ class Steps:
                              "freeze them (requires_grad=False) or give them to the optimizer.")
         self.hp = [group_of[id(p)] for p in self.params]
         self.clip = float(clip or 0.0)
+        self.sel = list(range(len(self.params)))
+        """Indices of the parameters the reverse pass linearises (`restrict`); the steps themselves train them all."""
         self.lrs: list[float] = list(lrs)
         self.norms: list[float] = []
         self.start, self.prev_lr = int(start), prev_lr
@@ -246,6 +281,17 @@ class Steps:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def restrict(self, layers: int) -> "Steps":
+        """The reverse pass linearises the last `layers` transformer blocks only (`last_layers`; 0: everything)."""
+        self.sel = last_layers(self.model, self.names, self.params, layers)
+        return self
+
+    def kept(self, st: State) -> State:
+        """The state's part that the reverse pass linearises (the same tensors, no copy)."""
+        if len(self.sel) == len(self.params):
+            return st
+        return State(*([xs[i] for i in self.sel] if xs else [] for xs in (st.theta, st.m, st.v)), st.step)
 
     def _micro(self, t: int) -> list[tuple[dict[str, Any], Any, int]]:
         """Step t's micro-batches: (inputs, the Trainer's num_items_in_batch or None, what the loss is divided by after)."""
@@ -265,8 +311,9 @@ class Steps:
     def _micro_loss(self, mb: dict[str, Any], n: Any, k: int) -> torch.Tensor:
         return (self._loss(self.model, mb) if n is None else self._loss(self.model, mb, num_items_in_batch=n)) / k
 
-    def train_grad(self, t: int, create_graph: bool = True) -> list[torch.Tensor]:
-        """Step t's gradient as training computes it, as a differentiable expression of the weights.
+    def train_grad(self, t: int, create_graph: bool = True, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Step t's gradient as training computes it, as a differentiable expression of the weights (of `params`, by
+        default every trainable parameter).
 
         The loss is written with plain ops (TRL's fused head has no double backward): the mean token
         cross-entropy over the batch's label tokens. An nn.Embedding with `padding_idx` gives that row no
@@ -278,9 +325,10 @@ class Steps:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        params = self.params if params is None else list(params)
         emb = self.model.get_input_embeddings()
         pad = emb.padding_idx  # (only where the embedding trains: adapters leave it frozen)
-        trains_emb = pad is not None and any(p is emb.weight for p in self.params)
+        trains_emb = pad is not None and any(p is emb.weight for p in params)
         loss, xs = None, []
         for batch, n, k in self._micro(t):
             labels, ids = batch.pop("labels"), batch.pop("input_ids")
@@ -294,11 +342,11 @@ class Steps:
             loss = part if loss is None else loss + part
             if trains_emb and bool((ids == pad).any()):
                 xs.append((x, ids))
-        grads = torch.autograd.grad(loss, [*self.params, *(x for x, _ in xs)], create_graph=create_graph, allow_unused=True)
-        g = [torch.zeros_like(p) if q is None else q for p, q in zip(self.params, grads)]
+        grads = torch.autograd.grad(loss, [*params, *(x for x, _ in xs)], create_graph=create_graph, allow_unused=True)
+        g = [torch.zeros_like(p) if q is None else q for p, q in zip(params, grads)]
         if xs:
-            i = next(k for k, p in enumerate(self.params) if p is emb.weight)
-            row = sum(gx[ids == pad].sum(0) for gx, (_, ids) in zip(grads[len(self.params):], xs))
+            i = next(k for k, p in enumerate(params) if p is emb.weight)
+            row = sum(gx[ids == pad].sum(0) for gx, (_, ids) in zip(grads[len(params):], xs))
             onehot = torch.zeros(emb.weight.shape[0], 1, dtype=row.dtype, device=row.device)
             onehot[pad] = 1
             g[i] = g[i] - onehot * row.unsqueeze(0)
@@ -338,19 +386,29 @@ class Steps:
         `curvature=False`: step t's gradient is the recorded one, not a function of θ (no Hessian-vector product).
         `reverse_eps`: the step's Jacobian is AdamW's with ε = max(ε, reverse_eps) (the steps themselves are not
         changed): a damped model of the run, in which a coordinate whose √v̂ is far below reverse_eps no longer
-        multiplies its adjoint by lr/ε."""
-        params = self.params
+        multiplies its adjoint by lr/ε.
+        The adjoints hold the parameters `self.sel` (`restrict`), in that order; `post` is the whole state."""
+        sel, params = self.sel, [self.params[i] for i in self.sel]
+        whole = len(sel) == len(self.params)
         self.model.zero_grad(set_to_none=True)
-        g = self.train_grad(t, create_graph=curvature)
+        kept = set(sel)
+        frozen = [] if whole else [p for j, p in enumerate(self.params) if j not in kept and p.requires_grad]
+        for p in frozen:  # no graph through the parameters left out: the double backward stops at the first kept block
+            p.requires_grad_(False)
+        try:
+            g = self.train_grad(t, create_graph=curvature, params=params)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         gd = [x.detach() for x in g]
-        norm = _norm(gd)
+        norm = _norm(gd) if whole else self.norms[t]  # restricted: the step's whole norm, as recorded
         coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 else 1.0
         lr, k = self.lrs[t], self.start + t + 1
         a_g_all: dict[str, list[torch.Tensor]] = {name: [] for name in adjoints}
         # θ' = θ(1 − lr·wd) − (lr/bc1)·m'/D,  m' = β1 m + (1−β1) gc,  v' = β2 v + (1−β2) gc²,  D = √v'/bc2 + ε:
         # one parameter at a time, the step's own factors once for all objectives, the adjoints updated in place
         with torch.no_grad():
-            for i in range(len(params)):
+            for j, i in enumerate(sel):
                 (b1, b2), eps, wd = self.hp[i]["betas"], max(self.hp[i]["eps"], reverse_eps), self.hp[i]["wd"]
                 bc1, bc2s = 1 - b1 ** k, math.sqrt(1 - b2 ** k)
                 sq = post.v[i].sqrt()
@@ -359,18 +417,18 @@ class Steps:
                 dv = gg = None
                 if not fixed_v:  # ∂θ'/∂v' = (lr/bc1)·m'/(2·bc2·√v'·D²), 0 where v' = 0
                     dv = torch.where(sq > 0, dm * post.m[i] / (D * 2 * bc2s * sq.clamp_min(1e-30)), torch.zeros_like(sq))
-                    gg = (2 * (1 - b2) * coef) * gd[i]  # ∂v'/∂gc
+                    gg = (2 * (1 - b2) * coef) * gd[j]  # ∂v'/∂gc
                 del sq, D
                 for name, A in adjoints.items():
-                    am = A["m"][i].addcmul_(A["theta"][i], dm, value=-1)
+                    am = A["m"][j].addcmul_(A["theta"][j], dm, value=-1)
                     a_gc = am * (1 - b1)
                     if dv is not None:
-                        av = A["v"][i].addcmul_(A["theta"][i], dv)
+                        av = A["v"][j].addcmul_(A["theta"][j], dv)
                         a_gc.addcmul_(gg, av)
                         av.mul_(b2)
                     am.mul_(b1)
                     if wd:
-                        A["theta"][i].mul_(1 - lr * wd)
+                        A["theta"][j].mul_(1 - lr * wd)
                     a_g_all[name].append(a_gc)
                 del dm, dv, gg
         for name, a_gc in a_g_all.items():
@@ -391,14 +449,16 @@ class Steps:
 def shift_effect(run: Steps, t: int, pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
     """First-order change of the objective when step t runs one place earlier in the order, as it does once any
     earlier pair is dropped in place: Adam's bias correction counts t instead of t + 1 and the lr is the
-    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A."""
+    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A (over the
+    parameters `run.sel`; `pre`, `post` whole states)."""
+    pre, post = run.kept(pre), run.kept(post)
     k = run.start + t + 1
     if k == 1:
         return 0.0
     lr0, lr1 = run.lrs[t], run.lrs[t - 1] if t > 0 else run.prev_lr
     total = None
     for i, a in enumerate(A["theta"]):
-        (b1, b2), eps, wd = run.hp[i]["betas"], run.hp[i]["eps"], run.hp[i]["wd"]
+        (b1, b2), eps, wd = (hp := run.hp[run.sel[i]])["betas"], hp["eps"], hp["wd"]
         for a_, th, m, v in _slices(a, pre.theta[i], post.m[i], post.v[i]):  # slice by slice, as _dot
             sq = v.sqrt()
 
@@ -442,7 +502,7 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
                  resume_every: int = 16, second_moment: str = "exact", curvature: bool = True,
-                 reverse_eps: float = 0.0) -> dict[str, Any]:
+                 reverse_eps: float = 0.0, layers: int = 0) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
     weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
     "first_step" + index).
@@ -454,13 +514,15 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
     docstring). `curvature=False`: every step's gradient is held at the recorded one (no Hessian-vector products:
     the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step).
-    `reverse_eps` > 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (`Steps.vjp`; a damped model). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    `reverse_eps` > 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (`Steps.vjp`; a damped model).
+    `layers` > 0: it linearises the last `layers` transformer blocks only (`last_layers`; the module's docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
     """
     if second_moment not in SECOND_MOMENTS:
         raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
+    run.restrict(layers)
     # activation checkpointing recomputes the forward in backward, outside the double backward's attention kernel:
     # off for the replay (the same values, more memory), then on again in exactly the layers that had it
     checkpointed = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
@@ -468,7 +530,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
         m.gradient_checkpointing = False
     try:
         return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, curvature,
-                             reverse_eps)
+                             reverse_eps, layers)
     finally:
         for m in checkpointed:
             m.gradient_checkpointing = True
@@ -476,7 +538,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
                   progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
-                  second_moment: str, curvature: bool, reverse_eps: float) -> dict[str, Any]:
+                  second_moment: str, curvature: bool, reverse_eps: float, layers: int) -> dict[str, Any]:
     fixed_v = second_moment == "fixed"
     parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
     say = progress or logger.info
@@ -496,11 +558,12 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
                          "to start this one afresh.")
     if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0),
-                           r.get("curvature", True), r.get("reverse_eps", 0.0))
-                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature, reverse_eps)):
+                           r.get("curvature", True), r.get("reverse_eps", 0.0), r.get("layers", 0))
+                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature, reverse_eps, layers)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps from {r.get('start', 0)}, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}, reverse ε {r.get('reverse_eps', 0.0)}); "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}, reverse ε {r.get('reverse_eps', 0.0)}, layers {r.get('layers', 0)}); "
                          f"remove {work} to start this one afresh.")
+    kept = [run.params[i] for i in run.sel]
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
     free = shutil.disk_usage(work).free
     if r is None and need > free:
@@ -512,6 +575,9 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
             f"of twice), replay fewer steps, or free disk.")
     say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
         f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
+    if layers:
+        say(f"replay: linearising the last {layers} transformer blocks: {sum(p.numel() for p in kept):,} of "
+            f"{sum(p.numel() for p in run.params):,} trainable parameters")
     if r is None:
         for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps
             if t % outer == 0:
@@ -522,8 +588,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         run.state(n, copy=False).save(work / "end.pt")
         final, adj = {}, {}
         for name, obj in objectives.items():
-            final[name], gT = _grad_of(obj, run.model, run.params)
-            adj[name] = {"theta": gT, **{key: [torch.zeros_like(p) for p in run.params] for key in parts[1:]}}
+            final[name], gT = _grad_of(obj, run.model, kept)
+            adj[name] = {"theta": gT, **{key: [torch.zeros_like(p) for p in kept] for key in parts[1:]}}
         effect: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
         shift: dict[str, list[float]] = {name: [0.0] * n for name in objectives}
         norms = {name: {key: [0.0] * n for key in parts} for name in objectives}
@@ -542,7 +608,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
                     "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
                     "second_moment": second_moment, "start": run.start, "curvature": curvature, "reverse_eps": reverse_eps,
-                    "seconds": spent + time.perf_counter() - t0}, tmp)
+                    "layers": layers, "seconds": spent + time.perf_counter() - t0}, tmp)
         tmp.replace(resume_file)
 
     saved = [below]
@@ -585,7 +651,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         for t in range(e - 1, s - 1, -1):
             pre, post = states[t - s], states[t - s + 1]
             for name, A in adj.items():
-                for key, x in effect_parts(pre, post, A).items():
+                for key, x in effect_parts(run.kept(pre), run.kept(post), A).items():
                     shares[name][key][t] = x
                     norms[name][key][t] = _norm(A[key])
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
@@ -601,7 +667,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "reverse_eps": reverse_eps, "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "reverse_eps": reverse_eps, "layers": layers,
+            "linearised_parameters": sum(p.numel() for p in kept), "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 

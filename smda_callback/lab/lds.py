@@ -93,16 +93,18 @@ REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "rep
 
 
 def replay_reader(second_moment: str = "exact", last: int | None = None, curvature: bool = True,
-                  reverse_eps: float = 0.0) -> tuple[str, str]:
+                  reverse_eps: float = 0.0, layers: int = 0) -> tuple[str, str]:
     """The replay reader's name and file: the whole run's (`REPLAYS`), or over its last `last` steps only (what the
     callback's `replay_last_steps` computes on the user's run; earlier pairs read 0); `curvature=False`: the replay
     without Hessian-vector products (every gradient held at the recorded one); `reverse_eps`: the damped replay
-    (AdamW's ε raised to it in the reverse pass)."""
+    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer blocks."""
     name, file = REPLAYS[second_moment]
     if not curvature:
         name, file = f"{name}, no curvature", file.replace(".json", "_nocurv.json")
     if reverse_eps:
         name, file = f"{name}, reverse ε {reverse_eps:g}", file.replace(".json", f"_eps{reverse_eps:g}.json")
+    if layers:
+        name, file = f"{name}, last {layers} layers", file.replace(".json", f"_layers{layers}.json")
     return (name, file) if not last else (f"{name}, last {last} steps", file.replace(".json", f"_last{last}.json"))
 
 
@@ -300,7 +302,8 @@ def _snapshotter(tok: Any, model: Any, scorer: dict[str, Any] | None = None) -> 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
                     every: int = 4, outer: int | None = None, second_moment: str = "exact",
-                    last: int | None = None, curvature: bool = True, reverse_eps: float = 0.0) -> dict[str, Any]:
+                    last: int | None = None, curvature: bool = True, reverse_eps: float = 0.0,
+                    layers: int = 0) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down). `last`: only
@@ -310,26 +313,26 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model, run_scorer(out / "run"))
     res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), out / "tmp_replay" / "checkpoints", every=every, outer=outer,
-                 second_moment=second_moment, last=last, curvature=curvature, reverse_eps=reverse_eps)
+                 second_moment=second_moment, last=last, curvature=curvature, reverse_eps=reverse_eps, layers=layers)
     if last:
         before = len(order) - len(res["lr"])
         for key in ("removal_effect", "weight_zero_effect"):
             res[key] = {q: [0.0] * before + list(v) for q, v in res[key].items()}
         for key in ("adjoint_norm", "effect_parts"):
             res[key] = {q: {part: [0.0] * before + list(v) for part, v in d.items()} for q, d in res[key].items()}
-    res["order"], res["reader"] = order, replay_reader(second_moment, last, curvature, reverse_eps)[0]
+    res["order"], res["reader"] = order, replay_reader(second_moment, last, curvature, reverse_eps, layers)[0]
     return res
 
 
 def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
                second_moment: str = "exact", last: int | None = None, curvature: bool = True,
-               reverse_eps: float = 0.0) -> dict[str, Any]:
+               reverse_eps: float = 0.0, layers: int = 0) -> dict[str, Any]:
     """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment, last, curvature, reverse_eps)
-    path = out / replay_reader(second_moment, last, curvature, reverse_eps)[1]
+    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment, last, curvature, reverse_eps, layers)
+    path = out / replay_reader(second_moment, last, curvature, reverse_eps, layers)[1]
     write_json(path, res)
     return res
 
@@ -399,7 +402,8 @@ def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, 
     """The readers computed after the run: the replays that ran, by reader name ("replay", "replay, fixed v",
     "replay, last 90 steps"), and peers/<name>.json by name."""
     reps = {name: json.loads((out / file).read_text()) for name, file in REPLAYS.values() if (out / file).exists()}
-    for path in sorted({*out.glob("replay*_last*.json"), *out.glob("replay*_nocurv*.json"), *out.glob("replay*_eps*.json")}):
+    for path in sorted({*out.glob("replay*_last*.json"), *out.glob("replay*_nocurv*.json"), *out.glob("replay*_eps*.json"),
+                        *out.glob("replay*_layers*.json")}):
         rep = json.loads(path.read_text())
         reps[rep["reader"]] = rep
     peers = {p.stem: json.loads(p.read_text()) for p in sorted((out / "peers").glob("*.json"))}
