@@ -80,6 +80,28 @@ def test_every_command_takes_json_and_flags_named_after_the_config():
     a = p.parse_args(["demo", "--every-n-steps", "2", "--learning-rate", "3e-4", "-o", "runs/x"])
     assert (a.every_n_steps, a.learning_rate, a.out) == (2, 3e-4, "runs/x")
     assert p.parse_args(["demo", "--every", "3"]).every_n_steps == 3  # the old spelling still works
+    assert p.parse_args(["demo", "--measure", "ghost"]).credit_measure == "ghost"
+    assert p.parse_args(["demo"]).credit_measure == "deconvolve"
+
+
+def test_demo_passes_the_credit_measure_on_and_refuses_ghost_with_spaced_probing_before_loading(tmp_path, capsys,
+                                                                                               monkeypatch):
+    import smda_callback.lab.demo as demo
+    import smda_callback.lab.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    assert main(["demo", "--credit-measure", "ghost", "--every", "2", "-o", str(tmp_path / "d"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smda: error: credit_measure='ghost'") and "every_n_steps=1" in err and "Traceback" not in err
+    seen = []
+
+    def stop(out, pairs, probes, settings, say=None):
+        seen.append(settings)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(demo, "run_demo", stop)
+    assert main(["demo", "--measure", "ghost", "-o", str(tmp_path / "d"), "--quiet"]) == 2
+    assert [s.credit_measure for s in seen] == ["ghost"]
 
 
 def test_select_model_without_select_on_is_one_clear_error(capsys):

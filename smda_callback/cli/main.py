@@ -29,7 +29,7 @@ def _demo(a: argparse.Namespace) -> int:
               "the probing)", flush=True)
     settings = DemoSettings(limit=a.limit, on_alert=a.on_alert, epochs=a.epochs, seed=a.seed, scorer=a.scorer,
                             check_answers=not a.skip_answers,
-                            every_n_steps=a.every_n_steps, replay_last_steps=a.replay_last,
+                            every_n_steps=a.every_n_steps, replay_last_steps=a.replay_last, credit_measure=a.credit_measure,
                             **({"learning_rate": a.learning_rate} if a.learning_rate is not None else {}))
     summary = run_demo(a.out, a.pairs, a.probes, settings,
                        say=None if a.quiet or a.json else (lambda m: print(m, flush=True)))
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--replay-last", type=int, default=0, metavar="K",
                    help="SMDAConfig.replay_last_steps: after training, replay the last K steps (smda/replay.json; "
                         "`smda suspects --read replay`); costs many training steps per replayed step")
+    d.add_argument("--credit-measure", "--measure", choices=["deconvolve", "ghost"], default="deconvolve",
+                   help="SMDAConfig.credit_measure: deconvolve (default) reads each pair's own change off consecutive "
+                        "probe passes; ghost measures it with one extra probe pass per step (needs --every 1)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--skip-answers", action="store_true", help="skip the greedy-answer refusal check before and after")

@@ -129,14 +129,15 @@ def run_demo(out: str | Path, pairs_file: str | Path | None = None, probes_file:
     st = settings or DemoSettings()
     out = Path(out)
     t0 = time.perf_counter()
+    # first, so that settings the callback refuses are refused before the model loads
+    config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
+                                  on_alert=st.on_alert, replay_last_steps=st.replay_last_steps,
+                                  credit_measure=st.credit_measure)
     pairs = load_pairs(pairs_file or DATA / "pairs.jsonl", st.limit)
     probes = ProbeSet.from_jsonl(probes_file or DATA / "probes.jsonl")
     model, tok = load_model(model_dir)
     sets = {"probes": probes, "heldout": ProbeSet.from_jsonl(DATA / "heldout.jsonl")} if st.check_answers else {}
     behaviour_0 = behaviour(model, tok, sets)
-    config = config or SMDAConfig(scorer=st.scorer, every_n_steps=st.every_n_steps, probe_batch_size=16,
-                                  on_alert=st.on_alert, replay_last_steps=st.replay_last_steps,
-                                  credit_measure=st.credit_measure)
     cb = SMDACallback(probes, sae if sae is not None else embedded_sae_dir(), config)
     heldout = ProbeSet.from_jsonl(DATA / "heldout.jsonl")
     held_0 = _heldout_codes(cb, model, tok, heldout, config)  # prompts the policy never sees, on the base model
