@@ -280,15 +280,15 @@ def _lds(a: argparse.Namespace) -> int:
     st = LDSSettings(n_pairs=a.n_pairs, subsets=a.subsets, drop_fracs=tuple(a.drop_fracs), seed=a.seed,
                      replicas=a.replicas, ranking_run=a.ranking_run, leave_out=tuple(a.leave_out),
                      keep_schedule=a.keep_schedule, orders=a.orders, measure=a.measure)
-    if not a.score_only:
-        run_jobs(a.out, st, parse_shard(a.shard))
-    if a.replay_last is not None and a.replay_last < 1:
+    if a.replay_last is not None and a.replay_last < 1:  # refused before any retrain, not after hours of them
         raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
     curvature = not a.replay_no_curvature
     if a.replay_eps < 0:
         raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
     if a.replay_layers < 0:
         raise ValueError(f"--replay-layers {a.replay_layers}: give a number of transformer blocks ≥ 1 (0: every parameter).")
+    if not a.score_only:
+        run_jobs(a.out, st, parse_shard(a.shard))
     model = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
     if a.replay and not Path(a.out, replay_reader(*model)[1]).exists():
         replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
