@@ -48,13 +48,18 @@ print("RESULT " + json.dumps({"train_per_step": (wall - replay) / steps, "replay
 """
 
 
-def one(out: Path, steps: int, last: int, checkout: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(steps), str(last)], capture_output=True, text=True,
-                          cwd=checkout)  # `python -c` imports the package from its working directory
+def child_result(code: str, argv: list[str], cwd: Path, what: str) -> dict:
+    """Run `code` in its own Python process (its own peak memory) from `cwd`, whose package `python -c` imports, and
+    return the JSON it prints on its "RESULT " line; exit with its stderr's tail if it fails (`what` names the run)."""
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=cwd)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode or line is None:
-        raise SystemExit(f"bench_replay: the run with replay_last_steps={last} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: {what} failed:\n{done.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def one(out: Path, steps: int, last: int, checkout: Path) -> dict[str, float]:
+    return child_result(CHILD, [str(out), str(steps), str(last)], checkout, f"the run with replay_last_steps={last}")
 
 
 def main() -> None:
@@ -88,9 +93,15 @@ def main() -> None:
                        "replay_step_ratio": per / base, "peak_rss_mb": rss}
         print(f"{name:24s} {train:13.2f} {train / base:6.2f} {per:23.2f} {per / base:6.2f} {rss:12.0f}")
     out = {"commit": commit(here), "steps": a.steps, "last": a.last, "rounds": a.rounds, "table": table, "runs": res}
-    path = Path(__file__).with_name("replay_results.json")  # every run kept, newest last
+    keep_run("replay_results.json", "python benchmarks/bench_replay.py --steps S --last K --rounds R [--checkout DIR] "
+             "(each run alone)", out)
+
+
+def keep_run(name: str, command: str, out: dict) -> None:
+    """Append this run (with its arguments) to benchmarks/`name`, every run kept, newest last."""
+    path = Path(__file__).with_name(name)
     kept = json.loads(path.read_text()) if path.exists() else {}
-    kept["command"] = "python benchmarks/bench_replay.py --steps S --last K --rounds R [--checkout DIR] (each run alone)"
+    kept["command"] = command
     kept["runs"] = [*kept.get("runs", []), {**out, "args": sys.argv[1:]}]
     path.write_text(json.dumps(kept, indent=1))
 

@@ -13,12 +13,12 @@ Usage: python benchmarks/bench_replay_layers.py [--steps 16] [--layers 0 2 8 30]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench_replay import child_result, keep_run  # this folder is on sys.path when run as a script
 
 CHILD = r"""
 import json, resource, sys
@@ -39,12 +39,7 @@ print("RESULT " + json.dumps({"seconds": res["seconds"], "linearised": res["line
 
 
 def one(tmp: Path, steps: int, layers: int, here: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp), str(steps), str(layers)], capture_output=True, text=True,
-                          cwd=here)  # `python -c` imports the package from its working directory
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode or line is None:
-        raise SystemExit(f"bench_replay_layers: the replay with layers={layers} failed:\n{done.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result(CHILD, [str(tmp), str(steps), str(layers)], here, f"the replay with layers={layers}")
 
 
 def main() -> None:
@@ -75,11 +70,8 @@ def main() -> None:
         print(f"{k:7d} {runs[0]['linearised']:12,d} {sec:9.1f} {sec / base:6.2f} {rss:12.0f}")
     out = {"commit": commit, "steps": a.steps, "rounds": a.rounds, "table": table,
            "seconds": {str(k): [r["seconds"] for r in v] for k, v in res.items()}}
-    path = Path(__file__).with_name("replay_layers_results.json")
-    kept = json.loads(path.read_text()) if path.exists() else {}
-    kept["command"] = "python benchmarks/bench_replay_layers.py --steps S --layers L... --rounds R (alone on the machine)"
-    kept["runs"] = [*kept.get("runs", []), {**out, "args": sys.argv[1:]}]
-    path.write_text(json.dumps(kept, indent=1))
+    keep_run("replay_layers_results.json", "python benchmarks/bench_replay_layers.py --steps S --layers L... --rounds R "
+             "(alone on the machine)", out)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,24 @@ def _recorded(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch",
     return f, run, states
 
 
+def _delta(post: State, gen: torch.Generator, scale: float = 1e-4) -> State:
+    """A random perturbation of the state `post`: θ and m by `scale` of their mean size, v by a positive share of itself."""
+    return State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale * (p.abs().mean() + 1e-3) for p in post.theta],
+                 [torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale * (p.abs().mean() + 1e-9) for p in post.m],
+                 [torch.rand(p.shape, generator=gen, dtype=p.dtype) * scale * p for p in post.v], post.step)
+
+
+def _check_against_the_rest_of_the_run(rest, post: State, d: State, A, t: int, rel: float) -> None:
+    """A·δ equals the central difference of `rest(θ, m, v, first step)`, the run from step t + 1 on, around `post`."""
+    zero = State(*[[torch.zeros_like(p) for p in post.theta] for _ in range(3)], post.step)
+    predicted = -removal_effect(zero, d, A)
+    moved = [rest(*[[a + sg * x for a, x in zip(getattr(post, key), getattr(d, key))] for key in ("theta", "m", "v")], t + 1)
+             for sg in (1.0, -1.0)]
+    measured = (moved[0] - moved[1]) / 2
+    assert abs(measured) > 1e-9
+    assert predicted == pytest.approx(measured, rel=rel), (t, predicted, measured)
+
+
 @pytest.mark.parametrize("clip,wd,optim,accumulate", [(1e-2, 0.1, "adamw_torch", None), (0.0, 0.0, "adamw_torch_fused", None),
                                                       (1e-2, 0.1, "adamw_torch", "mean"), (1e-2, 0.1, "adamw_torch", "tokens")])
 def test_adjoint_matches_finite_differences_of_the_rest_of_the_run(smol_tokenizer, tmp_path, clip, wd, optim, accumulate):
@@ -215,16 +233,7 @@ def test_no_curvature_adjoint_is_the_derivative_of_the_run_with_gradients_held(s
     gen = torch.Generator().manual_seed(2)
     for t in range(n - 1, -1, -1):
         post = states[t + 1]
-        d = State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-3) for p in post.theta],
-                  [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * (p.abs().mean() + 1e-9) for p in post.m],
-                  [torch.rand(p.shape, generator=gen, dtype=p.dtype) * 1e-4 * p for p in post.v], post.step)
-        zero = State(*[[torch.zeros_like(p) for p in post.theta] for _ in range(3)], post.step)
-        predicted = -removal_effect(zero, d, adj["f"])
-        moved = [held_g_run(*[[a + sg * x for a, x in zip(getattr(post, key), getattr(d, key))] for key in ("theta", "m", "v")], t + 1)
-                 for sg in (1.0, -1.0)]
-        measured = (moved[0] - moved[1]) / 2
-        assert abs(measured) > 1e-9
-        assert predicted == pytest.approx(measured, rel=5e-3), (t, predicted, measured)  # FD error ≈ 2e-3 at this scale
+        _check_against_the_rest_of_the_run(held_g_run, post, _delta(post, gen), adj["f"], t, rel=5e-3)  # FD error ≈ 2e-3 here
         run.load(states[t])
         before = [a.clone() for a in adj["f"]["theta"]]
         run.vjp(t, post, adj, curvature=False)
@@ -292,16 +301,7 @@ def test_a_replay_of_the_last_blocks_is_the_derivative_of_the_run_with_the_rest_
     # alone moves f by ~1e-6, where that rounding would show at 1e-4 (the central difference's own error stays < 1e-3)
     for t in range(n - 1, -1, -1):
         post = part[t + 1]
-        d = State([torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * (p.abs().mean() + 1e-3) for p in post.theta],
-                  [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * (p.abs().mean() + 1e-9) for p in post.m],
-                  [torch.rand(p.shape, generator=gen, dtype=p.dtype) * 1e-3 * p for p in post.v], post.step)
-        zero = State(*[[torch.zeros_like(p) for p in post.theta] for _ in range(3)], post.step)
-        predicted = -removal_effect(zero, d, adj["f"])
-        moved = [pinned_run(*[[a + sg * x for a, x in zip(getattr(post, key), getattr(d, key))] for key in ("theta", "m", "v")], t + 1)
-                 for sg in (1.0, -1.0)]
-        measured = (moved[0] - moved[1]) / 2
-        assert abs(measured) > 1e-9
-        assert predicted == pytest.approx(measured, rel=2e-3), (t, predicted, measured)
+        _check_against_the_rest_of_the_run(pinned_run, post, _delta(post, gen, 1e-3), adj["f"], t, rel=2e-3)
         weight_zero[t] = removal_effect(part[t], part[t + 1], adj["f"])
         run.load(states[t])
         run.vjp(t, states[t + 1], adj)
