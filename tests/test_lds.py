@@ -220,12 +220,14 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     assert replay_reader("exact", None, reverse_eps=1e-6)[1] == "replay_eps1e-06.json"
     assert build_parser().parse_args(["benchmark-lds", "--replay-eps", "1e-6"]).replay_eps == 1e-6
     assert replay_reader("exact", 90, layers=8) == ("replay, last 8 layers, last 90 steps", "replay_layers8_last90.json")
+    assert replay_reader("exact", None, layers=-14) == ("replay, first 14 layers", "replay_first14.json")
     assert build_parser().parse_args(["benchmark-lds", "--replay-layers", "8"]).replay_layers == 8
     ids, sets = _fake(tmp_path)
     credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
     eff = [-{c["id"]: c["refusal_harmful"] for c in credits}[i] for i in ids]
     n = len(ids)
-    for last, sign, eps, layers in ((None, 1.0, 0.0, 0), (4, -1.0, 0.0, 0), (None, 1.0, 1e-6, 0), (None, 1.0, 0.0, 8)):
+    for last, sign, eps, layers in ((None, 1.0, 0.0, 0), (4, -1.0, 0.0, 0), (None, 1.0, 1e-6, 0), (None, 1.0, 0.0, 8),
+                                    (None, 1.0, 0.0, -3)):
         name, file = replay_reader("exact", last, curvature=False, reverse_eps=eps, layers=layers)
         e = [sign * x if last is None or k >= n - last else 0.0 for k, x in enumerate(eff)]
         (tmp_path / file).write_text(json.dumps({"order": ids, "reader": name, "removal_effect": {"harmful": e, "harmless": e},
@@ -236,9 +238,11 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     assert last4 and s[last4[0]]["harmful"]["lds"] < 0.999  # only 4 pairs read, with the wrong sign
     assert s["replay, no curvature, reverse ε 1e-06 (dropped in place)"]["harmful"]["lds"] > 0.999  # the damped file, its own reader
     assert s["replay, no curvature, last 8 layers (dropped in place)"]["harmful"]["lds"] > 0.999  # *_layers8.json, its own reader
+    assert s["replay, no curvature, first 3 layers (dropped in place)"]["harmful"]["lds"] > 0.999  # *_first3.json
 
 
-@pytest.mark.parametrize("flag,value", [("--replay-last", "0"), ("--replay-eps", "-1"), ("--replay-layers", "-1")])
+@pytest.mark.parametrize("flag,value", [("--replay-last", "0"), ("--replay-eps", "-1"), ("--replay-layers", "31"),
+                                        ("--replay-layers", "-31")])
 def test_bad_replay_options_are_refused_before_any_retrain(tmp_path, capsys, monkeypatch, flag, value):
     import smda_callback.lab.lds as lds
     from smda_callback.cli import main

@@ -241,20 +241,25 @@ def test_no_curvature_adjoint_is_the_derivative_of_the_run_with_gradients_held(s
         assert all(torch.allclose(a, b * (1 - run.lrs[t] * run.hp[i]["wd"])) for i, (a, b) in enumerate(zip(adj["f"]["theta"], before)))
 
 
-def test_a_replay_of_the_last_blocks_is_the_derivative_of_the_run_with_the_rest_pinned(smol_tokenizer, tmp_path):
+@pytest.mark.parametrize("layers", [1, -1])
+def test_a_replay_of_some_blocks_is_the_derivative_of_the_run_with_the_rest_pinned(smol_tokenizer, tmp_path, layers):
     """layers=1: the adjoint of a run in which only the last transformer block and the final norm move with a
     perturbation, every other parameter (the tied embedding, the first block) following the recorded run, and the
-    clipping's norm moving only through the kept parameters' gradient. Checked by finite differences of exactly that
-    run (AdamW written out on the kept parameters), perturbing their θ, m and v at every step; clipping (binding) and
-    weight decay on. The whole replay with layers=1 gives the same weight-zero effects as this reverse pass."""
+    clipping's norm moving only through the kept parameters' gradient; layers=-1: the first block alone. Checked by
+    finite differences of exactly that run (AdamW written out on the kept parameters), perturbing their θ, m and v at
+    every step; clipping (binding) and weight decay on. The whole replay with the same `layers` gives the same
+    weight-zero effects as this reverse pass."""
     import math
 
     f, run, states = _recorded(smol_tokenizer, tmp_path, 1e-2, 0.1)
     n = len(run)
-    run.restrict(1)
+    run.restrict(layers)
     kept = [run.names[i] for i in run.sel]
-    assert kept and all(".layers.1." in x or x == "model.norm.weight" for x in kept) and "model.norm.weight" in kept
-    assert not any("embed" in x or ".layers.0." in x for x in kept)
+    if layers > 0:
+        assert kept and all(".layers.1." in x or x == "model.norm.weight" for x in kept) and "model.norm.weight" in kept
+        assert not any("embed" in x or ".layers.0." in x for x in kept)
+    else:
+        assert kept and all(".layers.0." in x for x in kept)
     out = set(range(len(run.params))) - set(run.sel)
     recorded_sq = []  # each step's squared gradient norm over the parameters left out, at the recorded weights
     for u in range(n):
@@ -305,12 +310,12 @@ def test_a_replay_of_the_last_blocks_is_the_derivative_of_the_run_with_the_rest_
         weight_zero[t] = removal_effect(part[t], part[t + 1], adj["f"])
         run.load(states[t])
         run.vjp(t, states[t + 1], adj)
-    res = replay(_trainer(smol_tokenizer, tmp_path / "r", 1e-2, 0.1), {"f": f}, tmp_path / "w", every=2, layers=1)
-    assert res["layers"] == 1 and res["linearised_parameters"] == sum(p.numel() for p in kept_params)
+    res = replay(_trainer(smol_tokenizer, tmp_path / "r", 1e-2, 0.1), {"f": f}, tmp_path / "w", every=2, layers=layers)
+    assert res["layers"] == layers and res["linearised_parameters"] == sum(p.numel() for p in kept_params)
     assert res["weight_zero_effect"]["f"] == pytest.approx(weight_zero, rel=1e-9, abs=1e-15)
     whole = replay(_trainer(smol_tokenizer, tmp_path / "r2", 1e-2, 0.1), {"f": f}, tmp_path / "w2", every=2)
     assert res["weight_zero_effect"]["f"][1] != pytest.approx(whole["weight_zero_effect"]["f"][1], rel=1e-3)
-    for bad, match in ((3, r"in 2 transformer blocks .* 1\.\.2"), (-1, r"1\.\.2")):
+    for bad, match in ((3, r"in 2 transformer blocks .* 1\.\.2"), (-3, r"-1\.\.-2")):
         with pytest.raises(ValueError, match=match):
             replay(_trainer(smol_tokenizer, tmp_path / "r3", 1e-2, 0.1), {"f": f}, tmp_path / "w3", layers=bad)
 

@@ -285,8 +285,14 @@ def _lds(a: argparse.Namespace) -> int:
     curvature = not a.replay_no_curvature
     if a.replay_eps < 0:
         raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
-    if a.replay_layers < 0:
-        raise ValueError(f"--replay-layers {a.replay_layers}: give a number of transformer blocks ≥ 1 (0: every parameter).")
+    if a.replay and a.replay_layers:  # the replayed model is the embedded one; its config alone says its blocks
+        from transformers import AutoConfig
+
+        from ..lab.models import embedded_model_dir
+        n = AutoConfig.from_pretrained(embedded_model_dir()).num_hidden_layers
+        if abs(a.replay_layers) > n:
+            raise ValueError(f"--replay-layers {a.replay_layers}: the replayed model has {n} transformer blocks; give "
+                             f"1..{n} (the last ones), -1..-{n} (the first ones) or 0 (every parameter).")
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
     model = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
@@ -529,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-layers", type=int, default=0, metavar="L",
                     help="the replay linearised in the model's last L transformer blocks only (and the final norm; "
                          "the embedding and the rest follow the recorded run): its double backward stops there "
-                         "(*_layers<L>*.json). 0: every parameter")
+                         "(*_layers<L>*.json); L < 0: the first |L| blocks alone (*_first<|L|>*.json). 0: every parameter")
     ld.add_argument("--replay-last", type=int, default=None, metavar="K",
                     help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")

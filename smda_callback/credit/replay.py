@@ -32,8 +32,9 @@ model, not for the run, and tells whether a blow-up of the exact linearisation c
 Both record per step the norm of each part of the adjoint and each part's share of the removal effect, which show
 where a linearisation blows up.
 
-`layers=K` linearises the run in its last K transformer blocks only (`last_layers`: those blocks and the parameters
-outside every block except the input and output embeddings, e.g. the final norm): a removal's change to the other
+`layers=K` linearises the run in its last K transformer blocks only (`kept_blocks`: those blocks and the parameters
+outside every block except the input and output embeddings, e.g. the final norm; K < 0: the first |K| blocks alone):
+a removal's change to the other
 parameters is dropped, and so are the Jacobian's blocks that couple them (the other parameters follow the recorded run;
 the clipping's norm moves only through the kept parameters' gradient). Exact for that model of the run, not for the run;
 the reverse pass's double backward then stops at the first kept block, and the adjoints hold the kept parameters only.
@@ -209,19 +210,24 @@ _BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 PEFT adapters inside them)."""
 
 
-def last_layers(model: Any, names: Sequence[str], params: Sequence[torch.Tensor], k: int) -> list[int]:
-    """Indices into `params` of what a replay restricted to the model's last `k` transformer blocks linearises: those
-    blocks' parameters and the trainable ones outside every block that are neither the input nor the output embedding
-    (the final norm); `k` = 0: every parameter. Refuses a `k` the model cannot give, with the fix."""
+def kept_blocks(model: Any, names: Sequence[str], params: Sequence[torch.Tensor], k: int) -> list[int]:
+    """Indices into `params` of what a replay restricted to some transformer blocks linearises. `k` > 0: the last `k`
+    blocks and the trainable parameters outside every block that are neither the input nor the output embedding (the
+    final norm); `k` < 0: the first |k| blocks alone; `k` = 0: every parameter. Refuses a `k` the model cannot give,
+    with the fix."""
     if k == 0:
         return list(range(len(params)))
     at = [int(m.group(1)) if (m := _BLOCK.search(n)) else None for n in names]
     blocks = sorted({i for i in at if i is not None})
-    if k < 0 or not blocks or k > len(blocks):
+    if not blocks or abs(k) > len(blocks):
         raise ValueError(f"replay: layers={k}, but the trainable parameters are in {len(blocks)} transformer blocks "
-                         f"(named like 'model.layers.N.'); give 0 (every parameter) or 1..{len(blocks)}." if blocks else
+                         f"(named like 'model.layers.N.'); give 1..{len(blocks)} (the last ones), -1..-{len(blocks)} "
+                         "(the first ones) or 0 (every parameter)." if blocks else
                          f"replay: layers={k}, but no trainable parameter is named as a transformer block's "
                          "('model.layers.N.', 'transformer.h.N.'); replay every parameter (layers=0).")
+    if k < 0:
+        first = set(blocks[:-k])
+        return [j for j, i in enumerate(at) if i in first]
     keep = set(blocks[-k:])
     emb = {id(model.get_input_embeddings().weight)}
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -283,8 +289,9 @@ class Steps:
         return len(self.batches)
 
     def restrict(self, layers: int) -> "Steps":
-        """The reverse pass linearises the last `layers` transformer blocks only (`last_layers`; 0: everything)."""
-        self.sel = last_layers(self.model, self.names, self.params, layers)
+        """The reverse pass linearises the last `layers` transformer blocks only (the first |layers| if negative;
+        `kept_blocks`; 0: everything)."""
+        self.sel = kept_blocks(self.model, self.names, self.params, layers)
         return self
 
     def kept(self, st: State) -> State:
@@ -515,7 +522,8 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     docstring). `curvature=False`: every step's gradient is held at the recorded one (no Hessian-vector products:
     the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step).
     `reverse_eps` > 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (`Steps.vjp`; a damped model).
-    `layers` > 0: it linearises the last `layers` transformer blocks only (`last_layers`; the module's docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    `layers` ≠ 0: it linearises the last `layers` transformer blocks only, or the first |layers| (`kept_blocks`; the
+    module's docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.

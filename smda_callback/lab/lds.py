@@ -97,14 +97,16 @@ def replay_reader(second_moment: str = "exact", last: int | None = None, curvatu
     """The replay reader's name and file: the whole run's (`REPLAYS`), or over its last `last` steps only (what the
     callback's `replay_last_steps` computes on the user's run; earlier pairs read 0); `curvature=False`: the replay
     without Hessian-vector products (every gradient held at the recorded one); `reverse_eps`: the damped replay
-    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer blocks."""
+    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer blocks (the first |layers| if negative)."""
     name, file = REPLAYS[second_moment]
     if not curvature:
         name, file = f"{name}, no curvature", file.replace(".json", "_nocurv.json")
     if reverse_eps:
         name, file = f"{name}, reverse ε {reverse_eps:g}", file.replace(".json", f"_eps{reverse_eps:g}.json")
-    if layers:
+    if layers > 0:
         name, file = f"{name}, last {layers} layers", file.replace(".json", f"_layers{layers}.json")
+    elif layers < 0:
+        name, file = f"{name}, first {-layers} layers", file.replace(".json", f"_first{-layers}.json")
     return (name, file) if not last else (f"{name}, last {last} steps", file.replace(".json", f"_last{last}.json"))
 
 
@@ -403,7 +405,7 @@ def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, 
     "replay, last 90 steps"), and peers/<name>.json by name."""
     reps = {name: json.loads((out / file).read_text()) for name, file in REPLAYS.values() if (out / file).exists()}
     for path in sorted({*out.glob("replay*_last*.json"), *out.glob("replay*_nocurv*.json"), *out.glob("replay*_eps*.json"),
-                        *out.glob("replay*_layers*.json")}):
+                        *out.glob("replay*_layers*.json"), *out.glob("replay*_first*.json")}):
         rep = json.loads(path.read_text())
         reps[rep["reader"]] = rep
     peers = {p.stem: json.loads(p.read_text()) for p in sorted((out / "peers").glob("*.json"))}
