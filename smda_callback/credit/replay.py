@@ -34,10 +34,10 @@ where a linearisation blows up.
 
 `layers=K` linearises the run in its last K transformer blocks only (`kept_blocks`: those blocks and the parameters
 outside every block except the input and output embeddings, e.g. the final norm; K < 0: the first |K| blocks alone):
-a removal's change to the other
-parameters is dropped, and so are the Jacobian's blocks that couple them (the other parameters follow the recorded run;
-the clipping's norm moves only through the kept parameters' gradient). Exact for that model of the run, not for the run;
-the reverse pass's double backward then stops at the first kept block, and the adjoints hold the kept parameters only.
+a removal's change to the other parameters is dropped, and so are the Jacobian's blocks that couple them (the other
+parameters follow the recorded run; the clipping's norm moves only through the kept parameters' gradient). Exact for
+that model of the run, not for the run; the reverse pass's double backward then stops at the first kept block, and the
+adjoints hold the kept parameters only.
 """
 
 from __future__ import annotations
@@ -584,7 +584,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     say(f"replay: {n} steps, {plan['states_in_memory']} states in memory ({plan['memory_bytes'] / 2**30:.1f} GiB), "
         f"≤ {plan['files_on_disk']} checkpoints on disk ({plan['disk_bytes'] / 2**30:.1f} GiB)")
     if layers:
-        say(f"replay: linearising the last {layers} transformer blocks: {sum(p.numel() for p in kept):,} of "
+        say(f"replay: linearising the {'last' if layers > 0 else 'first'} {abs(layers)} transformer blocks: "
+            f"{sum(p.numel() for p in kept):,} of "
             f"{sum(p.numel() for p in run.params):,} trainable parameters")
     if r is None:
         for t in range(n):  # 1. the run as trained, a checkpoint every `outer` steps

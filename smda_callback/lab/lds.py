@@ -97,7 +97,8 @@ def replay_reader(second_moment: str = "exact", last: int | None = None, curvatu
     """The replay reader's name and file: the whole run's (`REPLAYS`), or over its last `last` steps only (what the
     callback's `replay_last_steps` computes on the user's run; earlier pairs read 0); `curvature=False`: the replay
     without Hessian-vector products (every gradient held at the recorded one); `reverse_eps`: the damped replay
-    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer blocks (the first |layers| if negative)."""
+    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer
+    blocks (the first |layers| if negative)."""
     name, file = REPLAYS[second_moment]
     if not curvature:
         name, file = f"{name}, no curvature", file.replace(".json", "_nocurv.json")
