@@ -285,18 +285,23 @@ def _lds(a: argparse.Namespace) -> int:
     curvature = not a.replay_no_curvature
     if a.replay_eps < 0:
         raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
-    if a.replay and a.replay_layers:  # the replayed model is the embedded one; its config alone says its blocks
-        from transformers import AutoConfig
+    if a.replay and a.replay_layers:  # the replay's own rule (kept_blocks), on the embedded model built without weights
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..credit.replay import kept_blocks
         from ..lab.models import embedded_model_dir
-        n = AutoConfig.from_pretrained(embedded_model_dir()).num_hidden_layers
-        if abs(a.replay_layers) > n:
-            raise ValueError(f"--replay-layers {a.replay_layers}: the replayed model has {n} transformer blocks; give "
-                             f"1..{n} (the last ones), -1..-{n} (the first ones) or 0 (every parameter).")
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(embedded_model_dir()))
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        try:
+            kept_blocks(m, [n for n, _ in named], [p for _, p in named], a.replay_layers)
+        except ValueError as e:
+            raise ValueError(f"--replay-layers {a.replay_layers}: {str(e).removeprefix('replay: ')}") from None
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
-    model = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
-    if a.replay and not Path(a.out, replay_reader(*model)[1]).exists():
+    variant = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
+    if a.replay and not Path(a.out, replay_reader(*variant)[1]).exists():
         replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
                    last=a.replay_last, curvature=curvature, reverse_eps=a.replay_eps, layers=a.replay_layers)
     if a.peers:

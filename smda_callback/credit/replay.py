@@ -456,9 +456,8 @@ class Steps:
 def shift_effect(run: Steps, t: int, pre: State, post: State, A: dict[str, list[torch.Tensor]]) -> float:
     """First-order change of the objective when step t runs one place earlier in the order, as it does once any
     earlier pair is dropped in place: Adam's bias correction counts t instead of t + 1 and the lr is the
-    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A (over the
-    parameters `run.sel`; `pre`, `post` whole states)."""
-    pre, post = run.kept(pre), run.kept(post)
+    schedule's previous one. A finite difference of step t's update (moments unchanged), carried by A. A, `pre` and
+    `post` hold the parameters `run.sel` (`Steps.kept`), as `effect_parts` takes them."""
     k = run.start + t + 1
     if k == 1:
         return 0.0
@@ -659,12 +658,13 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
             del end
         for t in range(e - 1, s - 1, -1):
             pre, post = states[t - s], states[t - s + 1]
+            pre_k, post_k = run.kept(pre), run.kept(post)  # the parts the adjoints hold, once for every objective
             for name, A in adj.items():
-                for key, x in effect_parts(run.kept(pre), run.kept(post), A).items():
+                for key, x in effect_parts(pre_k, post_k, A).items():
                     shares[name][key][t] = x
                     norms[name][key][t] = _norm(A[key])
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
-                shift[name][t] = shift_effect(run, t, pre, post, A)
+                shift[name][t] = shift_effect(run, t, pre_k, post_k, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
             run.vjp(t, post, adj, fixed_v, curvature, reverse_eps)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
