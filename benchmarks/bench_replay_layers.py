@@ -26,12 +26,13 @@ from pathlib import Path
 from smda_callback._resources import DATA
 from smda_callback.lab.demo import load_pairs
 from smda_callback.lab.lds import _snapshotter, _trainer_for
-from smda_callback.lab.replay import refusal_groups, refusal_objectives, replay
+from smda_callback.lab.replay import ReplayVariant, refusal_groups, refusal_objectives, replay
 
 tmp, steps, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 trainer = _trainer_for(load_pairs(DATA / "pairs.jsonl", steps), tmp / "o", 0)
 probes, snap = _snapshotter(trainer.processing_class, trainer.model)
-res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), tmp / "w", every=4, layers=layers)
+res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), tmp / "w", every=4,
+             variant=ReplayVariant(layers=layers))
 print("RESULT " + json.dumps({"seconds": res["seconds"], "linearised": res["linearised_parameters"],
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                               "removal_effect": res["removal_effect"]}))

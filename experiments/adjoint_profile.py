@@ -47,8 +47,8 @@ def main() -> None:
     tail = run.tail(a.start)
     orig = R.Steps.vjp
 
-    def vjp(self, t, post, adjoints, fixed_v=False, curvature=True, reverse_eps=0.0):
-        orig(self, t, post, adjoints, fixed_v, curvature, reverse_eps)
+    def vjp(self, t, post, adjoints, variant=R.EXACT):
+        orig(self, t, post, adjoints, variant)
         A = adjoints["harmful"]
         tot, small, rows = {"theta": 0.0, "m": 0.0, "v": 0.0}, {"theta": 0.0, "m": 0.0}, []
         for i, name in enumerate(self.names):
@@ -67,7 +67,7 @@ def main() -> None:
               flush=True)
 
     R.Steps.vjp = vjp
-    res = replay_steps(tail, objs, Path(a.work) / "ck", every=4, reverse_eps=a.reverse_eps)
+    res = replay_steps(tail, objs, Path(a.work) / "ck", every=4, variant=R.ReplayVariant(reverse_eps=a.reverse_eps))
     print("effects", [f"{x:+.2e}" for x in res["removal_effect"]["harmful"]])
 
 

@@ -210,17 +210,18 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     """`--replay-no-curvature` writes replay_nocurv.json (whole run) or replay_nocurv_last<K>.json; each is scored as its
     own reader beside the exact replay, by the name the file records; the CLI passes the flag through."""
     from smda_callback.cli.main import build_parser
+    from smda_callback.credit.replay import ReplayVariant
     from smda_callback.lab.lds import replay_reader
 
-    assert replay_reader("exact", None, curvature=False) == ("replay, no curvature", "replay_nocurv.json")
-    assert replay_reader("exact", 4, curvature=False) == ("replay, no curvature, last 4 steps", "replay_nocurv_last4.json")
-    assert replay_reader("exact", 4) == ("replay, last 4 steps", "replay_last4.json")
+    assert replay_reader(ReplayVariant(curvature=False)) == ("replay, no curvature", "replay_nocurv.json")
+    assert replay_reader(ReplayVariant(curvature=False), 4) == ("replay, no curvature, last 4 steps", "replay_nocurv_last4.json")
+    assert replay_reader(last=4) == ("replay, last 4 steps", "replay_last4.json")
     assert build_parser().parse_args(["benchmark-lds", "--replay-no-curvature"]).replay_no_curvature
-    assert replay_reader("exact", 90, reverse_eps=1e-6) == ("replay, reverse ε 1e-06, last 90 steps", "replay_eps1e-06_last90.json")
-    assert replay_reader("exact", None, reverse_eps=1e-6)[1] == "replay_eps1e-06.json"
+    assert replay_reader(ReplayVariant(reverse_eps=1e-6), 90) == ("replay, reverse ε 1e-06, last 90 steps", "replay_eps1e-06_last90.json")
+    assert replay_reader(ReplayVariant(reverse_eps=1e-6))[1] == "replay_eps1e-06.json"
     assert build_parser().parse_args(["benchmark-lds", "--replay-eps", "1e-6"]).replay_eps == 1e-6
-    assert replay_reader("exact", 90, layers=8) == ("replay, last 8 layers, last 90 steps", "replay_layers8_last90.json")
-    assert replay_reader("exact", None, layers=-14) == ("replay, first 14 layers", "replay_first14.json")
+    assert replay_reader(ReplayVariant(layers=8), 90) == ("replay, last 8 layers, last 90 steps", "replay_layers8_last90.json")
+    assert replay_reader(ReplayVariant(layers=-14)) == ("replay, first 14 layers", "replay_first14.json")
     assert build_parser().parse_args(["benchmark-lds", "--replay-layers", "8"]).replay_layers == 8
     ids, sets = _fake(tmp_path)
     credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
@@ -228,7 +229,7 @@ def test_a_replay_without_curvature_is_its_own_reader_whole_or_last_k(tmp_path):
     n = len(ids)
     for last, sign, eps, layers in ((None, 1.0, 0.0, 0), (4, -1.0, 0.0, 0), (None, 1.0, 1e-6, 0), (None, 1.0, 0.0, 8),
                                     (None, 1.0, 0.0, -3)):
-        name, file = replay_reader("exact", last, curvature=False, reverse_eps=eps, layers=layers)
+        name, file = replay_reader(ReplayVariant(curvature=False, reverse_eps=eps, layers=layers), last)
         e = [sign * x if last is None or k >= n - last else 0.0 for k, x in enumerate(eff)]
         (tmp_path / file).write_text(json.dumps({"order": ids, "reader": name, "removal_effect": {"harmful": e, "harmless": e},
                                                  "weight_zero_effect": {"harmful": e, "harmless": e}}))
@@ -658,3 +659,33 @@ def test_a_ghost_ledger_is_read_beside_the_default_credit_replayed_from_it(tmp_p
 def test_lds_measure_is_validated():
     with pytest.raises(ValueError, match="measure='exact'"):
         LDSSettings(measure="exact")
+
+
+def test_every_pair_left_out_is_scored_as_the_additive_reader_of_retraining_itself(tmp_path):
+    """With a `loo-<id>` job for every pair, minus each measured single removal is scored as a reader (`ADDITIVE`): on
+    subsets whose change is exactly the sum of their pairs' it reads LDS 1; once removed pairs interact it reads less,
+    which is how far additivity holds on those subsets. Each reader's Spearman over the left-out pairs is printed; with
+    one pair not left out there is no additive reader (it would read that pair as 0)."""
+    from smda_callback.lab.lds import ADDITIVE
+
+    ids, sets = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    for i in ids:
+        (tmp_path / "jobs" / f"loo-{i}.json").write_text(json.dumps({"refusal_harmful": 0.5 - eff[i], "refusal_harmless": 0.2 - 0.5 * eff[i],
+                                                                    "Y": [0.5 - eff[i], 0.2], "dropped": [i]}))
+    res = score(tmp_path)
+    assert res["readers"][ADDITIVE]["harmful"]["lds"] == pytest.approx(1.0)
+    assert res["readers"][ADDITIVE]["harmless"]["lds"] == pytest.approx(1.0)
+    assert res["leave_one_out_spearman"]["credit (default)"]["harmful"] == pytest.approx(1.0)
+    assert res["leave_one_out_spearman"]["random"]["harmful"] < 0.9
+    text = format_score(res)
+    assert ADDITIVE in text and "Spearman over the pairs" in text
+    rng = np.random.default_rng(1)
+    for name, drop in sets.items():  # the removed pairs now interact: a term no single removal shows
+        d = sum(eff[i] for i in drop) + 3.0 * float(rng.normal())
+        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - d, "refusal_harmless": 0.2 - 0.5 * d,
+                                                                    "Y": [0.5 - d, 0.2], "dropped": drop}))
+    assert score(tmp_path)["readers"][ADDITIVE]["harmful"]["lds"] < 0.9
+    (tmp_path / "jobs" / f"loo-{ids[0]}.json").unlink()
+    assert ADDITIVE not in score(tmp_path)["readers"]

@@ -74,6 +74,15 @@ def test_replayed_credit_equals_the_live_one(tmp_path, smol_tokenizer, measure):
         np.testing.assert_allclose(v["refusal_harmful"], live[h]["own"]["refusal_harmful"], atol=1e-12)
     with pytest.raises(ValueError, match="part="):
         replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), measure, part="later")
+    named = [{**r, "pairs": [{**p, "id": f"id-{p['hash'][:8]}"} for p in r["pairs"]]} if k % 2 == 0 else r
+             for k, r in enumerate(records)]  # the demo's ledgers record pair ids; here every other step's pairs have none
+    by_id = replay_credits(named, policy, OptimizerKernel(**credits["kernel"]), measure, by="id")  # what the lab reads
+    id_of = {p["hash"]: p["id"] for r in named for p in r.get("pairs", []) if p.get("id") is not None}
+    assert by_id and by_id.keys() == set(id_of.values()) and len(by_id) < len(replay)
+    for h, i in id_of.items():
+        np.testing.assert_array_equal(by_id[i]["d"], replay[h]["d"])
+    with pytest.raises(ValueError, match="by="):
+        replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), measure, by="prompt")
 
 
 def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from smda_callback.lab.replay import State, Stepper, checkpoint_plan, effect_parts, removal_effect, replay
+from smda_callback.lab.replay import (ReplayVariant, State, Stepper, checkpoint_plan, effect_parts, removal_effect,
+                                      replay)
 
 
 def _trainer(tok, tmp_path, clip: float, wd: float, optim: str = "adamw_torch", lr: float = 3e-3):
@@ -189,7 +190,7 @@ def test_fixed_second_moment_adjoint_is_the_derivative_of_the_run_with_v_held(sm
         assert abs(measured) > 1e-9
         assert predicted == pytest.approx(measured, rel=2e-3), (t, predicted, measured)
         run.load(states[t])
-        run.vjp(t, post, adj, fixed_v=True)
+        run.vjp(t, post, adj, ReplayVariant("fixed"))
     assert "v" not in adj["f"]
 
 
@@ -236,7 +237,7 @@ def test_no_curvature_adjoint_is_the_derivative_of_the_run_with_gradients_held(s
         _check_against_the_rest_of_the_run(held_g_run, post, _delta(post, gen), adj["f"], t, rel=5e-3)  # FD error ≈ 2e-3 here
         run.load(states[t])
         before = [a.clone() for a in adj["f"]["theta"]]
-        run.vjp(t, post, adj, curvature=False)
+        run.vjp(t, post, adj, ReplayVariant(curvature=False))
         # no Hessian: θ's adjoint only shrinks by the weight decay (where its group has one)
         assert all(torch.allclose(a, b * (1 - run.lrs[t] * run.hp[i]["wd"])) for i, (a, b) in enumerate(zip(adj["f"]["theta"], before)))
 
@@ -310,14 +311,14 @@ def test_a_replay_of_some_blocks_is_the_derivative_of_the_run_with_the_rest_pinn
         weight_zero[t] = removal_effect(part[t], part[t + 1], adj["f"])
         run.load(states[t])
         run.vjp(t, states[t + 1], adj)
-    res = replay(_trainer(smol_tokenizer, tmp_path / "r", 1e-2, 0.1), {"f": f}, tmp_path / "w", every=2, layers=layers)
+    res = replay(_trainer(smol_tokenizer, tmp_path / "r", 1e-2, 0.1), {"f": f}, tmp_path / "w", every=2, variant=ReplayVariant(layers=layers))
     assert res["layers"] == layers and res["linearised_parameters"] == sum(p.numel() for p in kept_params)
     assert res["weight_zero_effect"]["f"] == pytest.approx(weight_zero, rel=1e-9, abs=1e-15)
     whole = replay(_trainer(smol_tokenizer, tmp_path / "r2", 1e-2, 0.1), {"f": f}, tmp_path / "w2", every=2)
     assert res["weight_zero_effect"]["f"][1] != pytest.approx(whole["weight_zero_effect"]["f"][1], rel=1e-3)
     for bad, match in ((3, r"in 2 transformer blocks .* 1\.\.2"), (-3, r"-1\.\.-2")):
         with pytest.raises(ValueError, match=match):
-            replay(_trainer(smol_tokenizer, tmp_path / "r3", 1e-2, 0.1), {"f": f}, tmp_path / "w3", layers=bad)
+            replay(_trainer(smol_tokenizer, tmp_path / "r3", 1e-2, 0.1), {"f": f}, tmp_path / "w3", variant=ReplayVariant(layers=bad))
 
 
 def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
@@ -365,14 +366,14 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
         replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=2, outer=2)
     with pytest.raises(ValueError, match="second moment exact"):  # nor one of the other second-moment model
         replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=1, outer=2,
-               second_moment="fixed")
+               variant=ReplayVariant("fixed"))
     # the diagnostics: each part's share sums to the weight-zero effect; the last step's adjoint is the end gradient
     n = len(res["lr"])
     assert sum(res["effect_parts"]["f"][k][n - 3] for k in ("theta", "m", "v")) == pytest.approx(res["weight_zero_effect"]["f"][n - 3], rel=1e-12)
     assert res["adjoint_norm"]["f"]["m"][n - 1] == 0.0 and res["adjoint_norm"]["f"]["theta"][n - 1] > 0
     assert res["adjoint_norm"]["f"]["v"][n - 3] > 0 and res["second_moment"] == "exact"
     # the fixed second moment: no v part, the same last step (nothing carried yet), and a different earlier one
-    fx = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w6", every=2, second_moment="fixed")
+    fx = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w6", every=2, variant=ReplayVariant("fixed"))
     assert set(fx["effect_parts"]["f"]) == {"theta", "m"} and fx["second_moment"] == "fixed"
     assert fx["weight_zero_effect"]["f"][n - 1] == pytest.approx(res["weight_zero_effect"]["f"][n - 1], rel=1e-12)
     assert fx["weight_zero_effect"]["f"][1] != res["weight_zero_effect"]["f"][1]
@@ -382,7 +383,8 @@ def test_replay_predicts_dropping_each_pair_in_place(smol_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="older replay"):
         replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w5", every=1, outer=2)
     with pytest.raises(ValueError, match="choose one of exact, fixed"):
-        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w7", second_moment="frozen")
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w7",
+               variant=ReplayVariant("frozen"))
     # really drop each pair in place: the same run without its step, every later step one place earlier
     # (Adam's count and the warmup lr follow the new place, as in a retrain on the other pairs)
     errs = []
@@ -752,9 +754,11 @@ def test_the_damped_replay_is_the_exact_one_below_adams_eps_and_quiets_the_momen
     effects change. The steps are taken as trained either way (the same final objective, no recompute gap)."""
     f = _objective(smol_tokenizer)
     exact = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2)
-    below = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2, reverse_eps=1e-12)
+    below = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2,
+                   variant=ReplayVariant(reverse_eps=1e-12))
     assert below["removal_effect"] == exact["removal_effect"] and below["adjoint_norm"] == exact["adjoint_norm"]
-    damped = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2, reverse_eps=10.0)
+    damped = replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w", every=2,
+                    variant=ReplayVariant(reverse_eps=10.0))
     assert damped["final"] == exact["final"] and damped["recompute_gap"] == 0.0 and damped["reverse_eps"] == 10.0
     assert max(damped["adjoint_norm"]["f"]["m"]) < 1e-2 * max(exact["adjoint_norm"]["f"]["m"])
     assert damped["removal_effect"]["f"] != pytest.approx(exact["removal_effect"]["f"], rel=1e-3)
@@ -807,3 +811,17 @@ def test_a_replay_that_blew_up_is_read_from_its_trusted_span_only(tmp_path, caps
     out = capsys.readouterr().out
     assert f"steps {start + 1}-{start + cut} are not ranked either" in out
     assert f"#{cut} " in out and f"#{cut - 1} " not in out
+
+
+def test_a_replay_variant_is_checked_when_made_and_read_back_from_what_a_replay_wrote():
+    """`ReplayVariant` refuses what no reverse pass can linearise, naming the field and the fix; `of_record` reads the
+    variant a result or resume file was written by, a record older than a field reading its default."""
+    for bad, field in ((dict(second_moment="frozen"), "second_moment"), (dict(reverse_eps=-1.0), "reverse_eps"),
+                       (dict(reverse_eps=float("nan")), "reverse_eps"), (dict(layers=2.5), "layers"),
+                       (dict(layers=True), "layers")):
+        with pytest.raises(ValueError, match=f"replay: {field}="):
+            ReplayVariant(**bad)
+    v = ReplayVariant("fixed", curvature=False, reverse_eps=1e-6, layers=-3)
+    assert ReplayVariant.of_record({"n": 4, **v.__dict__}) == v
+    assert ReplayVariant.of_record({"second_moment": "fixed"}) == ReplayVariant("fixed")  # before curvature/eps/layers
+    assert v.fixed_v and not ReplayVariant().fixed_v

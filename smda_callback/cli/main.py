@@ -282,9 +282,11 @@ def _lds(a: argparse.Namespace) -> int:
                      keep_schedule=a.keep_schedule, orders=a.orders, measure=a.measure)
     if a.replay_last is not None and a.replay_last < 1:  # refused before any retrain, not after hours of them
         raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
-    curvature = not a.replay_no_curvature
-    if a.replay_eps < 0:
-        raise ValueError(f"--replay-eps {a.replay_eps}: give ε ≥ 0 (0: the exact replay).")
+    from ..credit.replay import ReplayVariant
+    try:
+        variant = ReplayVariant(a.replay_second_moment, not a.replay_no_curvature, a.replay_eps, a.replay_layers)
+    except ValueError as e:  # its message names the field; the user typed the flag
+        raise ValueError(f"--replay-eps {a.replay_eps}: {str(e).removeprefix('replay: ')}") from None
     if a.replay and a.replay_layers:  # the replay's own rule (kept_blocks), on the embedded model built without weights
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -300,10 +302,8 @@ def _lds(a: argparse.Namespace) -> int:
             raise ValueError(f"--replay-layers {a.replay_layers}: {str(e).removeprefix('replay: ')}") from None
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
-    variant = (a.replay_second_moment, a.replay_last, curvature, a.replay_eps, a.replay_layers)
-    if a.replay and not Path(a.out, replay_reader(*variant)[1]).exists():
-        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, second_moment=a.replay_second_moment,
-                   last=a.replay_last, curvature=curvature, reverse_eps=a.replay_eps, layers=a.replay_layers)
+    if a.replay and not Path(a.out, replay_reader(variant, a.replay_last)[1]).exists():
+        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, last=a.replay_last, variant=variant)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
     s = score(a.out)

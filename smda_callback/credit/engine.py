@@ -358,12 +358,15 @@ class CreditLayout:
 
 # ---------------------------------------------------------------- any rule, replayed from a ledger
 def replay_credits(records: list[dict[str, Any]], policy: dict[str, Any], kernel: OptimizerKernel,
-                   measure: str = "deconvolve", part: str = "total") -> dict[str, np.ndarray]:
+                   measure: str = "deconvolve", part: str = "total", by: str = "hash") -> dict[str, np.ndarray]:
     """Per-pair credit vectors under another rule, recomputed from a ledger's recorded step changes
     (the run is not repeated: every rule sees the same training). `ghost` needs a ghost ledger.
-    `part`: "total" (own window + what the momentum carried later, credits.json's numbers) or "own"."""
+    `part`: "total" (own window + what the momentum carried later, credits.json's numbers) or "own".
+    `by`: keyed by pair "hash", or by the "id" the ledger recorded for it (pairs recorded without one left out)."""
     if part not in ("total", "own"):
         raise ValueError(f"replay_credits: part={part!r}; use 'total' or 'own'")
+    if by not in ("hash", "id"):
+        raise ValueError(f"replay_credits: by={by!r}; use 'hash' or 'id'")
     cats = list(policy["baseline_refusal_by_category"])
     layout = CreditLayout(len(policy["features"]), tuple(cats))
     eng = CreditEngine(kernel, layout.width, measure)
@@ -388,7 +391,11 @@ def replay_credits(records: list[dict[str, Any]], policy: dict[str, Any], kernel
                 for p in r["pairs"]]
         ghost = r["credit"].get("ghost") if measure == "ghost" else None
         eng.window(steps, rows, vec, None if ghost is None else np.asarray(ghost))
-    return {h: layout.unpack(v) for h, v in (eng.totals if part == "total" else eng.own_totals).items()}
+    got = {h: layout.unpack(v) for h, v in (eng.totals if part == "total" else eng.own_totals).items()}
+    if by == "hash":
+        return got
+    id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
+    return {id_of[h]: v for h, v in got.items() if id_of.get(h) is not None}
 
 
 

@@ -48,6 +48,7 @@ import re
 import resource
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,6 +59,48 @@ from ..config import SECOND_MOMENTS
 from .params import inner_optimizer
 
 logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class ReplayVariant:
+    """Which model of the recorded run the reverse pass linearises (the module's docstring). The default is the run
+    itself, what the callback's `replay_last_steps` replays; the others are lab variants (`smda benchmark-lds
+    --replay-second-moment/--replay-no-curvature/--replay-eps/--replay-layers`), each exact for its own model."""
+
+    second_moment: str = "exact"
+    """"exact": Adam's second moment answers each removal as in the run; "fixed": it is the recorded one at every step."""
+    curvature: bool = True
+    """False: every step's gradient is the recorded one, not a function of θ (no Hessian-vector products)."""
+    reverse_eps: float = 0.0
+    """> 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (the steps are taken as trained): damped."""
+    layers: int = 0
+    """≠ 0: only the last `layers` transformer blocks and the final norm are linearised (< 0: the first |layers| blocks
+    alone; `kept_blocks`); the other parameters follow the recorded run."""
+
+    def __post_init__(self) -> None:
+        if self.second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"replay: second_moment={self.second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
+        if not (math.isfinite(self.reverse_eps) and self.reverse_eps >= 0):
+            raise ValueError(f"replay: reverse_eps={self.reverse_eps}; give ε ≥ 0 (0: the exact replay).")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int):
+            raise ValueError(f"replay: layers={self.layers!r}; give a whole number of transformer blocks (0: every parameter).")
+
+    def __str__(self) -> str:
+        return (f"second moment {self.second_moment}, curvature {self.curvature}, reverse ε {self.reverse_eps:g}, "
+                f"layers {self.layers}")
+
+    @property
+    def fixed_v(self) -> bool:
+        return self.second_moment == "fixed"
+
+    @classmethod
+    def of_record(cls, record: dict[str, Any]) -> "ReplayVariant":
+        """The variant a replay result or resume file was written by (records older than a field read its default)."""
+        return cls(**{k: record.get(k, v) for k, v in asdict(cls()).items()})
+
+
+EXACT = ReplayVariant()
 
 Objective = Callable[[Any], Any]
 """Model -> a scalar tensor, or an iterable of scalar tensors whose sum is the objective (one backward each,
@@ -273,6 +316,8 @@ class Steps:
         self.clip = float(clip or 0.0)
         self.sel = list(range(len(self.params)))
         """Indices of the parameters the reverse pass linearises (`restrict`); the steps themselves train them all."""
+        self.left_out: list[torch.Tensor] = []
+        """The trainable parameters it does not linearise (`restrict`): no graph is built through them."""
         self.lrs: list[float] = list(lrs)
         self.norms: list[float] = []
         self.start, self.prev_lr = int(start), prev_lr
@@ -292,6 +337,8 @@ class Steps:
         """The reverse pass linearises the last `layers` transformer blocks only (the first |layers| if negative;
         `kept_blocks`; 0: everything)."""
         self.sel = kept_blocks(self.model, self.names, self.params, layers)
+        kept = set(self.sel)
+        self.left_out = [p for j, p in enumerate(self.params) if j not in kept]
         return self
 
     def kept(self, st: State) -> State:
@@ -386,26 +433,24 @@ class Steps:
     def load(self, st: State, weights_only: bool = False) -> None:
         st.write(self.params, self.opt, weights_only)
 
-    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]], fixed_v: bool = False,
-            curvature: bool = True, reverse_eps: float = 0.0) -> None:
-        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded).
-        `fixed_v`: v is the recorded preconditioner, not a function of the state (the adjoints carry no "v").
-        `curvature=False`: step t's gradient is the recorded one, not a function of θ (no Hessian-vector product).
-        `reverse_eps`: the step's Jacobian is AdamW's with ε = max(ε, reverse_eps) (the steps themselves are not
-        changed): a damped model of the run, in which a coordinate whose √v̂ is far below reverse_eps no longer
-        multiplies its adjoint by lr/ε.
-        The adjoints hold the parameters `self.sel` (`restrict`), in that order; `post` is the whole state."""
+    def vjp(self, t: int, post: State, adjoints: dict[str, dict[str, list[torch.Tensor]]],
+            variant: ReplayVariant = EXACT) -> None:
+        """Adjoints of the state after step t -> adjoints of the state before it, in place (weights at θ_t loaded),
+        for the model of the run `variant` names: with `fixed_v` the adjoints carry no "v"; without `curvature` step
+        t's gradient is the recorded one (no Hessian-vector product); with `reverse_eps` the step's Jacobian is
+        AdamW's with ε = max(ε, reverse_eps), so a coordinate whose √v̂ is far below it no longer multiplies its
+        adjoint by lr/ε. The adjoints hold the parameters `self.sel` (`restrict`, which `variant.layers` set), in that
+        order; `post` is the whole state."""
+        fixed_v, curvature, reverse_eps = variant.fixed_v, variant.curvature, variant.reverse_eps
         sel, params = self.sel, [self.params[i] for i in self.sel]
-        whole = len(sel) == len(self.params)
+        whole = not self.left_out
         self.model.zero_grad(set_to_none=True)
-        kept = set(sel)
-        frozen = [] if whole else [p for j, p in enumerate(self.params) if j not in kept and p.requires_grad]
-        for p in frozen:  # no graph through the parameters left out: the double backward stops at the first kept block
+        for p in self.left_out:  # no graph through the parameters left out: the double backward stops at the first kept block
             p.requires_grad_(False)
         try:
             g = self.train_grad(t, create_graph=curvature, params=params)
         finally:
-            for p in frozen:
+            for p in self.left_out:
                 p.requires_grad_(True)
         gd = [x.detach() for x in g]
         norm = _norm(gd) if whole else self.norms[t]  # restricted: the step's whole norm, as recorded
@@ -507,8 +552,7 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
-                 resume_every: int = 16, second_moment: str = "exact", curvature: bool = True,
-                 reverse_eps: float = 0.0, layers: int = 0) -> dict[str, Any]:
+                 resume_every: int = 16, variant: ReplayVariant = EXACT) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
     weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
     "first_step" + index).
@@ -516,28 +560,23 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     Returns {"removal_effect": {name: [per step]} (the pair dropped in place: its step skipped and every later
     step moved one place earlier, as a retrain without it runs), "weight_zero_effect" (its step skipped, the
     later steps' counts and lrs kept), "final": {name: f(θ_T)}, "lr", "grad_norm", "clipped", "recompute_gap",
-    "seconds", "second_moment", and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and "effect_parts"
-    {name: {part: [its share of the weight-zero effect]}}}. `second_moment`: "exact", or "fixed" (the module's
-    docstring). `curvature=False`: every step's gradient is held at the recorded one (no Hessian-vector products:
-    the adjoint of θ reaches earlier steps only through weight decay and the moments; one plain backward per step).
-    `reverse_eps` > 0: the reverse pass linearises AdamW with ε = max(ε, reverse_eps) (`Steps.vjp`; a damped model).
-    `layers` ≠ 0: it linearises the last `layers` transformer blocks only, or the first |layers| (`kept_blocks`; the
-    module's docstring). `workdir` holds the checkpoints (3 copies of the weights each) and is
+    "seconds", the fields of `variant`, and per step "adjoint_norm" {name: {part: [|A_t| of θ, m, v]}} and
+    "effect_parts" {name: {part: [its share of the weight-zero effect]}}}. `variant`: the model of the run that is
+    linearised (`ReplayVariant`; default the run itself). Without curvature the adjoint of θ reaches earlier steps only
+    through weight decay and the moments (one plain backward per step); with `layers` ≠ 0 the adjoints hold the kept
+    blocks' parameters only. `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
     """
-    if second_moment not in SECOND_MOMENTS:
-        raise ValueError(f"replay: second_moment={second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}.")
-    run.restrict(layers)
+    run.restrict(variant.layers)
     # activation checkpointing recomputes the forward in backward, outside the double backward's attention kernel:
     # off for the replay (the same values, more memory), then on again in exactly the layers that had it
     checkpointed = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for m in checkpointed:
         m.gradient_checkpointing = False
     try:
-        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, second_moment, curvature,
-                             reverse_eps, layers)
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, variant)
     finally:
         for m in checkpointed:
             m.gradient_checkpointing = True
@@ -545,9 +584,9 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
                   progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
-                  second_moment: str, curvature: bool, reverse_eps: float, layers: int) -> dict[str, Any]:
-    fixed_v = second_moment == "fixed"
-    parts = ("theta", "m") if fixed_v else ("theta", "m", "v")
+                  variant: ReplayVariant) -> dict[str, Any]:
+    parts = ("theta", "m") if variant.fixed_v else ("theta", "m", "v")
+    layers = variant.layers
     say = progress or logger.info
     t0 = time.perf_counter()
     work = Path(workdir)
@@ -564,11 +603,10 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     if r is not None and "adj_norms" not in r:
         raise ValueError(f"replay: {resume_file} was written by an older replay (no per-step diagnostics); remove {work} "
                          "to start this one afresh.")
-    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r["second_moment"], r.get("start", 0),
-                           r.get("curvature", True), r.get("reverse_eps", 0.0), r.get("layers", 0))
-                          != (n, every, outer, sorted(objectives), second_moment, run.start, curvature, reverse_eps, layers)):
+    if r is not None and ((r["n"], r["every"], r["outer"], sorted(r["final"]), r.get("start", 0), ReplayVariant.of_record(r))
+                          != (n, every, outer, sorted(objectives), run.start, variant)):
         raise ValueError(f"replay: {resume_file} is of another replay ({r['n']} steps from {r.get('start', 0)}, every {r['every']}, outer "
-                         f"{r['outer']}, objectives {sorted(r['final'])}, second moment {r['second_moment']}, curvature {r.get('curvature', True)}, reverse ε {r.get('reverse_eps', 0.0)}, layers {r.get('layers', 0)}); "
+                         f"{r['outer']}, objectives {sorted(r['final'])}, {ReplayVariant.of_record(r)}); "
                          f"remove {work} to start this one afresh.")
     kept = [run.params[i] for i in run.sel]
     need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
@@ -615,8 +653,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
         tmp = resume_file.with_suffix(".tmp")
         torch.save({"n": n, "every": every, "outer": outer, "lrs": run.lrs, "norms": run.norms, "final": final,
                     "adj": adj, "effect": effect, "shift": shift, "adj_norms": norms, "shares": shares, "gap": gap, "below": below,
-                    "second_moment": second_moment, "start": run.start, "curvature": curvature, "reverse_eps": reverse_eps,
-                    "layers": layers, "seconds": spent + time.perf_counter() - t0}, tmp)
+                    "start": run.start, **asdict(variant), "seconds": spent + time.perf_counter() - t0}, tmp)
         tmp.replace(resume_file)
 
     saved = [below]
@@ -666,7 +703,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre_k, post_k, A)
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
-            run.vjp(t, post, adj, fixed_v, curvature, reverse_eps)
+            run.vjp(t, post, adj, variant)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
@@ -676,8 +713,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan, "second_moment": second_moment, "curvature": curvature, "reverse_eps": reverse_eps, "layers": layers,
-            "linearised_parameters": sum(p.numel() for p in kept), "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "checkpoints": plan, **asdict(variant), "linearised_parameters": sum(p.numel() for p in kept), "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..credit.replay import TRUST_FACTOR, replay_trusted_from
+from ..credit.replay import EXACT, TRUST_FACTOR, ReplayVariant, replay_trusted_from
 from .analysis import partial_spearman, spearman
 from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
 from .files import write_json
@@ -92,22 +92,22 @@ REPLAYS = {"exact": ("replay", "replay.json"), "fixed": ("replay, fixed v", "rep
 """Per second-moment model (lab/replay.py): the replay reader's name and the file under --out it is written to."""
 
 
-def replay_reader(second_moment: str = "exact", last: int | None = None, curvature: bool = True,
-                  reverse_eps: float = 0.0, layers: int = 0) -> tuple[str, str]:
-    """The replay reader's name and file: the whole run's (`REPLAYS`), or over its last `last` steps only (what the
-    callback's `replay_last_steps` computes on the user's run; earlier pairs read 0); `curvature=False`: the replay
-    without Hessian-vector products (every gradient held at the recorded one); `reverse_eps`: the damped replay
-    (AdamW's ε raised to it in the reverse pass); `layers`: the replay linearised in the last `layers` transformer
-    blocks (the first |layers| if negative)."""
-    name, file = REPLAYS[second_moment]
-    if not curvature:
+def replay_reader(variant: ReplayVariant = EXACT, last: int | None = None) -> tuple[str, str]:
+    """The replay reader's name and file: the whole run's (`REPLAYS`, by its second-moment model), or over its last
+    `last` steps only (what the callback's `replay_last_steps` computes on the user's run; earlier pairs read 0);
+    each other field of `variant` that is not the run's own names itself: no curvature (every gradient held at the
+    recorded one), the damped replay (AdamW's ε raised in the reverse pass), the replay linearised in the last
+    `layers` transformer blocks (the first |layers| if negative)."""
+    name, file = REPLAYS[variant.second_moment]
+    if not variant.curvature:
         name, file = f"{name}, no curvature", file.replace(".json", "_nocurv.json")
-    if reverse_eps:
-        name, file = f"{name}, reverse ε {reverse_eps:g}", file.replace(".json", f"_eps{reverse_eps:g}.json")
-    if layers > 0:
-        name, file = f"{name}, last {layers} layers", file.replace(".json", f"_layers{layers}.json")
-    elif layers < 0:
-        name, file = f"{name}, first {-layers} layers", file.replace(".json", f"_first{-layers}.json")
+    if variant.reverse_eps:
+        eps = variant.reverse_eps
+        name, file = f"{name}, reverse ε {eps:g}", file.replace(".json", f"_eps{eps:g}.json")
+    if variant.layers > 0:
+        name, file = f"{name}, last {variant.layers} layers", file.replace(".json", f"_layers{variant.layers}.json")
+    elif variant.layers < 0:
+        name, file = f"{name}, first {-variant.layers} layers", file.replace(".json", f"_first{-variant.layers}.json")
     return (name, file) if not last else (f"{name}, last {last} steps", file.replace(".json", f"_last{last}.json"))
 
 
@@ -304,38 +304,37 @@ def _snapshotter(tok: Any, model: Any, scorer: dict[str, Any] | None = None) -> 
 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
-                    every: int = 4, outer: int | None = None, second_moment: str = "exact",
-                    last: int | None = None, curvature: bool = True, reverse_eps: float = 0.0,
-                    layers: int = 0) -> dict[str, Any]:
+                    every: int = 4, outer: int | None = None, last: int | None = None,
+                    variant: ReplayVariant = EXACT) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down). `last`: only
-    the last `last` steps are replayed; the per-step lists keep the run's length, 0 before them."""
+    the last `last` steps are replayed; the per-step lists keep the run's length, 0 before them. `variant`: the model
+    of the run the reverse pass linearises."""
     from .replay import refusal_groups, refusal_objectives, replay
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model, run_scorer(out / "run"))
     res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), out / "tmp_replay" / "checkpoints", every=every, outer=outer,
-                 second_moment=second_moment, last=last, curvature=curvature, reverse_eps=reverse_eps, layers=layers)
+                 last=last, variant=variant)
     if last:
         before = len(order) - len(res["lr"])
         for key in ("removal_effect", "weight_zero_effect"):
             res[key] = {q: [0.0] * before + list(v) for q, v in res[key].items()}
         for key in ("adjoint_norm", "effect_parts"):
             res[key] = {q: {part: [0.0] * before + list(v) for part, v in d.items()} for q, d in res[key].items()}
-    res["order"], res["reader"] = order, replay_reader(second_moment, last, curvature, reverse_eps, layers)[0]
+    res["order"], res["reader"] = order, replay_reader(variant, last)[0]
     return res
 
 
 def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
-               second_moment: str = "exact", last: int | None = None, curvature: bool = True,
-               reverse_eps: float = 0.0, layers: int = 0) -> dict[str, Any]:
+               last: int | None = None, variant: ReplayVariant = EXACT) -> dict[str, Any]:
     """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every, outer, second_moment, last, curvature, reverse_eps, layers)
-    path = out / replay_reader(second_moment, last, curvature, reverse_eps, layers)[1]
+    res = replay_recorded(out, pairs, order, st.seed, every, outer, last, variant)
+    path = out / replay_reader(variant, last)[1]
     write_json(path, res)
     return res
 
@@ -414,6 +413,11 @@ def post_hoc(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, 
 
 
 TRUSTED = "replay, trusted span"
+ADDITIVE = "leave-one-out retrains, summed"
+"""The reader whose per-pair score is minus the measured change of retraining without that pair alone (every pair's
+`loo-<id>` job): a set's prediction is the sum of its pairs' single removals, measured. A first-order reader that
+were exact for every single pair would read this; how far it stays below 1 is how far the subsets' changes are not the
+sum of their pairs' (interactions between removed pairs, and each change's own nonlinearity)."""
 
 
 def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[str, Any]]] | None:
@@ -519,9 +523,7 @@ def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: di
     another measure (the same run: every rule sees the same training)."""
     from ..credit import OptimizerKernel, replay_credits
 
-    id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
-    got = replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part)
-    return {id_of[h]: v for h, v in got.items() if id_of.get(h) is not None}
+    return replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part, by="id")
 
 
 def forgetting(run_dir: Path) -> dict[str, Forgetting]:
@@ -724,6 +726,12 @@ def score(out: str | Path) -> dict[str, Any]:
         res["leave_one_out"] = [{"id": i, "measured": measured,
                                  "predicted": {name: {q: (-per_q[q][i] if i in per_q[q] else None) for q in ref}
                                                for name, per_q in scores.items()}} for i, measured in loos.items()]
+        if len(loos) >= 8:  # over the pairs left out: does a reader order single removals as retraining does?
+            res["leave_one_out_spearman"] = {
+                name: {q: spearman(np.asarray([-per_q[q].get(i, 0.0) for i in loos]), np.asarray([m[q] for m in loos.values()]))
+                       for q in ref} for name, per_q in scores.items()}
+        if set(loos) >= set(meta["order"]):  # every pair retrained without alone: the additive reader of retraining itself
+            scores = {**scores, ADDITIVE: {q: {i: -m[q] for i, m in loos.items()} for q in ref}}
     if len(subs) < 3:
         return res
     dropped = [j["dropped"] for j in subs]
@@ -901,7 +909,12 @@ def format_score(s: dict[str, Any]) -> str:
         L += [f"| {name} | {f3(e['harmful'])} | {f3(e['harmless'])} |" for name, e in thirds]
     if s.get("across_orders"):
         L += format_across_orders(s["across_orders"])
-    if s.get("leave_one_out"):
+    if s.get("leave_one_out_spearman"):
+        n = len(s["leave_one_out"])
+        L += ["", f"One pair left out, {n} pairs each retrained without it alone: Spearman over the pairs of each reader's "
+              "predicted change against the measured one (harmful / harmless)", "", "| reader | Spearman |", "|---|---|"]
+        L += [f"| {name} | {r['harmful']:+.2f} / {r['harmless']:+.2f} |" for name, r in s["leave_one_out_spearman"].items()]
+    if s.get("leave_one_out") and len(s["leave_one_out"]) <= 16:
         names = [n for n in ("credit (default)", "own window", "step change", "replay (dropped in place)")
                  if n in s["leave_one_out"][0]["predicted"]]
         fmt = lambda d: " / ".join("–" if d[q] is None else f"{d[q]:+.4f}" for q in ("harmful", "harmless"))  # noqa: E731

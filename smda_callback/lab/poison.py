@@ -300,7 +300,6 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     records, policy, credits = load_records(run_dir), load_policy(run_dir), load_credits(run_dir)
     timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").exists() else {}
     timing["smda_callback_only"] = {"seconds": round(sum(r.get("seconds", 0.0) for r in records), 1)}
-    id_of = {p["hash"]: p.get("id") for r in records for p in r.get("pairs", [])}
     adam = OptimizerKernel(**credits["kernel"])
     readers: dict[str, dict[str, dict[str, float]]] = {}
     for name, kernel, measure, part in (("smda_optimizer_ghost", adam, "ghost", "total"),
@@ -310,7 +309,7 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
                                         ("smda_step", OptimizerKernel(), "deconvolve", "total")):
         if measure == "ghost" and credits["measure"] != "ghost":
             continue
-        cr = {id_of.get(h): v for h, v in replay_credits(records, policy, kernel, measure, part).items()}
+        cr = replay_credits(records, policy, kernel, measure, part, by="id")
         readers[name] = {"over-refusal": {i: v["refusal_harmless"] for i, v in cr.items()},
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
         if name == "smda_optimizer_deconvolve":
@@ -322,7 +321,7 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
     except ValueError as e:
         logger.warning("poison: no carried reader: %s", e)
     else:
-        hash_of = {i: h for h, i in id_of.items()}
+        hash_of = {p.get("id"): p["hash"] for r in records for p in r.get("pairs", [])}
         readers["smda_own_window_carried"] = {
             kind: {i: v * ends[q].get(hash_of.get(i, ""), 0.0) for i, v in own[kind].items()}
             for kind, q in (("over-refusal", "harmless"), ("compliance", "harmful"))}
