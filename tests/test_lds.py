@@ -355,6 +355,18 @@ def test_leave_out_names_must_be_pairs_of_the_run(tmp_path):
         run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("zz",)))
 
 
+def test_leave_out_all_retrains_without_every_pair_of_the_run_one_at_a_time(tmp_path, monkeypatch):
+    import smda_callback.lab.lds as lds
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    kept = []
+    monkeypatch.setattr(lds, "retrain_measure", lambda k, tmp, st, scorer=None, places=None: kept.append([p["id"] for p in k]) or {"Y": []})
+    lds.run_jobs(tmp_path / "lds", LDSSettings(seed=7, ranking_run=str(src), leave_out=("all",), replicas=1, subsets=0))
+    order = json.loads((tmp_path / "lds" / "subsets.json").read_text())["order"]
+    assert sorted(p.stem for p in (tmp_path / "lds" / "jobs").glob("*.json")) == sorted(["full0", *(f"loo-{i}" for i in order)])
+    assert kept == [order] + [[j for j in order if j != i] for i in order]  # each pair dropped in place, alone
+
+
 def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
     """A run whose harmful refusal follows q_k = q_{k−1} + u_k − κ q_{k−1} (each pair's push u_k, its own-window
     credit): dropping pair k moves the end by exactly −u_k (1 − κ)^(K−1−k). The carried own window reads κ off the

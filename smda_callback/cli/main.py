@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the ranking run, e.g. LDS on a run with planted pairs; --seed must be its training seed (its --order-seed); "
                     "its replay.json and peers/ are reused")
     ld.add_argument("--leave-out", nargs="+", default=[], metavar="ID",
-                    help="also retrain without each of these pairs alone (the exact single-pair counterfactual of the order)")
+                    help="also retrain without each of these pairs alone (the exact single-pair counterfactual of the order); "
+                         "'all': every pair of the run, and their summed single removals are scored as a reader")
     ld.add_argument("--keep-schedule", action="store_true",
                     help="each kept pair trains at the learning rate of its place in the full run (dropping a warm-up "
                          "pair then changes no other pair's rate); retrains with and without it need separate --out")

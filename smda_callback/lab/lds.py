@@ -61,7 +61,8 @@ class LDSSettings:
     the demo's settings and `seed` as its Trainer seed: used as the ranking run instead of training one."""
     leave_out: tuple[str, ...] = ()
     """Pairs retrained without, one at a time (jobs `loo-<id>`, run right after the full replays): the exact
-    single-pair counterfactual of this data order, set beside every reader's prediction for that pair."""
+    single-pair counterfactual of this data order, set beside every reader's prediction for that pair. ("all",): every
+    pair of the ranking run, whose sum is then scored as the additive reader (`ADDITIVE`)."""
     keep_schedule: bool = False
     """Each kept pair trains at the learning rate it had in the full run (its place's), instead of the rate of the place
     it moves up to. Dropping a pair in place otherwise also changes the rate of every later warm-up step (the demo
@@ -373,11 +374,12 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
             raise ValueError(f"{out} holds retrains of another training order than {run_dir}'s (the ranking run was "
                              "trained again since); they would be scored against the wrong run: use another --out")
     (out / "subsets.json").write_text(json.dumps({"settings": asdict(st), "order": order, "subsets": sets}, indent=1))
-    unknown = [i for i in st.leave_out if i not in pairs]
+    leave_out = tuple(order) if st.leave_out == ("all",) else st.leave_out
+    unknown = [i for i in leave_out if i not in pairs]
     if unknown:
         raise ValueError(f"--leave-out {unknown}: not pairs of the ranking run; ids are in {run_dir / 'smda' / 'credits.json'}")
     scorer = run_scorer(run_dir)
-    todo = [(f"full{r}", [], order) for r in range(st.replicas)] + [(f"loo-{i}", [i], order) for i in st.leave_out]
+    todo = [(f"full{r}", [], order) for r in range(st.replicas)] + [(f"loo-{i}", [i], order) for i in leave_out]
     todo += [(name, drop, order) for name, drop in sets.items()]
     for o in range(1, st.orders):
         perm = data_order(order, o, st.seed)
