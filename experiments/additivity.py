@@ -1,0 +1,74 @@
+"""How far a retrained LDS run's subset changes are the sums of their pairs' single removals, and what that leaves of
+the replay's error (docs/validation.md §9, "Every pair left out"). A validation experiment, not part of the package;
+numpy only, on the files `smda benchmark-lds --leave-out all` wrote (a `loo-<id>` job for every pair).
+
+    python experiments/additivity.py runs/lds64s [--replay replay.json]
+
+Per quantity and removal size: LDS (Spearman over subsets) of the summed single removals (the additive reader of
+retraining itself) and of the replay; the Pearson correlation of each with the measured change; and the split of the
+replay's error e = measured − replay into the interaction (measured − summed single removals: what no additive reader
+can predict) and the replay's own per-pair error (summed single removals − replay), each as a share of the mean
+square of e (the shares need not add to 1: the two parts may correlate). Then, per quantity, whether the interaction
+grows when the removed pairs sit close together in the run (Spearman of |interaction| with the smallest gap between
+two removed steps, within one removal size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from smda_callback.lab.analysis import spearman
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="a `smda benchmark-lds --out` directory with every pair's loo job and a replay")
+    ap.add_argument("--replay", default="replay.json", help="the replay file to read")
+    a = ap.parse_args()
+    out = Path(a.out)
+    jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
+    order = json.loads((out / "subsets.json").read_text())["order"]
+    fulls = [j for n, j in jobs.items() if n.startswith("full")]
+    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
+    single = {j["dropped"][0]: j for n, j in jobs.items() if n.startswith("loo-")}
+    missing = [i for i in order if i not in single]
+    if missing:
+        raise SystemExit(f"{out}: {len(missing)} pairs have no loo job (e.g. {missing[0]}); run benchmark-lds --leave-out all")
+    subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
+    rep = json.loads((out / a.replay).read_text())
+    place = {i: k for k, i in enumerate(order)}
+    sizes = np.asarray([len(j["dropped"]) for j in subs])
+    gap = np.asarray([min(np.diff(sorted(place[i] for i in j["dropped"]))) for j in subs])
+    print(f"{out}: {len(subs)} subsets, {len(order)} pairs each retrained without alone; replay {a.replay}")
+    for q in ("harmful", "harmless"):
+        meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
+        add = np.asarray([sum(single[i][f"refusal_{q}"] - ref[q] for i in j["dropped"]) for j in subs])
+        eff = dict(zip(rep["order"], rep["removal_effect"][q]))
+        pred = np.asarray([sum(eff[i] for i in j["dropped"]) for j in subs])
+        one = np.asarray([single[i][f"refusal_{q}"] - ref[q] for i in order])
+        per_pair = np.asarray([eff[i] for i in order])
+        print(f"\n{q}: single removals, replay against measured over the {len(order)} pairs: Spearman "
+              f"{spearman(per_pair, one):+.2f}, Pearson {np.corrcoef(per_pair, one)[0, 1]:+.2f}, slope "
+              f"{np.polyfit(per_pair, one, 1)[0]:.2f}; mean |single removal| {np.abs(one).mean():.4f}")
+        print("| removed | n | LDS summed singles | LDS replay | Pearson summed / replay | interaction share | replay per-pair share |")
+        print("|---|---|---|---|---|---|---|")
+        for label, m in (("all", np.ones(len(subs), bool)), *((f"{k} pairs", sizes == k) for k in sorted(set(sizes)))):
+            e = meas[m] - pred[m]
+            inter, own = meas[m] - add[m], add[m] - pred[m]
+            ms = float(np.mean(e ** 2))
+            print(f"| {label} | {int(m.sum())} | {spearman(add[m], meas[m]):+.2f} | {spearman(pred[m], meas[m]):+.2f} | "
+                  f"{np.corrcoef(add[m], meas[m])[0, 1]:+.2f} / {np.corrcoef(pred[m], meas[m])[0, 1]:+.2f} | "
+                  f"{np.mean(inter ** 2) / ms:.2f} | {np.mean(own ** 2) / ms:.2f} |")
+        for k in sorted(set(sizes)):
+            m = sizes == k
+            print(f"  {k} pairs removed: Spearman of |interaction| with the smallest gap between removed steps "
+                  f"{spearman(np.abs(meas[m] - add[m]), gap[m]):+.2f}; mean |interaction| {np.abs(meas[m] - add[m]).mean():.4f}"
+                  f" against mean |measured| {np.abs(meas[m]).mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()
