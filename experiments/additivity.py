@@ -22,19 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from smda_callback.lab.analysis import spearman
+from smda_callback.lab.lds import full_refusal, load_jobs, removal_changes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="a `smda benchmark-lds --out` directory with every pair's loo job and a replay")
     ap.add_argument("--replay", default="replay.json", help="the replay file to read")
+    out = Path(ap.parse_args().out)
     a = ap.parse_args()
-    out = Path(a.out)
-    jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))}
-    order = json.loads((out / "subsets.json").read_text())["order"]
-    fulls = [j for n, j in jobs.items() if n.startswith("full")]
-    ref = {q: float(np.mean([f[f"refusal_{q}"] for f in fulls])) for q in ("harmful", "harmless")}
-    single = {j["dropped"][0]: j for n, j in jobs.items() if n.startswith("loo-")}
+    jobs, order = load_jobs(out), json.loads((out / "subsets.json").read_text())["order"]
+    ref, single = full_refusal(jobs), removal_changes(jobs)  # single: pair -> {quantity: change of dropping it alone}
     missing = [i for i in order if i not in single]
     if missing:
         raise SystemExit(f"{out}: {len(missing)} pairs have no loo job (e.g. {missing[0]}); run benchmark-lds --leave-out all")
@@ -46,10 +44,10 @@ def main() -> None:
     print(f"{out}: {len(subs)} subsets, {len(order)} pairs each retrained without alone; replay {a.replay}")
     for q in ("harmful", "harmless"):
         meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
-        add = np.asarray([sum(single[i][f"refusal_{q}"] - ref[q] for i in j["dropped"]) for j in subs])
+        add = np.asarray([sum(single[i][q] for i in j["dropped"]) for j in subs])
         eff = dict(zip(rep["order"], rep["removal_effect"][q]))
         pred = np.asarray([sum(eff[i] for i in j["dropped"]) for j in subs])
-        one = np.asarray([single[i][f"refusal_{q}"] - ref[q] for i in order])
+        one = np.asarray([single[i][q] for i in order])
         per_pair = np.asarray([eff[i] for i in order])
         print(f"\n{q}: single removals, replay against measured over the {len(order)} pairs: Spearman "
               f"{spearman(per_pair, one):+.2f}, Pearson {np.corrcoef(per_pair, one)[0, 1]:+.2f}, slope "
