@@ -285,7 +285,7 @@ def _lds(a: argparse.Namespace) -> int:
     from ..credit.replay import ReplayVariant
     try:
         variant = ReplayVariant(a.replay_second_moment, not a.replay_no_curvature, a.replay_eps, a.replay_layers)
-    except ValueError as e:  # its message names the field; the user typed the flag
+    except ValueError as e:  # argparse has checked the other fields' types and choices: only ε can be refused here
         raise ValueError(f"--replay-eps {a.replay_eps}: {str(e).removeprefix('replay: ')}") from None
     if a.replay and a.replay_layers:  # the replay's own rule (kept_blocks), on the embedded model built without weights
         import torch

@@ -61,7 +61,6 @@ from .params import inner_optimizer
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ReplayVariant:
     """Which model of the recorded run the reverse pass linearises (the module's docstring). The default is the run
@@ -713,7 +712,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
-            "checkpoints": plan, **asdict(variant), "linearised_parameters": sum(p.numel() for p in kept), "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            "checkpoints": plan, **asdict(variant), "linearised_parameters": sum(p.numel() for p in kept),
+            "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
 
