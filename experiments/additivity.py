@@ -25,23 +25,18 @@ from smda_callback.lab.analysis import spearman
 from smda_callback.lab.lds import full_refusal, load_jobs, removal_changes
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="a `smda benchmark-lds --out` directory with every pair's loo job and a replay")
-    ap.add_argument("--replay", default="replay.json", help="the replay file to read")
-    out = Path(ap.parse_args().out)
-    a = ap.parse_args()
+def main(out: Path, replay_file: str) -> None:
     jobs, order = load_jobs(out), json.loads((out / "subsets.json").read_text())["order"]
     ref, single = full_refusal(jobs), removal_changes(jobs)  # single: pair -> {quantity: change of dropping it alone}
     missing = [i for i in order if i not in single]
     if missing:
         raise SystemExit(f"{out}: {len(missing)} pairs have no loo job (e.g. {missing[0]}); run benchmark-lds --leave-out all")
     subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
-    rep = json.loads((out / a.replay).read_text())
+    rep = json.loads((out / replay_file).read_text())
     place = {i: k for k, i in enumerate(order)}
     sizes = np.asarray([len(j["dropped"]) for j in subs])
     gap = np.asarray([min(np.diff(sorted(place[i] for i in j["dropped"]))) for j in subs])
-    print(f"{out}: {len(subs)} subsets, {len(order)} pairs each retrained without alone; replay {a.replay}")
+    print(f"{out}: {len(subs)} subsets, {len(order)} pairs each retrained without alone; replay {replay_file}")
     for q in ("harmful", "harmless"):
         meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
         add = np.asarray([sum(single[i][q] for i in j["dropped"]) for j in subs])
@@ -69,4 +64,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="a `smda benchmark-lds --out` directory with every pair's loo job and a replay")
+    ap.add_argument("--replay", default="replay.json", help="the replay file to read")
+    args = ap.parse_args()
+    main(Path(args.out), args.replay)
