@@ -10,7 +10,9 @@ replay's error e = measured − replay into the interaction (measured − summed
 can predict) and the replay's own per-pair error (summed single removals − replay), each as a share of the mean
 square of e (the shares need not add to 1: the two parts may correlate). Then, per quantity, whether the interaction
 grows when the removed pairs sit close together in the run (Spearman of |interaction| with the smallest gap between
-two removed steps, within one removal size).
+two removed steps, within one removal size); and the replay's agreement with the single removals by place in the run
+(the warm-up steps, whose lr is below its peak, then three equal stretches), with the LDS the replay would read if its
+warm-up pairs' effects were the measured ones (a diagnostic that uses the retrains, not a reader).
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ def main(out: Path, replay_file: str) -> None:
             print(f"| {label} | {int(m.sum())} | {spearman(add[m], meas[m]):+.2f} | {spearman(pred[m], meas[m]):+.2f} | "
                   f"{np.corrcoef(add[m], meas[m])[0, 1]:+.2f} / {np.corrcoef(pred[m], meas[m])[0, 1]:+.2f} | "
                   f"{np.mean(inter ** 2) / ms:.2f} | {np.mean(own ** 2) / ms:.2f} |")
+        # by place: the warm-up steps (lr below its peak) and three equal stretches after them
+        lr = np.asarray(rep["lr"])
+        w = int(np.argmax(lr >= lr.max()))
+        rest = np.array_split(np.arange(w, len(order)), 3)
+        for label, idx in ((f"warm-up, steps 0-{w - 1}", np.arange(w)), *((f"steps {r[0]}-{r[-1]}", r) for r in rest)):
+            print(f"  single removals, {label}: replay Spearman {spearman(per_pair[idx], one[idx]):+.2f}, slope "
+                  f"{np.polyfit(per_pair[idx], one[idx], 1)[0]:.2f}; mean |single removal| {np.abs(one[idx]).mean():.4f}, "
+                  f"|replay| {np.abs(per_pair[idx]).mean():.4f}")
+        fixed = {i: (one[place[i]] if place[i] < w else eff[i]) for i in order}  # not a reader: it uses the retrains
+        print(f"  the replay with its warm-up pairs' effects replaced by the measured ones: LDS "
+              f"{spearman(np.asarray([sum(fixed[i] for i in j['dropped']) for j in subs]), meas):+.2f}")
         for k in sorted(set(sizes)):
             m = sizes == k
             print(f"  {k} pairs removed: Spearman of |interaction| with the smallest gap between removed steps "
