@@ -12,7 +12,9 @@ square of e (the shares need not add to 1: the two parts may correlate). Then, p
 grows when the removed pairs sit close together in the run (Spearman of |interaction| with the smallest gap between
 two removed steps, within one removal size); and the replay's agreement with the single removals by place in the run
 (the warm-up steps, whose lr is below its peak, then three equal stretches), with the LDS the replay would read if its
-warm-up pairs' effects were the measured ones (a diagnostic that uses the retrains, not a reader).
+warm-up pairs' effects were the measured ones (a diagnostic that uses the retrains, not a reader). With
+`--kept-schedule DIR` (single removals retrained with `--keep-schedule`), those are set beside the replay's weight-zero
+effects, which keep every later step's rate (and Adam count: the retrains' counts move one place earlier).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from smda_callback.lab.analysis import spearman
 from smda_callback.lab.lds import full_refusal, load_jobs, removal_changes
 
 
-def main(out: Path, replay_file: str) -> None:
+def main(out: Path, replay_file: str, kept_schedule: Path | None = None) -> None:
     jobs, order = load_jobs(out), json.loads((out / "subsets.json").read_text())["order"]
     ref, single = full_refusal(jobs), removal_changes(jobs)  # single: pair -> {quantity: change of dropping it alone}
     missing = [i for i in order if i not in single]
@@ -69,6 +71,17 @@ def main(out: Path, replay_file: str) -> None:
         fixed = {i: (one[place[i]] if place[i] < w else eff[i]) for i in order}  # not a reader: it uses the retrains
         print(f"  the replay with its warm-up pairs' effects replaced by the measured ones: LDS "
               f"{spearman(np.asarray([sum(fixed[i] for i in j['dropped']) for j in subs]), meas):+.2f}")
+        if kept_schedule is not None:  # the same pairs dropped with every kept pair at its full-run rate
+            keep = removal_changes(load_jobs(kept_schedule))
+            ids = [i for i in order if i in keep]
+            k_meas = np.asarray([keep[i][q] for i in ids])
+            wz = dict(zip(rep["order"], rep["weight_zero_effect"][q]))
+            sched = np.asarray([single[i][q] for i in ids]) - k_meas
+            print(f"  {len(ids)} pairs also dropped with the rates kept ({kept_schedule}): mean |change| {np.abs(k_meas).mean():.4f}, "
+                  f"the schedule's part of dropping them in place (in place − rates kept) {np.abs(sched).mean():.4f}; "
+                  f"replay weight zero against rates kept: Spearman {spearman(np.asarray([wz[i] for i in ids]), k_meas):+.2f}, "
+                  f"slope {np.polyfit(np.asarray([wz[i] for i in ids]), k_meas, 1)[0]:.2f}; replay in place against in place: "
+                  f"Spearman {spearman(np.asarray([eff[i] for i in ids]), np.asarray([single[i][q] for i in ids])):+.2f}")
         for k in sorted(set(sizes)):
             m = sizes == k
             print(f"  {k} pairs removed: Spearman of |interaction| with the smallest gap between removed steps "
@@ -80,5 +93,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="a `smda benchmark-lds --out` directory with every pair's loo job and a replay")
     ap.add_argument("--replay", default="replay.json", help="the replay file to read")
+    ap.add_argument("--kept-schedule", type=Path, default=None,
+                    help="a `benchmark-lds --keep-schedule --leave-out ...` directory of the same run: its single removals "
+                         "set beside the replay's weight-zero effects (its step skipped, every later rate and count kept)")
     args = ap.parse_args()
-    main(Path(args.out), args.replay)
+    main(Path(args.out), args.replay, args.kept_schedule)
