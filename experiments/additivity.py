@@ -40,6 +40,7 @@ def main(out: Path, replay_file: str, kept_schedule: Path | None = None) -> None
     place = {i: k for k, i in enumerate(order)}
     sizes = np.asarray([len(j["dropped"]) for j in subs])
     gap = np.asarray([min(np.diff(sorted(place[i] for i in j["dropped"]))) for j in subs])
+    keep = removal_changes(load_jobs(kept_schedule)) if kept_schedule is not None else None  # pair -> rates-kept change
     print(f"{out}: {len(subs)} subsets, {len(order)} pairs each retrained without alone; replay {replay_file}")
     for q in ("harmful", "harmless"):
         meas = np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs])
@@ -71,8 +72,7 @@ def main(out: Path, replay_file: str, kept_schedule: Path | None = None) -> None
         fixed = {i: (one[place[i]] if place[i] < w else eff[i]) for i in order}  # not a reader: it uses the retrains
         print(f"  the replay with its warm-up pairs' effects replaced by the measured ones: LDS "
               f"{spearman(np.asarray([sum(fixed[i] for i in j['dropped']) for j in subs]), meas):+.2f}")
-        if kept_schedule is not None:  # the same pairs dropped with every kept pair at its full-run rate
-            keep = removal_changes(load_jobs(kept_schedule))
+        if keep is not None:  # the same pairs dropped with every kept pair at its full-run rate
             ids = [i for i in order if i in keep]
             k_meas = np.asarray([keep[i][q] for i in ids])
             wz = dict(zip(rep["order"], rep["weight_zero_effect"][q]))

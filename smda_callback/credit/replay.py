@@ -342,7 +342,7 @@ class Steps:
 
     def kept(self, st: State) -> State:
         """The state's part that the reverse pass linearises (the same tensors, no copy)."""
-        if len(self.sel) == len(self.params):
+        if not self.left_out:
             return st
         return State(*([xs[i] for i in self.sel] if xs else [] for xs in (st.theta, st.m, st.v)), st.step)
 
