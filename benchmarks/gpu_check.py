@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP full_shard through accelerate (launch with torchrun)")
     ap.add_argument("--fp32", action="store_true", help="train in fp32 even where bf16 is supported")
+    ap.add_argument("--bf16", action="store_true", help="train in bf16 on the CPU too (checks the bf16 path without a GPU)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, 3 steps, batch 2, 12 probes: checks the script runs")
     ap.add_argument("--replay", type=int, default=4, metavar="K",
                     help="also a run with SMDAConfig(replay_last_steps=K) (0: not; one process only, so not with --fsdp)")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16_ok and not args.fp32 else torch.float32
+    dtype = torch.bfloat16 if (bf16_ok or args.bf16) and not args.fp32 else torch.float32
     pairs = load_jsonl(data_path("pairs.jsonl"))
     probes = load_jsonl(data_path("probes.jsonl"))
     probes = [probes[i] for i in np.linspace(0, len(probes) - 1, min(args.probes, len(probes))).astype(int)]
