@@ -96,18 +96,28 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build_model(args: argparse.Namespace, tok: Any, dtype: torch.dtype) -> Any:
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (seconds since the start), so that a run stopped at its time limit shows where."""
+    print(f"[gpu_check {time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def build_model(args: argparse.Namespace, tok: Any, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     shape = dict(SHAPES[args.shape])
     arch = shape.pop("arch")
+    shape["vocab_size"] = max(shape["vocab_size"], len(tok))  # the tiny shape with more data than --smoke's
     common = dict(max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                   bos_token_id=tok.bos_token_id)
     cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(**shape, **common)
     torch.manual_seed(args.seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.device(device):  # a random init of 1B weights on the CPU takes ~30 s; on the device, a moment
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
 def encode_pairs(tok: Any, pairs: list[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
@@ -175,7 +185,7 @@ def train(args: argparse.Namespace, tok: Any, rows: list, init: dict, dtype: tor
           out: Path, smda: Any = None) -> tuple[Any, StepTimer, float]:
     from transformers import Trainer, TrainingArguments
 
-    model = build_model(args, tok, dtype)
+    model = build_model(args, tok, dtype, device)
     model.load_state_dict(init)
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -277,8 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         tok = word_tokenizer([p["prompt"] + " " + p["response"] for p in pairs] + [p["prompt"] for p in probes])
     rows = encode_pairs(tok, pairs[: args.steps * args.batch], 256)
-    init_model = build_model(args, tok, dtype)
-    init = {k: v.clone() for k, v in init_model.state_dict().items()}
+    say(f"{device} {dtype}: building the {args.model or args.shape} model")
+    init_model = build_model(args, tok, dtype, device)
+    init = {k: v.detach().cpu().clone() for k, v in init_model.state_dict().items()}  # off the device: not in its peaks
     n_params = sum(p.numel() for p in init_model.parameters())
     layer = init_model.config.num_hidden_layers // 2
     hidden = init_model.config.hidden_size
@@ -288,11 +299,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return RandomTopKSAE(hidden, args.d_sae, 64 if args.d_sae >= 1024 else 16, f"blocks.{layer}.hook_resid_post")
 
     with tempfile.TemporaryDirectory() as tmp:
+        say("training without the callback")
         bare_model, bare_t, bare_mem = train(args, tok, rows, init, dtype, device, Path(tmp) / "bare")
         bare_w = {k: v.detach().cpu() for k, v in bare_model.state_dict().items()}
         del bare_model
         smda = SMDACallback(ProbeSet.from_records(probes), make_sae(), SMDAConfig(n_features=48, scorer="first_token"),
                             output_dir=Path(tmp) / "smda_run")
+        say("training with the callback")
         smda_model, smda_t, smda_mem = train(args, tok, rows, init, dtype, device, Path(tmp) / "smda", smda)
         same = all(torch.equal(bare_w[k], v.detach().cpu()) for k, v in smda_model.state_dict().items())
         run = Path(tmp) / "smda_run" / "smda"
@@ -302,7 +315,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         total = np.sum([p["d"] for p in credits["pairs"]], axis=0) + np.asarray(policy["credit"]["residual_total_d"])
         tele = float(np.abs(total - (np.asarray(policy["beta_final"]) - np.asarray(policy["beta_0"]))).max())
         cb_s = [r["seconds"] for r in recs if "seconds" in r]
+        split_s = [r["seconds_split"] for r in recs if "seconds_split" in r]
+        probe_s = [r["seconds_probe"] for r in recs if "seconds_probe" in r]
         # X/Y in the training dtype vs an fp32 copy of the same trained weights
+        say("probe pass in the training dtype against fp32")
         snap = Snapshotter(ProbeSet.from_records(probes), tok, smda.sae, resolve_hook(smda.sae, smda_model), smda.config)
         snap.features = np.asarray(policy["features"])
         a = snap.take(smda_model)
@@ -312,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dy = float(np.abs(a.Y - b.Y).max())
         step_dx = float(np.median([np.abs(r["delta_beta_x"]).sum() for r in recs if "delta_beta_x" in r]))
         del smda_model, ref_model
+        say(f"replay run ({args.replay} steps)" if args.replay else "no replay run")
         replay = replay_run(args, tok, rows, init, dtype, device, Path(tmp), make_sae, probes, bare_w)
 
     bare_step = float(np.median(bare_t.times[1:] or bare_t.times))
@@ -322,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch, "steps": args.steps, "probes": len(probes), "d_sae": args.d_sae,
         "bare_step_s": bare_step, "smda_step_s": smda_step, "callback_s": float(np.median(cb_s)),
         "callback_over_bare_step": float(np.median(cb_s)) / bare_step,
+        "callback_split_s": float(np.median(split_s)), "callback_probe_s": float(np.median(probe_s)),
         "peak_mem_bare_gib": bare_mem, "peak_mem_smda_gib": smda_mem,
         "peak_mem_increase": smda_mem / bare_mem - 1.0 if bare_mem else float("nan"),
         "telescoping_error": tele, "weights_bitwise_identical": bool(same),

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from transformers import TrainerCallback
 
 from .attribution import AlertEvent
@@ -70,8 +69,7 @@ class SMDACallback(TrainerCallback):
         self._sinks: RunSinks | None = None
         self._index: dict[str, list[int]] = {}
         self._opt_seconds, self._main, self._sharded = 0.0, True, False
-        self._base: list[torch.Tensor] | None = None
-        self._ghost = self._trainer = self._optimizer = None
+        self._base = self._ghost = self._trainer = self._optimizer = None  # _base: θ_{t−1} while a step is split
 
     def bind(self, trainer: Any, pairs: Any = None) -> "SMDACallback":
         """Give the callback the trainer: its dataset names pairs (label/category/prompt), `trainer.log` carries the
@@ -202,7 +200,8 @@ class SMDACallback(TrainerCallback):
         res = self.run.step(step, window, state.epoch, rows, self.run.pairs_of(rows, self._index, meta),
                             float(np.mean(losses)) if losses else None, snap.X, snap.Y, snap.finite,
                             (ghost.X, ghost.Y) if ghost is not None and ghost.finite else None)
-        res.record["seconds"], self._opt_seconds = round(time.perf_counter() - t0 + self._opt_seconds, 4), 0.0
+        split, self._opt_seconds = self._opt_seconds, 0.0  # seconds: all; of them the in-step split and the probe pass
+        res.record.update(seconds=round(time.perf_counter() - t0 + split, 4), seconds_split=round(split, 4), seconds_probe=round(self._snap.seconds, 4))
         if res.decision is None:
             self._warn("step %d skipped: non-finite snapshot", step)
         elif res.decision.alert:

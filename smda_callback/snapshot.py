@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,7 @@ class Snapshotter:
         self.hook = hook
         self.cfg = config
         self.user_scorer = scorer
+        self.seconds = 0.0
         self.scorer = None if scorer is not None else build_scorer(tokenizer, config)
         self.tp: TokenizedProbes = probes.tokenize(tokenizer, max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -190,6 +192,7 @@ class Snapshotter:
         """X, Y for all probes (gathered across ranks). `full` also returns all latents."""
         if not full and self.features is None:
             raise RuntimeError("Snapshotter.features is unset: take a full snapshot and select features first.")
+        t0 = time.perf_counter()
         self.place(model)
         was_training = model.training
         model.eval()
@@ -218,6 +221,7 @@ class Snapshotter:
             model.train(was_training)
             if wrapped is not None and original is not None:
                 model.forward = wrapped
+            self.seconds = time.perf_counter() - t0  # the last pass's wall time (the step record's seconds_probe)
         if full:
             Z = Xm
             X = Z[:, self.features] if self.features is not None else Z

@@ -328,3 +328,53 @@ def test_bitsandbytes_adamw_is_the_adamw_kernel():
         D = 1.0 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
         want = -D * sum(kernel.coef(t, s, 1e-2) * grads[s - 1] for s in range(1, t + 1)) - kernel.decay_coef(t, 1e-2) * before
         torch.testing.assert_close(p.detach() - before, want, rtol=1e-3, atol=1e-6)  # two float32 paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newest_update_is_computed_in_slices_and_again_on_each_pass(monkeypatch, dtype):
+    """The in-step split holds the newest update one parameter at a time (`NewestUpdate`, one copy of the weights
+    fewer): every pass over it gives the same tensors bitwise, sliced or whole, equal to −c·g/(√(v/(1−β₂ᵗ))+ε)
+    in fp32 rounded once to the weights' dtype; the split's slopes through it equal those through the list."""
+    from smda_callback.credit import causal_lm_row_losses, row_slopes, trainable_params
+    from smda_callback.credit import params as cp
+
+    model = tiny_model().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    ids = torch.tensor([[1, 5, 9, 14, 3], [1, 7, 7, 2, 8]])
+    batches = [{"input_ids": ids[i:i + 1], "attention_mask": torch.ones_like(ids[i:i + 1]), "labels": ids[i:i + 1]} for i in range(2)]
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        base = [q.detach().clone() for q in trainable_params(opt)]
+        opt.step()
+    kernel, _ = OptimizerKernel.from_optimizer(opt)
+    whole = cp.newest_update(opt, kernel, 2)
+    monkeypatch.setattr(cp, "CHUNK", 3000)  # every parameter of over 3000 elements in several slices, not along rows
+    lazy = cp.NewestUpdate(opt, kernel, 2)
+    first, second = list(lazy), list(lazy)
+    assert len(first) == len(whole) == len(trainable_params(opt))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, whole))
+    group = opt.param_groups[0]
+    c = kernel.coef(2, 2, group["lr"])
+    for q, u in zip(trainable_params(opt), first):
+        v = opt.state[q]["exp_avg_sq"].float() / (1 - group["betas"][1] ** 2)
+        assert u.dtype == dtype and torch.equal(u, (-c * q.grad.float() / (v.sqrt() + group["eps"])).to(dtype))
+    params, snap = trainable_params(opt), [q.detach().clone() for q in trainable_params(opt)]
+    s_lazy = row_slopes(params, base, lazy, causal_lm_row_losses(model, batches))
+    s_list = row_slopes(params, base, whole, causal_lm_row_losses(model, batches))
+    np.testing.assert_array_equal(s_lazy, s_list)
+    assert np.isfinite(s_lazy).all() and np.abs(s_lazy).max() > 0
+    assert all(torch.equal(a, b) for a, b in zip(params, snap))  # restored bitwise
+
+
+def test_newest_update_refuses_an_optimizer_without_a_second_moment_before_any_work():
+    from smda_callback.credit import params as cp
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones(3)
+    opt.step()
+    kernel, _ = OptimizerKernel.from_optimizer(opt)
+    del opt.state[p]["exp_avg_sq"]  # as a quantised optimizer keeps it elsewhere
+    with pytest.raises(ValueError, match="credit_measure='deconvolve'"):
+        cp.NewestUpdate(opt, kernel, 1)

@@ -22,6 +22,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path, lora):
     assert res["telescoping_error"] < 1e-9
     assert res["x_rel_err_vs_fp32"] == 0.0 and res["y_abs_err_vs_fp32"] == 0.0  # fp32 on CPU: the same pass
     assert res["callback_s"] > 0 and res["bare_step_s"] > 0 and (tmp_path / "r.json").exists()
+    # where the callback's time goes (each step record's seconds_split and seconds_probe): parts of the whole; batch 2,
+    # so every step is split by its rows' loss slopes
+    assert 0 < res["callback_split_s"] < res["callback_s"] and 0 < res["callback_probe_s"] < res["callback_s"]
     # the replay of the last 2 steps: ran, recomputed the trained weights, left them as trained
     assert res["replay"] == "last 2 steps" and res["replay_weights_left_as_trained"] is True
     assert res["replay_recompute_gap_to_run"] < 1e-6 and res["replay_effects_finite"] is True

@@ -469,6 +469,10 @@ def test_checkpoint_plan_counts_and_refusals(smol_tokenizer, tmp_path, monkeypat
     p = checkpoint_plan(318, one, 2, 16)
     assert (p["files_on_disk"], p["states_in_memory"]) == (28, 3)
     assert p["disk_bytes"] / 2**30 < 45
+    # a replay shorter than one disk block holds only its own steps' inner states: the GPU check's last 4 steps with
+    # every=1 inside outer=16 hold 1 outer + the end + 3 inner (counted as 17 before 2026-12-05, which refused it)
+    assert checkpoint_plan(4, one, 1, 16)["files_on_disk"] == 5
+    assert checkpoint_plan(4, one, 2, 16)["files_on_disk"] == 3
     with pytest.raises(ValueError, match="multiple of the memory spacing"):
         checkpoint_plan(318, one, 4, 6)
     with pytest.raises(ValueError, match="≥ 1"):

@@ -6,7 +6,7 @@ These functions touch parameters and optimizer state; the engine (`engine.py`) i
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,43 +56,65 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-@torch.no_grad()
+CHUNK = 1 << 22
+"""Elements per slice when the newest update is computed (16 MiB of fp32 temporaries at a time)."""
+
+
+class NewestUpdate:
+    """The part of optimizer step t's update that is the newest gradient's: −D_t·c(t, t)·g_t per trainable
+    parameter, read after `optimizer.step()` and before `zero_grad()` (p.grad is the clipped gradient the optimizer
+    used). Weight decay and the momentum carry are left out.
+
+    Computed parameter by parameter each time it is iterated (from p.grad and the optimizer's state, which do not
+    change until `zero_grad()`, so every pass gives the same tensors bitwise), never held whole: the in-step split and
+    the ghost pass then hold one copy of the trainable weights fewer (on a 1B full fine-tune, 2.3 GiB of bf16)."""
+
+    def __init__(self, optimizer: Any, kernel: OptimizerKernel, t: int) -> None:
+        self.opt, self.kernel, self.t = inner_optimizer(optimizer), kernel, t
+        if kernel.kind == "adam":
+            for group in self.opt.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and p.grad is not None and "exp_avg_sq" not in self.opt.state[p]:
+                        raise ValueError(
+                            f"{type(self.opt).__name__} keeps no torch `exp_avg_sq` state (quantised or fused elsewhere), so "
+                            "the newest gradient's own part cannot be read: use credit_measure='deconvolve' and "
+                            "one pair per step (per_device_train_batch_size=1, no accumulation) with this optimizer.")
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for group in self.opt.param_groups:
+            c = self.kernel.coef(self.t, self.t, float(group["lr"]))
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    yield torch.zeros_like(p)
+                    continue
+                out = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # contiguous, so that its flat view is
+                st = self.opt.state[p] if self.kernel.kind == "adam" else None
+                v = None if st is None else st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                bias = None if st is None else 1.0 - group["betas"][1] ** int(float(st["step"]))
+                # in slices of at most CHUNK elements, widened to fp32 there: the temporaries stay a slice's size
+                flat, g_flat = out.view(-1), p.grad.detach().reshape(-1)
+                v_flat = None if v is None else v.reshape(-1)
+                for a in range(0, flat.numel(), CHUNK):
+                    piece = _wide(g_flat[a:a + CHUNK]).mul(-c)
+                    if v_flat is not None:
+                        piece.div_(_wide(v_flat[a:a + CHUNK]).div(bias).sqrt_().add_(group["eps"]))
+                    flat[a:a + CHUNK] = piece
+                yield out
+
+
 def newest_update(optimizer: Any, kernel: OptimizerKernel, t: int) -> list[torch.Tensor]:
-    """The part of optimizer step t's update that is the newest gradient's: −D_t·c(t, t)·g_t per
-    trainable parameter, read after `optimizer.step()` and before `zero_grad()` (p.grad is the
-    clipped gradient the optimizer used). Weight decay and the momentum carry are left out."""
-    opt = inner_optimizer(optimizer)
-    out = []
-    for group in opt.param_groups:
-        lr = float(group["lr"])
-        c = kernel.coef(t, t, lr)
-        for p in group["params"]:
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                out.append(torch.zeros_like(p))
-                continue
-            g = _wide(p.grad.detach())
-            if kernel.kind == "adam":
-                st = opt.state[p]
-                if "exp_avg_sq" not in st:
-                    raise ValueError(f"{type(opt).__name__} keeps no torch `exp_avg_sq` state (quantised or fused elsewhere), so "
-                                     "the newest gradient's own part cannot be read: use credit_measure='deconvolve' and "
-                                     "one pair per step (per_device_train_batch_size=1, no accumulation) with this optimizer.")
-                v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-                b2 = group["betas"][1]
-                denom = (_wide(v) / (1.0 - b2 ** int(float(st["step"])))).sqrt() + group["eps"]
-                out.append((-c * g / denom).to(p.dtype))
-            else:
-                out.append((-c * g).to(p.dtype))
-    return out
+    """`NewestUpdate` held whole: one tensor per trainable parameter."""
+    return list(NewestUpdate(optimizer, kernel, t))
 
 
 RowLoss = Callable[[], torch.Tensor]
 
 
 @torch.no_grad()
-def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
+def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], direction: Iterable[torch.Tensor],
                row_losses: RowLoss, rel: float = 1e-3) -> np.ndarray:
     """Each row's first-order contribution to a step's new-gradient update u: ∂L_i(θ_{t−1} + εu)/∂ε,
     by a central difference (the step of ε moves θ by `rel`·‖θ‖). `row_losses()` returns the rows'
@@ -100,14 +122,14 @@ def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], dir
     Shares are the slopes normalised over all rows of the step (`shares_from_slopes`), which may
     span ranks."""
     saved = [p.detach().clone() for p in params]
-    norm_u = math.sqrt(sum(float((d.float() ** 2).sum()) for d in direction))
-    norm_b = math.sqrt(sum(float((b.float() ** 2).sum()) for b in base))
+    norm_u = math.sqrt(sum(float(torch.linalg.vector_norm(d, dtype=torch.float32)) ** 2 for d in direction))
+    norm_b = math.sqrt(sum(float(torch.linalg.vector_norm(b, dtype=torch.float32)) ** 2 for b in base))
     eps = rel * norm_b / norm_u if norm_u > 0 else 0.0
     try:
         losses = []
         for sign in (1.0, -1.0):
             for p, b, d in zip(params, base, direction):
-                p.copy_(b + sign * eps * d)
+                p.copy_(b).add_(d, alpha=sign * eps)  # in place: no temporary the size of a parameter
             losses.append(row_losses().double().cpu().numpy())
     finally:
         for p, s in zip(params, saved):
@@ -154,14 +176,14 @@ def with_decayed_weights(optimizer: Any, eps: float, fn: Callable[[], Any]) -> A
 
 
 @torch.no_grad()
-def with_update_applied(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], update: Sequence[torch.Tensor],
+def with_update_applied(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], update: Iterable[torch.Tensor],
                         fn: Callable[[], Any]) -> Any:
     """Run `fn` with the parameters set to θ_{t−1} + u (one gradient's part of the update alone, the ghost pass),
     then restore the trained parameters bitwise."""
     saved = [p.detach().clone() for p in params]
     try:
         for p, b, d in zip(params, base, update):
-            p.copy_(b + d)
+            p.copy_(b).add_(d)
         return fn()
     finally:
         for p, s in zip(params, saved):
@@ -174,7 +196,7 @@ def measure_step(optimizer: Any, model: Any, kernel: Any, t: int, base: Sequence
     of the update (when `batches` holds every row of the step), and `ghost()` run at θ_{t−1} + u (when given).
     The parameters are restored bitwise after each."""
     params = trainable_params(optimizer)
-    u = newest_update(optimizer, kernel, t)
+    u = NewestUpdate(optimizer, kernel, t)  # computed again on each pass over it, never held whole
     slopes = row_slopes(params, base, u, causal_lm_row_losses(model, batches)) if batches else None
     measured = with_update_applied(params, base, u, ghost) if ghost is not None else None
     return slopes, measured

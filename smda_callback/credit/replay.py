@@ -544,7 +544,8 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
         raise ValueError(f"replay: the disk spacing (outer {outer}: --replay-outer, SMDAConfig.replay_outer) must be a "
                          f"multiple of the memory spacing (every {every}: --replay-every, SMDAConfig.replay_every); "
                          f"e.g. outer {every * max(1, round(outer / every))}.")
-    files = -(-n // outer) + 1 + (outer // every - 1 if outer > every else 0)  # outer checkpoints, the end, one block's inner ones
+    # outer checkpoints, the end, and the inner ones of the one block being recomputed (a block is at most n steps long)
+    files = -(-n // outer) + 1 + (-(-min(outer, n) // every) - 1 if outer > every else 0)
     return {"every": every, "outer": outer, "states_in_memory": every + 1, "files_on_disk": files,
             "disk_bytes": files * state_bytes, "memory_bytes": (every + 1) * state_bytes}
 
@@ -608,12 +609,15 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                          f"{r['outer']}, objectives {sorted(r['final'])}, {ReplayVariant.of_record(r)}); "
                          f"remove {work} to start this one afresh.")
     kept = [run.params[i] for i in run.sel]
-    need = plan["disk_bytes"] + 2 * len(objectives) * state_bytes  # the checkpoints and the adjoints' resume file (and its next copy)
+    # the checkpoints, and the adjoints' resume file (and its next copy) where the run is long enough to write one
+    adj_bytes = len(objectives) * len(parts) * sum(p.numel() * p.element_size() for p in kept)
+    need = plan["disk_bytes"] + (2 * adj_bytes if n - outer >= resume_every else 0)
     free = shutil.disk_usage(work).free
     if r is None and need > free:
         raise ValueError(
             f"replay: {n} steps with a checkpoint every {outer} steps need ≈ {need / 2**30:.1f} GiB on disk "
-            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB and the adjoints), "
+            f"under {work} ({plan['files_on_disk']} states of {state_bytes / 2**30:.2f} GiB"
+            f"{' and the adjoints' if need > plan['disk_bytes'] else ''}), "
             f"{free / 2**30:.1f} GiB are free. Space the disk checkpoints further apart (--replay-outer / "
             f"SMDAConfig.replay_outer, a multiple of the memory spacing; the forward steps then run three times instead "
             f"of twice), replay fewer steps, or free disk.")
