@@ -1,0 +1,97 @@
+"""Is a pair's effect on the retrained model linear in its weight? (docs/validation.md §9, "Linear in a pair's
+weight?"). A validation experiment, not part of the package: retrains of an `smda benchmark-lds` run's data order in
+which one pair's loss (so its gradient, before clipping) is scaled by w, everything else as the retrain runs it.
+
+    python experiments/linearity.py runs/lds64s --steps 0 4 6 40 --weights 0 0.5 0.9 1 [--shard i/2] [--report]
+
+Writes one job per (step, w) under OUT/linearity/ (resumable, shardable); `--report` prints, per pair and quantity,
+the change f(w) − f(1) against the straight line through w = 0 and w = 1 (the change at w is (1 − w) times the change
+at 0 when the response is linear), and the replay's effects beside them. w = 1 must reproduce the full retrain
+bitwise (checked). A zero-weight step still runs (Adam's moments decay, its count and weight decay advance): it is
+not the replay's "weight zero" (the step skipped), which the report says beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def job(out: Path, step: int, w: float) -> dict:
+    from smda_callback.lab.lds import LDSSettings, _snapshotter, _trainer_for, ranked_pairs, run_scorer
+
+    made = json.loads((out / "subsets.json").read_text())
+    st = LDSSettings(n_pairs=made["settings"]["n_pairs"], seed=made["settings"]["seed"],
+                     ranking_run=made["settings"]["ranking_run"])
+    run_dir = Path(st.ranking_run)
+    order, pairs = ranked_pairs(run_dir, st)
+    if order != made["order"]:
+        raise SystemExit(f"{run_dir}'s order is not {out}'s")
+    trainer = _trainer_for([pairs[i] for i in order], out / "linearity" / f"tmp_{step}_{w}", st.seed)
+    plain = trainer.compute_loss
+
+    def scaled(model, inputs, return_outputs=False, **kw):  # this step's loss times w (one pair per step)
+        res = plain(model, inputs, return_outputs=return_outputs, **kw)
+        if trainer.state.global_step != step or w == 1.0:
+            return res
+        return (res[0] * w, res[1]) if return_outputs else res * w
+
+    trainer.compute_loss = scaled
+    t0 = time.perf_counter()
+    trainer.train()
+    model = trainer.model.eval()
+    probes, snap = _snapshotter(trainer.processing_class, model, run_scorer(run_dir))
+    Y = snap.take(model).Y
+    harmful = np.asarray(probes.is_harmful)
+    return {"step": step, "pair": order[step], "w": w, "refusal_harmful": float(Y[harmful].mean()),
+            "refusal_harmless": float(Y[~harmful].mean()), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def report(out: Path) -> None:
+    full = json.loads((out / "jobs" / "full0.json").read_text())
+    rep = json.loads((out / "replay.json").read_text())
+    loo = {p.stem[4:]: json.loads(p.read_text()) for p in (out / "jobs").glob("loo-*.json")}
+    got = [json.loads(p.read_text()) for p in sorted((out / "linearity").glob("*.json"))]
+    for j in got:
+        if j["w"] == 1.0:
+            same = all(j[f"refusal_{q}"] == full[f"refusal_{q}"] for q in ("harmful", "harmless"))
+            print(f"w = 1 at step {j['step']}: {'bitwise the full retrain' if same else 'NOT the full retrain'}")
+    for q in ("harmful", "harmless"):
+        print(f"\n{q}: f(w) − f(1) for the pair at each step; 'linear' = (1 − w)·(f(0) − f(1)); replay: weight-zero and "
+              "in-place effects; measured: the pair dropped in place")
+        print("| step | pair | w | f(w) − f(1) | linear | replay weight-zero | replay in place | measured in place |")
+        print("|---|---|---|---|---|---|---|---|")
+        for step in sorted({j["step"] for j in got}):
+            mine = {j["w"]: j[f"refusal_{q}"] - full[f"refusal_{q}"] for j in got if j["step"] == step}
+            pair = rep["order"][step]
+            for w in sorted(mine):
+                lin = (1 - w) * mine[0.0] if 0.0 in mine else float("nan")
+                dropped = loo[pair][f"refusal_{q}"] - full[f"refusal_{q}"] if pair in loo else float("nan")
+                print(f"| {step} | {pair} | {w:g} | {mine[w]:+.4f} | {lin:+.4f} | {rep['weight_zero_effect'][q][step]:+.4f} | "
+                      f"{rep['removal_effect'][q][step]:+.4f} | {dropped:+.4f} |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="an `smda benchmark-lds --out` directory (subsets.json, jobs/full0.json, replay.json)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[0, 4, 6, 40])
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 0.9, 1.0])
+    ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    if not a.report:
+        i, n = map(int, a.shard.split("/"))
+        todo = [(s, w) for s in a.steps for w in a.weights if not (w == 1.0 and s != a.steps[0])]
+        for s, w in todo[i::n]:
+            path = out / "linearity" / f"s{s:03d}_w{w:g}.json"
+            if not path.exists():
+                res = job(out, s, w)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(res, indent=1))
+                print(json.dumps(res), flush=True)
+    report(out)
