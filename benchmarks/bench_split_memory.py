@@ -12,15 +12,15 @@ measured in one run). The callback's own θ_{t−1} copy (`base`, taken before t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 def vm(key: str) -> int:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from gpu_check import report
     from smda_callback.credit import measure_step, read_kernel, trainable_params
 
     torch.manual_seed(0)
@@ -73,10 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = vm("VmHWM") - before
     res = {"trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype), "rows": args.rows,
            "ghost": args.ghost, "split_extra_copies": extra / weights, "slopes_finite": bool(torch.isfinite(torch.as_tensor(slopes)).all())}
-    for k, v in res.items():
-        print(f"{k:<20} {v:.3f}" if isinstance(v, float) else f"{k:<20} {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    report(res, args.json)
     return res
 
 

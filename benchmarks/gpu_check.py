@@ -350,12 +350,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res.update(replay)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
-        width = max(len(k) for k in res)
-        for k, v in res.items():
-            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
+        report(res, args.json)
     return res
+
+
+def report(res: dict[str, Any], json_path: str | None) -> None:
+    """The results as a two-column table on stdout, and as JSON at `json_path` when given."""
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
