@@ -90,7 +90,7 @@ class NewestUpdate:
                 if p.grad is None:
                     yield torch.zeros_like(p)
                     continue
-                out = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # contiguous, so that its flat view is
+                out = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # contiguous: its flat view is in element order
                 st = self.opt.state[p] if self.kernel.kind == "adam" else None
                 v = None if st is None else st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
                 bias = None if st is None else 1.0 - group["betas"][1] ** int(float(st["step"]))
