@@ -9,10 +9,12 @@ Needs only: torch, transformers, accelerate, numpy, pandas, safetensors, tensorb
 plus this repository on the path (`PYTHONPATH=.`). No trl, sae-lens, datasets or network: the model is a
 randomly initialised one of a named real shape (cost does not depend on the weights) or `--model DIR`, the
 SAE a random TopK SAE written here with sae-lens' encode/decode surface, the tokenizer a word-level one built
-from the shipped probes and pairs with a ChatML template (or the model folder's own).
+from the shipped probes and pairs with a ChatML template (or the model folder's own). Random models are built on
+the device; a timed progress line per phase goes to stderr, so a run stopped at a time limit says where it was.
 
 Prints, side by side in one run (same seed, same initial weights, same batches):
-  step s (bare / with SMDA), callback s per step and its ratio to the bare step, peak device memory with and
+  step s (bare / with SMDA), callback s per step and its ratio to the bare step (and of it the probe pass and the
+  in-step split, the records' seconds_probe and seconds_split), peak device memory with and
   without the callback, the credit's telescoping error, whether the trained weights are bitwise identical
   with and without the callback, and X/Y agreement of a probe pass in the training dtype with an fp32 one.
   With --replay K (default 4; 2 in --smoke; off for 0, --fsdp or several processes) a third run with
