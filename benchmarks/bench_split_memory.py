@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         ids = torch.randint(0, args.vocab, (1, args.tokens))
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=False)
-    for _ in range(2):
+    for i in range(2):  # one step taken (so Adam's moments exist), then the measured step's gradient
         opt.zero_grad()
         (sum(model(**r).loss for r in rows) / len(rows)).backward()
-        if _ == 0:
+        if i == 0:
             opt.step()
     params = trainable_params(opt)
     base = [p.detach().clone() for p in params]

@@ -75,13 +75,14 @@ def main(out: Path, replay_file: str, kept_schedule: Path | None = None) -> None
         if keep is not None:  # the same pairs dropped with every kept pair at its full-run rate
             ids = [i for i in order if i in keep]
             k_meas = np.asarray([keep[i][q] for i in ids])
+            in_place = np.asarray([single[i][q] for i in ids])
             wz = dict(zip(rep["order"], rep["weight_zero_effect"][q]))
-            sched = np.asarray([single[i][q] for i in ids]) - k_meas
+            wz_ids = np.asarray([wz[i] for i in ids])
             print(f"  {len(ids)} pairs also dropped with the rates kept ({kept_schedule}): mean |change| {np.abs(k_meas).mean():.4f}, "
-                  f"the schedule's part of dropping them in place (in place − rates kept) {np.abs(sched).mean():.4f}; "
-                  f"replay weight zero against rates kept: Spearman {spearman(np.asarray([wz[i] for i in ids]), k_meas):+.2f}, "
-                  f"slope {np.polyfit(np.asarray([wz[i] for i in ids]), k_meas, 1)[0]:.2f}; replay in place against in place: "
-                  f"Spearman {spearman(np.asarray([eff[i] for i in ids]), np.asarray([single[i][q] for i in ids])):+.2f}")
+                  f"the schedule's part of dropping them in place (in place − rates kept) {np.abs(in_place - k_meas).mean():.4f}; "
+                  f"replay weight zero against rates kept: Spearman {spearman(wz_ids, k_meas):+.2f}, "
+                  f"slope {np.polyfit(wz_ids, k_meas, 1)[0]:.2f}; replay in place against in place: "
+                  f"Spearman {spearman(np.asarray([eff[i] for i in ids]), in_place):+.2f}")
         for k in sorted(set(sizes)):
             m = sizes == k
             print(f"  {k} pairs removed: Spearman of |interaction| with the smallest gap between removed steps "

@@ -21,11 +21,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def job(out: Path, step: int, w: float, below_clip: float | None = None) -> dict:
-    from smda_callback.lab.lds import LDSSettings, _snapshotter, _trainer_for, ranked_pairs, run_scorer
+    from smda_callback.lab.lds import LDSSettings, _trainer_for, probe_refusal, ranked_pairs, run_scorer
 
     made = json.loads((out / "subsets.json").read_text())
     st = LDSSettings(n_pairs=made["settings"]["n_pairs"], seed=made["settings"]["seed"],
@@ -49,12 +47,9 @@ def job(out: Path, step: int, w: float, below_clip: float | None = None) -> dict
     trainer.compute_loss = scaled
     t0 = time.perf_counter()
     trainer.train()
-    model = trainer.model.eval()
-    probes, snap = _snapshotter(trainer.processing_class, model, run_scorer(run_dir))
-    Y = snap.take(model).Y
-    harmful = np.asarray(probes.is_harmful)
-    return {"step": step, "pair": order[step], "w": w, "below_clip": below_clip, "refusal_harmful": float(Y[harmful].mean()),
-            "refusal_harmless": float(Y[~harmful].mean()), "seconds": round(time.perf_counter() - t0, 1)}
+    measured = probe_refusal(trainer.model, trainer.processing_class, run_scorer(run_dir))  # as every retrain is measured
+    return {"step": step, "pair": order[step], "w": w, "below_clip": below_clip, **measured,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def report(out: Path) -> None:

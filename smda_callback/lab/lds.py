@@ -215,6 +215,12 @@ def retrain_measure(ordered: list[dict[str, Any]], tmp: Path, st: LDSSettings,
         from .models import load_model
 
         model, tok = load_model()
+    return probe_refusal(model, tok, scorer)
+
+
+def probe_refusal(model: Any, tok: Any, scorer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One probe pass on `model` in eval mode with the refusal scorer `scorer` (`run_scorer`): Y per probe, mean
+    refusal on the harmful and on the harmless probes, and per category: what every retrain is measured by."""
     model.eval()
     probes, snap = _snapshotter(tok, model, scorer)
     Y = snap.take(model).Y
