@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -701,3 +702,45 @@ def test_every_pair_left_out_is_scored_as_the_additive_reader_of_retraining_itse
     assert score(tmp_path)["readers"][ADDITIVE]["harmful"]["lds"] < 0.9
     (tmp_path / "jobs" / f"loo-{ids[0]}.json").unlink()
     assert ADDITIVE not in score(tmp_path)["readers"]
+
+
+def test_a_retrained_ranking_run_is_scored_on_kept_retrains_with_its_exact_segment_readers(tmp_path):
+    """`--against FILE`: a ranking run trained again (a new machine) is read on the retrains a kept file holds; the
+    kept readers it does not compute come from the file; a replay's exact-segment readers are read beside its own."""
+    from smda_callback.lab.lds import keep, segment_reader
+
+    ids, sets = _fake(tmp_path / "a", n=20, k=12)
+    s = score(tmp_path / "a")
+    kept = tmp_path / "kept.json"
+    k = keep(tmp_path / "a", s, "smda benchmark-lds -o a")
+    k["reader_scores"]["tracin (final weights)"] = {q: {i: 1.0 for i in ids} for q in ("harmful", "harmless")}
+    kept.write_text(json.dumps(k))
+    b = tmp_path / "b"  # the ranking run again, one full retrain of its own, no subset retrains
+    shutil.copytree(tmp_path / "a" / "run", b / "run")
+    (b / "jobs").mkdir()
+    full = json.loads((tmp_path / "a" / "jobs" / "full0.json").read_text())
+    (b / "jobs" / "full0.json").write_text(json.dumps({**full, "refusal_harmful": full["refusal_harmful"] + 1e-6}))
+    (b / "subsets.json").write_text(json.dumps({"settings": {"seed": 0}, "order": ids, "subsets": {}}))
+    credits = json.loads((b / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    noisy = {i: -eff[i] * (1 + (3 if n < 5 else 0)) for n, i in enumerate(ids)}  # the replay overstates the first 5
+    rep = {"order": ids, "removal_effect": {"harmful": [noisy[i] for i in ids], "harmless": [0.5 * noisy[i] for i in ids]},
+           "weight_zero_effect": {"harmful": [noisy[i] for i in ids], "harmless": [0.5 * noisy[i] for i in ids]},
+           "segments": {"below": 5, "steps": 0, "seconds": 1.0, "by_until": [{"until": 8, "removal_effect": {
+               "harmful": [-eff[i] for i in ids], "harmless": [-0.5 * eff[i] for i in ids]}}]}}
+    (b / "replay.json").write_text(json.dumps(rep))
+    assert score(b)["n_subsets"] == 0  # on its own retrains: nothing to score
+    r = score(b, against=kept)
+    assert r["n_subsets"] == 12 and r["against"]["full_refusal_gap"] == pytest.approx(1e-6)
+    name = segment_reader("replay", 5, 8)
+    assert name == "replay, first 5 pairs exact to step 8" and name in r["readers"]
+    for q in ("harmful", "harmless"):
+        assert r["readers"][name][q]["lds"] > 0.999 and r["readers"][name][q]["slope"] == pytest.approx(1.0)
+        assert r["readers"]["credit (default)"][q]["lds"] == pytest.approx(s["readers"]["credit (default)"][q]["lds"])
+    assert "tracin (final weights)" in r["readers"] and "replay (dropped in place)" in r["readers"]
+    assert "measured by the retrains kept in" in format_score(r)
+    bad = json.loads(kept.read_text())
+    bad["order"] = ids[::-1]
+    kept.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="another training order"):
+        score(b, against=kept)

@@ -829,3 +829,58 @@ def test_a_replay_variant_is_checked_when_made_and_read_back_from_what_a_replay_
     assert ReplayVariant.of_record({"n": 4, **v.__dict__}) == v
     assert ReplayVariant.of_record({"second_moment": "fixed"}) == ReplayVariant("fixed")  # before curvature/eps/layers
     assert v.fixed_v and not ReplayVariant().fixed_v
+
+
+def test_early_pairs_taken_exactly_to_the_end_are_the_retrain_up_to_the_objectives_first_order(smol_tokenizer, tmp_path):
+    """`Segment`: each early pair's removal stepped exactly (the later pairs one place earlier, at their new place's
+    lr and Adam count) up to E, then carried by the replay. Up to the run's end it is the retrain without the pair read
+    to the first order of the objective at the end: ∇f(θ_T) · (θ'_T − θ_T), θ'_T the retrain's weights."""
+    from smda_callback.credit.replay import Segment, warmup_steps
+
+    f = _objective(smol_tokenizer)
+    tr = _trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4)
+    res = replay(tr, {"f": f}, tmp_path / "w", every=2, segment=Segment(until=(4, 6)))
+    n, seg = len(res["lr"]), res["segments"]
+    assert not (tmp_path / "w").exists() and res["recompute_gap"] == 0.0
+    assert warmup_steps(res["lr"]) == 2 == seg["below"] and [b["until"] for b in seg["by_until"]] == [4, 6]
+    assert seg["steps"] == 2 + (6 - 0 - 1) + (6 - 1 - 1)
+    for b in seg["by_until"]:  # from step `below` on, the replay's own in-place effects
+        assert b["removal_effect"]["f"][2:] == res["removal_effect"]["f"][2:]
+    end = {b["until"]: b["removal_effect"]["f"] for b in seg["by_until"]}
+    params = [p for p in tr.model.parameters() if p.requires_grad]  # the replay leaves the model at the final weights
+    assert float(f(tr.model)) == pytest.approx(res["final"]["f"], rel=1e-12)
+    grad = torch.autograd.grad(f(tr.model), params)
+    for skip in range(2):
+        run = Stepper(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4))  # the retrain without pair `skip`
+        run.lrs.extend(res["lr"])
+        for t in range(n):
+            if t < skip:
+                run.step(t)
+            elif t > skip:
+                run.step(t - 1, batch=t)  # pair t at place t − 1: that place's lr, Adam counting t
+        first_order = sum(float((g * (a.detach() - b.detach())).sum()) for g, a, b in zip(grad, run.params, params))
+        measured = float(f(run.model).detach()) - res["final"]["f"]
+        print(f"pair {skip}: measured {measured:.4e}, exact to the end {end[6][skip]:.4e} (its first order "
+              f"{first_order:.4e}), exact to step 4 {end[4][skip]:.4e}, replay {res['removal_effect']['f'][skip]:.4e}")
+        assert abs(first_order) > 1e-6 and end[6][skip] == pytest.approx(first_order, rel=1e-9)
+        assert measured * end[6][skip] > 0 and len({end[4][skip], end[6][skip], res["removal_effect"]["f"][skip]}) == 3
+    with pytest.raises(ValueError, match="choose steps ≤ 6"):
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w2", segment=Segment(until=(7,)))
+    with pytest.raises(ValueError, match="choose 0 < below < until"):
+        Segment(until=(3,), below=3)
+    with pytest.raises(ValueError, match=r"between 1 and 1"):  # the warm-up (2 steps) is not before the end at step 2
+        replay(_trainer(smol_tokenizer, tmp_path, 1.0, 0.0, lr=3e-4), {"f": f}, tmp_path / "w3", segment=Segment(until=(2,)))
+
+
+@pytest.mark.parametrize("args,msg", [(["--replay-exact-below", "3"], "needs --replay-exact-until"),
+                                      (["--replay-exact-until", "65"], "the run has 64 steps"),
+                                      (["--replay-exact-until", "8", "--replay-last", "4"], "drop --replay-last"),
+                                      (["--replay-exact-until", "8", "--replay-exact-below", "8"], "below < until")])
+def test_cli_refuses_bad_exact_segments_before_any_work(tmp_path, capsys, monkeypatch, args, msg):
+    import smda_callback.lab.lds as lds
+    from smda_callback.cli.main import main
+
+    monkeypatch.setattr(lds, "run_jobs", lambda *a, **k: pytest.fail("retrains started before the refusal"))
+    assert main(["benchmark-lds", "-o", str(tmp_path / "l"), "--replay", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smda: error: --replay-exact") and msg in err and "Traceback" not in err

@@ -273,7 +273,8 @@ def _retrain(a: argparse.Namespace) -> int:
 
 def _lds(a: argparse.Namespace) -> int:
     from ..lab.files import write_json
-    from ..lab.lds import LDSSettings, format_score, keep, peer_jobs, replay_job, replay_reader, run_jobs, score
+    from ..lab.lds import (LDSSettings, format_score, has_segments, keep, peer_jobs, replay_job, replay_reader, run_jobs,
+                           score)
     from ..lab.retrain import parse_shard
 
     _check_replay_spacing(a)
@@ -282,11 +283,24 @@ def _lds(a: argparse.Namespace) -> int:
                      keep_schedule=a.keep_schedule, orders=a.orders, measure=a.measure)
     if a.replay_last is not None and a.replay_last < 1:  # refused before any retrain, not after hours of them
         raise ValueError(f"--replay-last {a.replay_last}: give a number of steps ≥ 1 (the run's last steps to replay).")
-    from ..credit.replay import ReplayVariant
+    from ..credit.replay import ReplayVariant, Segment
     try:
         variant = ReplayVariant(a.replay_second_moment, not a.replay_no_curvature, a.replay_eps, a.replay_layers)
     except ValueError as e:  # argparse has checked the other fields' types and choices: only ε can be refused here
         raise ValueError(f"--replay-eps {a.replay_eps}: {str(e).removeprefix('replay: ')}") from None
+    segment = None
+    if a.replay_exact_until:
+        if a.replay_last is not None:
+            raise ValueError("--replay-exact-until reads the whole run's early pairs: drop --replay-last.")
+        if max(a.replay_exact_until) > a.n_pairs:
+            raise ValueError(f"--replay-exact-until {max(a.replay_exact_until)}: the run has {a.n_pairs} steps; choose "
+                             f"steps ≤ {a.n_pairs}.")
+        try:
+            segment = Segment(tuple(a.replay_exact_until), a.replay_exact_below)
+        except ValueError as e:
+            raise ValueError(f"--replay-exact-until/--replay-exact-below: {str(e).removeprefix('replay: ')}") from None
+    elif a.replay_exact_below is not None:
+        raise ValueError("--replay-exact-below needs --replay-exact-until (where the exact stretch ends).")
     if a.replay and a.replay_layers:  # the replay's own rule (kept_blocks), on the embedded model built without weights
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -302,11 +316,12 @@ def _lds(a: argparse.Namespace) -> int:
             raise ValueError(f"--replay-layers {a.replay_layers}: {str(e).removeprefix('replay: ')}") from None
     if not a.score_only:
         run_jobs(a.out, st, parse_shard(a.shard))
-    if a.replay and not Path(a.out, replay_reader(variant, a.replay_last)[1]).exists():
-        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, last=a.replay_last, variant=variant)
+    written = Path(a.out, replay_reader(variant, a.replay_last)[1])
+    if a.replay and (not written.exists() or not has_segments(json.loads(written.read_text()), segment)):
+        replay_job(a.out, st, every=a.replay_every, outer=a.replay_outer, last=a.replay_last, variant=variant, segment=segment)
     if a.peers:
         peer_jobs(a.out, tuple(a.peers), st)
-    s = score(a.out)
+    s = score(a.out, a.against)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
     if a.keep:
         write_json(a.keep, keep(a.out, s, a.command))
@@ -545,6 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-last", type=int, default=None, metavar="K",
                     help="replay only the run's last K steps (earlier pairs read 0), as SMDAConfig(replay_last_steps=K) "
                          "does in the user's run (replay_last<K>.json, scored beside the whole run's replay)")
+    ld.add_argument("--replay-exact-until", type=int, nargs="+", default=[], metavar="E",
+                    help="with --replay: the early pairs' removals also taken exactly up to step E (their retrain stepped "
+                         "to E), then carried to the end by the replay (one reader per E; Σ (E − s − 1) plain steps over the "
+                         "early pairs s; credit/replay.py Segment)")
+    ld.add_argument("--replay-exact-below", type=int, default=None, metavar="W",
+                    help="the pairs of steps 0..W−1 are the early ones (default: the warm-up, steps whose lr is below its peak)")
+    ld.add_argument("--against", metavar="FILE",
+                    help="score against the retrains kept in FILE (benchmarks/lds/*.json) instead of --out's own: a ranking "
+                         "run trained again on a new machine, read on the first one's retrains (its order must be theirs)")
     ld.add_argument("--peers", nargs="*", choices=list(PEERS), default=[],
                     help="also these peer readers at the ranking run's final weights (TracIn, kronfluence EK-FAC)")
     ld.add_argument("--keep", metavar="FILE",

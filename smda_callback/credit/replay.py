@@ -106,6 +106,40 @@ Objective = Callable[[Any], Any]
 so that a probe set's graphs are never held at once); gradients are taken for the trainable parameters."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The early pairs' removals taken exactly for a stretch of the run, then carried to its end to first order.
+
+    The replay is first order in each removal. Early in a run (Adam's second moment holds a few gradients, the lr still
+    climbs) a pair's effect is not linear (docs/validation.md §9, "Linear in a pair's weight?") and the replay's error
+    sits there ("Every pair left out"). For each pair before step `below` (default: the warm-up, the steps whose lr is
+    below the run's peak), the retrain without it is taken step by step up to step E (its later pairs one place
+    earlier, as a retrain runs them), and the difference of that state from the run's at E is carried to the end by the
+    adjoint A_E, plus the rate shift of the steps from E on (`shift_effect`): A_E · (S'_E − S_E) + Σ_{t≥E} shift_t.
+    E = the step after the pair gives the replay's own effect back; E = the run's end, the retrain up to the
+    objective's first order. Costs Σ_s (E − s − 1) plain steps (one forward and backward each) and, per E, one state and
+    its adjoints on disk."""
+
+    until: tuple[int, ...]
+    """The steps E at which the exact stretch ends (each read as its own reader)."""
+    below: int | None = None
+    """The pairs of local steps 0..below − 1 are taken exactly; None: the warm-up (`warmup_steps`)."""
+
+    def __post_init__(self) -> None:
+        if not self.until or min(self.until) < 2:
+            raise ValueError(f"replay: exact segments until steps {list(self.until)}: give steps ≥ 2 (the step after the "
+                             "last pair taken exactly).")
+        if self.below is not None and not 0 < self.below < min(self.until):
+            raise ValueError(f"replay: exact segments for the pairs below step {self.below} until step {min(self.until)}: "
+                             "choose 0 < below < until (the stretch must end after the pairs it takes exactly).")
+
+
+def warmup_steps(lrs: Sequence[float]) -> int:
+    """How many steps the run takes before its lr first reaches its peak (0 for a run without warm-up)."""
+    peak = max(lrs, default=0.0)
+    return next((t for t, lr in enumerate(lrs) if lr >= peak * (1 - 1e-9)), len(lrs))
+
+
 def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
     """Whether `trainer.training_step` takes `compute_loss`'s value as already scaled for gradient accumulation, or
     divides it by the step's number of micro-batches: the Trainer's own rule (its `loss_is_scaled_for_ga` where a
@@ -188,17 +222,7 @@ class State:
                 s["step"].fill_(float(self.step))
 
     def save(self, path: Path) -> None:
-        """Without the zip records' CRC-32, which took 4.6 of 5 s per 1.6 GB state on the 2-core machine (a
-        checkpoint lives minutes, on a local disk; torch's process-wide option is put back as it was)."""
-        crc = getattr(torch.serialization, "get_crc32_options", lambda: True)()
-        setter = getattr(torch.serialization, "set_crc32_options", None)
-        if setter is not None:
-            setter(False)
-        try:
-            torch.save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
-        finally:
-            if setter is not None:
-                setter(crc)
+        _save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
 
     @classmethod
     def load(cls, path: Path, into: "State | None" = None) -> "State":
@@ -405,19 +429,21 @@ class Steps:
             g[i] = g[i] - onehot * row.unsqueeze(0)
         return g
 
-    def step(self, t: int) -> None:
-        """Step t as the Trainer takes it (its lr read from the schedule the first time, then reused)."""
-        fresh = t == len(self.lrs)
+    def step(self, t: int, batch: int | None = None) -> None:
+        """Step t as the Trainer takes it (its lr read from the schedule the first time, then reused). `batch`: step
+        t's lr on the batch of local step `batch` instead (Adam's count is the optimizer's own): a retrain without
+        an earlier pair takes pair t + 1 at place t. Only a step already taken once can be taken so."""
+        fresh = t == len(self.lrs) and batch is None
         if fresh:
             self.lrs.append(float(self.opt.param_groups[0]["lr"]))
-        elif t > len(self.lrs):
+        elif t >= len(self.lrs):
             raise ValueError(f"replay: step {t} taken before step {len(self.lrs)}; take the steps in order the first time.")
         self.opt.zero_grad(set_to_none=True)
-        for mb, n, k in self._micro(t):  # one backward per micro-batch, as the Trainer accumulates
+        for mb, n, k in self._micro(t if batch is None else batch):  # one backward per micro-batch, as the Trainer accumulates
             self._micro_loss(mb, n, k).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip)) if self.clip > 0 else _norm(grads)
-        if t == len(self.norms):
+        if t == len(self.norms) and batch is None:
             self.norms.append(norm)
         for g in self.opt.param_groups:
             g["lr"] = self.lrs[t]
@@ -552,7 +578,7 @@ def checkpoint_plan(n: int, state_bytes: int, every: int, outer: int | None = No
 
 def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
                  progress: Callable[[str], None] | None = None, outer: int | None = None,
-                 resume_every: int = 16, variant: ReplayVariant = EXACT) -> dict[str, Any]:
+                 resume_every: int = 16, variant: ReplayVariant = EXACT, segment: Segment | None = None) -> dict[str, Any]:
     """Every step's predicted effect of its removal on each objective at the end of `run`'s steps, taken from the
     weights and moments the model and optimizer hold now. Per-step lists are indexed by local step (global step =
     "first_step" + index).
@@ -564,7 +590,9 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     "effect_parts" {name: {part: [its share of the weight-zero effect]}}}. `variant`: the model of the run that is
     linearised (`ReplayVariant`; default the run itself). Without curvature the adjoint of θ reaches earlier steps only
     through weight decay and the moments (one plain backward per step); with `layers` ≠ 0 the adjoints hold the kept
-    blocks' parameters only. `workdir` holds the checkpoints (3 copies of the weights each) and is
+    blocks' parameters only. `segment`: the early pairs also read with their removal taken exactly up to each of its
+    steps (`Segment`), under "segments": {"below", "by_until": [{"until": E, "removal_effect": {name: [per step]}}],
+    "steps", "seconds"} (from step `below` on, the replay's own in-place effects). `workdir` holds the checkpoints (3 copies of the weights each) and is
     removed at the end; the model and optimizer are left at the recomputed final state. The reverse pass saves its adjoints and
     results there at an outer block's start at least `resume_every` steps after the last save; a replay stopped
     after that (killed, out of time) resumes from it when called again with the same `workdir` and spacings.
@@ -576,7 +604,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
     for m in checkpointed:
         m.gradient_checkpointing = False
     try:
-        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, variant)
+        return _replay_steps(run, objectives, workdir, every, progress, outer, resume_every, variant, segment)
     finally:
         for m in checkpointed:
             m.gradient_checkpointing = True
@@ -584,7 +612,7 @@ def replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Pa
 
 def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | Path, every: int,
                   progress: Callable[[str], None] | None, outer: int | None, resume_every: int,
-                  variant: ReplayVariant) -> dict[str, Any]:
+                  variant: ReplayVariant, segment: Segment | None = None) -> dict[str, Any]:
     parts = ("theta", "m") if variant.fixed_v else ("theta", "m", "v")
     layers = variant.layers
     say = progress or logger.info
@@ -594,6 +622,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     n = len(run)
     if n < 1:
         raise ValueError("replay: no steps to replay.")
+    if segment is not None and max(segment.until) > n:
+        raise ValueError(f"replay: exact segments until step {max(segment.until)} of a {n}-step run; choose steps ≤ {n}.")
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in run.params)
     plan = checkpoint_plan(n, state_bytes, every, outer)
     outer = plan["outer"]
@@ -612,6 +642,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     # the checkpoints, and the adjoints' resume file (and its next copy) where the run is long enough to write one
     adj_bytes = len(objectives) * len(parts) * sum(p.numel() * p.element_size() for p in kept)
     need = plan["disk_bytes"] + (2 * adj_bytes if n - outer >= resume_every else 0)
+    if segment is not None:  # per end of an exact stretch: the run's state there and its adjoints
+        need += len(set(segment.until)) * (state_bytes + adj_bytes)
     free = shutil.disk_usage(work).free
     if r is None and need > free:
         raise ValueError(
@@ -705,21 +737,79 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                     norms[name][key][t] = _norm(A[key])
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre_k, post_k, A)
+            if segment is not None and t + 1 in segment.until:  # an exact stretch ends here: S_E and A_E, for `_segments`
+                post.save(work / f"seg{t + 1:05d}_state.pt")
+                _save(adj, work / f"seg{t + 1:05d}_adjoint.pt")
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
             run.vjp(t, post, adj, variant)
         if s % outer:  # an outer checkpoint stays until the resume file has moved past its block
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
-    run.load(State.load(work / "end.pt"))
-    shutil.rmtree(work, ignore_errors=True)
+    pool.clear()
+    states = []
     # a pair dropped in place also moves every later step one place earlier
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
+    segments = _segments(run, work, segment, shift, in_place, say) if segment is not None else None
+    run.load(State.load(work / "end.pt"))
+    shutil.rmtree(work, ignore_errors=True)
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
             "clipped": [bool(run.clip > 0 and x > run.clip) for x in run.norms], "recompute_gap": gap,
             "checkpoints": plan, **asdict(variant), "linearised_parameters": sum(p.numel() for p in kept),
             "first_step": run.start, "adjoint_norm": norms, "effect_parts": shares,
+            **({"segments": segments} if segments is not None else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "seconds": round(spent + time.perf_counter() - t0, 1)}
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save without the zip records' CRC-32, which took 4.6 of 5 s per 1.6 GB state on the 2-core machine (a
+    checkpoint lives minutes, on a local disk; torch's process-wide option is put back as it was)."""
+    crc = getattr(torch.serialization, "get_crc32_options", lambda: True)()
+    setter = getattr(torch.serialization, "set_crc32_options", None)
+    if setter is not None:
+        setter(False)
+    try:
+        torch.save(obj, path)
+    finally:
+        if setter is not None:
+            setter(crc)
+
+
+def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[float]],
+              in_place: dict[str, list[float]], say: Callable[[str], None]) -> dict[str, Any]:
+    """The early pairs' removals taken exactly up to each end of `segment` (`Segment`), from the first checkpoint and
+    the states and adjoints the reverse pass left at those ends. The model and optimizer are left somewhere in the run."""
+    t0 = time.perf_counter()
+    n, ends = len(run), sorted(set(segment.until))
+    below = warmup_steps(run.lrs) if segment.below is None else segment.below
+    if not 0 < below < ends[0]:
+        raise ValueError(f"replay: exact segments for the pairs below step {below} (the run's warm-up: its lr first "
+                         f"reaches its peak there) until step {ends[0]}: give Segment.below (--replay-exact-below) "
+                         f"between 1 and {ends[0] - 1}, or later ends.")
+    say(f"replay: the first {below} pairs' removals taken exactly to step{'s' if len(ends) > 1 else ''} "
+        f"{', '.join(map(str, ends))} ({sum(ends[-1] - s - 1 for s in range(below)) + below} plain steps)")
+    eff = {E: {name: list(v) for name, v in in_place.items()} for E in ends}  # from step `below` on: the replay's own
+    run.load(State.load(work / f"s{0:05d}.pt"))
+    pre = None
+    for s in range(below):
+        pre = run.state(s, into=pre)  # the run as trained, before step s
+        for j in range(s + 1, ends[-1]):  # the retrain without pair s: pair j at place j − 1
+            run.step(j - 1, batch=j)
+            if j + 1 in ends:
+                E = j + 1
+                st = torch.load(work / f"seg{E:05d}_state.pt", weights_only=True, mmap=True)
+                at = State(st["theta"], st["m"], st["v"], int(st["step"]))
+                adj = torch.load(work / f"seg{E:05d}_adjoint.pt", weights_only=True, mmap=True)
+                now, there = run.kept(run.state(E - 1, copy=False)), run.kept(at)
+                for name, A in adj.items():
+                    eff[E][name][s] = removal_effect(now, there, A) + sum(shift[name][E:])
+                del st, at, adj
+        run.load(pre)
+        run.step(s)
+        say(f"replay: pair {s + 1}/{below} taken exactly ({time.perf_counter() - t0:.0f} s)")
+    return {"below": below, "steps": sum(ends[-1] - s - 1 for s in range(below)) + below,
+            "by_until": [{"until": E, "removal_effect": eff[E]} for E in ends],
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 TRUST_FACTOR = 5.0

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..credit.replay import EXACT, TRUST_FACTOR, ReplayVariant, replay_trusted_from
+from ..credit.replay import EXACT, TRUST_FACTOR, ReplayVariant, Segment, replay_trusted_from
 from .analysis import partial_spearman, spearman
 from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
 from .files import write_json
@@ -110,6 +110,19 @@ def replay_reader(variant: ReplayVariant = EXACT, last: int | None = None) -> tu
     elif variant.layers < 0:
         name, file = f"{name}, first {-variant.layers} layers", file.replace(".json", f"_first{-variant.layers}.json")
     return (name, file) if not last else (f"{name}, last {last} steps", file.replace(".json", f"_last{last}.json"))
+
+
+def segment_reader(rname: str, below: int, until: int) -> str:
+    """The reader of a replay whose first `below` pairs' removals were taken exactly up to step `until` (`Segment`)."""
+    return f"{rname}, first {below} pairs exact to step {until}"
+
+
+def has_segments(rep: dict[str, Any], segment: Segment | None) -> bool:
+    """Whether a written replay already holds `segment`'s readers (None: nothing asked)."""
+    if segment is None:
+        return True
+    seg = rep.get("segments")
+    return bool(seg) and (segment.below in (None, seg["below"])) and set(segment.until) <= {b["until"] for b in seg["by_until"]}
 
 
 def records_order(run_dir: Path) -> list[str]:
@@ -312,18 +325,22 @@ def _snapshotter(tok: Any, model: Any, scorer: dict[str, Any] | None = None) -> 
 
 def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str], seed: int,
                     every: int = 4, outer: int | None = None, last: int | None = None,
-                    variant: ReplayVariant = EXACT) -> dict[str, Any]:
+                    variant: ReplayVariant = EXACT, segment: Segment | None = None) -> dict[str, Any]:
     """The replay reader (lab/replay.py) on a recorded one-pair-per-step demo run (the pair ids `order`, trained
     with the demo's settings and `seed`): every pair's predicted effect of dropping it on mean refusal of the
     harmful and of the harmless probes, carried through the rest of the run (the caller writes it down). `last`: only
     the last `last` steps are replayed; the per-step lists keep the run's length, 0 before them. `variant`: the model
-    of the run the reverse pass linearises."""
+    of the run the reverse pass linearises; `segment`: the early pairs also read with their removal taken exactly for
+    a stretch (`Segment`; not with `last`)."""
     from .replay import refusal_groups, refusal_objectives, replay
+
+    if segment is not None and last:
+        raise ValueError("replay: exact segments read the whole run's early pairs; replay the whole run (no --replay-last).")
 
     trainer = _trainer_for([pairs[i] for i in order], out / "tmp_replay", seed)
     probes, snap = _snapshotter(trainer.processing_class, trainer.model, run_scorer(out / "run"))
     res = replay(trainer, refusal_objectives(snap, refusal_groups(probes)), out / "tmp_replay" / "checkpoints", every=every, outer=outer,
-                 last=last, variant=variant)
+                 last=last, variant=variant, segment=segment)
     if last:
         before = len(order) - len(res["lr"])
         for key in ("removal_effect", "weight_zero_effect"):
@@ -335,12 +352,13 @@ def replay_recorded(out: Path, pairs: dict[str, dict[str, Any]], order: list[str
 
 
 def replay_job(out: str | Path, st: LDSSettings | None = None, every: int = 4, outer: int | None = None,
-               last: int | None = None, variant: ReplayVariant = EXACT) -> dict[str, Any]:
-    """The replay reader on the ranking run's order; `score` then shows it beside the other readers."""
+               last: int | None = None, variant: ReplayVariant = EXACT, segment: Segment | None = None) -> dict[str, Any]:
+    """The replay reader on the ranking run's order; `score` then shows it beside the other readers (with `segment`,
+    also each exact stretch's reader, `segment_reader`)."""
     st = st or LDSSettings()
     out = Path(out)
     order, pairs = ranked_pairs(out / "run", st)
-    res = replay_recorded(out, pairs, order, st.seed, every, outer, last, variant)
+    res = replay_recorded(out, pairs, order, st.seed, every, outer, last, variant, segment)
     path = out / replay_reader(variant, last)[1]
     write_json(path, res)
     return res
@@ -499,6 +517,9 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
         for rname, rep in (reps or {}).items():  # a pair's score is the change it makes when trained: minus its removal's effect
             for name, key in ((f"{rname} (dropped in place)", "removal_effect"), (f"{rname} (weight zero)", "weight_zero_effect")):
                 out.setdefault(name, {})[q] = {i: -float(e) for i, e in zip(rep["order"], rep[key][q])}
+            for seg in rep.get("segments", {}).get("by_until", []):
+                out.setdefault(segment_reader(rname, rep["segments"]["below"], seg["until"]), {})[q] = {
+                    i: -float(e) for i, e in zip(rep["order"], seg["removal_effect"][q])}
             if rep.get("first_step", 0):
                 continue  # a replay of the run's last steps only is read as it is
             start = replay_trusted_from(rep["removal_effect"][q])
@@ -681,33 +702,64 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
     return res
 
 
-def score(out: str | Path) -> dict[str, Any]:
-    """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran)."""
+def against_kept(out: Path, kept_file: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The retrains of a kept file (`keep`, benchmarks/lds/) as the measurements of `out`'s readers: a ranking run
+    trained again (a new machine keeps no run folder) is scored on the retrains made for the first one. Its order must
+    be theirs; its own full retrain, where it has one, says how far this training reproduces theirs. Returns the kept
+    settings/order/subsets, the kept jobs, and {"file", "full_refusal_gap" (max |Δ| of the full retrain's refusal
+    means, or None), "reader_scores" (the kept readers' per-pair scores)}."""
+    kept = json.loads(Path(kept_file).read_text())
+    order = records_order(out / "run")
+    if order != kept["order"]:
+        raise ValueError(f"--against {kept_file}: its retrains follow another training order than {out / 'run'}'s; "
+                         "score a ranking run trained with the kept file's settings (its 'what' and 'settings').")
+    own = [j for n, j in load_jobs(out).items() if n.startswith("full")]
+    gap = None
+    if own:
+        ref = kept["jobs"]["full0"]
+        gap = max(abs(own[0][k] - ref[k]) for k in ref if k.startswith("refusal_"))
+    meta = {"settings": kept["settings"], "order": kept["order"], "subsets": kept["subsets"]}
+    return meta, kept["jobs"], {"file": str(kept_file), "full_refusal_gap": gap, "reader_scores": kept["reader_scores"]}
+
+
+def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
+    """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran). `against`:
+    a kept file whose retrains are the measurements (`against_kept`); its readers that `out` does not compute (peers,
+    the summed single removals) are read from it."""
     out = Path(out)
     meta = json.loads((out / "subsets.json").read_text())
-    jobs = load_jobs(out)
+    jobs = own_jobs = load_jobs(out)
+    kept = None
+    if against is not None:
+        meta, jobs, kept = against_kept(out, against)
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
     reps, peers = post_hoc(out)
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
-    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps else None
-    vs_replay = against_replay(scores, meta["order"], meta["settings"]) if scores is not None else None
+    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps or kept else None
+    if kept is not None:
+        scores = {**scores, **{n: v for n, v in kept.pop("reader_scores").items() if n not in scores and n != ADDITIVE}}
+    vs_replay = against_replay(scores, meta["order"], meta["settings"]) if reps else None
     profiles = {rname: prof for rname, rep in reps.items()
                 if not rep.get("first_step", 0) and (prof := replay_profile(rep)) is not None}
     if not fulls:
         return {"error": "no full replay has finished yet", **({"vs_replay": vs_replay} if vs_replay else {}),
                 **({"replay_profile": profiles} if profiles else {})}
     ref = full_refusal(jobs)
-    replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max()) if len(fulls) > 1 else None)
+    replay_gap = (float(np.abs(np.asarray(fulls[0]["Y"]) - np.asarray(fulls[1]["Y"])).max())
+                  if len(fulls) > 1 and all("Y" in f for f in fulls[:2]) else None)
     run_dir = out / "run"
     from ..ledger import load_policy
 
     run_final = np.asarray(load_policy(run_dir)["probe_refusal_final"])
-    callback_gap = float(np.abs(np.asarray(fulls[0]["Y"]) - run_final).max())
+    with_y = [j for n, j in own_jobs.items() if n.startswith("full") and "Y" in j]  # a kept file's jobs have no Y
+    callback_gap = float(np.abs(np.asarray(with_y[0]["Y"]) - run_final).max()) if with_y else None
     subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
     res: dict[str, Any] = {"n_subsets": len(subs), "n_pairs": len(meta["order"]), "full_refusal": ref,
                            "replicas_max_abs_diff": replay_gap, "replay_vs_callback_run_max_abs_diff": callback_gap,
                            "measured_abs_mean": {q: float(np.mean([abs(j[f"refusal_{q}"] - ref[q]) for j in subs])) if subs else None
                                                  for q in ref}, "readers": {}}
+    if kept is not None:
+        res["against"] = kept
     secs = [j["seconds"] for j in jobs.values() if "seconds" in j]
     timing = {"one retrain (mean)": {"seconds": float(np.mean(secs))}} if secs else {}
     if vs_replay:
@@ -885,7 +937,11 @@ def format_score(s: dict[str, Any]) -> str:
                           *format_profiles(s.get("replay_profile", {}))])
     L = [f"{s['n_subsets']} subsets of {s['n_pairs']} pairs; full replay refusal harmful {s['full_refusal']['harmful']:.4f}, "
          f"harmless {s['full_refusal']['harmless']:.4f}; identical retrains differ by "
-         f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run {s['replay_vs_callback_run_max_abs_diff']:.2e}",
+         f"{s['replicas_max_abs_diff']} (max |ΔY|); replay vs the callback run "
+         + ("–" if s["replay_vs_callback_run_max_abs_diff"] is None else f"{s['replay_vs_callback_run_max_abs_diff']:.2e}"),
+         *([f"measured by the retrains kept in {s['against']['file']}; this ranking run's full retrain differs from theirs by "
+            + ("– (none here)" if s["against"]["full_refusal_gap"] is None else f"{s['against']['full_refusal_gap']:.2e}")
+            + " (max |Δ| of the refusal means); readers it does not compute are read from the file"] if s.get("against") else []),
          f"mean |measured change|: harmful {s['measured_abs_mean']['harmful']}, harmless {s['measured_abs_mean']['harmless']}",
          *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
              f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]

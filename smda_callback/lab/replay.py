@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..credit.replay import (EXACT, Objective, ReplayVariant, State, Steps, checkpoint_plan, effect_parts,
+from ..credit.replay import (EXACT, Objective, ReplayVariant, Segment, State, Steps, checkpoint_plan, effect_parts,
                              probe_objective, refusal_groups, refusal_objectives, removal_effect, replay_steps)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Objective", "ReplayVariant", "State", "Stepper", "checkpoint_plan", "effect_parts", "probe_objective", "refusal_groups",
+__all__ = ["Objective", "ReplayVariant", "Segment", "State", "Stepper", "checkpoint_plan", "effect_parts", "probe_objective", "refusal_groups",
            "refusal_objectives", "removal_effect", "replay"]
 
 
@@ -34,10 +34,13 @@ class Stepper(Steps):
 
 def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, every: int = 4,
            progress: Callable[[str], None] | None = None, outer: int | None = None,
-           resume_every: int = 16, last: int | None = None, variant: ReplayVariant = EXACT) -> dict[str, Any]:
+           resume_every: int = 16, last: int | None = None, variant: ReplayVariant = EXACT,
+           segment: Segment | None = None) -> dict[str, Any]:
     """`credit.replay.replay_steps` over the trainer's whole run, or (`last`) over its last `last` steps only: the
     steps before are taken plainly first, as the callback's `replay_last_steps` sees them. The trainer's model is
-    left at the final weights. `variant`: the model of the run the reverse pass linearises (`ReplayVariant`)."""
+    left at the final weights. `variant`: the model of the run the reverse pass linearises (`ReplayVariant`); `segment`:
+    the early pairs' removals also taken exactly for a stretch (`Segment`; with `last`, in the replayed steps' own
+    numbering)."""
     run = Stepper(trainer)
     if last is not None:
         if not 0 < last <= len(run):
@@ -48,4 +51,4 @@ def replay(trainer: Any, objectives: dict[str, Objective], workdir: str | Path, 
             if (t + 1) % 16 == 0:
                 (progress or logger.info)(f"replay: plain step {t + 1}/{s} before the replayed ones")
         run = run.tail(s)  # the model and optimizer are where step s starts
-    return replay_steps(run, objectives, workdir, every, progress, outer, resume_every, variant)
+    return replay_steps(run, objectives, workdir, every, progress, outer, resume_every, variant, segment)
