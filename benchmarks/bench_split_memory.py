@@ -1,12 +1,18 @@
 """What the in-step split (and the ghost pass) hold on top of training, in copies of the trainable weights.
 
     python benchmarks/bench_split_memory.py [--hidden 1024 --layers 8 --rows 8] [--bf16] [--json out.json]
+    python benchmarks/bench_split_memory.py --time 5 --varied   # also: the split's rows stacked vs one per forward
 
 After one AdamW step of a random Llama (batch `--rows` rows, weight decay 0.01), `measure_step` runs as the callback
 runs it at batch > 1: each row's loss slope along the newest gradient's part of the update, and (with --ghost) a
 probe forward at θ_{t−1} + u. The process's peak resident memory is reset just before (Linux: /proc/self/clear_refs)
 and read just after; the extra is printed in copies of the trainable weights (machine-independent: a ratio of bytes
 measured in one run). The callback's own θ_{t−1} copy (`base`, taken before the step) is counted separately as 1.
+
+`--time N` then times the split's row slopes N times each way, alternating, in the same process: the rows stacked
+into one padded forward per sign (`causal_lm_row_losses`' default) and one forward per row (rows_per_forward=1, the
+callback before 2026-12-06), and prints the medians, their ratio and the largest relative gap between the two slopes.
+`--varied`: row lengths drawn between half of --tokens and --tokens (padding then costs), instead of all equal.
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--ghost", action="store_true", help="also the ghost pass (a forward at θ_{t−1} + u)")
+    ap.add_argument("--time", type=int, default=0, metavar="N", help="also time the split stacked vs one row per forward")
+    ap.add_argument("--varied", action="store_true", help="row lengths between --tokens/2 and --tokens")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from gpu_check import report
-    from smda_callback.credit import measure_step, read_kernel, trainable_params
+    from smda_callback.credit import causal_lm_row_losses, measure_step, read_kernel, row_slopes, trainable_params
+    from smda_callback.credit.params import NewestUpdate
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
@@ -53,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     rows = []
     for _ in range(args.rows):
-        ids = torch.randint(0, args.vocab, (1, args.tokens))
+        n = int(torch.randint(args.tokens // 2, args.tokens + 1, ())) if args.varied else args.tokens
+        ids = torch.randint(0, args.vocab, (1, n))
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=False)
     for i in range(2):  # one step taken (so Adam's moments exist), then the measured step's gradient
@@ -74,6 +84,21 @@ def main(argv: list[str] | None = None) -> dict:
     extra = vm("VmHWM") - before
     res = {"trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype), "rows": args.rows,
            "ghost": args.ghost, "split_extra_copies": extra / weights, "slopes_finite": bool(torch.isfinite(torch.as_tensor(slopes)).all())}
+    if args.time:
+        import statistics
+        import time
+
+        u = NewestUpdate(opt, kernel, 2)
+        secs: dict[int, list[float]] = {1: [], args.rows: []}
+        got = {}
+        for _ in range(args.time):
+            for k in secs:  # alternating, so that a machine's drift falls on both
+                t0 = time.perf_counter()
+                got[k] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=k))
+                secs[k].append(time.perf_counter() - t0)
+        one, stacked = statistics.median(secs[1]), statistics.median(secs[args.rows])
+        res.update({"split_s_one_row_per_forward": one, "split_s_stacked": stacked, "stacked_over_one_row": stacked / one,
+                    "slopes_max_rel_gap": float((abs(got[1] - got[args.rows]) / abs(got[1]).clip(1e-12)).max())})
     report(res, args.json)
     return res
 

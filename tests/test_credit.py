@@ -378,3 +378,34 @@ def test_newest_update_refuses_an_optimizer_without_a_second_moment_before_any_w
     del opt.state[p]["exp_avg_sq"]  # as a quantised optimizer keeps it elsewhere
     with pytest.raises(ValueError, match="credit_measure='deconvolve'"):
         cp.NewestUpdate(opt, kernel, 1)
+
+
+def test_row_losses_of_stacked_rows_are_each_rows_own():
+    """The split's rows, right-padded and stacked several to a forward, give each row's own summed loss (to float32
+    rounding), in order, whatever their lengths; a batch of several rows is passed through as it is, and the
+    slopes along an update agree with one forward per row."""
+    from smda_callback.credit import causal_lm_row_losses, row_slopes
+
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (3, 9, 5, 12, 7):
+        ids = torch.randint(1, 100, (1, n), generator=gen)
+        lab = ids.clone()
+        lab[0, : n // 2] = -100  # the prompt part carries no loss
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab})
+    two = {k: torch.cat([rows[0][k], rows[0][k]]) for k in rows[0]}  # a batch of two equal rows, kept whole
+    with torch.no_grad():
+        one = causal_lm_row_losses(model, rows, rows_per_forward=1)().numpy()
+        for k in (2, 4, 8):
+            np.testing.assert_allclose(causal_lm_row_losses(model, rows, rows_per_forward=k)().numpy(), one, rtol=1e-6)
+        mixed = causal_lm_row_losses(model, [rows[1], two, rows[2], rows[3]], rows_per_forward=8)().numpy()
+    np.testing.assert_allclose(mixed, [one[1], one[0], one[0], one[2], one[3]], rtol=1e-6)
+    assert len({round(float(x), 6) for x in one}) == 5
+    params = [p for p in model.parameters()]
+    base = [p.detach().clone() for p in params]
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    s1 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows, rows_per_forward=1))
+    s8 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows))
+    np.testing.assert_allclose(s8, s1, rtol=1e-6)
+    assert all(torch.equal(p, b) for p, b in zip(params, base))
