@@ -739,6 +739,9 @@ def test_a_retrained_ranking_run_is_scored_on_kept_retrains_with_its_exact_segme
         assert r["readers"]["credit (default)"][q]["lds"] == pytest.approx(s["readers"]["credit (default)"][q]["lds"])
     assert "tracin (final weights)" in r["readers"] and "replay (dropped in place)" in r["readers"]
     assert "measured by the retrains kept in" in format_score(r)
+    again = keep(b, r, "smda benchmark-lds -o b --against kept.json", against=kept)  # the same layout, its jobs the file's
+    assert again["jobs"] == k["jobs"] and again["subsets"] == k["subsets"] and again["against"]["full_refusal_gap"] > 0
+    assert name in again["reader_scores"] and "tracin (final weights)" in again["reader_scores"]
     bad = json.loads(kept.read_text())
     bad["order"] = ids[::-1]
     kept.write_text(json.dumps(bad))

@@ -324,7 +324,7 @@ def _lds(a: argparse.Namespace) -> int:
     s = score(a.out, a.against)
     Path(a.out, "lds.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
     if a.keep:
-        write_json(a.keep, keep(a.out, s, a.command))
+        write_json(a.keep, keep(a.out, s, a.command, a.against))
     return _emit(a, s, format_score(s) + (f"\n\nkept: {a.keep}" if a.keep else ""))
 
 

@@ -822,18 +822,24 @@ def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     return res
 
 
-def keep(out: str | Path, scored: dict[str, Any], command: str) -> dict[str, Any]:
+def keep(out: str | Path, scored: dict[str, Any], command: str, against: str | Path | None = None) -> dict[str, Any]:
     """What `scored` (`score(out)`) was computed from, without the run folder (`--keep FILE`; benchmarks/lds/): the
     settings, the ranking run's training order, every subset's removed pair ids, every retrain's measured refusal (mean
     on each probe label and per category; the per-probe values `Y` are left out), every reader's per-pair score as the
-    scorer read it, and the scorer's output. Pair ids only: no prompt or answer text."""
+    scorer read it, and the scorer's output. Pair ids only: no prompt or answer text. `against` (`score(out, against)`):
+    the settings, subsets and retrains are that kept file's, the readers `out`'s (with the file's that `out` lacks)."""
     out = Path(out)
     meta = json.loads((out / "subsets.json").read_text())
+    jobs = load_jobs(out)
+    extra: dict[str, Any] = {}
+    if against is not None:
+        meta, jobs, extra = against_kept(out, against)
     reps, peers = post_hoc(out)
+    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers)
+    scores.update({n: v for n, v in extra.pop("reader_scores", {}).items() if n not in scores and n != ADDITIVE})
     return {"what": command, "settings": meta["settings"], "order": meta["order"], "subsets": meta["subsets"],
-            "jobs": {n: {k: v for k, v in j.items() if k != "Y"} for n, j in load_jobs(out).items()},
-            "reader_scores": readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers),
-            "score": scored}
+            "jobs": {n: {k: v for k, v in j.items() if k != "Y"} for n, j in jobs.items()},
+            "reader_scores": scores, "score": scored, **({"against": extra} if extra else {})}
 
 
 def thirds_slopes(s: dict[str, float], dropped: list[list[str]], order: list[str], meas: np.ndarray) -> list[float] | None:
