@@ -10,8 +10,8 @@ and read just after; the extra is printed in copies of the trainable weights (ma
 measured in one run). The callback's own θ_{t−1} copy (`base`, taken before the step) is counted separately as 1.
 
 `--time N` then times the split's row slopes N times each way, alternating, in the same process: the rows stacked
-into one padded forward per sign (`causal_lm_row_losses`' default) and one forward per row (rows_per_forward=1, the
-callback before 2026-12-06), and prints the medians, their ratio and the largest relative gap between the two slopes.
+into one padded forward per sign (what the callback does at a micro-batch of --rows) and one forward per row
+(rows_per_forward=1, as the callback did before 2cc497f), and prints the medians, their ratio and the largest relative gap between the two slopes.
 `--varied`: row lengths drawn between half of --tokens and --tokens (padding then costs), instead of all equal.
 """
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ghost", action="store_true", help="also the ghost pass (a forward at θ_{t−1} + u)")
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time the split stacked vs one row per forward")
     ap.add_argument("--varied", action="store_true", help="row lengths between --tokens/2 and --tokens")
+    ap.add_argument("--stack", type=int, default=8, help="rows per forward in the measured split (the callback: the "
+                    "training's micro-batch size; 1: one forward per row)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -80,9 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current resident size
         fh.write("5")
     before = vm("VmRSS")
-    slopes, _ = measure_step(opt, model, kernel, 2, base, rows, ghost)
+    slopes, _ = measure_step(opt, model, kernel, 2, base, rows, ghost, rows_per_forward=args.stack)
     extra = vm("VmHWM") - before
-    res = {"trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype), "rows": args.rows,
+    res = {"trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype), "rows": args.rows, "rows_per_forward": args.stack,
            "ghost": args.ghost, "split_extra_copies": extra / weights, "slopes_finite": bool(torch.isfinite(torch.as_tensor(slopes)).all())}
     if args.time:
         import statistics

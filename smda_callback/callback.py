@@ -170,8 +170,8 @@ class SMDACallback(TrainerCallback):
                 batches = [r.inputs for r in rows if r.inputs is not None]
                 split = self._split(len(rows)) and rows and len(batches) == len(rows)
                 ghost = (lambda: self._snap.take(model)) if self.run.engine.measure == "ghost" else None
-                slopes, self._ghost = measure_step(optimizer, model, self._kernel, t, self._base,
-                                                   batches if split else None, ghost)
+                slopes, self._ghost = measure_step(optimizer, model, self._kernel, t, self._base, batches if split else None,
+                                                   ghost, rows_per_forward=args.per_device_train_batch_size)
                 for r, sl in zip(rows, slopes if slopes is not None else []):
                     r.slope = float(sl)
         finally:

@@ -180,10 +180,15 @@ def test_sgd_without_momentum_optimizer_credit_equals_step_credit(tmp_path, smol
 def test_two_identical_rows_in_one_step_get_half_each(tmp_path, smol_tokenizer, monkeypatch):
     import helpers
 
+    import smda_callback.credit.params as params
+
     same = pair_records(2)[:1] * 2 + pair_records(2)[1:] * 2
     monkeypatch.setattr(helpers, "pair_records", lambda n=8: same)
+    stacked, losses = [], params.causal_lm_row_losses
+    monkeypatch.setattr(params, "causal_lm_row_losses", lambda m, b, k=1: stacked.append(k) or losses(m, b, k))
     run_sft(tmp_path, tiny_model(), smol_tokenizer, tiny_sae(), SMDAConfig(n_features=8), max_steps=2,
             per_device_train_batch_size=2, report_to=[], pairs=4)
+    assert stacked == [2, 2]  # a step's rows in one forward per sign, as many as training put in one
     recs = [json.loads(line) for line in (tmp_path / "smda" / "attribution.jsonl").read_text().splitlines()]
     assert all(r["n_pairs"] == 2 for r in recs)
     shares = [p["credit"] for r in recs for p in r["pairs"]]
@@ -406,6 +411,6 @@ def test_row_losses_of_stacked_rows_are_each_rows_own():
     base = [p.detach().clone() for p in params]
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     s1 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows, rows_per_forward=1))
-    s8 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows))
+    s8 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows, rows_per_forward=8))
     np.testing.assert_allclose(s8, s1, rtol=1e-6)
     assert all(torch.equal(p, b) for p, b in zip(params, base))

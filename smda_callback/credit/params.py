@@ -137,11 +137,11 @@ def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], dir
     return (losses[0] - losses[1]) / (2 * eps) if eps > 0 else np.zeros(len(losses[0]))
 
 
-def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]], rows_per_forward: int = 8) -> RowLoss:
+def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]], rows_per_forward: int = 1) -> RowLoss:
     """Per-row summed cross-entropy over label tokens (the training loss up to its common normaliser). One-row
     batches (the callback's captured rows) are stacked `rows_per_forward` at a time, right-padded (attention mask 0,
-    labels -100): a step's rows in one forward instead of one each (16 one-row forwards per step at batch 8 took most
-    of the callback's time on an H100; docs/scale.md). The same losses up to float rounding; 1: one forward per row."""
+    labels -100): at batch 8, one forward per sign instead of 8 (the callback passes the training's micro-batch size,
+    so no forward holds more rows than training did). The same losses up to float rounding; 1: one forward per row."""
 
     def fn() -> torch.Tensor:
         was = model.training
@@ -223,12 +223,13 @@ def with_update_applied(params: Sequence[torch.Tensor], base: Sequence[torch.Ten
 
 
 def measure_step(optimizer: Any, model: Any, kernel: Any, t: int, base: Sequence[torch.Tensor],
-                 batches: Sequence[dict[str, torch.Tensor]] | None, ghost: Callable[[], Any] | None) -> tuple[np.ndarray | None, Any]:
+                 batches: Sequence[dict[str, torch.Tensor]] | None, ghost: Callable[[], Any] | None,
+                 rows_per_forward: int = 1) -> tuple[np.ndarray | None, Any]:
     """After an optimizer step (θ_{t−1} kept in `base`): each row's loss slope along the newest gradient's part u
-    of the update (when `batches` holds every row of the step), and `ghost()` run at θ_{t−1} + u (when given).
-    The parameters are restored bitwise after each."""
+    of the update (when `batches` holds every row of the step, stacked `rows_per_forward` to a forward), and `ghost()`
+    run at θ_{t−1} + u (when given). The parameters are restored bitwise after each."""
     params = trainable_params(optimizer)
     u = NewestUpdate(optimizer, kernel, t)  # computed again on each pass over it, never held whole
-    slopes = row_slopes(params, base, u, causal_lm_row_losses(model, batches)) if batches else None
+    slopes = row_slopes(params, base, u, causal_lm_row_losses(model, batches, rows_per_forward)) if batches else None
     measured = with_update_applied(params, base, u, ghost) if ghost is not None else None
     return slopes, measured
