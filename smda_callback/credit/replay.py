@@ -746,7 +746,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
             (work / f"s{s:05d}.pt").unlink(missing_ok=True)
         say(f"replay: reverse pass at step {s}/{n} ({time.perf_counter() - t0:.0f} s so far)")
     pool.clear()
-    states = []
+    states = []  # the last block's states freed (pool and states held the same ones) before the exact stretches
     # a pair dropped in place also moves every later step one place earlier
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
     segments = _segments(run, work, segment, shift, in_place, say) if segment is not None else None

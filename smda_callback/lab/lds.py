@@ -722,6 +722,12 @@ def against_kept(out: Path, kept_file: str | Path) -> tuple[dict[str, Any], dict
     return meta, kept["jobs"], {"file": str(kept_file), "full_refusal_gap": gap, "reader_scores": kept["reader_scores"]}
 
 
+def with_kept_readers(scores: dict[str, Any], kept_scores: dict[str, Any]) -> dict[str, Any]:
+    """`scores` with a kept file's readers that it lacks (peers, replays of part of the network): this run's own win;
+    the summed single removals are left out (`score` computes them from the kept retrains themselves)."""
+    return {**scores, **{n: v for n, v in kept_scores.items() if n not in scores and n != ADDITIVE}}
+
+
 def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran). `against`:
     a kept file whose retrains are the measurements (`against_kept`); its readers that `out` does not compute (peers,
@@ -737,7 +743,7 @@ def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
     scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps or kept else None
     if kept is not None:
-        scores = {**scores, **{n: v for n, v in kept.pop("reader_scores").items() if n not in scores and n != ADDITIVE}}
+        scores = with_kept_readers(scores, kept.pop("reader_scores"))
     vs_replay = against_replay(scores, meta["order"], meta["settings"]) if reps else None
     profiles = {rname: prof for rname, rep in reps.items()
                 if not rep.get("first_step", 0) and (prof := replay_profile(rep)) is not None}
@@ -835,8 +841,8 @@ def keep(out: str | Path, scored: dict[str, Any], command: str, against: str | P
     if against is not None:
         meta, jobs, extra = against_kept(out, against)
     reps, peers = post_hoc(out)
-    scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers)
-    scores.update({n: v for n, v in extra.pop("reader_scores", {}).items() if n not in scores and n != ADDITIVE})
+    scores = with_kept_readers(readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers),
+                               extra.pop("reader_scores", {}))
     return {"what": command, "settings": meta["settings"], "order": meta["order"], "subsets": meta["subsets"],
             "jobs": {n: {k: v for k, v in j.items() if k != "Y"} for n, j in jobs.items()},
             "reader_scores": scores, "score": scored, **({"against": extra} if extra else {})}
