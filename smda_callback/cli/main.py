@@ -563,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--replay-exact-until", type=int, nargs="+", default=[], metavar="E",
                     help="with --replay: the early pairs' removals also taken exactly up to step E (their retrain stepped "
                          "to E), then carried to the end by the replay (one reader per E; Σ (E − s − 1) plain steps over the "
-                         "early pairs s; credit/replay.py Segment)")
+                         "early pairs s; E = the run's length: each early pair retrained whole, its objective evaluated; "
+                         "credit/replay.py Segment)")
     ld.add_argument("--replay-exact-below", type=int, default=None, metavar="W",
                     help="the pairs of steps 0..W−1 are the early ones (default: the warm-up, steps whose lr is below its peak)")
     ld.add_argument("--against", metavar="FILE",

@@ -116,9 +116,9 @@ class Segment:
     below the run's peak), the retrain without it is taken step by step up to step E (its later pairs one place
     earlier, as a retrain runs them), and the difference of that state from the run's at E is carried to the end by the
     adjoint A_E, plus the rate shift of the steps from E on (`shift_effect`): A_E · (S'_E − S_E) + Σ_{t≥E} shift_t.
-    E = the step after the pair gives the replay's own effect back; E = the run's end, the retrain up to the
-    objective's first order. Costs Σ_s (E − s − 1) plain steps (one forward and backward each) and, per E, one state and
-    its adjoints on disk."""
+    E = the step after the pair gives the replay's own effect back; E = the run's end is the retrain itself: there the
+    objective is evaluated, f(θ'_T) − f(θ_T), with no first order left. Costs Σ_s (E − s − 1) plain steps (one forward
+    and backward each) and, per E before the end, one state and its adjoints on disk."""
 
     until: tuple[int, ...]
     """The steps E at which the exact stretch ends (each read as its own reader)."""
@@ -642,8 +642,8 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     # the checkpoints, and the adjoints' resume file (and its next copy) where the run is long enough to write one
     adj_bytes = len(objectives) * len(parts) * sum(p.numel() * p.element_size() for p in kept)
     need = plan["disk_bytes"] + (2 * adj_bytes if n - outer >= resume_every else 0)
-    if segment is not None:  # per end of an exact stretch: the run's state there and its adjoints
-        need += len(set(segment.until)) * (state_bytes + adj_bytes)
+    if segment is not None:  # per end of an exact stretch before the run's end: the run's state there and its adjoints
+        need += len(set(segment.until) - {n}) * (state_bytes + adj_bytes)
     free = shutil.disk_usage(work).free
     if r is None and need > free:
         raise ValueError(
@@ -737,7 +737,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
                     norms[name][key][t] = _norm(A[key])
                 effect[name][t] = sum(shares[name][key][t] for key in parts)
                 shift[name][t] = shift_effect(run, t, pre_k, post_k, A)
-            if segment is not None and t + 1 in segment.until:  # an exact stretch ends here: S_E and A_E, for `_segments`
+            if segment is not None and t + 1 in segment.until and t + 1 < n:  # a stretch ends here: S_E, A_E for `_segments`
                 post.save(work / f"seg{t + 1:05d}_state.pt")
                 _save(adj, work / f"seg{t + 1:05d}_adjoint.pt")
             run.load(pre, weights_only=True)  # the Jacobian needs θ_t; the moments come from `post`
@@ -749,7 +749,7 @@ def _replay_steps(run: Steps, objectives: dict[str, Objective], workdir: str | P
     states = []  # the last block's states freed (pool and states held the same ones) before the exact stretches
     # a pair dropped in place also moves every later step one place earlier
     in_place = {name: [effect[name][t] + sum(shift[name][t + 1:]) for t in range(n)] for name in objectives}
-    segments = _segments(run, work, segment, shift, in_place, say) if segment is not None else None
+    segments = _segments(run, work, segment, shift, in_place, say, objectives, final) if segment is not None else None
     run.load(State.load(work / "end.pt"))
     shutil.rmtree(work, ignore_errors=True)
     return {"removal_effect": in_place, "weight_zero_effect": effect, "final": final, "lr": run.lrs, "grad_norm": run.norms,
@@ -775,10 +775,11 @@ def _save(obj: Any, path: Path) -> None:
             setter(crc)
 
 
-def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[float]],
-              in_place: dict[str, list[float]], say: Callable[[str], None]) -> dict[str, Any]:
+def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[float]], in_place: dict[str, list[float]],
+              say: Callable[[str], None], objectives: dict[str, Objective], final: dict[str, float]) -> dict[str, Any]:
     """The early pairs' removals taken exactly up to each end of `segment` (`Segment`), from the first checkpoint and
-    the states and adjoints the reverse pass left at those ends. The model and optimizer are left somewhere in the run."""
+    the states and adjoints the reverse pass left at those ends; at the run's end, `objectives` evaluated against their
+    values `final` there. The model and optimizer are left somewhere in the run."""
     t0 = time.perf_counter()
     n, ends = len(run), sorted(set(segment.until))
     below = warmup_steps(run.lrs) if segment.below is None else segment.below
@@ -795,7 +796,13 @@ def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[fl
         pre = run.state(s, into=pre)  # the run as trained, before step s
         for j in range(s + 1, ends[-1]):  # the retrain without pair s: pair j at place j − 1
             run.step(j - 1, batch=j)
-            if j + 1 in ends:
+            if j + 1 == n and n in ends:  # the retrain without pair s, whole: its objectives themselves
+                with torch.no_grad():
+                    for name, obj in objectives.items():
+                        out = obj(run.model)
+                        value = sum(float(x) for x in ([out] if torch.is_tensor(out) else out))
+                        eff[n][name][s] = value - final[name]
+            elif j + 1 in ends:
                 E = j + 1
                 st = torch.load(work / f"seg{E:05d}_state.pt", weights_only=True, mmap=True)
                 at = State(st["theta"], st["m"], st["v"], int(st["step"]))
