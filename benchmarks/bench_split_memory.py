@@ -2,6 +2,7 @@
 
     python benchmarks/bench_split_memory.py [--hidden 1024 --layers 8 --rows 8] [--bf16] [--json out.json]
     python benchmarks/bench_split_memory.py --time 5 --varied   # also: the split's rows stacked vs one per forward
+    python benchmarks/bench_split_memory.py --device cuda --bf16 --time 5 --varied --tokens 256   # the same on a GPU
 
 After one AdamW step of a random Llama (batch `--rows` rows, weight decay 0.01), `measure_step` runs as the callback
 runs it at batch > 1: each row's loss slope along the newest gradient's part of the update, and (with --ghost) a
@@ -13,6 +14,8 @@ measured in one run). The callback's own θ_{t−1} copy (`base`, taken before t
 into one padded forward per sign (what the callback does at a micro-batch of --rows) and one forward per row
 (rows_per_forward=1, as the callback did before 2cc497f), and prints the medians, their ratio and the largest relative gap between the two slopes.
 `--varied`: row lengths drawn between half of --tokens and --tokens (padding then costs), instead of all equal.
+`--device cuda`: the model and rows on the GPU; the extra memory is then the device's peak allocation beyond what it
+held before the split (torch.cuda.max_memory_allocated), not the process's resident memory.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--varied", action="store_true", help="row lengths between --tokens/2 and --tokens")
     ap.add_argument("--stack", type=int, default=8, help="rows per forward in the measured split (the callback: the "
                     "training's micro-batch size; 1: one forward per row)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the split's memory is then the device's peak)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -61,11 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=args.vocab)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    with dev:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     rows = []
     for _ in range(args.rows):
         n = int(torch.randint(args.tokens // 2, args.tokens + 1, ())) if args.varied else args.tokens
-        ids = torch.randint(0, args.vocab, (1, n))
+        ids = torch.randint(0, args.vocab, (1, n)).to(dev)
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=False)
     for i in range(2):  # one step taken (so Adam's moments exist), then the measured step's gradient
@@ -79,12 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
     kernel, _ = read_kernel("optimizer", opt)
     weights = sum(p.numel() * p.element_size() for p in params)
     ghost = (lambda: model(input_ids=rows[0]["input_ids"]).logits.sum().item()) if args.ghost else None
-    with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current resident size
-        fh.write("5")
-    before = vm("VmRSS")
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current resident size
+            fh.write("5")
+        before = vm("VmRSS")
     slopes, _ = measure_step(opt, model, kernel, 2, base, rows, ghost, rows_per_forward=args.stack)
-    extra = vm("VmHWM") - before
-    res = {"trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype), "rows": args.rows, "rows_per_forward": args.stack,
+    extra = (torch.cuda.max_memory_allocated(dev) if cuda else vm("VmHWM")) - before
+    res = {"device": str(dev), "trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype),
+           "rows": args.rows, "rows_per_forward": args.stack,
            "ghost": args.ghost, "split_extra_copies": extra / weights, "slopes_finite": bool(torch.isfinite(torch.as_tensor(slopes)).all())}
     if args.time:
         import statistics
@@ -95,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         got = {}
         for _ in range(args.time):
             for k in secs:  # alternating, so that a machine's drift falls on both
+                if cuda:
+                    torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
-                got[k] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=k))
+                got[k] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=k))  # ends on the host
                 secs[k].append(time.perf_counter() - t0)
         one, stacked = statistics.median(secs[1]), statistics.median(secs[args.rows])
         res.update({"split_s_one_row_per_forward": one, "split_s_stacked": stacked, "stacked_over_one_row": stacked / one,
