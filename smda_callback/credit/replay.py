@@ -225,10 +225,11 @@ class State:
         _save({"theta": self.theta, "m": self.m, "v": self.v, "step": self.step}, path)
 
     @classmethod
-    def load(cls, path: Path, into: "State | None" = None) -> "State":
-        """From `save`'s file: fresh tensors, or copied into `into`'s (read through a memory map, no new memory)."""
+    def load(cls, path: Path, into: "State | None" = None, mmap: bool = False) -> "State":
+        """From `save`'s file: fresh tensors (`mmap`: read-only views of the file, paged in as they are read), or
+        copied into `into`'s (read through a memory map, no new memory)."""
         if into is None:
-            d = torch.load(path, weights_only=True)
+            d = torch.load(path, weights_only=True, mmap=mmap)
             return cls(d["theta"], d["m"], d["v"], int(d["step"]))
         d = torch.load(path, weights_only=True, mmap=True)
         return cls(d["theta"], d["m"], d["v"], int(d["step"])).copy_to(into)
@@ -258,11 +259,16 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], minus: Sequence[t
     return 0.0 if total is None else float(total)
 
 
+def _parts(out: Any) -> Any:
+    """An objective's value as its parts (`Objective`: one scalar tensor, or an iterable of them)."""
+    return [out] if torch.is_tensor(out) else out
+
+
 def _grad_of(obj: Objective, model: Any, params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     out = obj(model)
     total, acc = 0.0, [torch.zeros_like(p) for p in params]
-    for part in ([out] if torch.is_tensor(out) else out):
+    for part in _parts(out):
         grads = torch.autograd.grad(part, list(params), allow_unused=True)
         total += float(part.detach())
         for a, g in zip(acc, grads):
@@ -787,8 +793,9 @@ def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[fl
         raise ValueError(f"replay: exact segments for the pairs below step {below} (the run's warm-up: its lr first "
                          f"reaches its peak there) until step {ends[0]}: give Segment.below (--replay-exact-below) "
                          f"between 1 and {ends[0] - 1}, or later ends.")
+    steps = sum(ends[-1] - s - 1 for s in range(below)) + below  # the retrains' steps and the run's own before each
     say(f"replay: the first {below} pairs' removals taken exactly to step{'s' if len(ends) > 1 else ''} "
-        f"{', '.join(map(str, ends))} ({sum(ends[-1] - s - 1 for s in range(below)) + below} plain steps)")
+        f"{', '.join(map(str, ends))} ({steps} plain steps)")
     eff = {E: {name: list(v) for name, v in in_place.items()} for E in ends}  # from step `below` on: the replay's own
     run.load(State.load(work / f"s{0:05d}.pt"))
     pre = None
@@ -799,22 +806,19 @@ def _segments(run: Steps, work: Path, segment: Segment, shift: dict[str, list[fl
             if j + 1 == n and n in ends:  # the retrain without pair s, whole: its objectives themselves
                 with torch.no_grad():
                     for name, obj in objectives.items():
-                        out = obj(run.model)
-                        value = sum(float(x) for x in ([out] if torch.is_tensor(out) else out))
-                        eff[n][name][s] = value - final[name]
+                        eff[n][name][s] = sum(float(x) for x in _parts(obj(run.model))) - final[name]
             elif j + 1 in ends:
                 E = j + 1
-                st = torch.load(work / f"seg{E:05d}_state.pt", weights_only=True, mmap=True)
-                at = State(st["theta"], st["m"], st["v"], int(st["step"]))
+                at = State.load(work / f"seg{E:05d}_state.pt", mmap=True)
                 adj = torch.load(work / f"seg{E:05d}_adjoint.pt", weights_only=True, mmap=True)
                 now, there = run.kept(run.state(E - 1, copy=False)), run.kept(at)
                 for name, A in adj.items():
                     eff[E][name][s] = removal_effect(now, there, A) + sum(shift[name][E:])
-                del st, at, adj
+                del at, adj
         run.load(pre)
         run.step(s)
         say(f"replay: pair {s + 1}/{below} taken exactly ({time.perf_counter() - t0:.0f} s)")
-    return {"below": below, "steps": sum(ends[-1] - s - 1 for s in range(below)) + below,
+    return {"below": below, "steps": steps,
             "by_until": [{"until": E, "removal_effect": eff[E]} for E in ends],
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -702,10 +702,12 @@ def across_orders(jobs: dict[str, dict[str, Any]], scores: dict[str, dict[str, d
     return res
 
 
-def against_kept(out: Path, kept_file: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+def against_kept(out: Path, kept_file: str | Path,
+                 own_jobs: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """The retrains of a kept file (`keep`, benchmarks/lds/) as the measurements of `out`'s readers: a ranking run
     trained again (a new machine keeps no run folder) is scored on the retrains made for the first one. Its order must
-    be theirs; its own full retrain, where it has one, says how far this training reproduces theirs. Returns the kept
+    be theirs; its own full retrain (in `own_jobs`, `load_jobs(out)`), where it has one, says how far this training
+    reproduces theirs. Returns the kept
     settings/order/subsets, the kept jobs, and {"file", "full_refusal_gap" (max |Δ| of the full retrain's refusal
     means, or None), "reader_scores" (the kept readers' per-pair scores)}."""
     kept = json.loads(Path(kept_file).read_text())
@@ -713,7 +715,7 @@ def against_kept(out: Path, kept_file: str | Path) -> tuple[dict[str, Any], dict
     if order != kept["order"]:
         raise ValueError(f"--against {kept_file}: its retrains follow another training order than {out / 'run'}'s; "
                          "score a ranking run trained with the kept file's settings (its 'what' and 'settings').")
-    own = [j for n, j in load_jobs(out).items() if n.startswith("full")]
+    own = [j for n, j in own_jobs.items() if n.startswith("full")]
     gap = None
     if own:
         ref = kept["jobs"]["full0"]
@@ -731,13 +733,13 @@ def with_kept_readers(scores: dict[str, Any], kept_scores: dict[str, Any]) -> di
 def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     """LDS and calibration of every reader over the finished subsets (and against the replay, where it ran). `against`:
     a kept file whose retrains are the measurements (`against_kept`); its readers that `out` does not compute (peers,
-    the summed single removals) are read from it."""
+    replays of part of the network) are read from it, and the summed single removals come from its retrains."""
     out = Path(out)
     meta = json.loads((out / "subsets.json").read_text())
     jobs = own_jobs = load_jobs(out)
     kept = None
     if against is not None:
-        meta, jobs, kept = against_kept(out, against)
+        meta, jobs, kept = against_kept(out, against, own_jobs)
     fulls = [j for n, j in jobs.items() if n.startswith("full")]
     reps, peers = post_hoc(out)
     # every reader's scores, read once: for the replay yardstick now, for the retrains below
@@ -839,7 +841,7 @@ def keep(out: str | Path, scored: dict[str, Any], command: str, against: str | P
     jobs = load_jobs(out)
     extra: dict[str, Any] = {}
     if against is not None:
-        meta, jobs, extra = against_kept(out, against)
+        meta, jobs, extra = against_kept(out, against, jobs)
     reps, peers = post_hoc(out)
     scores = with_kept_readers(readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers),
                                extra.pop("reader_scores", {}))
