@@ -66,3 +66,42 @@ def test_trajectories_that_cannot_identify_kappa_are_refused_with_the_reason():
         fit_forgetting(0.1, [0.2, float("nan"), 0.3, 0.4, 0.5], [1] * 5, [0] * 5)
     with pytest.raises(ValueError, match="no window with refusal means"):
         run_forgetting([{"step": 1, "pairs": []}], {"harmful": 0.1, "harmless": 0.1})
+
+
+def _ar2_trajectory(kappa: float, b: float, K: int = 400, seed: int = 0, noise: float = 0.0005, push_at: int | None = None):
+    """d_k = a_label − κ q_{k−1} + b d_{k−1} + noise, q_k = q_{k−1} + d_k; `push_at`: one more unit of d at that window."""
+    rng = np.random.default_rng(seed)
+    harmful = rng.random(K) < 0.5
+    eps = rng.normal(0, noise, K)
+    q, d, qs = 0.05, 0.0, []
+    for k, h in enumerate(harmful):
+        d = (0.02 if h else 0.008) - kappa * q + b * d + eps[k] + (1.0 if k == push_at else 0.0)
+        q = q + d
+        qs.append(q)
+    return 0.05, qs, harmful.astype(int), (~harmful).astype(int)
+
+
+def test_an_ar2_fit_reads_its_process_back_and_its_weight_is_what_a_push_leaves_at_the_end():
+    kappa, b = 0.05, 0.8
+    q0, qs, nh, ns = _ar2_trajectory(kappa, b)
+    f = fit_forgetting(q0, qs, nh, ns, order=2)
+    assert abs(f.kappa - kappa) < 0.01 and len(f.lags) == 1 and abs(f.lags[0] - b) < 0.05
+    # the weight is the process's own answer: a trajectory with one more unit push, minus the one without, at the end
+    true = Forgetting(kappa, (kappa, kappa), 400, (b,))
+    for n in (0, 1, 5, 12, 30):
+        _, pushed, _, _ = _ar2_trajectory(kappa, b, push_at=399 - n)
+        assert true.weight(n) == pytest.approx(pushed[-1] - qs[-1], rel=1e-6, abs=1e-9)
+        assert f.weight(n) == pytest.approx(true.weight(n), abs=0.15)
+    # momentum first carries the push further, then the pull back overshoots: the answer changes sign
+    assert true.weight(3) > 1.5 and min(true.weight(n) for n in range(60)) < -0.1
+    assert f.weight(3) > 1.5 and min(f.weight(n) for n in range(60)) < -0.1
+    # order 1 on the same trajectory cannot turn a push round
+    assert min(fit_forgetting(q0, qs, nh, ns).weight(n) for n in range(60)) >= 0
+
+
+def test_an_explosive_ar2_fit_is_refused_with_the_fix():
+    q0, qs, nh, ns = _ar2_trajectory(-0.01, 0.95, K=120, seed=3)
+    with pytest.raises(ValueError, match="explosive.*read order 1"):
+        fit_forgetting(q0, qs, nh, ns, order=2)
+    with pytest.raises(ValueError, match="order must be ≥ 1"):
+        fit_forgetting(q0, qs, nh, ns, order=0)

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from smda_callback.lab.carry import Forgetting
 from smda_callback.lab.lds import (LDSSettings, chance_band, format_score, replay_trusted_from, score, subsets,
                                   thirds_slopes)
 
@@ -400,6 +401,44 @@ def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
     assert carried["lds"] > 0.95 and carried["lds"] > raw["lds"] + 0.2
     assert 0.8 < carried["slope"] < 1.25  # the size too, since κ was read back
     assert "forgetting rate κ" in format_score(s)
+
+
+def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_other_sign(tmp_path):
+    """A run whose refusal follows an AR(2) process in its increments, d_k = u_k − κ q_{k−1} + b d_{k−1} (each pair's
+    push u_k, its own-window credit): dropping pair k moves the end by −u_k r(K−1−k), where the process's response r
+    turns negative some steps back. The AR(2)-carried own window reads κ and b off the ledger and recovers that order;
+    the AR(1)-carried one, whose weights never change sign, does not."""
+    ids, sets = _fake(tmp_path, n=60, k=60)
+    rng = np.random.default_rng(5)
+    kappa, b, K = 0.08, 0.75, len(ids)
+    labels = ["harmful" if i % 2 == 0 else "harmless" for i in range(K)]
+    push = {i: (0.02 if lab == "harmful" else -0.01) + float(rng.normal(0, 0.006)) for i, lab in zip(ids, labels)}
+    true = Forgetting(kappa, (kappa, kappa), K, (b,))
+    q, d, recs = 0.05, 0.0, []
+    for t, (i, lab) in enumerate(zip(ids, labels)):
+        d = push[i] - kappa * q + b * d
+        q = q + d
+        recs.append({"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}", "label": lab}], "refusal_harmful": q,
+                     "refusal_harmless": q / 2 + float(rng.normal(0, 1e-5))})
+    assert min(true.weight(n) for n in range(K)) < -0.1  # the pushes of some places do come back turned round
+    smda = tmp_path / "run" / "smda"
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    policy = json.loads((smda / "policy.json").read_text())
+    (smda / "policy.json").write_text(json.dumps({**policy, "probe_refusal_0": [0.05, 0.025]}))
+    credits = json.loads((smda / "credits.json").read_text())["pairs"]
+    for c in credits:
+        c["own"]["refusal_harmful"] = push[c["id"]]
+    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
+    for name, drop in sets.items():
+        moved = sum(push[i] * true.weight(K - 1 - ids.index(i)) for i in drop)
+        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - moved, "refusal_harmless": 0.2,
+                                                                    "Y": [0.5 - moved, 0.2], "dropped": drop}))
+    s = score(tmp_path)
+    ar2, ar1 = s["readers"]["own window, carried AR(2)"]["harmful"], s["readers"]["own window, carried"]["harmful"]
+    assert ar2["lds"] > 0.9 and ar2["lds"] > ar1["lds"] + 0.2
+    assert 0.8 < ar2["slope"] < 1.25
+    assert "credit (default), carried AR(2)" in s["readers"] and "its AR(2) fit" in format_score(s)
+    assert abs(s["forgetting_ar2"]["harmful"]["b"][0] - b) < 0.1
 
 
 def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeypatch, smol_tokenizer):

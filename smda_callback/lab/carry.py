@@ -14,6 +14,11 @@ the run's own trajectory (no retraining, no look at any benchmark), with a boots
 `end_weights` gives that factor per pair, by which any reader's per-pair score is multiplied (`smda suspects
 --read end`, the carried readers of `smda benchmark-lds` and `benchmark-poison`). The model is first order and
 assumes one forgetting rate for the whole run (a constant learning rate after warm-up, as in the demo).
+
+`order=2` adds the window's last increment, b · (q_{k−1} − q_{k−2}), to the right-hand side: an AR(2) process in
+the increments, whose response to a push can overshoot and come back with the other sign, as the demo's run does 24–40
+steps before its end (docs/validation.md §9, "Right at the end, wrong 24–40 steps before it"). A push's weight is then
+the fitted process's response at the end, by recursion (`Forgetting.weight`); an explosive fit is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Forgetting:
     kappa: float
     ci95: tuple[float, float]
     windows: int
+    lags: tuple[float, ...] = ()  # b_1 … b_{p−1} of an AR(p) fit (order p > 1); empty for the first-order model
 
     @property
     def retention(self) -> float:
@@ -40,45 +46,81 @@ class Forgetting:
         return 1.0 - min(max(self.kappa, 0.0), 1.0 - 1e-9)
 
     def weight(self, later_windows: int) -> float:
-        return self.retention ** max(int(later_windows), 0)
+        """What is left at the end of a unit push made `later_windows` windows before the last one."""
+        n = max(int(later_windows), 0)
+        if not self.lags:
+            return self.retention ** n
+        level, steps = 0.0, []
+        for k in range(n + 1):  # the fitted recursion, driven by the push alone
+            step = (1.0 if k == 0 else 0.0) - self.kappa * level + sum(b * steps[-j] for j, b in enumerate(self.lags, 1)
+                                                                      if len(steps) >= j)
+            steps.append(step)
+            level += step
+        return level
 
 
 def fit_forgetting(q0: float, q: Sequence[float], n_harmful: Sequence[int], n_harmless: Sequence[int],
-                   resamples: int = 500, seed: int = 0) -> Forgetting:
+                   resamples: int = 500, seed: int = 0, order: int = 1) -> Forgetting:
     """κ from a run's trajectory: `q0` before training, `q[k]` after window k, and the labels of each window's
-    pairs. Raises ValueError when the trajectory cannot identify κ (fewer than 4 windows, or q never moves)."""
+    pairs; with `order` p > 1 also the weights b of the last p − 1 increments (module docstring). Raises ValueError
+    when the trajectory cannot identify the fit (fewer than 4 windows beyond the order, or q never moves) or, for
+    p > 1, when the fitted process is explosive (a push would grow without bound)."""
+    if order < 1:
+        raise ValueError(f"fit_forgetting: order must be ≥ 1, got {order}")
     qs = np.asarray([q0, *q], dtype=np.float64)
     nh, ns = np.asarray(n_harmful, dtype=np.float64), np.asarray(n_harmless, dtype=np.float64)
     K = len(qs) - 1
-    if K < 4 or len(nh) != K or len(ns) != K:
-        raise ValueError(f"fit_forgetting: needs ≥ 4 windows with one label count each; got {K} windows, "
+    if K < 3 + order or len(nh) != K or len(ns) != K:
+        raise ValueError(f"fit_forgetting: needs ≥ {3 + order} windows with one label count each; got {K} windows, "
                          f"{len(nh)} / {len(ns)} label counts")
     if not np.isfinite(qs).all():
         raise ValueError("fit_forgetting: the trajectory holds non-finite values (a skipped snapshot?)")
     d, prev = np.diff(qs), qs[:-1]
     if np.ptp(prev) == 0:
         raise ValueError("fit_forgetting: the quantity never moved during the run, so no forgetting rate can be read")
-    A = np.column_stack([nh, ns, -prev])
-    kappa = float(np.linalg.lstsq(A, d, rcond=None)[0][2])
+    rows = np.arange(order - 1, K)  # a window with its p − 1 earlier increments
+    A = np.column_stack([nh[rows], ns[rows], -prev[rows], *(d[rows - j] for j in range(1, order))])
+    y = d[rows]
+    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    kappa, lags = float(coef[2]), tuple(float(b) for b in coef[3:])
+    if lags and _spectral_radius(kappa, lags) >= 1.0:
+        raise ValueError(f"fit_forgetting: the order-{order} fit is explosive (κ = {kappa:.3g}, b = "
+                         f"{', '.join(f'{b:.3g}' for b in lags)}): a push would grow without bound; read order 1")
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(resamples):
-        b = rng.integers(0, K, K)
-        draws.append(float(np.linalg.lstsq(A[b], d[b], rcond=None)[0][2]))
+        b = rng.integers(0, len(y), len(y))
+        draws.append(float(np.linalg.lstsq(A[b], y[b], rcond=None)[0][2]))
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
-    return Forgetting(kappa, (float(lo), float(hi)), K)
+    return Forgetting(kappa, (float(lo), float(hi)), K, lags)
 
 
-def run_forgetting(records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> dict[str, Forgetting]:
+def _spectral_radius(kappa: float, lags: Sequence[float]) -> float:
+    """Largest |eigenvalue| of the homogeneous recursion L_k = L_{k−1} + d_k, d_k = −κ L_{k−1} + Σ_j b_j d_{k−j}, on
+    the state (L_k, d_k, …, d_{k−p+2})."""
+    p = len(lags) + 1
+    M = np.zeros((p, p))
+    M[1, 0], M[1, 1:] = -kappa, lags  # d_k
+    M[0] = M[1]
+    M[0, 0] += 1.0  # L_k = L_{k−1} + d_k
+    for j in range(2, p):
+        M[j, j - 1] = 1.0  # the increments shift down
+    return float(np.abs(np.linalg.eigvals(M)).max())
+
+
+def run_forgetting(records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
+                   order: int = 1) -> dict[str, Forgetting]:
     """κ per quantity from a run's ledger records (`refusal_harmful`, `refusal_harmless` and `pairs` with their
-    `label` per window) and the baseline means (`baseline[q]`: mean refusal of the q probes before training)."""
+    `label` per window) and the baseline means (`baseline[q]`: mean refusal of the q probes before training);
+    `order`: fit_forgetting's."""
     recs = [r for r in sorted(records, key=lambda r: r["step"]) if "refusal_harmful" in r and "refusal_harmless" in r]
     if not recs:
         raise ValueError("run_forgetting: the ledger has no window with refusal means; was the run recorded by "
                          "SMDACallback (its attribution.jsonl)?")
     nh = [sum(p.get("label") == "harmful" for p in r.get("pairs", [])) for r in recs]
     ns = [sum(p.get("label") != "harmful" for p in r.get("pairs", [])) for r in recs]
-    return {q: fit_forgetting(float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs], nh, ns) for q in QUANTITIES}
+    return {q: fit_forgetting(float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs], nh, ns, order=order)
+            for q in QUANTITIES}
 
 
 def later_windows(records: Sequence[Mapping[str, Any]], key: str = "id") -> dict[str, int]:
@@ -101,11 +143,11 @@ def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
 
 
 def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any],
-                key: str = "hash") -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
+                key: str = "hash", order: int = 1) -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
     """Per quantity (harmful, harmless), per pair (by `key`: "hash", or "id" where the ledger has ids), what the
-    run's forgetting leaves of its push at the end of the run, (1 − κ)^(windows after its own); and κ per quantity.
-    One fit of the run's trajectory serves both quantities. A pair the ledger does not place gets no weight: callers
+    run's forgetting leaves of its push at the end of the run, (1 − κ)^(windows after its own), or with `order` > 1
+    the AR fit's response; and the fit per quantity. One fit of the run's trajectory serves both quantities. A pair the ledger does not place gets no weight: callers
     read a missing key as 0, since nothing says when it acted."""
-    fg = run_forgetting(records, baseline_means(policy))
+    fg = run_forgetting(records, baseline_means(policy), order=order)
     later = later_windows(records, key=key)
     return {q: {k: f.weight(n) for k, n in later.items()} for q, f in fg.items()}, fg

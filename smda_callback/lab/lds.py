@@ -543,6 +543,14 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
         return out
     for name in ("credit (default)", "own window", "step change", *(("credit, ghost", "own window, ghost") if ghost else ())):
         out[f"{name}, carried"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
+    # the same carried by the AR(2) fit of the trajectory, whose response can turn a push round (carry.py)
+    try:
+        ends2 = end_weights(records, policy, key="id", order=2)[0]
+    except ValueError as e:
+        logger.warning("lds: no AR(2)-carried readers for %s: %s", run_dir, e)
+        return out
+    for name in ("credit (default)", "own window"):
+        out[f"{name}, carried AR(2)"] = {q: {i: v * ends2[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
     return out
 
 
@@ -555,11 +563,12 @@ def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: di
     return replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part, by="id")
 
 
-def forgetting(run_dir: Path) -> dict[str, Forgetting]:
-    """The ranking run's forgetting rate κ per quantity (carry.py), from its ledger and its baseline refusal."""
+def forgetting(run_dir: Path, order: int = 1) -> dict[str, Forgetting]:
+    """The ranking run's forgetting rate κ per quantity (carry.py), from its ledger and its baseline refusal; with
+    `order` 2 the AR(2) fit of the 'carried AR(2)' readers."""
     from ..ledger import load_policy, load_records
 
-    return run_forgetting(load_records(run_dir), baseline_means(load_policy(run_dir)))
+    return run_forgetting(load_records(run_dir), baseline_means(load_policy(run_dir)), order=order)
 
 
 REPLAY = "replay (dropped in place)"
@@ -785,6 +794,11 @@ def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
                              for q, f in forgetting(run_dir).items()}
     except ValueError as e:  # a run too short to read κ from: the carried readers are left out, said here
         res["forgetting"] = {"error": str(e)}
+    try:
+        res["forgetting_ar2"] = {q: {"kappa": f.kappa, "b": list(f.lags), "windows": f.windows}
+                                 for q, f in forgetting(run_dir, order=2).items()}
+    except ValueError as e:
+        res["forgetting_ar2"] = {"error": str(e)}
     loos = removal_changes(jobs)
     if len(subs) < 3 and not loos:
         return res
@@ -960,6 +974,10 @@ def format_score(s: dict[str, Any]) -> str:
          *([f"forgetting rate κ of the ranking run (carry.py; the 'carried' readers): " + ", ".join(
              f"{q} {f['kappa']:.4f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]" for q, f in s["forgetting"].items())]
            if "error" not in s.get("forgetting", {"error": 1}) else []),
+         *([f"its AR(2) fit (the 'carried AR(2)' readers): " + ", ".join(
+             f"{q} κ {f['kappa']:.4f}, b {f['b'][0]:.3f}" for q, f in s["forgetting_ar2"].items())]
+           if "error" not in s.get("forgetting_ar2", {"error": 1}) else
+           [f"no AR(2)-carried readers: {s['forgetting_ar2']['error']}"] if "forgetting_ar2" in s else []),
          *[f"{rname}, trusted span: the replay's effects read from step " + ", ".join(
              f"{t} ({q})" for q, t in starts.items()) + f" of {s['n_pairs']}; earlier pairs read 0 "
            f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)" for rname, starts in s.get("replay_trusted_from", {}).items()],
