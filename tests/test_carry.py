@@ -105,3 +105,18 @@ def test_an_explosive_ar2_fit_is_refused_with_the_fix():
         fit_forgetting(q0, qs, nh, ns, order=2)
     with pytest.raises(ValueError, match="order must be ≥ 1"):
         fit_forgetting(q0, qs, nh, ns, order=0)
+
+
+def test_the_weights_in_one_pass_are_each_push_s_own_answer():
+    for f in (Forgetting(0.1, (0.05, 0.15), 50), Forgetting(0.05, (0.05, 0.05), 50, (0.8,)),
+              Forgetting(0.04, (0.04, 0.04), 50, (0.7, 0.1))):
+        w = f.weights(40)
+        assert w.shape == (41,) and w[0] == 1.0
+        assert all(w[n] == pytest.approx(f.weight(n), rel=1e-12) for n in (0, 1, 7, 40))
+    # each n's answer is the recursion run for n windows alone, not a prefix artefact
+    f = Forgetting(0.05, (0.05, 0.05), 50, (0.8,))
+    level, step, prev = 1.0, 1.0, 0.0
+    for _ in range(12):
+        step, prev = -0.05 * level + 0.8 * step, step
+        level += step
+    assert f.weights(12)[12] == pytest.approx(level, rel=1e-12)

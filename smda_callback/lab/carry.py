@@ -48,23 +48,29 @@ class Forgetting:
     def weight(self, later_windows: int) -> float:
         """What is left at the end of a unit push made `later_windows` windows before the last one."""
         n = max(int(later_windows), 0)
+        return self.retention ** n if not self.lags else float(self.weights(n)[n])
+
+    def weights(self, most: int) -> np.ndarray:
+        """`weight(n)` for n = 0 … most, in one pass: the fitted recursion driven by a unit push alone, its level
+        after n more windows (for the first-order model, retention^n)."""
         if not self.lags:
-            return self.retention ** n
-        level, steps = 0.0, []
-        for k in range(n + 1):  # the fitted recursion, driven by the push alone
+            return self.retention ** np.arange(most + 1, dtype=np.float64)
+        out, level, steps = np.empty(most + 1), 0.0, []
+        for k in range(most + 1):
             step = (1.0 if k == 0 else 0.0) - self.kappa * level + sum(b * steps[-j] for j, b in enumerate(self.lags, 1)
                                                                       if len(steps) >= j)
             steps.append(step)
             level += step
-        return level
+            out[k] = level
+        return out
 
 
 def fit_forgetting(q0: float, q: Sequence[float], n_harmful: Sequence[int], n_harmless: Sequence[int],
                    resamples: int = 500, seed: int = 0, order: int = 1) -> Forgetting:
     """κ from a run's trajectory: `q0` before training, `q[k]` after window k, and the labels of each window's
     pairs; with `order` p > 1 also the weights b of the last p − 1 increments (module docstring). Raises ValueError
-    when the trajectory cannot identify the fit (fewer than 4 windows beyond the order, or q never moves) or, for
-    p > 1, when the fitted process is explosive (a push would grow without bound)."""
+    when the trajectory cannot identify the fit (fewer than 3 + p windows, or q never moves) or, for p > 1, when the
+    fitted process is explosive (a push would grow without bound)."""
     if order < 1:
         raise ValueError(f"fit_forgetting: order must be ≥ 1, got {order}")
     qs = np.asarray([q0, *q], dtype=np.float64)
@@ -146,8 +152,9 @@ def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any],
                 key: str = "hash", order: int = 1) -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
     """Per quantity (harmful, harmless), per pair (by `key`: "hash", or "id" where the ledger has ids), what the
     run's forgetting leaves of its push at the end of the run, (1 − κ)^(windows after its own), or with `order` > 1
-    the AR fit's response; and the fit per quantity. One fit of the run's trajectory serves both quantities. A pair the ledger does not place gets no weight: callers
-    read a missing key as 0, since nothing says when it acted."""
+    the AR fit's response; and the fit per quantity. One fit of the run's trajectory serves both quantities. A pair
+    the ledger does not place gets no weight: callers read a missing key as 0, since nothing says when it acted."""
     fg = run_forgetting(records, baseline_means(policy), order=order)
     later = later_windows(records, key=key)
-    return {q: {k: f.weight(n) for k, n in later.items()} for q, f in fg.items()}, fg
+    most = max(later.values(), default=0)
+    return {q: dict(zip(later, f.weights(most)[list(later.values())].tolist())) for q, f in fg.items()}, fg
