@@ -369,11 +369,28 @@ def test_leave_out_all_retrains_without_every_pair_of_the_run_one_at_a_time(tmp_
     assert kept == [order] + [[j for j in order if j != i] for i in order]  # each pair dropped in place, alone
 
 
+def _run_that_carries(tmp_path, recs, push, q0, moved):
+    """Write a fake ranking run's ledger (`recs`), baseline refusal `q0` (harmful, harmless), own-window credits
+    `push` (harmful refusal) and every subset's retrain, whose harmful refusal moves by −moved(drop)."""
+    smda = tmp_path / "run" / "smda"
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    policy = json.loads((smda / "policy.json").read_text())
+    (smda / "policy.json").write_text(json.dumps({**policy, "probe_refusal_0": list(q0)}))
+    credits = json.loads((smda / "credits.json").read_text())["pairs"]
+    for c in credits:
+        c["own"]["refusal_harmful"] = push[c["id"]]
+    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
+    for name, drop in json.loads((tmp_path / "subsets.json").read_text())["subsets"].items():
+        d = moved(drop)
+        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - d, "refusal_harmless": 0.2,
+                                                                    "Y": [0.5 - d, 0.2], "dropped": drop}))
+
+
 def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
     """A run whose harmful refusal follows q_k = q_{k−1} + u_k − κ q_{k−1} (each pair's push u_k, its own-window
     credit): dropping pair k moves the end by exactly −u_k (1 − κ)^(K−1−k). The carried own window reads κ off the
     ledger and recovers that order; the raw own window, which ignores the forgetting, scores lower."""
-    ids, sets = _fake(tmp_path, n=40, k=40)
+    ids, _ = _fake(tmp_path, n=40, k=40)
     rng = np.random.default_rng(3)
     kappa, K = 0.12, len(ids)
     labels = ["harmful" if i % 2 == 0 else "harmless" for i in range(K)]
@@ -383,18 +400,8 @@ def test_the_carried_readers_recover_a_run_that_forgets(tmp_path):
         q = q + push[i] - kappa * q
         recs.append({"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}", "label": lab}], "refusal_harmful": q,
                      "refusal_harmless": 0.1 + 0.001 * t + float(rng.normal(0, 1e-4))})
-    smda = tmp_path / "run" / "smda"
-    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    policy = json.loads((smda / "policy.json").read_text())
-    (smda / "policy.json").write_text(json.dumps({**policy, "probe_refusal_0": [0.01, 0.1]}))
-    credits = json.loads((smda / "credits.json").read_text())["pairs"]
-    for c in credits:
-        c["own"]["refusal_harmful"] = push[c["id"]]
-    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
-    for name, drop in sets.items():
-        d = sum(push[i] * (1 - kappa) ** (K - 1 - ids.index(i)) for i in drop)
-        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - d, "refusal_harmless": 0.2,
-                                                                    "Y": [0.5 - d, 0.2], "dropped": drop}))
+    _run_that_carries(tmp_path, recs, push, (0.01, 0.1),
+                      lambda drop: sum(push[i] * (1 - kappa) ** (K - 1 - ids.index(i)) for i in drop))
     s = score(tmp_path)
     assert abs(s["forgetting"]["harmful"]["kappa"] - kappa) < 0.02
     carried, raw = s["readers"]["own window, carried"]["harmful"], s["readers"]["own window"]["harmful"]
@@ -408,7 +415,7 @@ def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_o
     push u_k, its own-window credit): dropping pair k moves the end by −u_k r(K−1−k), where the process's response r
     turns negative some steps back. The AR(2)-carried own window reads κ and b off the ledger and recovers that order;
     the AR(1)-carried one, whose weights never change sign, does not."""
-    ids, sets = _fake(tmp_path, n=60, k=60)
+    ids, _ = _fake(tmp_path, n=60, k=60)
     rng = np.random.default_rng(5)
     kappa, b, K = 0.08, 0.75, len(ids)
     labels = ["harmful" if i % 2 == 0 else "harmless" for i in range(K)]
@@ -421,18 +428,8 @@ def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_o
         recs.append({"step": t + 1, "pairs": [{"id": i, "hash": f"h{i}", "label": lab}], "refusal_harmful": q,
                      "refusal_harmless": q / 2 + float(rng.normal(0, 1e-5))})
     assert min(true.weight(n) for n in range(K)) < -0.1  # the pushes of some places do come back turned round
-    smda = tmp_path / "run" / "smda"
-    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    policy = json.loads((smda / "policy.json").read_text())
-    (smda / "policy.json").write_text(json.dumps({**policy, "probe_refusal_0": [0.05, 0.025]}))
-    credits = json.loads((smda / "credits.json").read_text())["pairs"]
-    for c in credits:
-        c["own"]["refusal_harmful"] = push[c["id"]]
-    (smda / "credits.json").write_text(json.dumps({"pairs": credits}))
-    for name, drop in sets.items():
-        moved = sum(push[i] * true.weight(K - 1 - ids.index(i)) for i in drop)
-        (tmp_path / "jobs" / f"{name}.json").write_text(json.dumps({"refusal_harmful": 0.5 - moved, "refusal_harmless": 0.2,
-                                                                    "Y": [0.5 - moved, 0.2], "dropped": drop}))
+    _run_that_carries(tmp_path, recs, push, (0.05, 0.025),
+                      lambda drop: sum(push[i] * true.weight(K - 1 - ids.index(i)) for i in drop))
     s = score(tmp_path)
     ar2, ar1 = s["readers"]["own window, carried AR(2)"]["harmful"], s["readers"]["own window, carried"]["harmful"]
     assert ar2["lds"] > 0.9 and ar2["lds"] > ar1["lds"] + 0.2
