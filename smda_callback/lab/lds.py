@@ -38,7 +38,7 @@ import numpy as np
 
 from ..credit.replay import EXACT, TRUST_FACTOR, ReplayVariant, Segment, replay_trusted_from
 from .analysis import partial_spearman, spearman
-from .carry import QUANTITIES, Forgetting, baseline_means, end_weights, run_forgetting
+from .carry import QUANTITIES, baseline_means, end_weights, run_forgetting
 from .files import write_json
 from .specs import poison_train_seed
 
@@ -535,22 +535,19 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
             out.setdefault(name, {})[q] = {i: means[labels[i]] + lam * (v - means[labels[i]]) for i, v in credit.items()}
         rng = np.random.default_rng([seed, 0x5eed])  # its own stream, not the subsets'
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
-    # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger
-    try:
-        ends = end_weights(records, policy, key="id")[0]
-    except ValueError as e:
-        logger.warning("lds: no carried readers for %s: %s", run_dir, e)
-        return out
-    for name in ("credit (default)", "own window", "step change", *(("credit, ghost", "own window, ghost") if ghost else ())):
-        out[f"{name}, carried"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
-    # the same carried by the AR(2) fit of the trajectory, whose response can turn a push round (carry.py)
-    try:
-        ends2 = end_weights(records, policy, key="id", order=2)[0]
-    except ValueError as e:
-        logger.warning("lds: no AR(2)-carried readers for %s: %s", run_dir, e)
-        return out
-    for name in ("credit (default)", "own window"):
-        out[f"{name}, carried AR(2)"] = {q: {i: v * ends2[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
+    # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger;
+    # then the default and own window carried by the AR(2) fit, whose response can turn a push round
+    carried = {1: ("carried", ("credit (default)", "own window", "step change",
+                               *(("credit, ghost", "own window, ghost") if ghost else ()))),
+               2: ("carried AR(2)", ("credit (default)", "own window"))}
+    for fit_order, (suffix, names) in carried.items():
+        try:
+            ends = end_weights(records, policy, key="id", order=fit_order)[0]
+        except ValueError as e:
+            logger.warning("lds: no '%s' readers for %s: %s", suffix, run_dir, e)
+            break
+        for name in names:
+            out[f"{name}, {suffix}"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
     return out
 
 
@@ -563,12 +560,25 @@ def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: di
     return replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part, by="id")
 
 
-def forgetting(run_dir: Path, order: int = 1) -> dict[str, Forgetting]:
-    """The ranking run's forgetting rate κ per quantity (carry.py), from its ledger and its baseline refusal; with
-    `order` 2 the AR(2) fit of the 'carried AR(2)' readers."""
+def forgetting_fits(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ranking run's forgetting fits (carry.py), from its ledger (read once) and its baseline refusal, as `score`
+    reports them: "forgetting" (κ and its interval per quantity: the 'carried' readers) and "forgetting_ar2" (κ and b:
+    the 'carried AR(2)' readers), each {"error": why} where the run cannot give it (too short a run: those readers are
+    left out, said there)."""
     from ..ledger import load_policy, load_records
 
-    return run_forgetting(load_records(run_dir), baseline_means(load_policy(run_dir)), order=order)
+    try:
+        records, base = load_records(run_dir), baseline_means(load_policy(run_dir))
+    except ValueError as e:
+        return {"forgetting": {"error": str(e)}, "forgetting_ar2": {"error": str(e)}}
+    res: dict[str, dict[str, Any]] = {}
+    for key, fit_order in (("forgetting", 1), ("forgetting_ar2", 2)):
+        try:
+            res[key] = {q: {"kappa": f.kappa, **({"b": list(f.lags)} if f.lags else {"ci95": list(f.ci95)}),
+                            "windows": f.windows} for q, f in run_forgetting(records, base, order=fit_order).items()}
+        except ValueError as e:
+            res[key] = {"error": str(e)}
+    return res
 
 
 REPLAY = "replay (dropped in place)"
@@ -789,16 +799,7 @@ def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     for name, r in {**reps, **peers}.items():
         timing[name] = {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb")}
     res["timing"] = timing
-    try:
-        res["forgetting"] = {q: {"kappa": f.kappa, "ci95": list(f.ci95), "windows": f.windows}
-                             for q, f in forgetting(run_dir).items()}
-    except ValueError as e:  # a run too short to read κ from: the carried readers are left out, said here
-        res["forgetting"] = {"error": str(e)}
-    try:
-        res["forgetting_ar2"] = {q: {"kappa": f.kappa, "b": list(f.lags), "windows": f.windows}
-                                 for q, f in forgetting(run_dir, order=2).items()}
-    except ValueError as e:
-        res["forgetting_ar2"] = {"error": str(e)}
+    res.update(forgetting_fits(run_dir))
     loos = removal_changes(jobs)
     if len(subs) < 3 and not loos:
         return res
