@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smda_callback.lab.carry import Forgetting, end_weights, fit_forgetting, later_windows, run_forgetting
+from smda_callback.lab.carry import Forgetting, end_weights, fit_forgetting, fit_shared, later_windows, run_forgetting
 
 
 def _trajectory(kappa: float, K: int = 300, seed: int = 0, noise: float = 0.002):
@@ -97,6 +97,42 @@ def test_an_ar2_fit_reads_its_process_back_and_its_weight_is_what_a_push_leaves_
     assert f.weight(3) > 1.5 and min(f.weight(n) for n in range(60)) < -0.1
     # order 1 on the same trajectory cannot turn a push round
     assert min(fit_forgetting(q0, qs, nh, ns).weight(n) for n in range(60)) >= 0
+
+
+def _two_quantities(kappa: float, b: float, K: int, seed: int, noise: float = 0.002):
+    """Two trajectories of one AR(2) process (the same κ, b and labels) with their own pushes per label and their own
+    noise, as a run's harmful and harmless refusal: returns [(q0, q) per quantity], n_harmful, n_harmless."""
+    rng = np.random.default_rng(seed)
+    harmful = rng.random(K) < 0.5
+    out = []
+    for push_h, push_s in ((0.02, -0.004), (0.003, 0.012)):
+        q, d, qs = 0.1, 0.0, []
+        for h in harmful:
+            d = (push_h if h else push_s) - kappa * q + b * d + rng.normal(0, noise)
+            q += d
+            qs.append(q)
+        out.append((0.1, qs))
+    return out, harmful.astype(int), (~harmful).astype(int)
+
+
+def test_a_shared_fit_reads_one_process_from_two_quantities_with_their_own_pushes():
+    kappa, b = 0.05, 0.8
+    errs_shared, errs_single = [], []
+    for seed in range(12):  # 64 windows, the demo's LDS runs: short enough for one quantity's fit to wobble
+        trajs, nh, ns = _two_quantities(kappa, b, K=64, seed=seed)
+        f = fit_shared(trajs, nh, ns, order=2, resamples=50)
+        singles = [fit_forgetting(q0, q, nh, ns, order=2, resamples=0) for q0, q in trajs]
+        errs_shared.append(abs(f.weight(30) - Forgetting(kappa, (0, 0), 64, (b,)).weight(30)))
+        errs_single += [abs(g.weight(30) - Forgetting(kappa, (0, 0), 64, (b,)).weight(30)) for g in singles]
+        assert f.windows == 64 and len(f.lags) == 1
+    # the same dynamics read off twice the rows: a smaller error of what a push leaves 30 windows on
+    assert np.mean(errs_shared) < np.mean(errs_single)
+    trajs, nh, ns = _two_quantities(kappa, b, K=400, seed=0)
+    f = fit_shared(trajs, nh, ns, order=2, resamples=200)
+    assert abs(f.kappa - kappa) < 0.01 and abs(f.lags[0] - b) < 0.05 and f.ci95[0] <= kappa + 0.005 <= f.ci95[1] + 0.01
+    # one trajectory: fit_forgetting itself, bootstrap interval included
+    one = fit_shared(trajs[:1], nh, ns, order=2, resamples=50)
+    assert one == fit_forgetting(*trajs[0], nh, ns, order=2, resamples=50)
 
 
 def test_an_explosive_ar2_fit_is_refused_with_the_fix():

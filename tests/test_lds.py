@@ -436,6 +436,10 @@ def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_o
     assert 0.8 < ar2["slope"] < 1.25
     assert "credit (default), carried AR(2)" in s["readers"] and "its AR(2) fit" in format_score(s)
     assert abs(s["forgetting_ar2"]["harmful"]["b"][0] - b) < 0.1
+    # the joint fit reads the same process off both quantities (harmless refusal is half of harmful here): one κ, b
+    joint = s["forgetting_ar2_joint"]
+    assert joint["harmful"] == joint["harmless"] and abs(joint["harmful"]["b"][0] - b) < 0.1
+    assert s["readers"]["own window, carried AR(2) joint"]["harmful"]["lds"] > 0.9 and "joint AR(2) fit" in format_score(s)
 
 
 def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeypatch, smol_tokenizer):

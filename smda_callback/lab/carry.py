@@ -19,6 +19,9 @@ assumes one forgetting rate for the whole run (a constant learning rate after wa
 the increments, whose response to a push can overshoot and come back with the other sign, as the demo's run does 24–40
 steps before its end (docs/validation.md §9, "Right at the end, wrong 24–40 steps before it"). A push's weight is then
 the fitted process's response at the end, by recursion (`Forgetting.weight`); an explosive fit is refused.
+Fitted per quantity, the AR(2) response moves with a single window of a 64-window run (docs/validation.md §9, "A
+second data order"); `shared=True` fits one κ and one b to both quantities' trajectories (each with its own pushes),
+twice the rows for the same dynamics (`fit_shared`).
 """
 
 from __future__ import annotations
@@ -71,34 +74,51 @@ def fit_forgetting(q0: float, q: Sequence[float], n_harmful: Sequence[int], n_ha
     pairs; with `order` p > 1 also the weights b of the last p − 1 increments (module docstring). Raises ValueError
     when the trajectory cannot identify the fit (fewer than 3 + p windows, or q never moves) or, for p > 1, when the
     fitted process is explosive (a push would grow without bound)."""
+    return fit_shared([(q0, q)], n_harmful, n_harmless, resamples=resamples, seed=seed, order=order)
+
+
+def fit_shared(trajectories: Sequence[tuple[float, Sequence[float]]], n_harmful: Sequence[int],
+               n_harmless: Sequence[int], resamples: int = 500, seed: int = 0, order: int = 1) -> Forgetting:
+    """One κ (and, for `order` p > 1, one set of lags b) shared by several quantities of the same run, each
+    `(q0, q)` as in `fit_forgetting`, each with its own push per label: the dynamics are the model's and the
+    optimizer's, the pushes the quantity's. Twice the rows of a one-quantity fit for the same unknowns of the
+    dynamics. The bootstrap interval resamples windows, a window's rows of every quantity together."""
     if order < 1:
         raise ValueError(f"fit_forgetting: order must be ≥ 1, got {order}")
-    qs = np.asarray([q0, *q], dtype=np.float64)
     nh, ns = np.asarray(n_harmful, dtype=np.float64), np.asarray(n_harmless, dtype=np.float64)
-    K = len(qs) - 1
-    if K < 3 + order or len(nh) != K or len(ns) != K:
-        raise ValueError(f"fit_forgetting: needs ≥ {3 + order} windows with one label count each; got {K} windows, "
-                         f"{len(nh)} / {len(ns)} label counts")
-    if not np.isfinite(qs).all():
-        raise ValueError("fit_forgetting: the trajectory holds non-finite values (a skipped snapshot?)")
-    d, prev = np.diff(qs), qs[:-1]
-    if np.ptp(prev) == 0:
-        raise ValueError("fit_forgetting: the quantity never moved during the run, so no forgetting rate can be read")
-    rows = np.arange(order - 1, K)  # a window with its p − 1 earlier increments
-    A = np.column_stack([nh[rows], ns[rows], -prev[rows], *(d[rows - j] for j in range(1, order))])
-    y = d[rows]
+    T, label_cols, dyn_rows, ys = len(trajectories), [], [], []
+    for t, (q0, q) in enumerate(trajectories):
+        qs = np.asarray([q0, *q], dtype=np.float64)
+        K = len(qs) - 1
+        if K < 3 + order or len(nh) != K or len(ns) != K:
+            raise ValueError(f"fit_forgetting: needs ≥ {3 + order} windows with one label count each; got {K} "
+                             f"windows, {len(nh)} / {len(ns)} label counts")
+        if not np.isfinite(qs).all():
+            raise ValueError("fit_forgetting: the trajectory holds non-finite values (a skipped snapshot?)")
+        d, prev = np.diff(qs), qs[:-1]
+        if np.ptp(prev) == 0:
+            raise ValueError("fit_forgetting: the quantity never moved during the run, so no forgetting rate can be "
+                             "read")
+        rows = np.arange(order - 1, K)  # a window with its p − 1 earlier increments
+        push = np.zeros((len(rows), 2 * T))
+        push[:, 2 * t], push[:, 2 * t + 1] = nh[rows], ns[rows]
+        label_cols.append(push)
+        dyn_rows.append(np.column_stack([-prev[rows], *(d[rows - j] for j in range(1, order))]))
+        ys.append(d[rows])
+    A, y = np.hstack([np.vstack(label_cols), np.vstack(dyn_rows)]), np.concatenate(ys)
     coef = np.linalg.lstsq(A, y, rcond=None)[0]
-    kappa, lags = float(coef[2]), tuple(float(b) for b in coef[3:])
+    kappa, lags = float(coef[2 * T]), tuple(float(b) for b in coef[2 * T + 1:])
     if lags and _spectral_radius(kappa, lags) >= 1.0:
         raise ValueError(f"fit_forgetting: the order-{order} fit is explosive (κ = {kappa:.3g}, b = "
                          f"{', '.join(f'{b:.3g}' for b in lags)}): a push would grow without bound; read order 1")
-    rng = np.random.default_rng(seed)
+    rng, n = np.random.default_rng(seed), len(y) // T
     draws = []
     for _ in range(resamples):
-        b = rng.integers(0, len(y), len(y))
-        draws.append(float(np.linalg.lstsq(A[b], y[b], rcond=None)[0][2]))
+        w = rng.integers(0, n, n)
+        b = np.concatenate([w + t * n for t in range(T)])
+        draws.append(float(np.linalg.lstsq(A[b], y[b], rcond=None)[0][2 * T]))
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
-    return Forgetting(kappa, (float(lo), float(hi)), K, lags)
+    return Forgetting(kappa, (float(lo), float(hi)), n + order - 1, lags)
 
 
 def _spectral_radius(kappa: float, lags: Sequence[float]) -> float:
@@ -115,18 +135,22 @@ def _spectral_radius(kappa: float, lags: Sequence[float]) -> float:
 
 
 def run_forgetting(records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
-                   order: int = 1) -> dict[str, Forgetting]:
+                   order: int = 1, shared: bool = False) -> dict[str, Forgetting]:
     """κ per quantity from a run's ledger records (`refusal_harmful`, `refusal_harmless` and `pairs` with their
     `label` per window) and the baseline means (`baseline[q]`: mean refusal of the q probes before training);
-    `order`: fit_forgetting's."""
+    `order`: fit_forgetting's; `shared`: one fit of both quantities' trajectories (`fit_shared`), the same for
+    each."""
     recs = [r for r in sorted(records, key=lambda r: r["step"]) if "refusal_harmful" in r and "refusal_harmless" in r]
     if not recs:
         raise ValueError("run_forgetting: the ledger has no window with refusal means; was the run recorded by "
                          "SMDACallback (its attribution.jsonl)?")
     nh = [sum(p.get("label") == "harmful" for p in r.get("pairs", [])) for r in recs]
     ns = [sum(p.get("label") != "harmful" for p in r.get("pairs", [])) for r in recs]
-    return {q: fit_forgetting(float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs], nh, ns, order=order)
-            for q in QUANTITIES}
+    trajectories = {q: (float(baseline[q]), [float(r[f"refusal_{q}"]) for r in recs]) for q in QUANTITIES}
+    if shared:
+        f = fit_shared(list(trajectories.values()), nh, ns, order=order)
+        return {q: f for q in QUANTITIES}
+    return {q: fit_forgetting(*t, nh, ns, order=order) for q, t in trajectories.items()}
 
 
 def later_windows(records: Sequence[Mapping[str, Any]], key: str = "id") -> dict[str, int]:
@@ -149,12 +173,13 @@ def baseline_means(policy: Mapping[str, Any]) -> dict[str, float]:
 
 
 def end_weights(records: Sequence[Mapping[str, Any]], policy: Mapping[str, Any],
-                key: str = "hash", order: int = 1) -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
+                key: str = "hash", order: int = 1,
+                shared: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, Forgetting]]:
     """Per quantity (harmful, harmless), per pair (by `key`: "hash", or "id" where the ledger has ids), what the
     run's forgetting leaves of its push at the end of the run, (1 − κ)^(windows after its own), or with `order` > 1
-    the AR fit's response; and the fit per quantity. One fit of the run's trajectory serves both quantities. A pair
+    the AR fit's response; and the fit per quantity (`shared`: one fit of both, run_forgetting's). A pair
     the ledger does not place gets no weight: callers read a missing key as 0, since nothing says when it acted."""
-    fg = run_forgetting(records, baseline_means(policy), order=order)
+    fg = run_forgetting(records, baseline_means(policy), order=order, shared=shared)
     later = later_windows(records, key=key)
     most = max(later.values(), default=0)
     return {q: dict(zip(later, f.weights(most)[list(later.values())].tolist())) for q, f in fg.items()}, fg

@@ -536,16 +536,18 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
         rng = np.random.default_rng([seed, 0x5eed])  # its own stream, not the subsets'
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
     # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger;
-    # then the default and own window carried by the AR(2) fit, whose response can turn a push round
-    carried = {1: ("carried", ("credit (default)", "own window", "step change",
-                               *(("credit, ghost", "own window, ghost") if ghost else ()))),
-               2: ("carried AR(2)", ("credit (default)", "own window"))}
-    for fit_order, (suffix, names) in carried.items():
+    # then the default and own window carried by the AR(2) fit, whose response can turn a push round, fitted per
+    # quantity and jointly to both (one κ and b)
+    carried = {"carried": (1, False, ("credit (default)", "own window", "step change",
+                                      *(("credit, ghost", "own window, ghost") if ghost else ()))),
+               "carried AR(2)": (2, False, ("credit (default)", "own window")),
+               "carried AR(2) joint": (2, True, ("credit (default)", "own window"))}
+    for suffix, (fit_order, shared, names) in carried.items():
         try:
-            ends = end_weights(records, policy, key="id", order=fit_order)[0]
+            ends = end_weights(records, policy, key="id", order=fit_order, shared=shared)[0]
         except ValueError as e:
             logger.warning("lds: no '%s' readers for %s: %s", suffix, run_dir, e)
-            break
+            continue
         for name in names:
             out[f"{name}, {suffix}"] = {q: {i: v * ends[q].get(i, 0.0) for i, v in out[name][q].items()} for q in QUANTITIES}
     return out
@@ -560,22 +562,26 @@ def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: di
     return replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part, by="id")
 
 
+FITS = {"forgetting": (1, False), "forgetting_ar2": (2, False), "forgetting_ar2_joint": (2, True)}  # (order, shared)
+
+
 def forgetting_fits(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The ranking run's forgetting fits (carry.py), from its ledger (read once) and its baseline refusal, as `score`
-    reports them: "forgetting" (κ and its interval per quantity: the 'carried' readers) and "forgetting_ar2" (κ and b:
-    the 'carried AR(2)' readers), each {"error": why} where the run cannot give it (too short a run: those readers are
-    left out, said there)."""
+    reports them: "forgetting" (κ and its interval per quantity: the 'carried' readers), "forgetting_ar2" (κ and b:
+    the 'carried AR(2)' readers) and "forgetting_ar2_joint" (one κ and b for both quantities), each {"error": why}
+    where the run cannot give it (too short a run: those readers are left out, said there)."""
     from ..ledger import load_policy, load_records
 
     try:
         records, base = load_records(run_dir), baseline_means(load_policy(run_dir))
     except ValueError as e:
-        return {"forgetting": {"error": str(e)}, "forgetting_ar2": {"error": str(e)}}
+        return {key: {"error": str(e)} for key in FITS}
     res: dict[str, dict[str, Any]] = {}
-    for key, fit_order in (("forgetting", 1), ("forgetting_ar2", 2)):
+    for key, (fit_order, shared) in FITS.items():
         try:
             res[key] = {q: {"kappa": f.kappa, **({"b": list(f.lags)} if f.lags else {"ci95": list(f.ci95)}),
-                            "windows": f.windows} for q, f in run_forgetting(records, base, order=fit_order).items()}
+                            "windows": f.windows}
+                        for q, f in run_forgetting(records, base, order=fit_order, shared=shared).items()}
         except ValueError as e:
             res[key] = {"error": str(e)}
     return res
@@ -979,6 +985,9 @@ def format_score(s: dict[str, Any]) -> str:
              f"{q} κ {f['kappa']:.4f}, b {f['b'][0]:.3f}" for q, f in s["forgetting_ar2"].items())]
            if "error" not in s.get("forgetting_ar2", {"error": 1}) else
            [f"no AR(2)-carried readers: {s['forgetting_ar2']['error']}"] if "forgetting_ar2" in s else []),
+         *([f"its joint AR(2) fit, both quantities (the 'carried AR(2) joint' readers): κ "
+            f"{s['forgetting_ar2_joint']['harmful']['kappa']:.4f}, b {s['forgetting_ar2_joint']['harmful']['b'][0]:.3f}"]
+           if "error" not in s.get("forgetting_ar2_joint", {"error": 1}) else []),
          *[f"{rname}, trusted span: the replay's effects read from step " + ", ".join(
              f"{t} ({q})" for q, t in starts.items()) + f" of {s['n_pairs']}; earlier pairs read 0 "
            f"(its |effect| there exceeds {TRUST_FACTOR:g}× its second-half median)" for rname, starts in s.get("replay_trusted_from", {}).items()],

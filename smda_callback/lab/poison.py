@@ -314,17 +314,19 @@ def score_poison(out: str | Path, settings: PoisonSettings | None = None) -> dic
                          "compliance": {i: -v["refusal_harmful"] for i, v in cr.items()}}
         if name == "smda_optimizer_deconvolve":
             readers["smda_worst_category_deconvolve"] = worst_category(cr, policy)
-    # the own window carried to the end of the run by its forgetting rate (`smda suspects --read end`)
+    # the own window carried to the end of the run by its forgetting rate (`smda suspects --read end`), and by the
+    # AR(2) fits of the run's trajectory (lab readers, docs/credit.md), per quantity and joint
     own = readers.get("smda_own_window_ghost") or readers.get("smda_own_window_deconvolve")
-    try:
-        ends = end_weights(records, policy)[0]
-    except ValueError as e:
-        logger.warning("poison: no carried reader: %s", e)
-    else:
-        hash_of = {p.get("id"): p["hash"] for r in records for p in r.get("pairs", [])}
-        readers["smda_own_window_carried"] = {
-            kind: {i: v * ends[q].get(hash_of.get(i, ""), 0.0) for i, v in own[kind].items()}
-            for kind, q in (("over-refusal", "harmless"), ("compliance", "harmful"))}
+    hash_of = {p.get("id"): p["hash"] for r in records for p in r.get("pairs", [])}
+    for name, fit_order, shared in (("smda_own_window_carried", 1, False), ("smda_own_window_carried_ar2", 2, False),
+                                    ("smda_own_window_carried_ar2_joint", 2, True)):
+        try:
+            ends = end_weights(records, policy, order=fit_order, shared=shared)[0]
+        except ValueError as e:
+            logger.warning("poison: no reader %s: %s", name, e)
+            continue
+        readers[name] = {kind: {i: v * ends[q].get(hash_of.get(i, ""), 0.0) for i, v in own[kind].items()}
+                         for kind, q in (("over-refusal", "harmless"), ("compliance", "harmful"))}
     loss = {r["pairs"][0].get("id"): float(r["train_loss"]) for r in records
             if len(r.get("pairs", [])) == 1 and r.get("train_loss") is not None}
     if loss:  # (a window of several pairs has no one pair's loss)
