@@ -440,6 +440,9 @@ def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_o
     joint = s["forgetting_ar2_joint"]
     assert joint["harmful"] == joint["harmless"] and abs(joint["harmful"]["b"][0] - b) < 0.1
     assert s["readers"]["own window, carried AR(2) joint"]["harmful"]["lds"] > 0.9 and "joint AR(2) fit" in format_score(s)
+    # the label count carried by the same response: what label and place alone predict, the carried readers' baseline
+    lab, lab_ar2 = s["readers"]["label count"]["harmful"]["lds"], s["readers"]["label count, carried AR(2)"]["harmful"]["lds"]
+    assert lab_ar2 > lab + 0.2 and ar2["lds"] > lab_ar2  # the pushes' own sizes add to label and place
 
 
 def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeypatch, smol_tokenizer):

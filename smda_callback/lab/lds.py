@@ -537,11 +537,12 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
         out["random"][q] = {i: float(v) for i, v in zip(order, rng.normal(size=len(order)))}
     # the in-run readers carried to the end of the run by its own forgetting rate (carry.py), read off the ledger;
     # then the default and own window carried by the AR(2) fit, whose response can turn a push round, fitted per
-    # quantity and jointly to both (one κ and b)
-    carried = {"carried": (1, False, ("credit (default)", "own window", "step change",
+    # quantity and jointly to both (one κ and b); the label count carried the same way is their baseline (what the
+    # label and the place alone predict)
+    carried = {"carried": (1, False, ("credit (default)", "own window", "step change", "label count",
                                       *(("credit, ghost", "own window, ghost") if ghost else ()))),
-               "carried AR(2)": (2, False, ("credit (default)", "own window")),
-               "carried AR(2) joint": (2, True, ("credit (default)", "own window"))}
+               "carried AR(2)": (2, False, ("credit (default)", "own window", "label count")),
+               "carried AR(2) joint": (2, True, ("credit (default)", "own window", "label count"))}
     for suffix, (fit_order, shared, names) in carried.items():
         try:
             ends = end_weights(records, policy, key="id", order=fit_order, shared=shared)[0]
