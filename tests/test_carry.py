@@ -130,6 +130,8 @@ def test_a_shared_fit_reads_one_process_from_two_quantities_with_their_own_pushe
     trajs, nh, ns = _two_quantities(kappa, b, K=400, seed=0)
     f = fit_shared(trajs, nh, ns, order=2, resamples=200)
     assert abs(f.kappa - kappa) < 0.01 and abs(f.lags[0] - b) < 0.05 and f.ci95[0] <= kappa + 0.005 <= f.ci95[1] + 0.01
+    with pytest.raises(ValueError, match="no trajectory given"):
+        fit_shared([], nh, ns)
     # one trajectory: fit_forgetting itself, bootstrap interval included
     one = fit_shared(trajs[:1], nh, ns, order=2, resamples=50)
     assert one == fit_forgetting(*trajs[0], nh, ns, order=2, resamples=50)

@@ -85,6 +85,8 @@ def fit_shared(trajectories: Sequence[tuple[float, Sequence[float]]], n_harmful:
     dynamics. The bootstrap interval resamples windows, a window's rows of every quantity together."""
     if order < 1:
         raise ValueError(f"fit_forgetting: order must be ≥ 1, got {order}")
+    if not trajectories:
+        raise ValueError("fit_shared: no trajectory given; pass one (q0, q) per quantity")
     nh, ns = np.asarray(n_harmful, dtype=np.float64), np.asarray(n_harmless, dtype=np.float64)
     T, label_cols, dyn_rows, ys = len(trajectories), [], [], []
     for t, (q0, q) in enumerate(trajectories):
