@@ -17,13 +17,14 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from smda_callback.lab.carry import QUANTITIES, baseline_means, fit_forgetting, fit_shared, later_windows
+from smda_callback.lab.lds import predicted
 from smda_callback.ledger import load_policy, load_records
 
 
 def lds(kept: dict, scores: dict[str, float], q: str) -> float:
     full = kept["jobs"]["full0"][f"refusal_{q}"]
     names = sorted(n for n in kept["subsets"] if n in kept["jobs"])
-    pred = [-sum(scores.get(i, 0.0) for i in kept["subsets"][n]) for n in names]
+    pred = predicted(scores, [kept["subsets"][n] for n in names])
     meas = [kept["jobs"][n][f"refusal_{q}"] - full for n in names]
     return float(spearmanr(pred, meas)[0])
 

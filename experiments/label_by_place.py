@@ -18,6 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from smda_callback.lab.carry import QUANTITIES, baseline_means, later_windows, run_forgetting
+from smda_callback.lab.lds import predicted
 from smda_callback.ledger import load_policy, load_records
 
 BANDS = ((0, 12), (12, 24), (24, 40), (40, 64))  # windows after the pair's own, as in error_by_place.py's bands
@@ -45,8 +46,9 @@ def main(argv: list[str]) -> None:
             coef = np.linalg.lstsq(X, y, rcond=None)[0]
             r2 = 1 - ((y - X @ coef) ** 2).sum() / ((y - y.mean()) ** 2).sum()
             w = fits[q].weights(max(later.values()))
-            count = np.array([-sum(harmful[i] for i in kept["subsets"][n]) for n in names], dtype=np.float64)
-            carried = np.array([-sum(harmful[i] * w[later[i]] for i in kept["subsets"][n]) for n in names])
+            sets = [kept["subsets"][n] for n in names]
+            count = predicted({i: float(h) for i, h in harmful.items()}, sets)
+            carried = predicted({i: harmful[i] * w[later[i]] for i in later}, sets)
             nb = len(BANDS)
             print(f"| {Path(kept_path).stem} | {' / '.join(map(str, per_band))} | {q} | "
                   + " / ".join(f"{c:+.3f}" for c in coef[:nb]) + " | " + " / ".join(f"{c:+.3f}" for c in coef[nb:])
