@@ -1,5 +1,5 @@
 """How much the AR(2)-carried own window's LDS moves when its fit starts one, two or three windows later: the fit per
-quantity (`carry.fit_forgetting(order=2)`) against one fit of both quantities (`carry.fit_shared`); the first column is
+quantity (`carry.run_forgetting(order=2)`) against one fit of both quantities (`shared=True`); the first column is
 the package's own fit (its first row is the run's second window). Reads the kept LDS
 files (measured retrains and the own window's per-pair scores) and each ranking run's ledger; trains nothing.
 
@@ -13,10 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from scipy.stats import spearmanr
 
-from smda_callback.lab.carry import QUANTITIES, baseline_means, fit_forgetting, fit_shared, later_windows
+from smda_callback.lab.carry import QUANTITIES, baseline_means, later_windows, run_forgetting
 from smda_callback.lab.lds import predicted
 from smda_callback.ledger import load_policy, load_records
 
@@ -38,20 +37,13 @@ def main(argv: list[str]) -> None:
         kept = json.loads(Path(kept_path).read_text())
         records = [r for r in sorted(load_records(Path(run)), key=lambda r: r["step"]) if "refusal_harmful" in r]
         base = baseline_means(load_policy(Path(run)))
-        nh = np.array([sum(p.get("label") == "harmful" for p in r["pairs"]) for r in records])
-        ns = np.array([sum(p.get("label") != "harmful" for p in r["pairs"]) for r in records])
-        traj = {q: np.array([base[q], *(r[f"refusal_{q}"] for r in records)]) for q in QUANTITIES}
         later = later_windows(records, key="id")
         own = kept["reader_scores"]["own window"]
-        for fit in ("per quantity", "joint"):
+        for fit, shared in (("per quantity", False), ("joint", True)):
             row = []
             for s in starts:  # the fit's first row is window s + 2 (its lag is window s + 1's increment); s = 0: the package's
-                sl = {q: (float(t[s]), t[s + 1:].tolist()) for q, t in traj.items()}
-                if fit == "joint":
-                    f = fit_shared([sl[q] for q in QUANTITIES], nh[s:], ns[s:], order=2, resamples=0)
-                    fits = {q: f for q in QUANTITIES}
-                else:
-                    fits = {q: fit_forgetting(*sl[q], nh[s:], ns[s:], order=2, resamples=0) for q in QUANTITIES}
+                start = base if s == 0 else {q: records[s - 1][f"refusal_{q}"] for q in QUANTITIES}
+                fits = run_forgetting(records[s:], start, order=2, shared=shared)
                 w = {q: fits[q].weights(max(later.values())) for q in QUANTITIES}
                 row.append(tuple(lds(kept, {i: v * w[q][later[i]] for i, v in own[q].items() if i in later}, q)
                                  for q in QUANTITIES))

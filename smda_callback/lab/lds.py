@@ -469,6 +469,11 @@ def replay_profile(rep: dict[str, Any], spans: int = 8) -> dict[str, list[dict[s
     return out
 
 
+FITS = {"forgetting": (1, False), "forgetting_ar2": (2, False), "forgetting_ar2_joint": (2, True)}
+"""The ranking run's forgetting fits, (order, shared) for carry.end_weights / run_forgetting: `readers` carries by each,
+`score` reports each under its key (forgetting_fits)."""
+
+
 def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict[str, Any]] | None = None,
             peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Per reader, per quantity, every pair's score (its predicted effect on that quantity when trained). `reps`:
@@ -539,11 +544,12 @@ def readers(run_dir: Path, order: list[str], seed: int = 0, reps: dict[str, dict
     # then the default and own window carried by the AR(2) fit, whose response can turn a push round, fitted per
     # quantity and jointly to both (one κ and b); the label count carried the same way is their baseline (what the
     # label and the place alone predict)
-    carried = {"carried": (1, False, ("credit (default)", "own window", "step change", "label count",
-                                      *(("credit, ghost", "own window, ghost") if ghost else ()))),
-               "carried AR(2)": (2, False, ("credit (default)", "own window", "label count")),
-               "carried AR(2) joint": (2, True, ("credit (default)", "own window", "label count"))}
-    for suffix, (fit_order, shared, names) in carried.items():
+    carried = {"forgetting": ("carried", ("credit (default)", "own window", "step change", "label count",
+                                          *(("credit, ghost", "own window, ghost") if ghost else ()))),
+               "forgetting_ar2": ("carried AR(2)", ("credit (default)", "own window", "label count")),
+               "forgetting_ar2_joint": ("carried AR(2) joint", ("credit (default)", "own window", "label count"))}
+    for fit, (suffix, names) in carried.items():
+        fit_order, shared = FITS[fit]
         try:
             ends = end_weights(records, policy, key="id", order=fit_order, shared=shared)[0]
         except ValueError as e:
@@ -561,9 +567,6 @@ def _replayed(records: list[dict[str, Any]], policy: dict[str, Any], credits: di
     from ..credit import OptimizerKernel, replay_credits
 
     return replay_credits(records, policy, OptimizerKernel(**credits["kernel"]), "deconvolve", part, by="id")
-
-
-FITS = {"forgetting": (1, False), "forgetting_ar2": (2, False), "forgetting_ar2_joint": (2, True)}  # (order, shared)
 
 
 def forgetting_fits(run_dir: Path) -> dict[str, dict[str, Any]]:
