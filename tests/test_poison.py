@@ -116,6 +116,11 @@ def test_suspects_cli_ranks_by_credited_change(tmp_path, smol_tokenizer, capsys)
     assert main(["suspects", str(tmp_path), "--target", "weapons", "--read", "end"]) == 2
     err = capsys.readouterr().err
     assert "ranks over-refusal or compliance only, not 'weapons'" in err and "forgetting rate" in err
+    # --read removal needs an AR(2) fit, which 4 windows cannot give: a one-line refusal naming the reads that work
+    assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "removal"]) == 2
+    err = capsys.readouterr().err
+    assert "--read removal: this run's AR(2) response cannot be read off its ledger" in err
+    assert "use --read trained or --read end" in err
     assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "replay"]) == 2
     assert "train with SMDAConfig(replay_last_steps=K)" in capsys.readouterr().err
     # --read category: the pair's credited change in the harmless category it raised most, that category named
@@ -407,3 +412,54 @@ def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, m
     assert "holds a finished run" in capsys.readouterr().err
     poison.run_poison(tmp_path, st, train=False)
     assert ran == ["kronfluence-middle"]
+
+
+def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, capsys):
+    """A ledger whose refusal follows d_k = u_k − κ q_{k−1} + b d_{k−1} (u_k: the pair's own-window push): leaving
+    pair k out moves the end by −u_k r(K−1−k), r the process's response, negative some steps back. `--read removal`
+    reads κ and b off the ledger and scores each pair by its push times that response, turning those pairs round."""
+    from smda_callback.cli import main
+    from smda_callback.lab.analysis import suspects
+    from smda_callback.lab.carry import Forgetting
+
+    rng = np.random.default_rng(11)
+    K, kappa, b = 60, 0.08, 0.75
+    true = Forgetting(kappa, (kappa, kappa), K, (b,))
+    labels = ["harmful" if k % 2 == 0 else "harmless" for k in range(K)]
+    push = {q: [(0.02 if lab == "harmful" else -0.01) * s + float(rng.normal(0, 0.006)) for lab in labels]
+            for q, s in (("harmful", 1.0), ("harmless", 0.5))}
+    q = {"harmful": 0.05, "harmless": 0.02}
+    d, recs = {"harmful": 0.0, "harmless": 0.0}, []
+    for k, lab in enumerate(labels):
+        for x in q:
+            d[x] = push[x][k] - kappa * q[x] + b * d[x]
+            q[x] += d[x]
+        recs.append({"step": k + 1, "pairs": [{"hash": f"h{k}", "id": f"p{k}", "label": lab}],
+                     "refusal_harmful": q["harmful"], "refusal_harmless": q["harmless"]})
+    smda = tmp_path / "smda"
+    smda.mkdir()
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    probes = [{"id": "a", "label": "harmful", "category": "x"}, {"id": "b", "label": "harmless", "category": "y"}]
+    policy = {"probes": probes, "probe_refusal_0": [0.05, 0.02], "features": [1]}
+    (smda / "policy.json").write_text(json.dumps(policy))
+    zero = [0.0]
+    credits = {"rule": "optimizer", "kernel": {"kind": "adam"}, "measure": "deconvolve", "pairs": [
+        {"hash": f"h{k}", "id": f"p{k}", "index": k, "label": lab, "category": "x", "d": zero, "dx": zero, "dy": zero,
+         "predicted_by_category": {}, "refusal_by_category": {}, "refusal_harmful": 0.0, "refusal_harmless": 0.0,
+         "own": {"refusal_harmful": push["harmful"][k], "refusal_harmless": push["harmless"][k]}}
+        for k, lab in enumerate(labels)]}
+    (smda / "credits.json").write_text(json.dumps(credits))
+    df = suspects(recs, policy, credits, "compliance", read="removal")
+    fg = df.attrs["forgetting"]
+    assert fg["read"] == "removal" and abs(fg["kappa"] - kappa) < 0.03 and abs(fg["b"][0] - b) < 0.15
+    want = {f"h{k}": -push["harmful"][k] * true.weight(K - 1 - k) for k in range(K)}  # compliance: minus harmful
+    got = dict(zip(df["hash"], df["score"]))
+    assert np.corrcoef([got[h] for h in want], list(want.values()))[0, 1] > 0.95
+    trained = dict(zip(*(lambda t: (t["hash"], t["score"]))(suspects(recs, policy, credits, "compliance"))))
+    # where the true response is sizeable (|r| ≥ 0.2), the read turns round exactly the pairs whose response is negative
+    big = {h: true.weight(K - 1 - int(h[1:])) for h in want if abs(true.weight(K - 1 - int(h[1:]))) >= 0.2}
+    assert any(r < 0 for r in big.values()) and all((trained[h] * got[h] < 0) == (r < 0) for h, r in big.items())
+    assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--read", "removal", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "--read removal: each score times the response at the end" in out
+    assert re.search(r"b = \+0\.[6-9]\d*, 60 windows", out)  # the harmless quantity's fit, b read back

@@ -98,7 +98,13 @@ def _suspects(a: argparse.Namespace) -> int:
               "the harmful ones), that category in brackets: planted bad pairs are found a little more reliably this way "
               "(docs/validation.md §10), sizes are per category, not the refusal mean.")
     fg = df.attrs.get("forgetting")
-    if fg:
+    if fg and fg["read"] == "removal":
+        print(f"--read removal: each score times the response at the end of the run to a unit push at the pair's place, "
+              f"from this run's AR(2) fit of its own trajectory (κ = {fg['kappa']:.4f}, b = {fg['b'][0]:+.4f}, "
+              f"{fg['windows']} windows; lab/carry.py): the change of final refusal the pair leaves, which leaving it out "
+              "would undo. The response turns negative at some places, which turns those pairs round: this reads "
+              "removals, not which pairs pushed the wrong way (for that, --read trained or end).")
+    elif fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
               f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
               "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
@@ -386,10 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--top", type=int, default=20)
     su.add_argument("--read", choices=SUSPECT_READS, default="trained",
                     help="trained: what the pair's own steps did when applied (default); end: that, carried to the end "
-                         "of the run by the run's forgetting rate; replay: the run's replay of its last steps "
-                         "(SMDAConfig(replay_last_steps=K), replay.json); category: the pair's credited change in the "
-                         "probe category it moved most the wrong way (named in the output); end, replay and category: "
-                         "over-refusal and compliance only")
+                         "of the run by the run's forgetting rate; removal: that, carried by the run's second-order "
+                         "response (a free prediction of what leaving the pair out changes at the end); replay: the "
+                         "run's replay of its last steps (SMDAConfig(replay_last_steps=K), replay.json); category: the "
+                         "pair's credited change in the probe category it moved most the wrong way (named in the "
+                         "output); end, removal, replay and category: over-refusal and compliance only")
     su.add_argument("--json", action="store_true", help="a JSON list, most suspect first")
     su.set_defaults(fn=_suspects)
 

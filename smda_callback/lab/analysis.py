@@ -102,7 +102,10 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "than counting the harmful and harmless pairs removed (over three data orders: +0.67 / +0.71 against "
                 "+0.81 / +0.80, nothing beyond the labels told from chance; §9). `--read end` carries each score by the run's own "
                 "forgetting rate (lab/carry.py): a little better at that (rank agreement +0.34 / +0.46 on the 64-pair run, "
-                "+0.34 / +0.26 on a planted one) at no cost. To predict it, replay the run's last steps inside it "
+                "+0.34 / +0.26 on a planted one) at no cost. `--read removal` carries it by the run's second-order response, which "
+                "turns some pushes round: the best free reader of removals measured (rank agreement +0.39 / +0.62, "
+                "+0.69 / +0.58, +0.50 / +0.53 on three data orders of the 64-pair run, +0.61 / +0.44 on a planted one), but "
+                "it ranks planted bad pairs poorly (0.657 / 0.837 on that run), so do not look for bad pairs with it. To predict it, replay the run's last steps inside it "
                 "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
                 "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
                 "`--read category` ranks by the probe category a pair moved most the wrong way (the total credit): "
@@ -120,14 +123,17 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     probes; a probe category: moved that category the wrong way (down for a harmful category, up
     for a harmless one); off-target: |Δβ| on features outside the pair's intended ones. With
     `read="end"` the over-refusal and compliance scores are carried to the end of the run by its
-    forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`); with `read="replay"` they are the
+    forgetting rate (its κ per quantity in the frame's `attrs["forgetting"]`); with `read="removal"` by the response
+    of the run's AR(2) fit (κ and b in `attrs["forgetting"]`; a fit that cannot be made is a ValueError that says
+    why); with `read="replay"` they are the
     run's replay of its last steps (`replay`, replay.json): the predicted change of final refusal each step's
     pairs made, carried through the rest of the run (a step with several pairs gives each of them its whole effect),
     from the replay's `trusted_from` step of that quantity on (earlier steps are not ranked)."""
     if read not in SUSPECT_READS:
         raise ValueError(f"read={read!r}: use one of {', '.join(SUSPECT_READS)}")
-    if read in ("end", "replay", "category") and target not in ("over-refusal", "compliance"):
+    if read in ("end", "removal", "replay", "category") and target not in ("over-refusal", "compliance"):
         why = {"end": "the forgetting rate is measured on the two refusal means only",
+               "removal": "the run's response is fitted to the two refusal means only",
                "replay": "the replay carries the two refusal means only",
                "category": "it picks, per pair, the harmless (over-refusal) or harmful (compliance) category moved most"}[read]
         raise ValueError(f"--read {read} ranks over-refusal or compliance only, not {target!r}: {why}; "
@@ -170,11 +176,16 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
         raise ValueError(f"unknown target {target!r}: use one of {', '.join(SUSPECT_TARGETS)} or a probe category "
                          f"({', '.join(sorted(cat_label))})")
     forgetting = None
-    if read == "end":
+    if read in ("end", "removal"):
         from .carry import end_weights
 
         q = "harmless" if target == "over-refusal" else "harmful"
-        weights, fg = end_weights(records, policy)
+        try:
+            weights, fg = end_weights(records, policy, order=1 if read == "end" else 2)
+        except ValueError as e:
+            raise ValueError(f"--read {read}: this run's {'forgetting rate' if read == 'end' else 'AR(2) response'} "
+                             f"cannot be read off its ledger ({e}); use --read trained"
+                             f"{' or --read end' if read == 'removal' else ''}") from e
         forgetting = fg[q]
         score = [sc * weights[q].get(r["hash"], 0.0) for r, sc in zip(rows, score)]
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
@@ -184,7 +195,8 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
         df["worst_category"] = [cat for cat, _ in picks]
         df.attrs["category"] = True
     if forgetting is not None:
-        df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows}
+        df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows,
+                                  "b": list(forgetting.lags), "read": read}
     return _ranked(df, top)
 
 

@@ -9,11 +9,13 @@ from ..config import SECOND_MOMENTS  # noqa: F401  (the CLI reads it here, torch
 PEERS = ("tracin", "kronfluence", "kronfluence-middle")
 """Attribution methods from other projects that `smda benchmark-poison` scores beside SMDA."""
 
-SUSPECT_READS = ("trained", "end", "replay", "category")
+SUSPECT_READS = ("trained", "end", "removal", "replay", "category")
 """`trained`: what a pair's own steps did when applied; `end`: that, times what the run's forgetting rate leaves
-of it at the end of the run (carry.py); `replay`: the run's replay of its last steps (replay.json,
+of it at the end of the run (carry.py); `removal`: that, times the response at the end of the run's second-order
+(AR(2)) fit of its own trajectory, which can turn a push round (carry.py): a free prediction of what leaving the
+pair out changes at the end; `replay`: the run's replay of its last steps (replay.json,
 SMDAConfig.replay_last_steps), each pair's step carried through the rest of the run (pairs before it unranked).
-`end` and `replay` read over-refusal and compliance only."""
+`end`, `removal` and `replay` read over-refusal and compliance only."""
 
 
 def poison_train_seed(seed: int, order_seed: int | None) -> int:
