@@ -103,7 +103,7 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "+0.81 / +0.80, nothing beyond the labels told from chance; §9). `--read end` carries each score by the run's own "
                 "forgetting rate (lab/carry.py): a little better at that (rank agreement +0.34 / +0.46 on the 64-pair run, "
                 "+0.34 / +0.26 on a planted one) at no cost. `--read removal` carries it by the run's second-order response, which "
-                "turns some pushes round: the best free reader of removals measured (rank agreement +0.39 / +0.62, "
+                "turns some pushes round: the best free reader of removals on four of the five runs measured (rank agreement +0.39 / +0.62, "
                 "+0.69 / +0.58, +0.50 / +0.53 on three data orders of the 64-pair run, +0.61 / +0.44 on a planted one, but "
                 "-0.05 / +0.45 on the 318-pair demo run, 26 of 40 subsets), and "
                 "it ranks planted bad pairs poorly (0.657 / 0.837 on the planted run), so do not look for bad pairs with it. To predict it, replay the run's last steps inside it "
