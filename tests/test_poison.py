@@ -452,12 +452,14 @@ def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, 
     df = suspects(recs, policy, credits, "compliance", read="removal")
     fg = df.attrs["forgetting"]
     assert fg["read"] == "removal" and abs(fg["kappa"] - kappa) < 0.03 and abs(fg["b"][0] - b) < 0.15
-    want = {f"h{k}": -push["harmful"][k] * true.weight(K - 1 - k) for k in range(K)}  # compliance: minus harmful
+    response = {f"h{k}": true.weight(K - 1 - k) for k in range(K)}
+    want = {h: -push["harmful"][k] * response[h] for k, h in enumerate(response)}  # compliance: minus harmful
     got = dict(zip(df["hash"], df["score"]))
     assert np.corrcoef([got[h] for h in want], list(want.values()))[0, 1] > 0.95
-    trained = dict(zip(*(lambda t: (t["hash"], t["score"]))(suspects(recs, policy, credits, "compliance"))))
+    plain = suspects(recs, policy, credits, "compliance")
+    trained = dict(zip(plain["hash"], plain["score"]))
     # where the true response is sizeable (|r| ≥ 0.2), the read turns round exactly the pairs whose response is negative
-    big = {h: true.weight(K - 1 - int(h[1:])) for h in want if abs(true.weight(K - 1 - int(h[1:]))) >= 0.2}
+    big = {h: r for h, r in response.items() if abs(r) >= 0.2}
     assert any(r < 0 for r in big.values()) and all((trained[h] * got[h] < 0) == (r < 0) for h, r in big.items())
     assert main(["suspects", str(tmp_path), "--target", "over-refusal", "--read", "removal", "--top", "3"]) == 0
     out = capsys.readouterr().out

@@ -181,12 +181,12 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
         from .carry import end_weights
 
         q = "harmless" if target == "over-refusal" else "harmful"
+        fit_order, fitted, instead = {"end": (1, "forgetting rate", "--read trained"),
+                                      "removal": (2, "AR(2) response", "--read trained or --read end")}[read]
         try:
-            weights, fg = end_weights(records, policy, order=1 if read == "end" else 2)
+            weights, fg = end_weights(records, policy, order=fit_order)
         except ValueError as e:
-            raise ValueError(f"--read {read}: this run's {'forgetting rate' if read == 'end' else 'AR(2) response'} "
-                             f"cannot be read off its ledger ({e}); use --read trained"
-                             f"{' or --read end' if read == 'removal' else ''}") from e
+            raise ValueError(f"--read {read}: this run's {fitted} cannot be read off its ledger ({e}); use {instead}") from e
         forgetting = fg[q]
         score = [sc * weights[q].get(r["hash"], 0.0) for r, sc in zip(rows, score)]
     df = pd.DataFrame([{"id": r["id"], "index": r["index"], "label": r["label"], "category": r["category"],
