@@ -105,7 +105,7 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "+0.34 / +0.26 on a planted one) at no cost. `--read removal` carries it by the run's second-order response, which "
                 "turns some pushes round: the best free reader of removals on four of the five runs measured (rank agreement +0.39 / +0.62, "
                 "+0.69 / +0.58, +0.50 / +0.53 on three data orders of the 64-pair run, +0.61 / +0.44 on a planted one, but "
-                "-0.05 / +0.45 on the 318-pair demo run, 26 of 40 subsets), and "
+                "-0.04 / +0.43 on the 318-pair demo run, whose harmful side no free reader reads), and "
                 "it ranks planted bad pairs poorly (0.657 / 0.837 on the planted run), so do not look for bad pairs with it. To predict it, replay the run's last steps inside it "
                 "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
                 "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
