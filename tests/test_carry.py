@@ -158,3 +158,16 @@ def test_the_weights_in_one_pass_are_each_push_s_own_answer():
         step, prev = -0.05 * level + 0.8 * step, step
         level += step
     assert f.weights(12)[12] == pytest.approx(level, rel=1e-12)
+
+
+def test_reach_counts_the_last_windows_a_carry_still_reads():
+    # first order: retention^n ≥ 5 % up to n = ⌊ln 0.05 / ln 0.9⌋ = 28, so the last 29 windows
+    assert Forgetting(0.1, (0.05, 0.15), 101).reach(100) == 29
+    assert Forgetting(0.1, (0.05, 0.15), 101).reach(100, share=0.5) == 7  # 0.9^6 = 0.53, 0.9^7 = 0.48
+    # second order: the response rises, turns negative and dies out; reach is where |weight| last reaches 5 % of its peak,
+    # negative weights counted by size
+    f = Forgetting(0.08, (0.08, 0.08), 60, (0.75,))
+    w, r = np.abs(f.weights(59)), f.reach(59)
+    assert f.weights(59)[r - 1] < 0 and w[r - 1] >= 0.05 * w.max() and (w[r:] < 0.05 * w.max()).all() and r < 40
+    # a run shorter than the carry's reach is read whole
+    assert Forgetting(0.01, (0.0, 0.02), 20).reach(19) == 20

@@ -465,3 +465,8 @@ def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, 
     out = capsys.readouterr().out
     assert "--read removal: each score times the response at the end" in out
     assert re.search(r"b = \+0\.[6-9]\d*, 60 windows", out)  # the harmless quantity's fit, b read back
+    # the read says how far back its fitted response reaches (under 5 % of its peak further back; the true one, 21
+    # windows), and the CLI says that the pairs before are not ranked
+    assert fg["reach"] == Forgetting(fg["kappa"], (0.0, 0.0), K, tuple(fg["b"])).reach(K - 1) < K
+    reach = suspects(recs, policy, credits, "over-refusal", read="removal").attrs["forgetting"]["reach"]
+    assert reach < K and f"ranks the pairs of the last {reach} of 60 windows only" in out

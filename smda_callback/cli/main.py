@@ -104,6 +104,10 @@ def _suspects(a: argparse.Namespace) -> int:
               f"{fg['windows']} windows; lab/carry.py): the change of final refusal the pair leaves, which leaving it out "
               "would undo. The response turns negative at some places, which turns those pairs round: this reads "
               "removals, not which pairs pushed the wrong way (for that, --read trained or end).")
+        if fg["reach"] < fg["windows"]:
+            print(f"  it ranks the pairs of the last {fg['reach']} of {fg['windows']} windows only (further back the response "
+                  "is under 5 % of its largest, so those pairs score ≈ 0): where early pairs still move the end, it misses "
+                  "them (the 318-pair demo run's harmful refusal, docs/validation.md §9).")
     elif fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
               f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "

@@ -197,7 +197,8 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
         df.attrs["category"] = True
     if forgetting is not None:
         df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows,
-                                  "b": list(forgetting.lags), "read": read}
+                                  "b": list(forgetting.lags), "read": read,
+                                  "reach": forgetting.reach(forgetting.windows - 1)}
     return _ranked(df, top)
 
 

@@ -34,6 +34,10 @@ import numpy as np
 QUANTITIES = ("harmful", "harmless")
 
 
+REACH_SHARE = 0.05
+"""`Forgetting.reach`: a push carried at under this share of the largest carry is read as gone."""
+
+
 @dataclass(frozen=True)
 class Forgetting:
     """κ of one probe quantity, its 95 % bootstrap interval over windows and the windows it was fitted on."""
@@ -66,6 +70,12 @@ class Forgetting:
             level += step
             out[k] = level
         return out
+
+    def reach(self, most: int, share: float = REACH_SHARE) -> int:
+        """How many of the last windows (of `most` + 1) a carried read ranks: 1 + the largest n ≤ `most` whose weight is
+        at least `share` of the largest |weight|; pairs trained further back are carried at under that share, ≈ 0."""
+        w = np.abs(self.weights(most))
+        return int(np.flatnonzero(w >= share * w.max())[-1]) + 1
 
 
 def fit_forgetting(q0: float, q: Sequence[float], n_harmful: Sequence[int], n_harmless: Sequence[int],
