@@ -470,3 +470,8 @@ def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, 
     assert fg["reach"] == Forgetting(fg["kappa"], (0.0, 0.0), K, tuple(fg["b"])).reach(K - 1) < K
     reach = suspects(recs, policy, credits, "over-refusal", read="removal").attrs["forgetting"]["reach"]
     assert reach < K and f"ranks the pairs of the last {reach} of 60 windows only" in out
+    # --read end says the same of its first-order carry where it does not reach the run's start
+    end = suspects(recs, policy, credits, "compliance", read="end").attrs["forgetting"]
+    assert main(["suspects", str(tmp_path), "--target", "compliance", "--read", "end", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (f"pairs trained before the last {end['reach']} of 60 windows" in out) == (end["reach"] < K)

@@ -112,6 +112,9 @@ def _suspects(a: argparse.Namespace) -> int:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
               f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
               "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
+        if fg["reach"] < fg["windows"]:
+            print(f"  pairs trained before the last {fg['reach']} of {fg['windows']} windows are carried at under 5 % of a last pair's "
+                  "weight, so a bad pair there ranks low: look for early ones with --read trained.")
     for r in df.itertuples():
         worst = f" (in {r.worst_category})" if "worst_category" in df.columns else ""
         print(f"{r.score:+.4f}{worst}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")
