@@ -105,16 +105,17 @@ def _suspects(a: argparse.Namespace) -> int:
               "would undo. The response turns negative at some places, which turns those pairs round: this reads "
               "removals, not which pairs pushed the wrong way (for that, --read trained or end).")
         if fg["reach"] < fg["windows"]:
-            print(f"  it ranks the pairs of the last {fg['reach']} of {fg['windows']} windows only (further back the response "
-                  "is under 5 % of its largest, so those pairs score ≈ 0): where early pairs still move the end, it misses "
-                  "them (the 318-pair demo run's harmful refusal, docs/validation.md §9).")
+            print(f"  it ranks the pairs of the last {fg['reach']} of {fg['windows']} windows only (further back the "
+                  f"response is under {fg['reach_share']:.0%} of its largest, so those pairs score ≈ 0): where early pairs "
+                  "still move the end, it misses them (the 318-pair demo run's harmful refusal, docs/validation.md §9).")
     elif fg:
         print(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
               f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
               "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
         if fg["reach"] < fg["windows"]:
-            print(f"  pairs trained before the last {fg['reach']} of {fg['windows']} windows are carried at under 5 % of a last pair's "
-                  "weight, so a bad pair there ranks low: look for early ones with --read trained.")
+            print(f"  pairs trained before the last {fg['reach']} of {fg['windows']} windows are carried at under "
+                  f"{fg['reach_share']:.0%} of a last pair's weight, so a bad pair there ranks low: look for early ones "
+                  "with --read trained.")
     for r in df.itertuples():
         worst = f" (in {r.worst_category})" if "worst_category" in df.columns else ""
         print(f"{r.score:+.4f}{worst}  #{r.index} [{r.label}/{r.category}] {str(r.prompt)[:80]}")

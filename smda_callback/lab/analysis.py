@@ -178,7 +178,7 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
                          f"({', '.join(sorted(cat_label))})")
     forgetting = None
     if read in ("end", "removal"):
-        from .carry import end_weights
+        from .carry import REACH_SHARE, end_weights
 
         q = "harmless" if target == "over-refusal" else "harmful"
         fit_order, fitted, instead = {"end": (1, "forgetting rate", "--read trained"),
@@ -198,7 +198,7 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     if forgetting is not None:
         df.attrs["forgetting"] = {"kappa": forgetting.kappa, "ci95": list(forgetting.ci95), "windows": forgetting.windows,
                                   "b": list(forgetting.lags), "read": read,
-                                  "reach": forgetting.reach(forgetting.windows - 1)}
+                                  "reach": forgetting.reach(forgetting.windows - 1), "reach_share": REACH_SHARE}
     return _ranked(df, top)
 
 
