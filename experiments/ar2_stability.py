@@ -13,19 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from scipy.stats import spearmanr
-
 from smda_callback.lab.carry import QUANTITIES, baseline_means, later_windows, run_forgetting
-from smda_callback.lab.lds import predicted
+from smda_callback.lab.lds import kept_lds
 from smda_callback.ledger import load_policy, load_records
-
-
-def lds(kept: dict, scores: dict[str, float], q: str) -> float:
-    full = kept["jobs"]["full0"][f"refusal_{q}"]
-    names = sorted(n for n in kept["subsets"] if n in kept["jobs"])
-    pred = predicted(scores, [kept["subsets"][n] for n in names])
-    meas = [kept["jobs"][n][f"refusal_{q}"] - full for n in names]
-    return float(spearmanr(pred, meas)[0])
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +35,7 @@ def main(argv: list[str]) -> None:
                 start = base if s == 0 else {q: records[s - 1][f"refusal_{q}"] for q in QUANTITIES}
                 fits = run_forgetting(records[s:], start, order=2, shared=shared)
                 w = {q: fits[q].weights(max(later.values())) for q in QUANTITIES}
-                row.append(tuple(lds(kept, {i: v * w[q][later[i]] for i, v in own[q].items() if i in later}, q)
+                row.append(tuple(kept_lds(kept, {i: v * w[q][later[i]] for i, v in own[q].items() if i in later}, q)
                                  for q in QUANTITIES))
             moves = max(abs(a[k] - b[k]) for a in row for b in row for k in (0, 1))
             print(f"| {Path(kept_path).stem} | {fit} | " + " | ".join(f"{h:+.2f} / {l:+.2f}" for h, l in row)

@@ -18,19 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from smda_callback.lab.carry import QUANTITIES, Forgetting
-from smda_callback.lab.lds import full_refusal, predicted, spearman
+from smda_callback.lab.lds import kept_lds
 
 CARRIED, OWN, LABEL = "own window, carried AR(2)", "own window", "label count"
 
 
-def lds(scores: dict[str, float], kept: dict) -> dict[str, float]:
-    """Per quantity: Spearman over the kept subsets of the predicted against the measured change."""
-    jobs = kept["jobs"]
-    ref = full_refusal(jobs)
-    subs = [j for n, j in sorted(jobs.items()) if n.startswith("s")]
-    dropped = [j["dropped"] for j in subs]
-    return {q: spearman(predicted(scores[q], dropped), np.asarray([j[f"refusal_{q}"] - ref[q] for j in subs]))
-            for q in QUANTITIES}
+def lds(scores: dict[str, dict[str, float]], kept: dict) -> dict[str, float]:
+    """Per quantity, the reader's LDS on the kept file's subsets."""
+    return {q: kept_lds(kept, scores[q], q) for q in QUANTITIES}
 
 
 def hybrid(kept: dict) -> tuple[dict[str, dict[str, float]], dict[str, int]]:

@@ -790,3 +790,17 @@ def test_a_retrained_ranking_run_is_scored_on_kept_retrains_with_its_exact_segme
     kept.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="another training order"):
         score(b, against=kept)
+
+
+def test_kept_lds_rescores_a_kept_file_from_its_retrains():
+    # two full retrains (their mean is the reference) and five subsets whose measured change is minus the removed
+    # pairs' summed true effect; a reader that scores each pair by its true effect reads 1, its negation −1
+    effect = {"a": 0.04, "b": -0.01, "c": 0.02, "d": -0.03}
+    sets = [["a"], ["b", "c"], ["d"], ["a", "c"], ["b"]]  # no two sums tie
+    jobs = {"full0": {"refusal_harmful": 0.5, "refusal_harmless": 0.2}, "full1": {"refusal_harmful": 0.7, "refusal_harmless": 0.2}}
+    jobs.update({f"s{k:03d}": {"dropped": d, "refusal_harmful": 0.6 - sum(effect[i] for i in d)} for k, d in enumerate(sets)})
+    kept = {"jobs": jobs}
+    from smda_callback.lab.lds import kept_lds
+
+    assert kept_lds(kept, effect, "harmful") == pytest.approx(1.0)
+    assert kept_lds(kept, {i: -v for i, v in effect.items()}, "harmful") == pytest.approx(-1.0)

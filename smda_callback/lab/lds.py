@@ -675,6 +675,17 @@ def predicted(s: dict[str, float], sets: list[list[str]]) -> np.ndarray:
     return np.asarray([-sum(s.get(i, 0.0) for i in d) for d in sets])
 
 
+def kept_lds(kept: dict[str, Any], scores: dict[str, float], q: str) -> float:
+    """A reader's LDS for quantity `q` on a kept file (`keep`): Spearman over its retrained subsets of the predicted
+    change (`predicted`) against the measured change from the full retrains (`full_refusal`). For rescoring kept files
+    with readers they do not hold (experiments/)."""
+    jobs = kept["jobs"]
+    names = sorted(n for n in jobs if n.startswith("s"))
+    ref = full_refusal(jobs)[q]
+    return spearman(predicted(scores, [jobs[n]["dropped"] for n in names]),
+                    np.asarray([jobs[n][f"refusal_{q}"] - ref for n in names]))
+
+
 def removal_changes(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per pair retrained without alone (`loo-<id>` jobs), the change of final mean refusal per quantity that dropping it
     made, against the mean of the full retrains (bitwise equal where the check holds). Empty without a full retrain."""
