@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from smda_callback.lab.analysis import spearman
-from smda_callback.lab.lds import full_refusal, load_jobs, removal_changes
+from smda_callback.lab.lds_score import full_refusal, load_jobs, removal_changes
 
 
 def main(out: Path, replay_file: str, kept_schedule: Path | None = None) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from smda_callback.lab.carry import QUANTITIES, baseline_means, later_windows, run_forgetting
-from smda_callback.lab.lds import kept_lds
+from smda_callback.lab.lds_score import kept_lds
 from smda_callback.ledger import load_policy, load_records
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from smda_callback.lab.carry import QUANTITIES, baseline_means, later_windows, run_forgetting
-from smda_callback.lab.lds import predicted
+from smda_callback.lab.lds_score import predicted
 from smda_callback.ledger import load_policy, load_records
 
 BANDS = ((0, 12), (12, 24), (24, 40), (40, 64))  # windows after the pair's own, as in error_by_place.py's bands

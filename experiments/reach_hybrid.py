@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from smda_callback.lab.carry import QUANTITIES, Forgetting
-from smda_callback.lab.lds import kept_lds
+from smda_callback.lab.lds_score import kept_lds
 
 CARRIED, OWN, LABEL = "own window, carried AR(2)", "own window", "label count"
 

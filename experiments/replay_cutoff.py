@@ -21,7 +21,7 @@ import numpy as np
 
 from smda_callback._resources import DATA
 from smda_callback.lab.analysis import spearman
-from smda_callback.lab.lds import replay_trusted_from
+from smda_callback.credit.replay import replay_trusted_from
 
 CUTOFFS = (0, 50, 100, 130, 140, 150, 155, 160, 170, 180, 200, 230, 260, 290)
 LAST = (8, 16, 32, 64, 90, 128, 160)

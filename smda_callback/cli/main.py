@@ -287,8 +287,8 @@ def _retrain(a: argparse.Namespace) -> int:
 
 def _lds(a: argparse.Namespace) -> int:
     from ..lab.files import write_json
-    from ..lab.lds import (LDSSettings, format_score, has_segments, keep, peer_jobs, replay_job, replay_reader, run_jobs,
-                           score)
+    from ..lab.lds import LDSSettings, has_segments, peer_jobs, replay_job, replay_reader, run_jobs
+    from ..lab.lds_score import format_score, keep, score
     from ..lab.retrain import parse_shard
 
     _check_replay_spacing(a)

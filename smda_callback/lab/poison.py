@@ -208,7 +208,7 @@ def verification(out: Path, pairs: Sequence[dict[str, Any]]) -> dict[str, Any] |
     the plant made (the full retrain minus the one without it), read in its intended direction; the same for the
     controls of its label; and the plants verified: those that moved refusal the intended way by more than every
     control did (by more than 0 without controls). None when there are no retrains."""
-    from .lds import load_jobs, removal_changes
+    from .lds_score import load_jobs, removal_changes
 
     jobs = load_jobs(out / VERIFY)
     if not any(n.startswith("full") for n in jobs):
