@@ -106,6 +106,28 @@ def test_leave_out_all_retrains_without_every_pair_of_the_run_one_at_a_time(tmp_
     assert kept == [order] + [[j for j in order if j != i] for i in order]  # each pair dropped in place, alone
 
 
+def test_the_retrain_log_counts_the_jobs_left_and_the_time_to_go_from_measured_retrains(tmp_path, monkeypatch, caplog):
+    """A resumed benchmark counts only the retrains still to do; from its second retrain on, each line says how long
+    the rest takes at this process's measured mean (no constant)."""
+    import logging
+
+    import smda_callback.lab.lds as lds
+
+    src = _poison_dir(tmp_path, ["a", "b", "c"])
+    clock = iter(float(t) for t in range(0, 1000, 60))  # each retrain "takes" 60 s by this clock
+    monkeypatch.setattr(lds.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(lds, "retrain_measure", lambda k, tmp, st, scorer=None, places=None: {"Y": []})
+    st = LDSSettings(seed=7, ranking_run=str(src), leave_out=("all",), replicas=1, subsets=0)
+    (tmp_path / "lds" / "jobs").mkdir(parents=True)
+    (tmp_path / "lds" / "jobs" / "full0.json").write_text("{}")  # done before a stop
+    with caplog.at_level(logging.INFO, logger="smda_callback.lab.lds"):
+        lds.run_jobs(tmp_path / "lds", st)
+    lines = [r.getMessage() for r in caplog.records if "lds: retrain" in r.getMessage()]
+    assert len(lines) == 3 and all(f"job {k} of 3 in this shard" in line for k, line in enumerate(lines, 1))
+    assert "to go" not in lines[0]
+    assert lines[1].endswith("≈ 2 min to go at 60 s a retrain") and lines[2].endswith("≈ 1 min to go at 60 s a retrain")
+
+
 def test_retrains_measure_refusal_with_the_ranking_runs_scorer(tmp_path, monkeypatch, smol_tokenizer):
     """A run recorded with the prefix scorer is retrained and measured with the prefix scorer (its openings too), so
     that measured changes and the run's credits are one quantity; a run without a recorded config uses the demo's."""

@@ -404,20 +404,22 @@ def run_jobs(out: str | Path, st: LDSSettings | None = None, shard: tuple[int, i
     for o in range(1, st.orders):
         perm = data_order(order, o, st.seed)
         todo += [(f"o{o}-full", [], perm)] + [(f"o{o}-{name}", drop, perm) for name, drop in sets.items()]
-    written = []
-    for name, drop, trained in todo[shard[0]::shard[1]]:
-        path = out / "jobs" / f"{name}.json"
-        if path.exists():
-            continue
+    written: list[Path] = []
+    pending = [job for job in todo[shard[0]::shard[1]] if not (out / "jobs" / f"{job[0]}.json").exists()]
+    secs: list[float] = []  # this process's retrains so far, for the time-to-go in the log
+    for j, (name, drop, trained) in enumerate(pending):
         dropped = set(drop)
         keep = [k for k, i in enumerate(trained) if i not in dropped]
         kept = [pairs[trained[k]] for k in keep]
         places = (keep, len(trained)) if st.keep_schedule else None
-        logger.info("lds: retrain %s (%d of %d pairs)", name, len(kept), len(order))
+        to_go = f", ≈ {(len(pending) - j) * np.mean(secs) / 60:.0f} min to go at {np.mean(secs):.0f} s a retrain" if secs else ""
+        logger.info("lds: retrain %s (%d of %d pairs), job %d of %d in this shard%s", name, len(kept), len(order), j + 1,
+                    len(pending), to_go)
         t0 = time.perf_counter()
         res = {"name": name, "dropped": drop, "n_train": len(kept), **retrain_measure(kept, out / f"tmp_{shard[0]}", st, scorer, places),
                "seconds": round(time.perf_counter() - t0, 1)}
-        write_json(path, res)
+        secs.append(res["seconds"])
+        write_json(path := out / "jobs" / f"{name}.json", res)
         written.append(path)
     return written
 
