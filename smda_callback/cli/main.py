@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+SHARD_THREADS = ("each process uses torch's CPU threads (OMP_NUM_THREADS, default one per core): on C cores give k "
+                 "shards C/k threads each, since processes that ask for more threads than there are cores slow each other "
+                 "several-fold")
 MODEL_HELP = "a local HF model folder or a Hub id when a hub is reachable (default: the embedded model)"
 
 
@@ -525,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2], help="data-order seeds for every condition")
     r.add_argument("--random-sets", type=int, default=3)
     r.add_argument("--no-paper-rule", action="store_true", help="skip the paper's median-rule condition")
-    r.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th, to share the jobs between processes")
+    r.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th, to share the jobs between processes; "
+                   + SHARD_THREADS)
     r.add_argument("--summary-only", action="store_true", help="only summarise the finished jobs in --out")
     r.add_argument("--reuse-run-answers", action="store_true",
                    help="the ranking run is the demo on these pairs in the first order: use its answers as a_all")
@@ -553,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--measure", choices=["deconvolve", "ghost"], default="deconvolve",
                     help="the ranking run's credit measure; ghost (one extra probe pass per step) is scored beside the "
                          "default, which is replayed from its ledger")
-    ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run)")
+    ld.add_argument("--shard", default="0/1", help="i/k: run every k-th job from the i-th (shard 0 makes the ranking run); "
+                    + SHARD_THREADS)
     ld.add_argument("--score-only", action="store_true", help="only score the finished jobs in --out")
     ld.add_argument("--replay", action="store_true",
                     help="also the replay reader: reverse mode through the ranking run's order (lab/replay.py; "
