@@ -83,16 +83,21 @@ def reads(kept: dict, run: Path) -> dict[str, dict[str, float]]:
             "clipped": {i: float(np.clip(x, mid - 2 * spread, mid + 2 * spread)) * g[later[i]] for i, x in own.items()},
         }
         out[q] = {name: kept_lds(kept, s, q) for name, s in scores.items()}
+        out[q]["pi"] = pi
     return out
 
 
 def main(argv: list[str]) -> None:
     print("| kept file | " + " | ".join(VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))
+    fits = []
     for arg in argv:
         kept_file, run = arg.split(":")
         r = reads(json.loads(Path(kept_file).read_text()), Path(run))
         print(f"| {Path(kept_file).name} | " + " | ".join(" / ".join(f"{r[q][v]:+.2f}" for q in QUANTITIES) for v in VARIANTS) + " |")
+        fits.append(f"{Path(kept_file).name}: " + "; ".join(f"{q} refusal: π of a harmful pair {r[q]['pi'][0]:+.4f}, of a harmless pair {r[q]['pi'][1]:+.4f}"
+                                                             for q in QUANTITIES))
+    print("\npersistent part per pair of each label (the level the run returns to, moved for good):\n" + "\n".join(fits))
 
 
 if __name__ == "__main__":
