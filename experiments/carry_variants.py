@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smda_callback.lab.carry import QUANTITIES, Forgetting, baseline_means, fit_forgetting
+from smda_callback.lab.carry import QUANTITIES, Forgetting, baseline_means, fit_forgetting, later_windows
 from smda_callback.lab.lds_score import kept_lds
 from smda_callback.ledger import load_policy, load_records
 
@@ -56,14 +56,13 @@ def reads(kept: dict, run: Path) -> dict[str, dict[str, float]]:
     nh = np.asarray([sum(p.get("label") == "harmful" for p in r["pairs"]) for r in recs], dtype=np.float64)
     ns = np.asarray([sum(p.get("label") != "harmful" for p in r["pairs"]) for r in recs], dtype=np.float64)
     K = len(recs)
-    place = {str(p["id"]): k for k, r in enumerate(recs) for p in r["pairs"]}
+    later = later_windows(recs, key="id")  # windows trained after each pair's own
     harmful = {str(p["id"]): p.get("label") == "harmful" for r in recs for p in r["pairs"]}
     out: dict[str, dict[str, float]] = {}
     for q in QUANTITIES:
         traj = np.asarray([float(r[f"refusal_{q}"]) for r in recs])
         before = np.concatenate([[base[q]], traj[:-1]])  # the level before each window
         own = kept["reader_scores"]["own window"][q]
-        later = {i: K - 1 - place[i] for i in own}
         g = fit_forgetting(base[q], traj.tolist(), nh, ns, order=2, resamples=0).weights(K)
         g_odds = fit_forgetting(float(logit(base[q])), logit(traj).tolist(), nh, ns, order=2, resamples=0).weights(K)
         half = K // 2
@@ -76,7 +75,8 @@ def reads(kept: dict, run: Path) -> dict[str, dict[str, float]]:
         mid, spread = np.median(v), 1.4826 * np.median(np.abs(v - np.median(v)))
         scores = {
             "probability (recomputed)": {i: x * g[later[i]] for i, x in own.items()},
-            "log-odds": {i: x / (before[place[i]] * (1.0 - before[place[i]])) * g_odds[later[i]] for i, x in own.items()},
+            "log-odds": {i: x / (before[K - 1 - later[i]] * (1.0 - before[K - 1 - later[i]])) * g_odds[later[i]]
+                         for i, x in own.items()},
             "persistent part": {i: x * g_tr[later[i]] + kappa * pi[0 if harmful[i] else 1] * step[later[i]]
                                 for i, x in own.items()},
             "late fit": {i: x * g_late[later[i]] for i, x in own.items()},
