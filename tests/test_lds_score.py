@@ -241,6 +241,31 @@ def test_the_replay_yardstick_needs_no_retrain(tmp_path):
     assert "Against the replay" in format_score(res)
 
 
+def test_a_replay_of_the_last_steps_alone_is_scored_as_a_reader_not_a_yardstick(tmp_path):
+    """Only `--replay-last K` ran (no whole-run replay): its file is a reader scored on the retrains, and no reader is
+    scored against it (it reads the earlier pairs as 0); scoring used to stop with StopIteration here."""
+    ids, _ = _fake(tmp_path)
+    credits = json.loads((tmp_path / "run" / "smda" / "credits.json").read_text())["pairs"]
+    eff = {c["id"]: c["refusal_harmful"] for c in credits}
+    late = {i: (eff[i] if k >= 4 else 0.0) for k, i in enumerate(ids)}  # the last 8 of 12 steps replayed
+    rep = {"reader": "replay, last 8 steps", "first_step": 4, "order": ids, "seconds": 2.0,
+           "removal_effect": {"harmful": [-late[i] for i in ids], "harmless": [-0.5 * late[i] for i in ids]},
+           "weight_zero_effect": {"harmful": [late[i] for i in ids], "harmless": [0.5 * late[i] for i in ids]}}
+    (tmp_path / "replay_last8.json").write_text(json.dumps(rep))
+    res = score(tmp_path)
+    assert "vs_replay" not in res and "error" not in res
+    s = res["readers"]
+    assert "replay, last 8 steps, trusted span" not in s  # read as it is, not cut to a span
+    # its removal effects are the truth on the last 8 pairs and 0 before: it orders the removals (8 subsets)
+    assert s["replay, last 8 steps (dropped in place)"]["harmful"]["lds"] > 0.3
+    assert s["replay, last 8 steps (weight zero)"]["harmful"]["lds"] < -0.3  # the sign flipped on purpose
+    assert "replay, last 8 steps" in res["timing"] and "replay, last 8 steps" in format_score(res)
+    with pytest.raises(ValueError, match="no whole-run replay"):
+        from smda_callback.lab.lds_score import against_replay
+
+        against_replay(s and {"replay, last 8 steps (dropped in place)": {"harmful": {}, "harmless": {}}}, ids, {})
+
+
 def test_peer_scores_are_read_as_predicted_changes(tmp_path):
     """A peer that says "pair raises harmless refusal" (over-refusal) and "pair lowers harmful refusal"
     (compliance) by exactly the true effects scores LDS 1 on both quantities once compliance's sign is flipped."""

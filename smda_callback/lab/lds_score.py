@@ -212,6 +212,13 @@ def label_counts(sets: list[list[str]], scores: dict[str, dict[str, dict[str, fl
     return np.column_stack([n, [len(d) for d in sets] - n])
 
 
+def replay_yardstick(scores: dict[str, dict[str, dict[str, float]]]) -> str | None:
+    """The reader `against_replay` measures the others by: the exact whole-run replay's trusted span, else another
+    whole-run replay's; None where only replays of the run's last steps ran (they read the earlier pairs as 0, so they
+    are readers to score, not a yardstick)."""
+    return TRUSTED if TRUSTED in scores else next((n for n in scores if n.endswith(", trusted span")), None)
+
+
 def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[str], settings: dict[str, Any],
                    n_subsets: int = 1000) -> dict[str, Any]:
     """Every reader scored against the replay instead of retraining: LDS with the replay's first-order prediction as
@@ -219,7 +226,9 @@ def against_replay(scores: dict[str, dict[str, dict[str, float]]], order: list[s
     are (the same seed: the first ones are the retrained ones), before any retrain has finished; and each reader's
     Spearman with the replay over single pairs. It is as good as the replay is (its own LDS against retraining). The
     replay read is its trusted span (`replay_trusted_from`): the whole replay on a run where it does not blow up."""
-    yard = TRUSTED if TRUSTED in scores else next(n for n in scores if n.endswith(", trusted span"))  # the exact replay's, if it ran
+    yard = replay_yardstick(scores)
+    if yard is None:
+        raise ValueError("no whole-run replay to score the readers against (only replays of the last steps ran)")
     seed = settings.get("seed", 0)
     st = LDSSettings(subsets=n_subsets, drop_fracs=tuple(settings.get("drop_fracs", LDSSettings.drop_fracs)), seed=seed)
     sets = list(subsets(order, st).values())
@@ -375,7 +384,7 @@ def score(out: str | Path, against: str | Path | None = None) -> dict[str, Any]:
     scores = readers(out / "run", meta["order"], meta["settings"]["seed"], reps, peers) if reps or kept else None
     if kept is not None:
         scores = with_kept_readers(scores, kept.pop("reader_scores"))
-    vs_replay = against_replay(scores, meta["order"], meta["settings"]) if reps else None
+    vs_replay = against_replay(scores, meta["order"], meta["settings"]) if reps and replay_yardstick(scores) else None
     profiles = {rname: prof for rname, rep in reps.items()
                 if not rep.get("first_step", 0) and (prof := replay_profile(rep)) is not None}
     if not fulls:
