@@ -109,7 +109,7 @@ CREDIT_READS = ("Over-refusal and compliance scores are each pair's own-window c
                 "-0.04 / +0.43 on the 318-pair demo run, whose harmful side no free reader reads), and "
                 "it ranks planted bad pairs poorly (0.657 / 0.837 on the planted run), so do not look for bad pairs with it. To predict it, replay the run's last steps inside it "
                 "(SMDAConfig(replay_last_steps=K), `--read replay`: rank agreement +0.78 / +0.74 with retraining for the last "
-                "90 steps of the 318-pair demo run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
+                "90 steps of the 318-pair demo run, +0.79 / +0.81 on a 192-pair run; earlier pairs unranked) or a whole run after it (lab/replay.py). "
                 "`--read category` ranks by the probe category a pair moved most the wrong way (the total credit): "
                 "planted pairs pooled over 17 runs 0.957 / 0.944 against the own window's 0.946 / 0.948. A pair trained "
                 "in the first steps, when the model has no refusal to lose, is at a floor for compliance: read early "

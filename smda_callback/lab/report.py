@@ -290,7 +290,7 @@ def replay_section(records: list[dict[str, Any]], policy: dict[str, Any], credit
            "step (over-refusal: on the harmless probes; compliance: minus that on the harmful ones). Pairs trained before "
            f"step {replay['first_step']} are not ranked here. Same ranking as <code>smda suspects RUN --target T --read "
            "replay</code>. On the 318-pair demo run the last 90 steps predict retraining with LDS +0.78 / +0.74 (harmful / "
-           "harmless refusal; docs/validation.md §9).</p>"]
+           "harmless refusal), on a 192-pair run in another order +0.79 / +0.81 (docs/validation.md §9).</p>"]
     cut = {q: s for q, s in replay.get("trusted_from", {}).items() if s > replay["first_step"]}
     if cut:
         out.append("<p class='note'><b>Not read:</b> " + "; ".join(
