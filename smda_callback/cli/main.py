@@ -345,6 +345,17 @@ def _lds(a: argparse.Namespace) -> int:
     return _emit(a, s, format_score(s) + (f"\n\nkept: {a.keep}" if a.keep else ""))
 
 
+def _lds_runs(a: argparse.Namespace) -> int:
+    from ..lab.lds_runs import compare, format_runs, load_run
+
+    runs = [load_run(f) for f in a.files]
+    if a.reader and not any(a.reader in r["lds"] for r in runs):
+        names = sorted({n for r in runs for n in r["lds"]})
+        raise ValueError(f"--reader {a.reader!r}: no given file scores it; readers in them: {', '.join(names)}")
+    cmp = compare(runs, a.reader, a.margin, tuple(a.at))
+    return _emit(a, {"runs": runs, "compare": cmp}, format_runs(runs, cmp, a.rows))
+
+
 def _train_sae(a: argparse.Namespace) -> int:
     from ..lab.sae_train import SAETrainSpec, train_sae
 
@@ -355,6 +366,7 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import KINDS, SMDAConfig
+    from ..lab.lds_runs import REMOVAL_READER
     from ..lab.specs import PEERS, SECOND_MOMENTS, SUSPECT_READS, SAETrainSpec
 
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
@@ -597,6 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "measured refusal, every reader's per-pair scores, the score; pair ids, no text; benchmarks/lds/)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=_lds)
+
+    lr = sub.add_parser("lds-runs", help="the readers of several kept LDS runs side by side (benchmarks/lds/*.json)")
+    lr.add_argument("files", nargs="+", help="kept files of `smda benchmark-lds --keep` (one per ranking run)")
+    lr.add_argument("--reader", default=REMOVAL_READER,
+                    help="the reader compared with the best free one on each run (default: what --read removal reads)")
+    lr.add_argument("--margin", type=float, default=0.05, help="'within' means the mean of the two LDS is at most this below the best's")
+    lr.add_argument("--at", nargs="+", type=float, default=[0.39, 0.6], metavar="LDS",
+                    help="count the runs where --reader reaches each of these on both quantities (compared unrounded)")
+    lr.add_argument("--rows", nargs="+", metavar="READER", help="only these readers as table rows")
+    lr.set_defaults(fn=_lds_runs)
 
     t = sub.add_parser("train-sae", help="retrain the shipped SAE (restartable: corpus and activations are cached)")
     t.add_argument("--out", "-o", default="runs/sae", help="where the new SAE goes (copy it over smda_callback/data/sae to ship it)")

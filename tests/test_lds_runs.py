@@ -1,0 +1,64 @@
+"""Kept LDS runs side by side (lab/lds_runs.py, `smda lds-runs`): the best free reader per run leaves out replays, peers
+and the random control; a reader's gap to it, the runs within the margin and at each threshold are counted unrounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smda_callback.cli.main import main
+from smda_callback.lab.lds_runs import REMOVAL_READER, compare, format_runs, is_free, load_run
+
+
+def _kept(path, readers, seed=0, n_pairs=64, chance=0.3):
+    score = {"n_pairs": n_pairs, "n_subsets": 40, "full_refusal": {"harmful": 0.6, "harmless": 0.3},
+             "chance": {q: [-chance, chance] for q in ("harmful", "harmless")},
+             "readers": {n: {"harmful": {"lds": h, "slope": 1.0}, "harmless": {"lds": l, "slope": 1.0}}
+                         for n, (h, l) in readers.items()}}
+    path.write_text(json.dumps({"what": "test", "settings": {"seed": seed, "n_pairs": n_pairs}, "score": score}))
+    return path
+
+
+def test_free_readers_are_the_ledgers_own():
+    assert is_free("credit (default)") and is_free(REMOVAL_READER) and is_free("label count, carried AR(2) joint")
+    assert not is_free("replay, last 90 steps (dropped in place)") and not is_free("random")
+    assert not is_free("ekfac (final weights)") and not is_free("leave-one-out retrains, summed")
+
+
+def test_the_best_free_reader_and_the_gap_to_it_per_run(tmp_path):
+    a = _kept(tmp_path / "a.json", {"credit (default)": (0.1, 0.2), REMOVAL_READER: (0.385, 0.62), "label count": (0.3, 0.3),
+                                    "random": (0.9, 0.9), "replay, last 90 steps (dropped in place)": (0.8, 0.8)})
+    b = _kept(tmp_path / "b.json", {"credit (default)": (0.1, 0.1), REMOVAL_READER: (0.5, 0.5),
+                                    "label count, carried AR(2) joint": (0.75, 0.8)}, seed=2)
+    c = _kept(tmp_path / "c.json", {"credit (default)": (0.2, 0.2)}, seed=3)  # an older file without the reader
+    runs = [load_run(p) for p in (a, b, c)]
+    cmp = compare(runs)
+    ra, rb, rc = cmp["runs"]
+    assert ra["best"] == REMOVAL_READER and ra["gap"] == 0.0 and ra["within"]  # random and the replay are not free
+    assert rb["best"] == "label count, carried AR(2) joint" and rb["gap"] == pytest.approx(-0.275) and not rb["within"]
+    assert rc["lds"] is None and rc["best"] == "credit (default)"
+    assert cmp["n_with_reader"] == 2 and cmp["within"] == 1
+    assert cmp["at_least"] == {"0.39": 1, "0.6": 0}  # 0.385 is not 0.39, whatever it rounds to
+    assert compare(runs, margin=0.3)["within"] == 2
+    text = format_runs(runs, cmp)
+    assert "| replay, last 90 steps (dropped in place) (not free) | +0.80* / +0.80* | – | – |" in text
+    assert "| credit (default) | +0.10 / +0.20 | +0.10 / +0.10 | +0.20 / +0.20 |" in text  # inside ±0.3: no star
+    assert "within 0.05 of the best free reader on 1 of 2 runs; ≥ 0.39 on both quantities on 1 of 2" in text
+    assert "c: best free credit (default) (+0.20 / +0.20); `own window, carried AR(2)` not scored in this file" in text
+
+
+def test_the_command_reads_kept_files_and_refuses_what_is_not_one(tmp_path, capsys):
+    a = _kept(tmp_path / "a.json", {"credit (default)": (0.1, 0.2), REMOVAL_READER: (0.4, 0.6)})
+    assert main(["lds-runs", str(a), "--json", "--at", "0.6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compare"]["at_least"] == {"0.6": 0} and out["runs"][0]["name"] == "a"
+    assert main(["lds-runs", str(a), "--reader", "credit (default)"]) == 0
+    assert "`credit (default)`: within 0.05 of the best free reader on 0 of 1 runs" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"jobs": {}}))
+    assert main(["lds-runs", str(a), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not a kept LDS file" in err and "--keep FILE" in err and "Traceback" not in err
+    assert main(["lds-runs", str(a), "--reader", "no such reader"]) == 2
+    assert "no given file scores it; readers in them: credit (default), own window, carried AR(2)" in capsys.readouterr().err
