@@ -8,7 +8,8 @@ import json
 import pytest
 
 from smda_callback.cli.main import main
-from smda_callback.lab.lds_runs import REMOVAL_READER, compare, format_runs, is_free, load_run
+from smda_callback.lab.lds_runs import compare, format_runs, is_free, load_run
+from smda_callback.lab.specs import REMOVAL_READER
 
 
 def _kept(path, readers, seed=0, n_pairs=64, chance=0.3):

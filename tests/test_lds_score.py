@@ -13,6 +13,7 @@ from smda_callback.credit.replay import replay_trusted_from
 from smda_callback.lab.carry import Forgetting
 from smda_callback.lab.lds import LDSSettings, subsets
 from smda_callback.lab.lds_score import chance_band, format_score, score, thirds_slopes
+from smda_callback.lab.specs import REMOVAL_READER  # the name `smda lds-runs` compares by default
 
 
 def _fake(tmp_path, n=12, k=8):
@@ -362,7 +363,7 @@ def test_the_ar2_carried_readers_recover_a_run_whose_pushes_come_back_with_the_o
     _run_that_carries(tmp_path, recs, push, (0.05, 0.025),
                       lambda drop: sum(push[i] * true.weight(K - 1 - ids.index(i)) for i in drop))
     s = score(tmp_path)
-    ar2, ar1 = s["readers"]["own window, carried AR(2)"]["harmful"], s["readers"]["own window, carried"]["harmful"]
+    ar2, ar1 = s["readers"][REMOVAL_READER]["harmful"], s["readers"]["own window, carried"]["harmful"]
     assert ar2["lds"] > 0.9 and ar2["lds"] > ar1["lds"] + 0.2
     assert 0.8 < ar2["slope"] < 1.25
     assert "credit (default), carried AR(2)" in s["readers"] and "its AR(2) fit" in format_score(s)

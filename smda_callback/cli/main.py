@@ -366,8 +366,7 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import KINDS, SMDAConfig
-    from ..lab.lds_runs import REMOVAL_READER
-    from ..lab.specs import PEERS, SECOND_MOMENTS, SUSPECT_READS, SAETrainSpec
+    from ..lab.specs import PEERS, REMOVAL_READER, SECOND_MOMENTS, SUSPECT_READS, SAETrainSpec
 
     p = argparse.ArgumentParser(prog="smda", description="Symbolic Mechanistic Data Attribution for HF Trainer runs.")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from .lds_score import ADDITIVE
+from .specs import REMOVAL_READER
 
 QUANTITIES = ("harmful", "harmless")
-REMOVAL_READER = "own window, carried AR(2)"  # what `smda suspects --read removal` reads
 
 
 def is_free(reader: str) -> bool:

@@ -17,6 +17,9 @@ pair out changes at the end; `replay`: the run's replay of its last steps (repla
 SMDAConfig.replay_last_steps), each pair's step carried through the rest of the run (pairs before it unranked).
 `end`, `removal` and `replay` read over-refusal and compliance only."""
 
+REMOVAL_READER = "own window, carried AR(2)"
+"""The LDS reader name (lab/lds_score.py) of what `smda suspects --read removal` reads; `smda lds-runs` compares it."""
+
 
 def poison_train_seed(seed: int, order_seed: int | None) -> int:
     """The Trainer seed (data order) of a `smda benchmark-poison` run: its --order-seed, else its planting --seed.
