@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 import torch
 
 from smda_callback.lab.testing import tiny_model, tiny_sae  # noqa: F401  (re-exported for the tests)
@@ -106,3 +108,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def ar_ledger(run_dir, K: int, kappa: float, b: float, seed: int = 11):
+    """A run folder whose ledger's refusal follows d_k = u_k − κ q_{k−1} + b d_{k−1} over K one-pair windows (u_k: the
+    pair's own-window push, recorded as its `own` credit; labels alternate); returns (records, policy, credits, push)."""
+    rng = np.random.default_rng(seed)
+    labels = ["harmful" if k % 2 == 0 else "harmless" for k in range(K)]
+    push = {q: [(0.02 if lab == "harmful" else -0.01) * s + float(rng.normal(0, 0.006)) for lab in labels]
+            for q, s in (("harmful", 1.0), ("harmless", 0.5))}
+    q = {"harmful": 0.05, "harmless": 0.02}
+    d, recs = {"harmful": 0.0, "harmless": 0.0}, []
+    for k, lab in enumerate(labels):
+        for x in q:
+            d[x] = push[x][k] - kappa * q[x] + b * d[x]
+            q[x] += d[x]
+        recs.append({"step": k + 1, "pairs": [{"hash": f"h{k}", "id": f"p{k}", "label": lab}],
+                     "refusal_harmful": q["harmful"], "refusal_harmless": q["harmless"]})
+    smda = run_dir / "smda"
+    smda.mkdir(parents=True)
+    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    probes = [{"id": "a", "label": "harmful", "category": "x"}, {"id": "b", "label": "harmless", "category": "y"}]
+    policy = {"probes": probes, "probe_refusal_0": [0.05, 0.02], "features": [1]}
+    (smda / "policy.json").write_text(json.dumps(policy))
+    zero = [0.0]
+    credits = {"rule": "optimizer", "kernel": {"kind": "adam"}, "measure": "deconvolve", "pairs": [
+        {"hash": f"h{k}", "id": f"p{k}", "index": k, "label": lab, "category": "x", "d": zero, "dx": zero, "dy": zero,
+         "predicted_by_category": {}, "refusal_by_category": {}, "refusal_harmful": 0.0, "refusal_harmless": 0.0,
+         "own": {"refusal_harmful": push["harmful"][k], "refusal_harmless": push["harmless"][k]}}
+        for k, lab in enumerate(labels)]}
+    (smda / "credits.json").write_text(json.dumps(credits))
+    return recs, policy, credits, push

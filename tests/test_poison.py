@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import run_sft, tiny_model, tiny_sae
+from helpers import ar_ledger, run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig, load_records
 from smda_callback.credit import OptimizerKernel, replay_credits
 from smda_callback.lab.demo import DATA, load_pairs
@@ -414,37 +414,6 @@ def test_a_finished_run_is_never_trained_over_and_its_peers_are_kept(tmp_path, m
     assert ran == ["kronfluence-middle"]
 
 
-def _ar_ledger(run_dir, K: int, kappa: float, b: float, seed: int = 11):
-    """A run folder whose ledger's refusal follows d_k = u_k − κ q_{k−1} + b d_{k−1} over K one-pair windows (u_k: the
-    pair's own-window push, recorded as its `own` credit; labels alternate); returns (records, policy, credits, push)."""
-    rng = np.random.default_rng(seed)
-    labels = ["harmful" if k % 2 == 0 else "harmless" for k in range(K)]
-    push = {q: [(0.02 if lab == "harmful" else -0.01) * s + float(rng.normal(0, 0.006)) for lab in labels]
-            for q, s in (("harmful", 1.0), ("harmless", 0.5))}
-    q = {"harmful": 0.05, "harmless": 0.02}
-    d, recs = {"harmful": 0.0, "harmless": 0.0}, []
-    for k, lab in enumerate(labels):
-        for x in q:
-            d[x] = push[x][k] - kappa * q[x] + b * d[x]
-            q[x] += d[x]
-        recs.append({"step": k + 1, "pairs": [{"hash": f"h{k}", "id": f"p{k}", "label": lab}],
-                     "refusal_harmful": q["harmful"], "refusal_harmless": q["harmless"]})
-    smda = run_dir / "smda"
-    smda.mkdir(parents=True)
-    (smda / "attribution.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    probes = [{"id": "a", "label": "harmful", "category": "x"}, {"id": "b", "label": "harmless", "category": "y"}]
-    policy = {"probes": probes, "probe_refusal_0": [0.05, 0.02], "features": [1]}
-    (smda / "policy.json").write_text(json.dumps(policy))
-    zero = [0.0]
-    credits = {"rule": "optimizer", "kernel": {"kind": "adam"}, "measure": "deconvolve", "pairs": [
-        {"hash": f"h{k}", "id": f"p{k}", "index": k, "label": lab, "category": "x", "d": zero, "dx": zero, "dy": zero,
-         "predicted_by_category": {}, "refusal_by_category": {}, "refusal_harmful": 0.0, "refusal_harmless": 0.0,
-         "own": {"refusal_harmful": push["harmful"][k], "refusal_harmless": push["harmless"][k]}}
-        for k, lab in enumerate(labels)]}
-    (smda / "credits.json").write_text(json.dumps(credits))
-    return recs, policy, credits, push
-
-
 def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, capsys):
     """A ledger whose refusal follows d_k = u_k − κ q_{k−1} + b d_{k−1} (u_k: the pair's own-window push): leaving
     pair k out moves the end by −u_k r(K−1−k), r the process's response, negative some steps back. `--read removal`
@@ -455,7 +424,7 @@ def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, 
 
     K, kappa, b = 60, 0.08, 0.75
     true = Forgetting(kappa, (kappa, kappa), K, (b,))
-    recs, policy, credits, push = _ar_ledger(tmp_path, K, kappa, b)
+    recs, policy, credits, push = ar_ledger(tmp_path, K, kappa, b)
     df = suspects(recs, policy, credits, "compliance", read="removal")
     fg = df.attrs["forgetting"]
     assert fg["read"] == "removal" and abs(fg["kappa"] - kappa) < 0.03 and abs(fg["b"][0] - b) < 0.15
@@ -482,7 +451,7 @@ def test_read_removal_carries_the_own_window_by_the_runs_ar2_response(tmp_path, 
     # (κ 0.1, b 0: 0.9^n ≥ 5 % for the last 29 windows) it names the pairs before those
     for run, (kap, lag, reach) in {tmp_path: (kappa, b, K), tmp_path / "fast": (0.1, 0.0, 29)}.items():
         if run != tmp_path:
-            recs, policy, credits, _ = _ar_ledger(run, K, kap, lag)
+            recs, policy, credits, _ = ar_ledger(run, K, kap, lag)
         end = suspects(recs, policy, credits, "compliance", read="end").attrs["forgetting"]
         assert main(["suspects", str(run), "--target", "compliance", "--read", "end", "--top", "3"]) == 0
         out = capsys.readouterr().out

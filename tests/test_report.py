@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_sft, tiny_model, tiny_sae
+from helpers import ar_ledger, run_sft, tiny_model, tiny_sae
 from smda_callback import SMDAConfig, load_ledger
 from smda_callback.lab.report import build_html, write_report
 
@@ -46,6 +46,29 @@ def test_report_sections_and_escaping(halted_run):
     assert page.count("data:image/png;base64,") >= 4
     assert "Training halted at step" in page
     assert "Forgetting rate" in page  # κ per refusal mean, or why this short run cannot give it
+    # 8 windows give no AR(2) fit: the removal read says so in its place instead of failing the report
+    assert "id='removal'" in page and page.count("Not readable on this run: --read removal: this run&#x27;s AR(2)") == 2
+
+
+def test_the_removal_section_ranks_as_suspects_read_removal_with_each_fit_in_words(tmp_path):
+    """On a ledger that follows an AR(2) process the section lists, per target, the ten pairs `suspects(read="removal")`
+    ranks first with its own κ and b and how far back its fit reaches (the CLI's words, `read_note`)."""
+    from smda_callback.lab.analysis import read_note, suspects
+    from smda_callback.lab.report import removal_section
+
+    recs, policy, credits, _ = ar_ledger(tmp_path, 60, 0.08, 0.75)
+    html = "".join(removal_section(recs, policy, credits))
+    assert "Not readable" not in html and html.count("<table") == 2
+    for target in ("over-refusal", "compliance"):
+        sus = suspects(recs, policy, credits, target, top=10, read="removal")
+        card = html[html.index(f"<b>{target}, if left out</b>"):]
+        card = card[:card.index("</div>")]
+        where = [card.index(f">{i}<") for i in sus["id"]]  # the same ten pairs, in the same order
+        assert len(where) == 10 and where == sorted(where)
+        fg = sus.attrs["forgetting"]
+        assert f"κ = {fg['kappa']:.4f}, b = {fg['b'][0]:+.4f}, 60 windows" in card
+        assert (f"the last {fg['reach']} of 60 windows only" in card) == (fg["reach"] < 60)
+        assert read_note(sus)[0].startswith("--read removal: each score times the response")
 
 
 def test_the_forgetting_note_gives_kappa_and_its_half_life():

@@ -203,6 +203,47 @@ def suspects(records: list[dict[str, Any]], policy: dict[str, Any], credits: dic
     return _ranked(df, top)
 
 
+def read_note(df: pd.DataFrame) -> list[str]:
+    """What a `suspects` frame's read means on this run, in words: for `--read replay`, `category`, `removal` and `end`
+    (from the frame's attrs: the replayed steps, the fitted κ and b, how far back the fit reaches); none for `trained`.
+    The CLI prints these lines above the ranking, the report shows them beside it."""
+    lines: list[str] = []
+    rp = df.attrs.get("replay")
+    if rp:
+        lines.append(f"--read replay: steps {rp['first_step']}-{rp['last_step']} replayed after training (replay.json); score = "
+                     f"the change of final {rp['quantity']} refusal the pair's step made, carried through the rest of the run "
+                     "(signed so that higher is more suspect); earlier pairs are not ranked.")
+        if rp["trusted_from"] > rp["first_step"]:
+            lines.append(f"  steps {rp['first_step']}-{rp['trusted_from'] - 1} are not ranked either: there the replay's effects "
+                         "blew up (a linearisation carried back through many steps; replay.json's \"trust\"). Replay fewer "
+                         "steps, or read them as unknown.")
+    if df.attrs.get("category"):
+        lines.append("--read category: score = the pair's credited change of refusal in the probe category it moved most the "
+                     "wrong way (over-refusal: the largest rise over the harmless categories; compliance: the largest fall over "
+                     "the harmful ones), that category in brackets: planted bad pairs are found a little more reliably this way "
+                     "(docs/validation.md §10), sizes are per category, not the refusal mean.")
+    fg = df.attrs.get("forgetting")
+    if fg and fg["read"] == "removal":
+        lines.append(f"--read removal: each score times the response at the end of the run to a unit push at the pair's place, "
+                     f"from this run's AR(2) fit of its own trajectory (κ = {fg['kappa']:.4f}, b = {fg['b'][0]:+.4f}, "
+                     f"{fg['windows']} windows; lab/carry.py): the change of final refusal the pair leaves, which leaving it out "
+                     "would undo. The response turns negative at some places, which turns those pairs round: this reads "
+                     "removals, not which pairs pushed the wrong way (for that, --read trained or end).")
+        if fg["reach"] < fg["windows"]:
+            lines.append(f"  it ranks the pairs of the last {fg['reach']} of {fg['windows']} windows only (further back the "
+                         f"response is under {fg['reach_share']:.0%} of its largest, so those pairs score ≈ 0): where early pairs "
+                         "still move the end, it misses them (the 318-pair demo run's harmful refusal, docs/validation.md §9).")
+    elif fg:
+        lines.append(f"--read end: each score times (1 - κ)^(windows trained after the pair), κ = {fg['kappa']:.4f} "
+                     f"[{fg['ci95'][0]:.3f}, {fg['ci95'][1]:.3f}] per window read off this run's ledger ({fg['windows']} windows; "
+                     "lab/carry.py): what is left of the pair's change at the end of the run, if later training fades it.")
+        if fg["reach"] < fg["windows"]:
+            lines.append(f"  pairs trained before the last {fg['reach']} of {fg['windows']} windows are carried at under "
+                         f"{fg['reach_share']:.0%} of a last pair's weight, so a bad pair there ranks low: look for early ones "
+                         "with --read trained.")
+    return lines
+
+
 def _ranked(df: pd.DataFrame, top: int | None) -> pd.DataFrame:
     """Most suspect first (ties in the frame's order), the first `top` rows."""
     if df.empty:
