@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .carry import QUANTITIES
 from .lds_score import ADDITIVE
 from .specs import REMOVAL_READER
-
-QUANTITIES = ("harmful", "harmless")
 
 
 def is_free(reader: str) -> bool:
