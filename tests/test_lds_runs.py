@@ -12,12 +12,13 @@ from smda_callback.lab.lds_runs import compare, format_runs, is_free, load_run
 from smda_callback.lab.specs import REMOVAL_READER
 
 
-def _kept(path, readers, seed=0, n_pairs=64, chance=0.3):
+def _kept(path, readers, seed=0, n_pairs=64, chance=0.3, order=None):
     score = {"n_pairs": n_pairs, "n_subsets": 40, "full_refusal": {"harmful": 0.6, "harmless": 0.3},
              "chance": {q: [-chance, chance] for q in ("harmful", "harmless")},
              "readers": {n: {"harmful": {"lds": h, "slope": 1.0}, "harmless": {"lds": l, "slope": 1.0}}
                          for n, (h, l) in readers.items()}}
-    path.write_text(json.dumps({"what": "test", "settings": {"seed": seed, "n_pairs": n_pairs}, "score": score}))
+    path.write_text(json.dumps({"what": "test", "settings": {"seed": seed, "n_pairs": n_pairs}, "score": score,
+                                "order": order or [f"p{seed}-{i}" for i in range(n_pairs)]}))
     return path
 
 
@@ -47,6 +48,11 @@ def test_the_best_free_reader_and_the_gap_to_it_per_run(tmp_path):
     assert "| credit (default) | +0.10 / +0.20 | +0.10 / +0.10 | +0.20 / +0.20 |" in text  # inside ±0.3: no star
     assert "within 0.05 of the best free reader on 1 of 2 runs; ≥ 0.39 on both quantities on 1 of 2" in text
     assert "c: best free credit (default) (+0.20 / +0.20); `own window, carried AR(2)` not scored in this file" in text
+    assert "share one training order" not in text
+    # the same ranking run kept twice (other subsets or readers) is named, since the counts take it as two runs
+    d = _kept(tmp_path / "d.json", {"credit (default)": (0.2, 0.3)}, seed=0)
+    again = [load_run(p) for p in (a, b, d)]
+    assert "Note: a, d share one training order" in format_runs(again, compare(again))
 
 
 def test_the_command_reads_kept_files_and_refuses_what_is_not_one(tmp_path, capsys):

@@ -36,7 +36,17 @@ def load_run(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a kept LDS file ({type(e).__name__}: {e}); write one with "
                          "`smda benchmark-lds -o DIR ... --score-only --keep FILE` (benchmarks/lds/ holds the project's)") from None
     return {"name": path.stem, "n_pairs": s.get("n_pairs"), "seed": settings.get("seed"), "n_subsets": s.get("n_subsets"),
-            "full_refusal": s.get("full_refusal"), "chance": s.get("chance", {}), "lds": lds}
+            "full_refusal": s.get("full_refusal"), "chance": s.get("chance", {}), "lds": lds, "order": kept.get("order")}
+
+
+def same_run(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """Groups of files (by name) whose ranking runs share one training order: one run scored more than once (other
+    subsets, other readers), which `compare` would count as several runs."""
+    by_order: dict[tuple[str, ...], list[str]] = {}
+    for run in runs:
+        if run.get("order"):
+            by_order.setdefault(tuple(run["order"]), []).append(run["name"])
+    return [names for names in by_order.values() if len(names) > 1]
 
 
 def compare(runs: list[dict[str, Any]], reader: str = REMOVAL_READER, margin: float = 0.05,
@@ -97,4 +107,7 @@ def format_runs(runs: list[dict[str, Any]], cmp: dict[str, Any], readers: list[s
     n = cmp["n_with_reader"]
     L += ["", f"`{cmp['reader']}`: within {cmp['margin']:.2f} of the best free reader on {cmp['within']} of {n} runs; "
           + "; ".join(f"≥ {t} on both quantities on {k} of {n}" for t, k in cmp["at_least"].items())]
+    for names in same_run(runs):
+        L.append(f"Note: {', '.join(names)} share one training order (one ranking run scored more than once) and are "
+                 "counted as separate runs above; give one of them for a count over distinct runs.")
     return "\n".join(L)
