@@ -62,10 +62,21 @@ def test_the_command_reads_kept_files_and_refuses_what_is_not_one(tmp_path, caps
     assert out["compare"]["at_least"] == {"0.6": 0} and out["runs"][0]["name"] == "a"
     assert main(["lds-runs", str(a), "--reader", "credit (default)"]) == 0
     assert "`credit (default)`: within 0.05 of the best free reader on 0 of 1 runs" in capsys.readouterr().out
+    # a scored benchmark-lds folder not kept yet reads as its kept file would
+    folder = tmp_path / "run_dir"
+    folder.mkdir()
+    kept = json.loads(a.read_text())
+    (folder / "lds.json").write_text(json.dumps(kept["score"]))
+    (folder / "subsets.json").write_text(json.dumps({"settings": kept["settings"], "order": kept["order"], "subsets": {}}))
+    assert load_run(folder) == {**load_run(a), "name": "run_dir"}
+    (folder / "lds.json").unlink()  # not scored yet
+    assert main(["lds-runs", str(folder)]) == 2
+    assert "lds.json" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"jobs": {}}))
     assert main(["lds-runs", str(a), str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}: not a kept LDS file" in err and "--keep FILE" in err and "Traceback" not in err
+    assert f"{bad}: not a kept LDS file or a scored benchmark-lds folder" in err and "--score-only" in err
+    assert "Traceback" not in err
     assert main(["lds-runs", str(a), "--reader", "no such reader"]) == 2
     assert "no given file scores it; readers in them: credit (default), own window, carried AR(2)" in capsys.readouterr().err

@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(fn=_lds)
 
     lr = sub.add_parser("lds-runs", help="the readers of several kept LDS runs side by side (benchmarks/lds/*.json)")
-    lr.add_argument("files", nargs="+", help="kept files of `smda benchmark-lds --keep` (one per ranking run)")
+    lr.add_argument("files", nargs="+", help="kept files of `smda benchmark-lds --keep` (one per ranking run), or its "
+                                             "scored output folders (-o DIR)")
     lr.add_argument("--reader", default=REMOVAL_READER,
                     help="the reader compared with the best free one on each run (default: what --read removal reads)")
     lr.add_argument("--margin", type=float, default=0.05, help="'within' means the mean of the two LDS is at most this below the best's")

@@ -26,15 +26,21 @@ def is_free(reader: str) -> bool:
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
-    """One kept file as {"name", "n_pairs", "seed", "n_subsets", "full_refusal", "chance", "lds": {reader: {q: LDS}}}."""
+    """One kept file, or a `smda benchmark-lds` output folder (its lds.json, written by every scoring, and its
+    subsets.json), as {"name", "n_pairs", "seed", "n_subsets", "full_refusal", "chance", "lds": {reader: {q: LDS}},
+    "order"}."""
     path = Path(path)
     try:
-        kept = json.loads(path.read_text())
+        if path.is_dir():  # a run not kept yet: the scorer's last output and the run's settings
+            kept = {"score": json.loads((path / "lds.json").read_text()), **json.loads((path / "subsets.json").read_text())}
+        else:
+            kept = json.loads(path.read_text())
         s, settings = kept["score"], kept["settings"]
         lds = {name: {q: float(r[q]["lds"]) for q in QUANTITIES} for name, r in s["readers"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a kept LDS file ({type(e).__name__}: {e}); write one with "
-                         "`smda benchmark-lds -o DIR ... --score-only --keep FILE` (benchmarks/lds/ holds the project's)") from None
+        raise ValueError(f"{path}: not a kept LDS file or a scored benchmark-lds folder ({type(e).__name__}: {e}); score "
+                         "a folder with `smda benchmark-lds -o DIR ... --score-only` (add --keep FILE to keep it; "
+                         "benchmarks/lds/ holds the project's)") from None
     return {"name": path.stem, "n_pairs": s.get("n_pairs"), "seed": settings.get("seed"), "n_subsets": s.get("n_subsets"),
             "full_refusal": s.get("full_refusal"), "chance": s.get("chance", {}), "lds": lds, "order": kept.get("order")}
 
