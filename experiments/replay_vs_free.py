@@ -17,6 +17,7 @@ import numpy as np
 
 from smda_callback.lab.analysis import spearman
 from smda_callback.lab.carry import QUANTITIES
+from smda_callback.lab.lds import replay_reader
 from smda_callback.lab.specs import REMOVAL_READER
 
 
@@ -27,10 +28,10 @@ def parts(kept: dict, last: int, reach: int) -> list[str]:
               (n - last, n - reach), f"steps {n - reach + 1}-{n} (the last {reach})": (n - reach, n)}
     out = []
     for q in QUANTITIES:
-        rep = np.asarray([rs[f"replay, last {last} steps (dropped in place)"][q].get(i, 0.0) for i in order])
+        rep = np.asarray([rs[f"{replay_reader(last=last)[0]} (dropped in place)"][q].get(i, 0.0) for i in order])
         free = np.asarray([rs[REMOVAL_READER][q].get(i, 0.0) for i in order])
         for name, (a, b) in bounds.items():
-            rho = spearman(rep[a:b], free[a:b]) if np.std(rep[a:b]) > 0 and np.std(free[a:b]) > 0 else float("nan")
+            rho = spearman(rep[a:b], free[a:b])  # NaN where either is constant (the steps before the replay)
             out.append(f"{q}, {name}: share of |prediction| replay {np.abs(rep[a:b]).sum() / np.abs(rep).sum():.2f}, "
                        f"free {np.abs(free[a:b]).sum() / np.abs(free).sum():.2f}; Spearman between them {rho:+.2f}")
     return out
