@@ -296,8 +296,7 @@ def removal_section(records: list[dict[str, Any]], policy: dict[str, Any], credi
                        f"{_e(e)}</p></div>")
             continue
         note = "".join(f"<p class='note'>{_e(line.strip())}</p>" for line in read_note(sus))
-        table = _table(sus[["step", "index", "id", "label", "category", "score", "prompt"]]) if not sus.empty else "<p>none</p>"
-        out.append(f"<div class='card'><b>{_e(target)}, if left out</b>{note}{table}</div>")
+        out.append(_suspect_card(f"{target}, if left out", sus, note))
     return out
 
 
@@ -322,9 +321,14 @@ def replay_section(records: list[dict[str, Any]], policy: dict[str, Any], credit
             "not ranked. Replay fewer steps, or read them as unknown.</p>")
     for target in ("over-refusal", "compliance"):
         sus = suspects(records, policy, credits, target, top=10, read="replay", replay=replay)
-        out.append(f"<div class='card'><b>{_e(target)}, carried to the end</b>"
-                   f"{_table(sus[['step', 'index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
+        out.append(_suspect_card(f"{target}, carried to the end", sus))
     return out
+
+
+def _suspect_card(title: str, sus: pd.DataFrame, note: str = "") -> str:
+    """One target's ranked pairs as a card: its title, an optional note (HTML, already escaped) and the table."""
+    table = _table(sus[["step", "index", "id", "label", "category", "score", "prompt"]]) if not sus.empty else "<p>none</p>"
+    return f"<div class='card'><b>{_e(title)}</b>{note}{table}</div>"
 
 
 def forgetting_note(records: list[dict[str, Any]], policy: dict[str, Any]) -> str:
