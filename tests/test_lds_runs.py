@@ -13,7 +13,8 @@ from smda_callback.lab.specs import REMOVAL_READER
 
 
 def _kept(path, readers, seed=0, n_pairs=64, chance=0.3, order=None):
-    score = {"n_pairs": n_pairs, "n_subsets": 40, "full_refusal": {"harmful": 0.6, "harmless": 0.3},
+    score = {"n_pairs": n_pairs, "n_subsets": 40, "full_refusal": {"harmful": 0.6 + seed / 100, "harmless": 0.3},
+             "measured_abs_mean": {"harmful": 0.04, "harmless": 0.025},
              "chance": {q: [-chance, chance] for q in ("harmful", "harmless")},
              "readers": {n: {"harmful": {"lds": h, "slope": 1.0}, "harmless": {"lds": l, "slope": 1.0}}
                          for n, (h, l) in readers.items()}}
@@ -49,6 +50,9 @@ def test_the_best_free_reader_and_the_gap_to_it_per_run(tmp_path):
     assert "within 0.05 of the best free reader on 1 of 2 runs; ≥ 0.39 on both quantities on 1 of 2" in text
     assert "c: best free credit (default) (+0.20 / +0.20); `own window, carried AR(2)` not scored in this file" in text
     assert "share one training order" not in text
+    # each run's own levels above the readers, so a reader's LDS can be read beside them
+    assert "| *final refusal of the full run* | 0.600 / 0.300 | 0.620 / 0.300 | 0.630 / 0.300 |" in text
+    assert "| *mean absolute measured change over subsets* | 0.040 / 0.025 | 0.040 / 0.025 | 0.040 / 0.025 |" in text
     # the same ranking run kept twice (other subsets or readers) is named, since the counts take it as two runs
     d = _kept(tmp_path / "d.json", {"credit (default)": (0.2, 0.3)}, seed=0)
     again = [load_run(p) for p in (a, b, d)]

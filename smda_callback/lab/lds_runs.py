@@ -42,7 +42,8 @@ def load_run(path: str | Path) -> dict[str, Any]:
                          "a folder with `smda benchmark-lds -o DIR ... --score-only` (add --keep FILE to keep it; "
                          "benchmarks/lds/ holds the project's)") from None
     return {"name": path.stem, "n_pairs": s.get("n_pairs"), "seed": settings.get("seed"), "n_subsets": s.get("n_subsets"),
-            "full_refusal": s.get("full_refusal"), "chance": s.get("chance", {}), "lds": lds, "order": kept.get("order")}
+            "full_refusal": s.get("full_refusal"), "measured": s.get("measured_abs_mean"), "chance": s.get("chance", {}),
+            "lds": lds, "order": kept.get("order")}
 
 
 def same_run(runs: list[dict[str, Any]]) -> list[list[str]]:
@@ -92,12 +93,22 @@ def _cell(v: dict[str, float] | None, chance: dict[str, list[float]]) -> str:
     return " / ".join(one(q) for q in QUANTITIES)
 
 
+def _level(v: dict[str, float] | None) -> str:
+    """A run's own quantity (final refusal, mean |measured change|), harmful / harmless; – where the file has none."""
+    if not isinstance(v, dict) or any(not isinstance(v.get(q), (int, float)) for q in QUANTITIES):
+        return "–"
+    return " / ".join(f"{v[q]:.3f}" for q in QUANTITIES)
+
+
 def format_runs(runs: list[dict[str, Any]], cmp: dict[str, Any], readers: list[str] | None = None) -> str:
-    """A markdown table, readers by run (LDS harmful / harmless, * outside the run's chance band), then `cmp`
-    (`compare`) in words. `readers`: the rows (default: every reader any run has, in first-seen order)."""
+    """A markdown table, readers by run (LDS harmful / harmless, * outside the run's chance band) under two rows of
+    each run's own levels (final refusal of the full run, mean absolute measured change), then `cmp` (`compare`) in
+    words. `readers`: the rows (default: every reader any run has, in first-seen order)."""
     names = readers or list(dict.fromkeys(n for run in runs for n in run["lds"]))
     head = ["reader"] + [f"{r['name']} ({r['n_pairs']} pairs, seed {r['seed']})" for r in runs]
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for what, key in (("final refusal of the full run", "full_refusal"), ("mean absolute measured change over subsets", "measured")):
+        L.append(f"| *{what}* | " + " | ".join(_level(r.get(key)) for r in runs) + " |")
     for n in names:
         mark = "" if is_free(n) else " (not free)"
         L.append(f"| {n}{mark} | " + " | ".join(_cell(r["lds"].get(n), r["chance"]) for r in runs) + " |")
