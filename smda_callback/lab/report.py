@@ -247,8 +247,7 @@ def build_html(run_dir: str | Path) -> str:
         parts.append(f"<p class='note'>{_e(forgetting_note(records, policy))}</p>")
         for target in ("over-refusal", "compliance"):
             sus = suspects(records, policy, credits, target, top=10)
-            parts.append(f"<div class='card'><b>{_e(target)}</b>"
-                         f"{_table(sus[['index', 'id', 'label', 'category', 'score', 'prompt']]) if not sus.empty else '<p>none</p>'}</div>")
+            parts.append(_suspect_card(target, sus, columns=SUSPECT_COLUMNS[1:]))  # without the step column, as this table always was
         parts += removal_section(records, policy, credits)
         parts += replay_section(records, policy, credits, load_replay(run_dir))
     cards = policy.get("feature_cards") or {}
@@ -325,9 +324,13 @@ def replay_section(records: list[dict[str, Any]], policy: dict[str, Any], credit
     return out
 
 
-def _suspect_card(title: str, sus: pd.DataFrame, note: str = "") -> str:
-    """One target's ranked pairs as a card: its title, an optional note (HTML, already escaped) and the table."""
-    table = _table(sus[["step", "index", "id", "label", "category", "score", "prompt"]]) if not sus.empty else "<p>none</p>"
+SUSPECT_COLUMNS = ("step", "index", "id", "label", "category", "score", "prompt")
+
+
+def _suspect_card(title: str, sus: pd.DataFrame, note: str = "", columns: tuple[str, ...] = SUSPECT_COLUMNS) -> str:
+    """One target's ranked pairs as a card: its title, an optional note (HTML, already escaped) and the table of
+    `columns`; every suspects section of the report draws its cards here."""
+    table = _table(sus[list(columns)]) if not sus.empty else "<p>none</p>"
     return f"<div class='card'><b>{_e(title)}</b>{note}{table}</div>"
 
 
