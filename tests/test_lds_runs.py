@@ -57,6 +57,16 @@ def test_the_best_free_reader_and_the_gap_to_it_per_run(tmp_path):
     d = _kept(tmp_path / "d.json", {"credit (default)": (0.2, 0.3)}, seed=0)
     again = [load_run(p) for p in (a, b, d)]
     assert "Note: a, d share one training order" in format_runs(again, compare(again))
+    # an older kept file without the levels (or with one quantity missing) shows – in those cells, not a crash
+    e = tmp_path / "e.json"
+    old = json.loads(b.read_text())
+    del old["score"]["full_refusal"]
+    old["score"]["measured_abs_mean"] = {"harmful": 0.05}
+    e.write_text(json.dumps(old))
+    mixed = [load_run(p) for p in (a, e)]
+    text = format_runs(mixed, compare(mixed))
+    assert "| *final refusal of the full run* | 0.600 / 0.300 | – |" in text
+    assert "| *mean absolute measured change over subsets* | 0.040 / 0.025 | – |" in text
 
 
 def test_the_command_reads_kept_files_and_refuses_what_is_not_one(tmp_path, capsys):
