@@ -69,6 +69,7 @@ def test_the_removal_section_ranks_as_suspects_read_removal_with_each_fit_in_wor
         assert f"κ = {fg['kappa']:.4f}, b = {fg['b'][0]:+.4f}, 60 windows" in card
         assert (f"the last {fg['reach']} of 60 windows only" in card) == (fg["reach"] < 60)
         assert read_note(sus)[0].startswith("--read removal: each score times the response")
+        assert "the same pairs in another order rank otherwise" in read_note(sus)[0]  # a statement about one order
 
 
 def test_the_forgetting_note_gives_kappa_and_its_half_life():

@@ -228,7 +228,10 @@ def read_note(df: pd.DataFrame) -> list[str]:
                      f"from this run's AR(2) fit of its own trajectory (κ = {fg['kappa']:.4f}, b = {fg['b'][0]:+.4f}, "
                      f"{fg['windows']} windows; lab/carry.py): the change of final refusal the pair leaves, which leaving it out "
                      "would undo. The response turns negative at some places, which turns those pairs round: this reads "
-                     "removals, not which pairs pushed the wrong way (for that, --read trained or end).")
+                     "removals, not which pairs pushed the wrong way (for that, --read trained or end). The ranking "
+                     "is this order's, not the pairs': it ranks the pairs trained near the end, so the same pairs in another "
+                     "order rank otherwise (a pair's score in two orders of the 318 demo pairs: Spearman +0.06 / +0.01; "
+                     "docs/validation.md §9).")
         if fg["reach"] < fg["windows"]:
             lines.append(f"  it ranks the pairs of the last {fg['reach']} of {fg['windows']} windows only (further back the "
                          f"response is under {fg['reach_share']:.0%} of its largest, so those pairs score ≈ 0): where early pairs "
