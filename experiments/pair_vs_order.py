@@ -5,6 +5,8 @@ pair's score in one order against its score in the other, over all pairs and wit
 makes every reader agree across orders as far as it separates the two labels). Reads the kept files only.
 
     python experiments/pair_vs_order.py benchmarks/lds/lds318.json benchmarks/lds/lds318o5.json
+
+The same for the three orders of the 64-pair set (lds64x, lds64o1, lds64o2: seeds 0, 1, 2), two files at a time.
 """
 
 from __future__ import annotations
