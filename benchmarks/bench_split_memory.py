@@ -14,6 +14,11 @@ measured in one run). The callback's own θ_{t−1} copy (`base`, taken before t
 into one padded forward per sign (what the callback does at a micro-batch of --rows) and one forward per row
 (rows_per_forward=1, as the callback did before 2cc497f), and prints the medians, their ratio and the largest relative gap between the two slopes.
 `--varied`: row lengths drawn between half of --tokens and --tokens (padding then costs), instead of all equal.
+`--prompt F`: the first F of each row's tokens carry no label (-100), as a chat prompt in SFT does (default 0: every
+token labelled). `--head N` times the split's row slopes N times each way, alternating, at --stack rows per forward:
+the output head run at the label positions only (what the callback does since the thirtieth session) and at every
+position (`causal_lm_row_losses(..., narrow_head=False)`), and prints the medians, their ratio and the largest
+relative gap between the two slopes (float rounding differs between the two shapes).
 `--device cuda`: the model and rows on the GPU; the extra memory is then the device's peak allocation beyond what it
 held before the split (torch.cuda.max_memory_allocated), not the process's resident memory.
 """
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--varied", action="store_true", help="row lengths between --tokens/2 and --tokens")
     ap.add_argument("--stack", type=int, default=8, help="rows per forward in the measured split (the callback: the "
                     "training's micro-batch size; 1: one forward per row)")
+    ap.add_argument("--prompt", type=float, default=0.0, help="share of each row's first tokens without a label")
+    ap.add_argument("--head", type=int, default=0, metavar="N",
+                    help="also time the split with the head at label positions only vs at every position")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the split's memory is then the device's peak)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -73,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rows):
         n = int(torch.randint(args.tokens // 2, args.tokens + 1, ())) if args.varied else args.tokens
         ids = torch.randint(0, args.vocab, (1, n)).to(dev)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        labels = ids.clone()
+        labels[:, : int(args.prompt * n)] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=False)
     for i in range(2):  # one step taken (so Adam's moments exist), then the measured step's gradient
         opt.zero_grad()
@@ -116,6 +126,25 @@ def main(argv: list[str] | None = None) -> dict:
         one, stacked = statistics.median(secs[1]), statistics.median(secs[args.rows])
         res.update({"split_s_one_row_per_forward": one, "split_s_stacked": stacked, "stacked_over_one_row": stacked / one,
                     "slopes_max_rel_gap": float((abs(got[1] - got[args.rows]) / abs(got[1]).clip(1e-12)).max())})
+    if args.head:
+        import statistics
+        import time
+
+        u = NewestUpdate(opt, kernel, 2)
+        secs2: dict[bool, list[float]] = {True: [], False: []}
+        got2 = {}
+        for _ in range(args.head):
+            for narrow in secs2:  # alternating, so that a machine's drift falls on both
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                got2[narrow] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack, narrow_head=narrow))
+                secs2[narrow].append(time.perf_counter() - t0)
+        narrowed, full = statistics.median(secs2[True]), statistics.median(secs2[False])
+        labelled = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) / sum(r["input_ids"].numel() for r in rows)
+        res.update({"label_share": labelled, "split_s_head_at_labels": narrowed, "split_s_head_everywhere": full,
+                    "labels_over_everywhere": narrowed / full,
+                    "head_slopes_max_rel_gap": float((abs(got2[True] - got2[False]) / abs(got2[False]).clip(1e-12)).max())})
     report(res, args.json)
     return res
 

@@ -1,6 +1,7 @@
 """credit.py: the optimizer's kernel against torch's optimizers, the engine's invariants, and
 per-pair credit in real SFTTrainer runs (telescoping, SGD = step, identical rows split in half)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -388,7 +389,8 @@ def test_newest_update_refuses_an_optimizer_without_a_second_moment_before_any_w
 def test_row_losses_of_stacked_rows_are_each_rows_own():
     """The split's rows, right-padded and stacked several to a forward, give each row's own summed loss (to float32
     rounding), in order, whatever their lengths; a batch of several rows is passed through as it is, and the
-    slopes along an update agree with one forward per row."""
+    slopes along an update, one forward per row or stacked, agree with the same slopes in float64 (a central
+    difference of float32 losses carries their rounding, which differs between forwards of different shapes)."""
     from smda_callback.credit import causal_lm_row_losses, row_slopes
 
     model = tiny_model()
@@ -412,5 +414,74 @@ def test_row_losses_of_stacked_rows_are_each_rows_own():
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     s1 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows, rows_per_forward=1))
     s8 = row_slopes(params, base, direction, causal_lm_row_losses(model, rows, rows_per_forward=8))
-    np.testing.assert_allclose(s8, s1, rtol=1e-6)
     assert all(torch.equal(p, b) for p, b in zip(params, base))
+    wide = copy.deepcopy(model).double()
+    wide_params = list(wide.parameters())
+    ref = row_slopes(wide_params, [b.double() for b in base], [d.double() for d in direction],
+                     causal_lm_row_losses(wide, rows, rows_per_forward=1))
+    assert len({round(float(x), 3) for x in ref}) == 5
+    for s in (s1, s8):
+        np.testing.assert_allclose(s, ref, atol=0.01 * np.abs(ref).max())
+
+
+class _LogitsByPosition(torch.nn.Module):
+    """A causal LM whose forward reshapes the head's output by position, as some custom models do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        out.logits = out.logits.view(*input_ids.shape, self.inner.config.vocab_size)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "lora", "logits by position"])
+def test_row_losses_project_only_the_label_positions(kind):
+    """The split's forwards run the output head on the positions that predict a label only (the head sees n_label
+    rows, not batch × length), and the row losses equal a float64 loss over full-vocabulary logits at every position;
+    a model whose forward needs the head's output by position falls back to every position, with the same losses,
+    and is not narrowed again."""
+    from smda_callback.credit import causal_lm_row_losses
+    from smda_callback.credit import params as cp
+
+    model = tiny_model("qwen2" if kind == "qwen2" else "llama")
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    if kind == "logits by position":
+        model = _LogitsByPosition(model)
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (6, 11, 4, 9):
+        ids = torch.randint(1, 100, (1, n), generator=gen)
+        lab = ids.clone()
+        lab[0, : n // 2] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab})
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    try:
+        with torch.no_grad():
+            got = causal_lm_row_losses(model, rows, rows_per_forward=4)().numpy()
+            seen_first = list(seen)
+            again = causal_lm_row_losses(model, rows, rows_per_forward=4)().numpy()
+            want = []
+            for r in rows:
+                logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits[0, :-1].double()
+                lab = r["labels"][0, 1:]
+                want.append(float(torch.nn.functional.cross_entropy(logits[lab != -100], lab[lab != -100], reduction="sum")))
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(again, got)
+    n_labels = sum(int((r["labels"][0, 1:] != -100).sum()) for r in rows)
+    if kind == "logits by position":
+        assert "RuntimeError" in cp._NARROW_FAILED.get(model, "")  # the view by position failed once
+        assert seen_first[-1] == (4, 11, 64)  # every position of the 4 stacked rows, after the one failed try
+        assert len(seen) == len(seen_first) + 1 + len(rows)  # not narrowed again: one forward, then the references
+    else:
+        assert seen_first == [(n_labels, 64)]

@@ -5,13 +5,17 @@ These functions touch parameters and optimizer state; the engine (`engine.py`) i
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .engine import OptimizerKernel
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- torch side: the newest gradient's part
 def inner_optimizer(optimizer: Any) -> Any:
@@ -122,8 +126,8 @@ def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], dir
     Shares are the slopes normalised over all rows of the step (`shares_from_slopes`), which may
     span ranks."""
     saved = [p.detach().clone() for p in params]
-    norm_u = math.sqrt(sum(float(torch.linalg.vector_norm(d, dtype=torch.float32)) ** 2 for d in direction))
-    norm_b = math.sqrt(sum(float(torch.linalg.vector_norm(b, dtype=torch.float32)) ** 2 for b in base))
+    norm_u = math.sqrt(sum(_norm(d) ** 2 for d in direction))
+    norm_b = math.sqrt(sum(_norm(b) ** 2 for b in base))
     eps = rel * norm_b / norm_u if norm_u > 0 else 0.0
     try:
         losses = []
@@ -137,11 +141,21 @@ def row_slopes(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], dir
     return (losses[0] - losses[1]) / (2 * eps) if eps > 0 else np.zeros(len(losses[0]))
 
 
-def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]], rows_per_forward: int = 1) -> RowLoss:
+def _norm(x: torch.Tensor) -> float:
+    """The 2-norm, accumulated in fp32 (fp64 for fp64 tensors) without a widened copy."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+
+
+def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]], rows_per_forward: int = 1,
+                         narrow_head: bool = True) -> RowLoss:
     """Per-row summed cross-entropy over label tokens (the training loss up to its common normaliser). One-row
     batches (the callback's captured rows) are stacked `rows_per_forward` at a time, right-padded (attention mask 0,
     labels -100): at batch 8, one forward per sign instead of 8 (the callback passes the training's micro-batch size,
-    so no forward holds more rows than training did). The same losses up to float rounding; 1: one forward per row."""
+    so no forward holds more rows than training did). The same losses up to float rounding; 1: one forward per row.
+
+    The output head runs at the label positions only (`label_logits`): the prompt and padding positions, which carry
+    no loss, never get full-vocabulary logits (`narrow_head=False`: at every position, as a plain forward does;
+    benchmarks/bench_row_losses.py compares the two)."""
 
     def fn() -> torch.Tensor:
         was = model.training
@@ -151,15 +165,62 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]],
             dev = next(model.parameters()).device
             for b in _stacked(batches, max(1, int(rows_per_forward))):
                 b = {k: v.to(dev) for k, v in b.items()}
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
                 lab = b["labels"][:, 1:]
-                lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab.clamp_min(0), reduction="none")
-                out.append((lp * (lab != -100)).sum(1))
+                has = lab != -100
+                logits = label_logits(model, b, has) if narrow_head else None
+                if logits is None:  # a model whose head cannot be narrowed: every position, then the label ones
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][has]
+                tok = torch.nn.functional.cross_entropy(logits.float(), lab[has], reduction="none")
+                rows = torch.zeros(lab.shape[0], dtype=tok.dtype, device=tok.device)
+                out.append(rows.index_add_(0, has.nonzero()[:, 0], tok))
         finally:
             model.train(was)
         return torch.cat(out)
 
     return fn
+
+
+_NARROW_FAILED: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def label_logits(model: Any, batch: dict[str, torch.Tensor], has: torch.Tensor) -> torch.Tensor | None:
+    """Logits of a causal LM at the positions that predict a label (`has`: labels[:, 1:] != -100), as one
+    (n_labels, vocab) tensor in row-major order, from one forward whose output head sees those positions' hidden
+    states only (a pre-hook on `get_output_embeddings()`): the head's full-vocabulary product and the float copy of
+    the logits shrink by the share of prompt and padding tokens. None where the model has no such head or its
+    forward does not take the narrowed states (then tried once per model, remembered, and the caller computes
+    every position)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or model in _NARROW_FAILED:
+        return None
+    keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=has.device)
+    keep[:, :-1] = has
+    n = int(has.sum())
+
+    def narrow(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        h = args[0] if args else None
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point() or h.shape[:2] != keep.shape:
+            return None  # not the (batch, length, hidden) states this hook expects: leave the call as it is
+        return (h[keep],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(narrow)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    except (RuntimeError, ValueError, IndexError) as e:  # a forward that reshapes the head's output by position
+        return _not_narrowed(model, f"{type(e).__name__}: {e}")
+    finally:
+        handle.remove()
+    if logits.numel() != n * logits.shape[-1]:  # the hook left the call alone: (batch, length, vocab) logits
+        return _not_narrowed(model, f"logits of shape {tuple(logits.shape)} for {n} label positions")
+    return logits.reshape(n, logits.shape[-1])
+
+
+def _not_narrowed(model: Any, why: str) -> None:
+    _NARROW_FAILED[model] = why
+    log.debug("credit split: %s's output head is not narrowed to label positions (%s); logits at every position",
+              type(model).__name__, why)
+    return None
 
 
 def _stacked(batches: Sequence[dict[str, torch.Tensor]], k: int) -> list[dict[str, torch.Tensor]]:
