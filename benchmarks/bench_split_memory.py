@@ -17,8 +17,9 @@ into one padded forward per sign (what the callback does at a micro-batch of --r
 `--prompt F`: the first F of each row's tokens carry no label (-100), as a chat prompt in SFT does (default 0: every
 token labelled). `--head N` times the split's row slopes N times each way, alternating, at --stack rows per forward:
 the output head run at the label positions only (what the callback does since the thirtieth session) and at every
-position (`causal_lm_row_losses(..., narrow_head=False)`), and prints the medians, their ratio and the largest
-relative gap between the two slopes (float rounding differs between the two shapes).
+position (`causal_lm_row_losses(..., narrow_head=False)`), and prints the medians, their ratio, the largest
+relative gap between the two slopes (float rounding differs between the two shapes), and each way's peak memory
+beyond what was held before it (MiB; resident memory on the CPU, the device's peak allocation on a GPU).
 `--device cuda`: the model and rows on the GPU; the extra memory is then the device's peak allocation beyond what it
 held before the split (torch.cuda.max_memory_allocated), not the process's resident memory.
 """
@@ -141,9 +142,22 @@ def main(argv: list[str] | None = None) -> dict:
                 got2[narrow] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack, narrow_head=narrow))
                 secs2[narrow].append(time.perf_counter() - t0)
         narrowed, full = statistics.median(secs2[True]), statistics.median(secs2[False])
+        peak = {}
+        for narrow in (True, False):  # the peak of the slopes alone, each way, beyond what was held before them
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                held = torch.cuda.memory_allocated(dev)
+            else:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+                held = vm("VmRSS")
+            row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack, narrow_head=narrow))
+            peak[narrow] = ((torch.cuda.max_memory_allocated(dev) if cuda else vm("VmHWM")) - held) / 2**20
         labelled = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) / sum(r["input_ids"].numel() for r in rows)
         res.update({"label_share": labelled, "split_s_head_at_labels": narrowed, "split_s_head_everywhere": full,
-                    "labels_over_everywhere": narrowed / full,
+                    "labels_over_everywhere": narrowed / full, "split_peak_mib_head_at_labels": peak[True],
+                    "split_peak_mib_head_everywhere": peak[False],
                     "head_slopes_max_rel_gap": float((abs(got2[True] - got2[False]) / abs(got2[False]).clip(1e-12)).max())})
     report(res, args.json)
     return res
