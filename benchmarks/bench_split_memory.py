@@ -27,8 +27,11 @@ held before the split (torch.cuda.max_memory_allocated), not the process's resid
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +47,35 @@ def vm(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def peak_beyond(dev: torch.device, fn: Callable[[], Any]) -> tuple[int, Any]:
+    """(bytes of peak memory beyond what was held just before `fn`, its result): the device's peak allocation on a
+    GPU, the process's peak resident memory (reset through /proc/self/clear_refs) on the CPU."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current resident size
+            fh.write("5")
+        before = vm("VmRSS")
+    out = fn()
+    return (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else vm("VmHWM")) - before, out
+
+
+def alternate(dev: torch.device, n: int, ways: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
+    """Each way run n times, alternating (so that a machine's drift falls on all): median seconds and last result."""
+    secs: list[list[float]] = [[] for _ in ways]
+    got: list[Any] = [None] * len(ways)
+    for _ in range(n):
+        for i, way in enumerate(ways):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            got[i] = way()  # the slopes end on the host
+            secs[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in secs], got
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,7 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=args.vocab)
     dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
     with dev:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     rows = []
@@ -97,68 +128,29 @@ def main(argv: list[str] | None = None) -> dict:
     kernel, _ = read_kernel("optimizer", opt)
     weights = sum(p.numel() * p.element_size() for p in params)
     ghost = (lambda: model(input_ids=rows[0]["input_ids"]).logits.sum().item()) if args.ghost else None
-    if cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current resident size
-            fh.write("5")
-        before = vm("VmRSS")
-    slopes, _ = measure_step(opt, model, kernel, 2, base, rows, ghost, rows_per_forward=args.stack)
-    extra = (torch.cuda.max_memory_allocated(dev) if cuda else vm("VmHWM")) - before
+    extra, slopes = peak_beyond(dev, lambda: measure_step(opt, model, kernel, 2, base, rows, ghost,
+                                                          rows_per_forward=args.stack)[0])
     res = {"device": str(dev), "trainable_gib": weights / 2**30, "dtype": str(next(model.parameters()).dtype),
            "rows": args.rows, "rows_per_forward": args.stack,
            "ghost": args.ghost, "split_extra_copies": extra / weights, "slopes_finite": bool(torch.isfinite(torch.as_tensor(slopes)).all())}
+    u = NewestUpdate(opt, kernel, 2)
     if args.time:
-        import statistics
-        import time
-
-        u = NewestUpdate(opt, kernel, 2)
-        secs: dict[int, list[float]] = {1: [], args.rows: []}
-        got = {}
-        for _ in range(args.time):
-            for k in secs:  # alternating, so that a machine's drift falls on both
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                got[k] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=k))  # ends on the host
-                secs[k].append(time.perf_counter() - t0)
-        one, stacked = statistics.median(secs[1]), statistics.median(secs[args.rows])
+        (one, stacked), got = alternate(dev, args.time, [
+            lambda: row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=1)),
+            lambda: row_slopes(params, base, u, causal_lm_row_losses(model, rows, rows_per_forward=args.rows))])
         res.update({"split_s_one_row_per_forward": one, "split_s_stacked": stacked, "stacked_over_one_row": stacked / one,
-                    "slopes_max_rel_gap": float((abs(got[1] - got[args.rows]) / abs(got[1]).clip(1e-12)).max())})
+                    "slopes_max_rel_gap": float((abs(got[0] - got[1]) / abs(got[0]).clip(1e-12)).max())})
     if args.head:
-        import statistics
-        import time
-
-        u = NewestUpdate(opt, kernel, 2)
-        secs2: dict[bool, list[float]] = {True: [], False: []}
-        got2 = {}
-        for _ in range(args.head):
-            for narrow in secs2:  # alternating, so that a machine's drift falls on both
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                got2[narrow] = row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack, narrow_head=narrow))
-                secs2[narrow].append(time.perf_counter() - t0)
-        narrowed, full = statistics.median(secs2[True]), statistics.median(secs2[False])
-        peak = {}
-        for narrow in (True, False):  # the peak of the slopes alone, each way, beyond what was held before them
-            if cuda:
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                held = torch.cuda.memory_allocated(dev)
-            else:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-                held = vm("VmRSS")
-            row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack, narrow_head=narrow))
-            peak[narrow] = ((torch.cuda.max_memory_allocated(dev) if cuda else vm("VmHWM")) - held) / 2**20
+        ways = [lambda narrow=narrow: row_slopes(params, base, u, causal_lm_row_losses(model, rows, args.stack,
+                                                                                       narrow_head=narrow))
+                for narrow in (True, False)]
+        (narrowed, full), got = alternate(dev, args.head, ways)
+        peaks = [peak_beyond(dev, way)[0] / 2**20 for way in ways]  # the slopes alone, each way
         labelled = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows) / sum(r["input_ids"].numel() for r in rows)
         res.update({"label_share": labelled, "split_s_head_at_labels": narrowed, "split_s_head_everywhere": full,
-                    "labels_over_everywhere": narrowed / full, "split_peak_mib_head_at_labels": peak[True],
-                    "split_peak_mib_head_everywhere": peak[False],
-                    "head_slopes_max_rel_gap": float((abs(got2[True] - got2[False]) / abs(got2[False]).clip(1e-12)).max())})
+                    "labels_over_everywhere": narrowed / full, "split_peak_mib_head_at_labels": peaks[0],
+                    "split_peak_mib_head_everywhere": peaks[1],
+                    "head_slopes_max_rel_gap": float((abs(got[0] - got[1]) / abs(got[1]).clip(1e-12)).max())})
     report(res, args.json)
     return res
 
