@@ -485,3 +485,31 @@ def test_row_losses_project_only_the_label_positions(kind):
         assert len(seen) == len(seen_first) + 1 + len(rows)  # not narrowed again: one forward, then the references
     else:
         assert seen_first == [(n_labels, 64)]
+
+
+def test_row_losses_do_not_hide_an_out_of_memory_behind_the_fallback():
+    """Running out of memory in the narrowed forward is the model's problem, not the narrowing's: it is raised as it
+    is, and the model stays narrowed for the next call."""
+    from smda_callback.credit import causal_lm_row_losses
+    from smda_callback.credit import params as cp
+
+    class OutOfMemoryOnce(_LogitsByPosition):
+        calls = 0
+
+        def forward(self, input_ids, attention_mask):
+            OutOfMemoryOnce.calls += 1
+            if OutOfMemoryOnce.calls == 1:
+                raise torch.OutOfMemoryError("out of memory (simulated)")
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    model = OutOfMemoryOnce(tiny_model())
+    ids = torch.randint(1, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    lab = ids.clone()
+    lab[0, :3] = -100
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab}]
+    with torch.no_grad():
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            causal_lm_row_losses(model, rows)()
+        assert model not in cp._NARROW_FAILED
+        assert np.isfinite(causal_lm_row_losses(model, rows)().numpy()).all()
+    assert model not in cp._NARROW_FAILED

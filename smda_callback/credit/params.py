@@ -155,7 +155,7 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]],
 
     The output head runs at the label positions only (`label_logits`): the prompt and padding positions, which carry
     no loss, never get full-vocabulary logits (`narrow_head=False`: at every position, as a plain forward does;
-    benchmarks/bench_row_losses.py compares the two)."""
+    `benchmarks/bench_split_memory.py --head N` compares the two)."""
 
     def fn() -> torch.Tensor:
         was = model.training
@@ -207,6 +207,8 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor], has: torch.Tensor) 
     handle = head.register_forward_pre_hook(narrow)
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    except torch.OutOfMemoryError:  # the model's, not the narrowing's: every position would need more
+        raise
     except (RuntimeError, ValueError, IndexError) as e:  # a forward that reshapes the head's output by position
         return _not_narrowed(model, f"{type(e).__name__}: {e}")
     finally:
