@@ -513,3 +513,34 @@ def test_row_losses_do_not_hide_an_out_of_memory_behind_the_fallback():
         assert model not in cp._NARROW_FAILED
         assert np.isfinite(causal_lm_row_losses(model, rows)().numpy()).all()
     assert model not in cp._NARROW_FAILED
+
+
+def test_row_losses_reuse_the_logits_when_the_head_sees_flattened_states():
+    """A model that calls its head on (batch·length, hidden) states is left alone by the narrowing: the logits of that
+    one forward are used at the label positions (no second forward), equal to a float64 loss, and the model is
+    remembered as not narrowed."""
+    from smda_callback.credit import causal_lm_row_losses
+    from smda_callback.credit import params as cp
+
+    class FlatHead(_LogitsByPosition):
+        forwards = 0
+
+        def forward(self, input_ids, attention_mask):
+            FlatHead.forwards += 1
+            h = self.inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            flat = self.inner.get_output_embeddings()(h.reshape(-1, h.shape[-1]))
+            return type("Out", (), {"logits": flat.view(*input_ids.shape, -1)})()
+
+    model = FlatHead(tiny_model())
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(3))
+    lab = ids.clone()
+    lab[:, :4] = -100
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab}]
+    with torch.no_grad():
+        got = causal_lm_row_losses(model, rows)().numpy()
+        assert FlatHead.forwards == 1
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].double()
+    has = lab[:, 1:] != -100
+    want = [float(torch.nn.functional.cross_entropy(logits[i][has[i]], lab[i, 1:][has[i]], reduction="sum")) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert "logits of shape (2, 8," in cp._NARROW_FAILED.get(model, "")

@@ -167,9 +167,7 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]],
                 b = {k: v.to(dev) for k, v in b.items()}
                 lab = b["labels"][:, 1:]
                 has = lab != -100
-                logits = label_logits(model, b, has) if narrow_head else None
-                if logits is None:  # a model whose head cannot be narrowed: every position, then the label ones
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][has]
+                logits = label_logits(model, b, has, narrow=narrow_head)
                 tok = torch.nn.functional.cross_entropy(logits.float(), lab[has], reduction="none")
                 rows = torch.zeros(lab.shape[0], dtype=tok.dtype, device=tok.device)
                 out.append(rows.index_add_(0, has.nonzero()[:, 0], tok))
@@ -183,38 +181,46 @@ def causal_lm_row_losses(model: Any, batches: Sequence[dict[str, torch.Tensor]],
 _NARROW_FAILED: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
-def label_logits(model: Any, batch: dict[str, torch.Tensor], has: torch.Tensor) -> torch.Tensor | None:
+def label_logits(model: Any, batch: dict[str, torch.Tensor], has: torch.Tensor, narrow: bool = True) -> torch.Tensor:
     """Logits of a causal LM at the positions that predict a label (`has`: labels[:, 1:] != -100), as one
-    (n_labels, vocab) tensor in row-major order, from one forward whose output head sees those positions' hidden
-    states only (a pre-hook on `get_output_embeddings()`): the head's full-vocabulary product and the float copy of
-    the logits shrink by the share of prompt and padding tokens. None where the model has no such head or its
-    forward does not take the narrowed states (then tried once per model, remembered, and the caller computes
-    every position)."""
+    (n_labels, vocab) tensor in row-major order. With `narrow`, from one forward whose output head sees those
+    positions' hidden states only (a pre-hook on `get_output_embeddings()`): the head's full-vocabulary product and the
+    float copy of the logits shrink by the share of prompt and padding tokens. A model with no such head, or whose
+    forward does not take the narrowed states, gets every position's logits (tried once per model and remembered;
+    where the hook left the head's call alone, the logits of that forward are used, not computed again)."""
+
+    def every_position() -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][has]
+
     get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Module) or model in _NARROW_FAILED:
-        return None
+    head = get() if narrow and callable(get) and model not in _NARROW_FAILED else None
+    if not isinstance(head, torch.nn.Module):
+        return every_position()
     keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=has.device)
     keep[:, :-1] = has
     n = int(has.sum())
 
-    def narrow(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def narrowed(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         h = args[0] if args else None
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point() or h.shape[:2] != keep.shape:
             return None  # not the (batch, length, hidden) states this hook expects: leave the call as it is
         return (h[keep],) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(narrow)
+    handle = head.register_forward_pre_hook(narrowed)
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     except torch.OutOfMemoryError:  # the model's, not the narrowing's: every position would need more
         raise
     except (RuntimeError, ValueError, IndexError) as e:  # a forward that reshapes the head's output by position
-        return _not_narrowed(model, f"{type(e).__name__}: {e}")
+        logits = None
+        _not_narrowed(model, f"{type(e).__name__}: {e}")
     finally:
         handle.remove()
+    if logits is None:  # after the hook is gone
+        return every_position()
     if logits.numel() != n * logits.shape[-1]:  # the hook left the call alone: (batch, length, vocab) logits
-        return _not_narrowed(model, f"logits of shape {tuple(logits.shape)} for {n} label positions")
+        _not_narrowed(model, f"logits of shape {tuple(logits.shape)} for {n} label positions")
+        return logits[:, :-1][has]
     return logits.reshape(n, logits.shape[-1])
 
 
@@ -222,7 +228,6 @@ def _not_narrowed(model: Any, why: str) -> None:
     _NARROW_FAILED[model] = why
     log.debug("credit split: %s's output head is not narrowed to label positions (%s); logits at every position",
               type(model).__name__, why)
-    return None
 
 
 def _stacked(batches: Sequence[dict[str, torch.Tensor]], k: int) -> list[dict[str, torch.Tensor]]:
